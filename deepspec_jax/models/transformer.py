@@ -19,6 +19,7 @@ from flax import nnx
 
 from deepspec_jax.config import TargetConfig
 from deepspec_jax.layers import apply_rope, masked_attention, rms_norm, rope_inv_freq, swiglu
+from deepspec_jax.layers.attention import segmented_attention
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Param:
@@ -32,15 +33,26 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Para
 
 
 class DecoderStack(nnx.Module):
-    """All decoder layers' weights, stacked on a leading layer axis.
+    """All decoder layers' weights: stacked on a leading layer axis (for ``lax.scan``),
+    or with ``per_layer=True`` one array per layer (an ``nnx.List``, path
+    ``layers.<name>.<i>``) for unrolled execution.
 
+    Why both: on accelerators a scan over stacked weights is free and keeps compile
+    time flat in depth, but XLA:CPU copies each dynamic weight slice inside the loop,
+    which costs ~25% of a memory-bound decode step; per-layer buffers avoid it.
     Linear weights are stored input-major (``x @ W``); the HF name map transposes.
     """
 
-    def __init__(self, cfg: TargetConfig, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: TargetConfig, *, param_dtype, rngs: nnx.Rngs, per_layer: bool = False):
         L, d, H, K, D, I = (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
                             cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size)
-        p = lambda shape, axes, init="normal": _param(rngs, shape, axes, param_dtype, init)  # noqa: E731
+        self.per_layer = per_layer
+
+        def p(shape, axes, init="normal"):
+            if not per_layer:
+                return _param(rngs, shape, axes, param_dtype, init)
+            return nnx.List([_param(rngs, shape[1:], axes[1:], param_dtype, init) for _ in range(L)])
+
         self.input_norm = p((L, d), ("layers", "norm"), "ones")
         self.post_attn_norm = p((L, d), ("layers", "norm"), "ones")
         self.q_proj = p((L, d, H * D), ("layers", "embed", "heads"))
@@ -58,30 +70,51 @@ class DecoderStack(nnx.Module):
         self.up_proj = p((L, d, I), ("layers", "embed", "mlp"))
         self.down_proj = p((L, I, d), ("layers", "mlp", "embed"))
 
+    def _names(self) -> list[str]:
+        return [k for k, v in vars(self).items() if isinstance(v, (nnx.Param, nnx.List))]
+
     def stacked(self) -> dict[str, jax.Array]:
-        return {k: v.value for k, v in vars(self).items() if isinstance(v, nnx.Param)}
+        """name -> [L, ...] array (stacked storage only)."""
+        if self.per_layer:
+            raise ValueError("stacked() needs stacked storage (per_layer=False).")
+        return {k: getattr(self, k).get_value() for k in self._names()}
+
+    def layer(self, i: int) -> dict[str, jax.Array]:
+        """name -> layer ``i``'s array (a view of a stacked array, or its own buffer)."""
+        if self.per_layer:
+            return {k: getattr(self, k)[i].get_value() for k in self._names()}
+        return {k: v[i] for k, v in self.stacked().items()}
 
 
 class KVCache(NamedTuple):
     """Preallocated per-layer keys/values and the number of valid positions per row.
 
-    ``k``/``v``: [L, B, S_max, K, D]; ``lengths``: int32 [B]. Entries at positions
+    ``k``: [L, B, K, D, S_max] and ``v``: [L, B, K, S_max, D] -- the layouts in which
+    the two attention matmuls read them without a transpose copy; ``lengths``: int32 [B]. Entries at positions
     >= ``lengths[b]`` are ignored by attention, so rolling back is just lowering
     ``lengths`` (speculative decoding's rejected tail).
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | tuple
+    v: jax.Array | tuple
     lengths: jax.Array
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return (self.v[0] if isinstance(self.v, tuple) else self.v).shape[-2]
 
 
-def init_cache(cfg: TargetConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+def init_cache(cfg: TargetConfig, batch: int, max_len: int, dtype=jnp.float32,
+               per_layer: bool = False) -> KVCache:
+    """Empty cache; ``per_layer`` gives tuples of per-layer buffers (matches a model
+    built with per-layer weights), else stacked [L, ...] arrays."""
+    L, K, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    k_shape, v_shape = (batch, K, D, max_len), (batch, K, max_len, D)
+    lengths = jnp.zeros((batch,), jnp.int32)
+    if per_layer:
+        return KVCache(tuple(jnp.zeros(k_shape, dtype) for _ in range(L)),
+                       tuple(jnp.zeros(v_shape, dtype) for _ in range(L)), lengths)
+    return KVCache(jnp.zeros((L,) + k_shape, dtype), jnp.zeros((L,) + v_shape, dtype), lengths)
 
 
 class ForwardOut(NamedTuple):
@@ -123,11 +156,12 @@ def feature_slots(layer_ids: Sequence[int], num_layers: int) -> tuple[tuple[int,
 
 class CausalLM(nnx.Module):
     def __init__(self, cfg: TargetConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 rngs: nnx.Rngs, per_layer: bool = False):
         self.cfg = cfg
         self.dtype = dtype
+        self.per_layer = per_layer
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
-        self.layers = DecoderStack(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.layers = DecoderStack(cfg, param_dtype=param_dtype, rngs=rngs, per_layer=per_layer)
         self.final_norm = _param(rngs, (cfg.hidden_size,), ("norm",), param_dtype, "ones")
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
@@ -137,21 +171,29 @@ class CausalLM(nnx.Module):
 
     # ---- pieces shared with the drafts (frozen embedding / lm_head) ----
     def embed_tokens(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embed.value, ids, axis=0).astype(self.dtype)
+        return jnp.take(self.embed.get_value(), ids, axis=0).astype(self.dtype)
 
     def lm_head_weight(self) -> jax.Array:
         """[d, V] output projection (the transposed embedding when tied)."""
-        return self.embed.value.T if self.cfg.tie_word_embeddings else self.lm_head.value
+        return self.embed.get_value().T if self.cfg.tie_word_embeddings else self.lm_head.get_value()
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        return jnp.einsum("btd,dv->btv", hidden, self.lm_head_weight().astype(self.dtype),
+        if self.cfg.tie_word_embeddings:  # contract with [V, d] directly: no transpose copy
+            return jnp.einsum("btd,vd->btv", hidden, self.embed.get_value().astype(self.dtype),
+                              preferred_element_type=jnp.float32)
+        return jnp.einsum("btd,dv->btv", hidden, self.lm_head.get_value().astype(self.dtype),
                           preferred_element_type=jnp.float32)
 
     # ---- the decoder ----
-    def _run(self, input_ids, positions, layer_ids, attend, carry_extra):
-        """Embed, scan the decoder layers, collect features. ``attend(l, q, k, v, extra)``
-        returns ``(attn_out, extra)``: it is the only difference between the
-        full-sequence and the cached paths."""
+    def _run(self, input_ids, positions, layer_ids, attend, per_layer):
+        """Embed, run the decoder layers (scan, or unrolled for per-layer weights),
+        collect features.
+
+        ``attend(q, k, v, layer_in)`` returns ``(attn_out, layer_out)``; ``per_layer`` is a
+        tuple of per-layer sequences (stacked arrays or tuples) and layer l gets
+        ``tuple(part[l] for part in per_layer)`` as ``layer_in``,
+        and the layer outputs come back stacked (scan) or as a tuple (unrolled). It is
+        the only difference between the full-sequence and the cached paths."""
         cfg = self.cfg
         layer_ids = tuple(layer_ids)
         for lid in layer_ids:
@@ -166,22 +208,30 @@ class CausalLM(nnx.Module):
         n = len(layer_ids)
         feats = jnp.zeros((b, t, n + 1, d), self.dtype)
         feats = feats.at[:, :, emb_slot].set(h)
-        params = {k: v.astype(self.dtype) for k, v in self.layers.stacked().items()}
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
 
         def body(carry, xs):
-            h, feats, extra = carry
-            p, l, slot = xs
+            h, feats = carry
+            p, slot, layer_in = xs
+            p = {k: v.astype(self.dtype) for k, v in p.items()}
             x = rms_norm(h, p["input_norm"], cfg.rms_norm_eps)
             q, k, v = layer_qkv(cfg, p, x, positions, inv_freq)
-            attn, extra = attend(l, q, k, v, extra)
+            attn, layer_out = attend(q, k, v, layer_in)
             h = layer_finish(cfg, p, h, attn)
             feats = jax.lax.dynamic_update_index_in_dim(feats, h, slot, axis=2)
-            return (h, feats, extra), None
+            return (h, feats), layer_out
 
-        xs = (params, jnp.arange(cfg.num_hidden_layers), jnp.asarray(slots, jnp.int32))
-        (h, feats, extra), _ = jax.lax.scan(body, (h, feats, carry_extra), xs)
-        last = rms_norm(h, self.final_norm.value.astype(self.dtype), cfg.rms_norm_eps)
+        if self.per_layer:
+            outs = []
+            for l in range(cfg.num_hidden_layers):
+                layer_in = None if per_layer is None else tuple(part[l] for part in per_layer)
+                (h, feats), o = body((h, feats), (self.layers.layer(l), slots[l], layer_in))
+                outs.append(o)
+            extra = tuple(outs)
+        else:
+            xs = (self.layers.stacked(), jnp.asarray(slots, jnp.int32), per_layer)
+            (h, feats), extra = jax.lax.scan(body, (h, feats), xs)
+        last = rms_norm(h, self.final_norm.get_value().astype(self.dtype), cfg.rms_norm_eps)
         out = ForwardOut(self.logits(last), feats[:, :, :n].reshape(b, t, n * d), last)
         return out, extra
 
@@ -191,10 +241,10 @@ class CausalLM(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         causal = jnp.tril(jnp.ones((s, s), bool))[None]
 
-        def attend(l, q, k, v, extra):
-            return masked_attention(q, k, v, causal), extra
+        def attend(q, k, v, layer_in):
+            return masked_attention(q, k, v, causal), None
 
-        out, _ = self._run(input_ids, positions, layer_ids, attend, ())
+        out, _ = self._run(input_ids, positions, layer_ids, attend, None)
         return out
 
     def extend(self, cache: KVCache, input_ids: jax.Array, num_new: jax.Array,
@@ -209,18 +259,32 @@ class CausalLM(nnx.Module):
         start = cache.lengths
         positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
         s_max = cache.max_len
-        kv_pos = jnp.arange(s_max, dtype=jnp.int32)
-        mask = kv_pos[None, None, :] <= positions[:, :, None]  # causal over cache + new
+        old_mask = jnp.arange(s_max, dtype=jnp.int32)[None, None, :] < start[:, None, None]
+        new_mask = jnp.tril(jnp.ones((t, t), bool))[None]
+
+        # The cache is read-only inside the layer scan (sliced per layer as scan input);
+        # the new keys/values come out of the scan and are scattered in once afterwards,
+        # in place since the cache is donated.
+        def attend(q, k, v, layer_in):
+            ck, cv = layer_in
+            k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B,K,D,T], [B,K,T,D]
+            out = segmented_attention(q, [(ck.astype(q.dtype), cv.astype(q.dtype), old_mask),
+                                          (k, v, new_mask)])
+            return out, (k.astype(ck.dtype), v.astype(cv.dtype))
+
+        out, extra = self._run(input_ids, positions, layer_ids, attend, (cache.k, cache.v))
+        # New entries go to cache[:, b, :, (:,) positions[b, t]]; the indexed views are
+        # [B, T, L, K, D] (numpy advanced-indexing order puts the index dims first).
         rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-
-        def attend(l, q, k, v, extra):
-            ck, cv = extra
-            ck = ck.at[l, rows, positions].set(k.astype(ck.dtype), mode="drop")
-            cv = cv.at[l, rows, positions].set(v.astype(cv.dtype), mode="drop")
-            lk = jax.lax.dynamic_index_in_dim(ck, l, 0, keepdims=False).astype(q.dtype)
-            lv = jax.lax.dynamic_index_in_dim(cv, l, 0, keepdims=False).astype(q.dtype)
-            return masked_attention(q, lk, lv, mask), (ck, cv)
-
-        out, (ck, cv) = self._run(input_ids, positions, layer_ids, attend, (cache.k, cache.v))
+        if self.per_layer:  # tuples of per-layer [B,K,D,T] / [B,K,T,D] -> [B,T,K,D]
+            kn, vn = zip(*extra)
+            ck = tuple(c.at[rows, :, :, positions].set(x.transpose(0, 3, 1, 2), mode="drop")
+                       for c, x in zip(cache.k, kn))
+            cv = tuple(c.at[rows, :, positions].set(x.transpose(0, 2, 1, 3), mode="drop")
+                       for c, x in zip(cache.v, vn))
+        else:
+            k_new, v_new = extra
+            ck = cache.k.at[:, rows, :, :, positions].set(k_new.transpose(1, 4, 0, 2, 3), mode="drop")
+            cv = cache.v.at[:, rows, :, positions].set(v_new.transpose(1, 3, 0, 2, 4), mode="drop")
         new_len = jnp.minimum(start + num_new.astype(jnp.int32), s_max)
         return out, KVCache(ck, cv, new_len)

@@ -46,13 +46,27 @@ class DictSource:
 
 
 def flat_variables(state: nnx.State) -> dict[str, nnx.Variable]:
-    return {".".join(str(p) for p in path): v for path, v in state.flat_state()}
+    return {".".join(str(p) for p in path): v for path, v in nnx.to_flat_state(state)}
 
 
-def _assemble(rule: Rule, source, num_layers: int, shape: tuple[int, ...], dtype) -> np.ndarray:
-    keys = rule.hf_keys(num_layers)
-    want = shape[1:] if rule.stacked else shape
-    out = np.empty(shape, dtype) if rule.stacked else None
+def rule_for_path(path: str, by_ours: Mapping[str, Rule]) -> tuple[Rule | None, int | None]:
+    """The rule of a parameter path, and the layer index for per-layer storage
+    (``layers.q_proj.3`` is layer 3 of the stacked rule ``layers.q_proj``)."""
+    if path in by_ours:
+        return by_ours[path], None
+    base, _, idx = path.rpartition(".")
+    rule = by_ours.get(base)
+    if idx.isdigit() and rule is not None and rule.stacked:
+        return rule, int(idx)
+    return None, None
+
+
+def _assemble(rule: Rule, source, num_layers: int, shape: tuple[int, ...], dtype,
+              layer: int | None = None) -> np.ndarray:
+    stacked = rule.stacked and layer is None
+    keys = [rule.hf.format(i=layer)] if layer is not None else rule.hf_keys(num_layers)
+    want = shape[1:] if stacked else shape
+    out = np.empty(shape, dtype) if stacked else None
     for i, key in enumerate(keys):
         t = rule.to_ours(source.get(key))
         if tuple(t.shape) != tuple(want):
@@ -62,7 +76,7 @@ def _assemble(rule: Rule, source, num_layers: int, shape: tuple[int, ...], dtype
                 f"{source.file_of(key)}: tensor {key!r} has shape {got}, expected {exp} from "
                 "the config; the checkpoint does not match its config.json (check "
                 "hidden_size / heads / intermediate_size / vocab_size).")
-        if rule.stacked:
+        if stacked:
             out[i] = t.astype(dtype, copy=False)
         else:
             out = t.astype(dtype, copy=False)
@@ -72,14 +86,18 @@ def _assemble(rule: Rule, source, num_layers: int, shape: tuple[int, ...], dtype
 def stream_params(graphdef, abstract_state: nnx.State, rules: Sequence[Rule], source,
                   num_layers: int, mesh: Mesh, dtype, ignorable: Iterable[re.Pattern] = (),
                   what: str = "checkpoint", allow_missing: Callable[[str], bool] | None = None):
-    """Fill ``abstract_state`` from ``source`` and return the merged NNX model."""
+    """Fill ``abstract_state`` from ``source`` and return the merged NNX model.
+
+    ``dtype`` casts every parameter; ``None`` keeps each abstract variable's dtype."""
     variables = flat_variables(abstract_state)
     by_ours = {r.ours: r for r in rules}
-    unmapped = [p for p in variables if p not in by_ours]
+    located = {p: rule_for_path(p, by_ours) for p in variables}
+    unmapped = [p for p, (r, _) in located.items() if r is None]
     if unmapped:
         raise CheckpointError(f"internal: parameters {unmapped} have no name-map rule.")
+    present = {r.ours for r, _ in located.values()}
     root = getattr(source, "root", None) or source.file_of(next(iter(source.keys()), ""))
-    missing = [k for r in rules if r.ours in variables for k in r.hf_keys(num_layers)
+    missing = [k for r in rules if r.ours in present for k in r.hf_keys(num_layers)
                if k not in source]
     if allow_missing:
         missing = [k for k in missing if not allow_missing(k)]
@@ -87,7 +105,7 @@ def stream_params(graphdef, abstract_state: nnx.State, rules: Sequence[Rule], so
         raise CheckpointError(
             f"{root}: {what} is missing {len(missing)} tensor(s), e.g. {missing[:5]}; "
             "the checkpoint is incomplete or belongs to another architecture.")
-    used = {k for r in rules if r.ours in variables for k in r.hf_keys(num_layers)}
+    used = {k for r in rules if r.ours in present for k in r.hf_keys(num_layers)}
     ignorable = tuple(ignorable)
     extra = [k for k in source.keys() if k not in used and not any(p.match(k) for p in ignorable)]
     if extra:
@@ -96,31 +114,48 @@ def stream_params(graphdef, abstract_state: nnx.State, rules: Sequence[Rule], so
             f"{extra[:5]}; the config.json does not describe this checkpoint (wrong "
             "num_hidden_layers, tie_word_embeddings or architecture?).")
     for path, var in variables.items():
-        rule = by_ours[path]
-        shape = tuple(var.value.shape)
-        host = _assemble(rule, source, num_layers, shape, np.dtype(dtype))
+        rule, layer = located[path]
+        shape = tuple(var.get_value().shape)
+        # dtype=None keeps each variable's own (abstract) dtype, so a checkpoint can be
+        # loaded in its stored dtypes, mixed ones included, without casting.
+        want = np.dtype(var.get_value().dtype if dtype is None else dtype)
+        host = _assemble(rule, source, num_layers, shape, want, layer)
         sharding = named_sharding(var.get_metadata().get("logical_axes", (None,) * len(shape)),
                                   shape, mesh)
-        var.value = jax.make_array_from_callback(shape, sharding, lambda idx, h=host: h[idx])
+        var.set_value(jax.make_array_from_callback(shape, sharding, lambda idx, h=host: h[idx]))
         del host
     return nnx.merge(graphdef, abstract_state)
+
+
+def _rule_order(key: str, rules: Sequence[Rule]) -> tuple[int, int]:
+    for n, r in enumerate(rules):
+        if not r.stacked and r.hf == key:
+            return (n, 0)
+        if r.stacked:
+            pre, _, post = r.hf.partition("{i}")
+            if key.startswith(pre) and key.endswith(post) and key[len(pre):len(key) - len(post)].isdigit():
+                return (n, int(key[len(pre):len(key) - len(post)]))
+    return (len(rules), 0)
 
 
 def export_tensors(model: nnx.Module, rules: Sequence[Rule], num_layers: int,
                    dtype=None) -> dict[str, np.ndarray]:
     """Inverse of ``stream_params``: our parameters -> HF-named host tensors."""
     _, state = nnx.split(model)
-    variables = flat_variables(state)
+    by_ours = {r.ours: r for r in rules}
     out: dict[str, np.ndarray] = {}
-    for rule in rules:
-        if rule.ours not in variables:
+    for path, var in flat_variables(state).items():
+        rule, layer = rule_for_path(path, by_ours)
+        if rule is None:
             continue
-        arr = np.asarray(jax.device_get(variables[rule.ours].value))
+        arr = np.asarray(jax.device_get(var.get_value()))
         if dtype is not None:
             arr = arr.astype(dtype)
-        if rule.stacked:
+        if layer is not None:
+            out[rule.hf.format(i=layer)] = rule.to_hf(arr)
+        elif rule.stacked:
             for i, key in enumerate(rule.hf_keys(num_layers)):
                 out[key] = rule.to_hf(arr[i])
         else:
             out[rule.hf] = rule.to_hf(arr)
-    return out
+    return dict(sorted(out.items(), key=lambda kv: _rule_order(kv[0], rules)))

@@ -1,0 +1,500 @@
+"""Our JAX checkpoint directory ("JAX dir") and the model resolution shared by
+``load_draft`` and the ``convert`` tools.
+
+A JAX dir holds
+
+* ``config.json`` -- the HF config dict, byte-for-byte what an HF export writes, so
+  every field (including ones we do not parse) survives a round trip;
+* ``params/`` -- an orbax checkpoint of the parameter tree: a nested dict keyed by our
+  parameter paths (``layers.q_proj`` -> ``{"layers": {"q_proj": ...}}``), each array
+  in its stored dtype;
+* ``extra/`` (optional) -- auxiliary files of the HF directory it came from
+  (tokenizer, generation_config.json, ...), copied back verbatim on export;
+* ``deepspec_jax.json`` -- the manifest, written LAST: format version, kind,
+  architecture, shape/dtype of every parameter and the HF dtype of every HF tensor,
+  so an export reproduces the original safetensors exactly. A directory without a
+  valid manifest is an incomplete write and is refused.
+
+Nothing here unpickles: configs and manifests are JSON, weights are safetensors or
+orbax (tensorstore).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from deepspec_jax.config import load_config_json, target_config_from_dict
+from deepspec_jax.errors import CheckpointError, ConfigError
+from deepspec_jax.sharding import make_mesh, named_sharding
+from deepspec_jax.weights.loader import flat_variables, stream_params
+from deepspec_jax.weights.name_map import TARGET_IGNORABLE, Rule, target_ignorable, target_rules
+from deepspec_jax.weights.safetensors_io import TensorSource
+
+MANIFEST_NAME = "deepspec_jax.json"
+PARAMS_DIR = "params"
+EXTRA_DIR = "extra"
+CONFIG_NAME = "config.json"
+FORMAT = "deepspec_jax.checkpoint"
+FORMAT_VERSION = 1
+
+DTYPES: dict[str, np.dtype] = {
+    "float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16), "float64": np.dtype(np.float64),
+}
+# Aliases HF configs use for the same dtypes.
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
+                  "float": "float32"}
+
+# Files of an HF directory that are weights (re-written from params) or pickles (never read).
+_WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|pkl|pickle|ckpt|h5|msgpack|gguf)$")
+_HF_INDEX = re.compile(r".*\.safetensors\.index\.json$")
+
+
+def dtype_name(dt) -> str:
+    dt = np.dtype(dt)
+    for name, d in DTYPES.items():
+        if d == dt:
+            return name
+    return dt.name
+
+
+def _np_dtype(name: str) -> np.dtype:
+    return DTYPES[name] if name in DTYPES else np.dtype(name)
+
+
+def parse_dtype(dtype, what: str = "dtype") -> np.dtype | None:
+    """``None``/"keep" -> None (keep stored dtypes); a name or numpy/jax dtype -> np.dtype."""
+    if dtype is None or (isinstance(dtype, str) and dtype == "keep"):
+        return None
+    if isinstance(dtype, str):
+        name = _DTYPE_ALIASES.get(dtype, dtype)
+        if name not in DTYPES:
+            raise ValueError(f"{what} must be 'keep' or one of {sorted(DTYPES)}, got {dtype!r}.")
+        return DTYPES[name]
+    return np.dtype(dtype)
+
+
+# ---------------------------------------------------------------------------
+# model resolution: config dict -> what to build and how its weights are named
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to build a model abstractly and map its HF tensor names.
+
+    ``rules`` is the single name map used in both directions (HF -> ours on load,
+    ours -> HF on export)."""
+
+    kind: str                      # "target" | "draft"
+    architecture: str              # HF architectures[0] (or model_type for targets without it)
+    config: Any                    # TargetConfig or the draft family's config dataclass
+    raw: dict                      # the HF config dict, unchanged
+    rules: tuple[Rule, ...]
+    num_layers: int
+    ignorable: tuple[re.Pattern, ...]
+    build_fn: Callable             # (config, *, dtype, param_dtype, rngs) -> nnx.Module
+    draft_arch: Any = None         # registry.DraftArch for drafts
+
+    def abstract(self, dtype=jnp.float32):
+        """(graphdef, abstract state) of the model: shapes and logical axes, no memory."""
+        model = nnx.eval_shape(lambda: self.build_fn(self.config, dtype=dtype, param_dtype=dtype,
+                                                     rngs=nnx.Rngs(0)))
+        return nnx.split(model)
+
+
+def _build_target(config, *, dtype, param_dtype, rngs):
+    from deepspec_jax.models.transformer import CausalLM
+
+    return CausalLM(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def _is_target_arch(archs: list) -> bool:
+    return not archs or (len(archs) == 1 and str(archs[0]).endswith("ForCausalLM"))
+
+
+def resolve_spec(raw: dict, source: str) -> ModelSpec:
+    """Decide from a config dict whether it describes a target or a draft and return
+    its ModelSpec. ``source`` (the config file) is named in errors."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}.")
+    archs = raw.get("architectures") or []
+    if not isinstance(archs, list):
+        raise ConfigError(f"{source}: field 'architectures' must be a list of strings, got {archs!r}.")
+    if _is_target_arch(archs):
+        cfg = target_config_from_dict(raw, source)
+        return ModelSpec("target", archs[0] if archs else cfg.model_type, cfg, dict(raw),
+                         tuple(target_rules(cfg)), cfg.num_hidden_layers,
+                         tuple(target_ignorable(cfg)), _build_target)
+    from deepspec_jax.drafts.registry import DRAFT_ARCHS, arch_for
+
+    try:
+        arch = arch_for(raw, source)
+    except ConfigError:
+        raise ConfigError(
+            f"{source}: field 'architectures' = {archs!r} is not a known architecture; "
+            f"drafts: {sorted(DRAFT_ARCHS)}, targets: '<Family>ForCausalLM' (model_type "
+            "llama/qwen3). Fix the field, or register the draft family in "
+            "deepspec_jax/drafts/registry.py.") from None
+    cfg = arch.config_from_dict(raw, source)
+    return ModelSpec("draft", arch.architecture, cfg, dict(raw), tuple(arch.rules(cfg)),
+                     int(arch.num_layers(cfg)), tuple(TARGET_IGNORABLE), arch.build, arch)
+
+
+def read_config(root: str) -> tuple[dict, str]:
+    path = os.path.join(root, CONFIG_NAME)
+    if not os.path.isdir(root):
+        raise ConfigError(f"{root}: not a directory; pass a checkpoint directory holding config.json.")
+    return load_config_json(path), path
+
+
+def _set_abstract_dtype(var: nnx.Variable, dt: np.dtype) -> None:
+    v = var.get_value()
+    var.set_value(jax.ShapeDtypeStruct(v.shape, dt))
+
+
+def _compute_dtype(dtypes) -> np.dtype:
+    dts = [np.dtype(d) for d in dtypes]
+    if not dts:
+        return np.dtype(np.float32)
+    out = dts[0] if all(d == dts[0] for d in dts) else np.dtype(np.float32)
+    return out if jnp.issubdtype(out, jnp.floating) else np.dtype(np.float32)
+
+
+# ---------------------------------------------------------------------------
+# HF directory -> sharded model state
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Loaded:
+    """A model state loaded from a checkpoint directory, plus what an exact re-export needs."""
+
+    spec: ModelSpec
+    graphdef: Any
+    state: nnx.State
+    compute_dtype: np.dtype
+    hf_dtypes: dict[str, str]      # HF key -> dtype name the HF side stores it in
+    hf_metadata: dict[str, str]    # safetensors __metadata__ of the source
+    dropped: list[str]             # HF tensors that no parameter uses (ignorable buffers)
+
+
+def load_hf_dir(root: str, dtype=None, mesh: Mesh | None = None, want_kind: str | None = None,
+                spec: ModelSpec | None = None) -> Loaded:
+    """Stream an HF checkpoint into sharded parameters. ``dtype=None`` keeps every
+    tensor's stored dtype (no cast, so a bf16 release stays bf16 bit for bit)."""
+    mesh = mesh if mesh is not None else make_mesh()
+    if spec is None:
+        raw, cfg_path = read_config(root)
+        spec = resolve_spec(raw, cfg_path)
+    _check_kind(spec, want_kind, root)
+    source = TensorSource.from_dir(root)
+    cast = parse_dtype(dtype)
+    # Stored dtype of each parameter (a stack of layers takes the widest of its tensors).
+    keys_of = {r.ours: [k for k in r.hf_keys(spec.num_layers) if k in source] for r in spec.rules}
+    stored = {p: np.result_type(*[source.info(k)[1] for k in ks]) for p, ks in keys_of.items() if ks}
+    compute = cast if cast is not None else _compute_dtype(stored.values())
+    graphdef, abstract_state = spec.abstract(compute)
+    variables = flat_variables(abstract_state)
+    if cast is None:
+        for path, var in variables.items():
+            if path in stored and stored[path] != var.get_value().dtype:
+                _set_abstract_dtype(var, stored[path])
+    hf_dtypes = {k: dtype_name(source.info(k)[1] if cast is None else cast)
+                 for p in variables for k in keys_of.get(p, [])}
+    what = f"{spec.kind} checkpoint ({spec.architecture})"
+    model = stream_params(graphdef, abstract_state, spec.rules, source, spec.num_layers, mesh,
+                          None, spec.ignorable, what)
+    graphdef, state = nnx.split(model)
+    used = set(hf_dtypes)
+    dropped = sorted(k for k in source.keys() if k not in used)
+    metadata = {}
+    for f in source.files.values():
+        metadata.update(f.metadata)
+    return Loaded(spec, graphdef, state, np.dtype(compute), hf_dtypes, metadata, dropped)
+
+
+def _check_kind(spec: ModelSpec, want_kind: str | None, root: str) -> None:
+    if want_kind and spec.kind != want_kind:
+        hint = "deepspec_jax.load_target" if spec.kind == "target" else "deepspec_jax.load_draft"
+        raise ConfigError(
+            f"{os.path.join(root, CONFIG_NAME)}: field 'architectures' = "
+            f"{spec.raw.get('architectures')!r} describes a {spec.kind}, not a {want_kind}; "
+            f"load it with {hint}.")
+
+
+# ---------------------------------------------------------------------------
+# JAX dir
+# ---------------------------------------------------------------------------
+
+def is_jax_dir(path: str) -> bool:
+    """A directory written by ``save_jax_dir`` (complete or interrupted)."""
+    return os.path.isdir(path) and (os.path.exists(os.path.join(path, MANIFEST_NAME))
+                                    or os.path.isdir(os.path.join(path, PARAMS_DIR)))
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def config_json_text(raw: dict) -> str:
+    """The exact text HF's ``PretrainedConfig.save_pretrained`` writes for ``raw``."""
+    return json.dumps(raw, indent=2, sort_keys=True) + "\n"
+
+
+def with_dtype_field(raw: dict, hf_dtypes: Mapping[str, str]) -> dict:
+    """``raw`` with its weight-dtype field(s) ("dtype", older "torch_dtype") set to the
+    HF tensors' dtype when they all share one, as save_pretrained records it."""
+    names = set(hf_dtypes.values())
+    if len(names) != 1:
+        return raw
+    (name,) = names
+    present = [f for f in ("dtype", "torch_dtype") if f in raw]
+    if all(raw[f] == name for f in present) and present:
+        return raw
+    return {**raw, **{f: name for f in (present or ["dtype"])}}
+
+
+def _nest(flat: Mapping[str, Any]) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        node = out
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return out
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        p = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, p + "."))
+        else:
+            out[p] = v
+    return out
+
+
+def read_manifest(root: str) -> dict:
+    """The manifest of a JAX dir, validated; errors name the file and the fix."""
+    path = os.path.join(root, MANIFEST_NAME)
+    fix = ("re-run the conversion (python -m convert.torch_to_jax) or the save that "
+           "produced this directory")
+    if not os.path.exists(path):
+        raise CheckpointError(
+            f"{path}: manifest not found; the JAX checkpoint is incomplete (an interrupted "
+            f"write leaves {PARAMS_DIR}/ without it) -- {fix}.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            m = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt manifest ({e}); {fix}.") from e
+    if not isinstance(m, dict) or m.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a deepspec_jax manifest (field 'format' must be "
+                              f"{FORMAT!r}); {fix}.")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: field 'format_version' = {m.get('format_version')!r}, this deepspec_jax "
+            f"reads version {FORMAT_VERSION}; convert the checkpoint with the matching release.")
+    for field, typ in (("kind", str), ("architecture", str), ("params", dict), ("hf", dict)):
+        if not isinstance(m.get(field), typ):
+            raise CheckpointError(f"{path}: field {field!r} is missing or not a "
+                                  f"{typ.__name__}; {fix}.")
+    if m["kind"] not in ("target", "draft"):
+        raise CheckpointError(f"{path}: field 'kind' = {m['kind']!r}, expected 'target' or 'draft'; {fix}.")
+    return m
+
+
+def save_params(directory: str, flat: Mapping[str, Any]) -> None:
+    """Write a flat {dotted path: array} tree as an orbax checkpoint (replacing any)."""
+    import orbax.checkpoint as ocp
+
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.abspath(directory), _nest(flat), force=True)
+    ckptr.wait_until_finished()
+
+
+def params_metadata(directory: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{dotted path: (shape, dtype)} of an orbax parameter checkpoint, without reading data."""
+    import orbax.checkpoint as ocp
+
+    try:
+        meta = ocp.StandardCheckpointer().metadata(os.path.abspath(directory))
+        item = getattr(meta, "item_metadata", meta)
+        tree = getattr(item, "tree", item)
+    except Exception as e:  # orbax raises several types for a damaged directory
+        raise CheckpointError(f"{directory}: unreadable orbax checkpoint ({type(e).__name__}: "
+                              f"{e}); re-run the conversion that produced it.") from e
+    if not isinstance(tree, Mapping):
+        raise CheckpointError(f"{directory}: orbax checkpoint without parameter metadata (damaged "
+                              "or partially copied); re-run the conversion that produced it.")
+    return {p: (tuple(m.shape), np.dtype(m.dtype)) for p, m in _flatten(tree).items()}
+
+
+def restore_params(directory: str, abstract: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
+    """Restore a flat tree straight into the shardings/dtypes of ``abstract``
+    (each device reads only its shard; a dtype differing from the stored one casts)."""
+    import orbax.checkpoint as ocp
+
+    try:
+        tree = ocp.StandardCheckpointer().restore(os.path.abspath(directory), _nest(abstract))
+    except Exception as e:
+        raise CheckpointError(f"{directory}: cannot restore parameters ({type(e).__name__}: {e}); "
+                              "re-run the conversion that produced this checkpoint.") from e
+    return _flatten(tree)
+
+
+def copy_extra_files(src: str, dst: str) -> list[str]:
+    """Copy the auxiliary files of a checkpoint directory (tokenizer, generation config,
+    model card, ...): every top-level regular file except config.json, the manifest,
+    weights, weight indexes and pickles."""
+    names = []
+    for name in sorted(os.listdir(src)):
+        p = os.path.join(src, name)
+        if (not os.path.isfile(p) or os.path.islink(p) or name in (CONFIG_NAME, MANIFEST_NAME)
+                or _WEIGHT_FILE.match(name) or _HF_INDEX.match(name) or ".tmp." in name):
+            continue
+        os.makedirs(dst, exist_ok=True)
+        shutil.copyfile(p, os.path.join(dst, name) + ".part")
+        os.replace(os.path.join(dst, name) + ".part", os.path.join(dst, name))
+        names.append(name)
+    return names
+
+
+def save_jax_dir(dst: str, spec: ModelSpec, state: nnx.State, hf_dtypes: Mapping[str, str] | None = None,
+                 hf_metadata: Mapping[str, str] | None = None, extra_from: str | None = None,
+                 source: str = "", config_text: str | None = None) -> dict:
+    """Write a JAX dir: config.json, params/, extra/, manifest last. Returns the manifest.
+
+    ``hf_dtypes`` (HF key -> dtype name) records what the HF side stores; when omitted
+    (a model trained here) every HF tensor takes its parameter's dtype. ``config_text``
+    keeps the source config.json verbatim (default: HF's serialisation of ``spec.raw``
+    with its dtype field matching the tensors). Multi-host: every process joins the
+    orbax save; process 0 writes the JSON files."""
+    main = jax.process_index() == 0
+    os.makedirs(dst, exist_ok=True)
+    manifest_path = os.path.join(dst, MANIFEST_NAME)
+    if main and os.path.exists(manifest_path):  # must not look complete mid-write
+        os.remove(manifest_path)
+    flat = {p: v.get_value() for p, v in flat_variables(state).items()}
+    by_ours = {r.ours: r for r in spec.rules}
+    params = {p: {"shape": list(np.shape(a)), "dtype": dtype_name(a.dtype)} for p, a in flat.items()}
+    hf = {}
+    for p, info in params.items():
+        for k in by_ours[p].hf_keys(spec.num_layers):
+            hf[k] = (hf_dtypes or {}).get(k, info["dtype"])
+    if config_text is None:
+        config_text = config_json_text(with_dtype_field(spec.raw, hf))
+    if main:
+        _atomic_write_text(os.path.join(dst, CONFIG_NAME), config_text)
+    save_params(os.path.join(dst, PARAMS_DIR), flat)
+    extra_dir = os.path.join(dst, EXTRA_DIR)
+    extra = []
+    if main:
+        if os.path.isdir(extra_dir):
+            shutil.rmtree(extra_dir)
+        extra = copy_extra_files(extra_from, extra_dir) if extra_from else []
+    from deepspec_jax import __version__
+
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": spec.kind,
+        "architecture": spec.architecture, "deepspec_jax_version": __version__,
+        "source": source, "params": params,
+        "hf": {"tensors": dict(sorted(hf.items())), "metadata": dict(hf_metadata or {"format": "pt"})},
+        "extra_files": extra,
+    }
+    if main:
+        _atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def load_jax_dir(root: str, dtype=None, mesh: Mesh | None = None, want_kind: str | None = None,
+                 host: bool = False) -> tuple[Loaded, dict]:
+    """Restore a JAX dir into the shardings of its abstract model (``host=True``: onto one
+    CPU device, for exports). ``dtype=None`` keeps the stored dtypes. Checks the
+    stored tree against the tree config.json implies, naming any mismatch."""
+    manifest = read_manifest(root)
+    raw, cfg_path = read_config(root)
+    spec = resolve_spec(raw, cfg_path)
+    if spec.kind != manifest["kind"] or spec.architecture != manifest["architecture"]:
+        raise CheckpointError(
+            f"{os.path.join(root, MANIFEST_NAME)}: kind/architecture "
+            f"{manifest['kind']}/{manifest['architecture']} disagree with {cfg_path} "
+            f"({spec.kind}/{spec.architecture}); config.json was edited after the "
+            "conversion -- restore it or re-convert.")
+    _check_kind(spec, want_kind, root)
+    cast = parse_dtype(dtype)
+    params_dir = os.path.join(root, PARAMS_DIR)
+    if not os.path.isdir(params_dir):
+        raise CheckpointError(f"{params_dir}: parameter directory missing; the checkpoint is "
+                              "incomplete -- re-run the conversion.")
+    stored = params_metadata(params_dir)
+    compute = cast if cast is not None else _compute_dtype(dt for _, dt in stored.values())
+    graphdef, abstract_state = spec.abstract(compute)
+    variables = flat_variables(abstract_state)
+    missing = [p for p in variables if p not in stored]
+    extra = [p for p in stored if p not in variables]
+    if missing or extra:
+        raise CheckpointError(
+            f"{params_dir}: parameters {missing[:5]} missing and {extra[:5]} unexpected for "
+            f"the model {cfg_path} describes; the checkpoint and config.json do not match.")
+    mesh = mesh if mesh is not None else (None if host else make_mesh())
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0]) if host else None
+    abstract = {}
+    for path, var in variables.items():
+        shape = tuple(var.get_value().shape)
+        s_shape, s_dtype = stored[path]
+        if s_shape != shape:
+            raise CheckpointError(
+                f"{params_dir}: parameter {path!r} has shape {s_shape}, but {cfg_path} implies "
+                f"{shape}; the config.json does not describe this checkpoint (check "
+                "hidden_size / heads / intermediate_size / vocab_size / layer counts).")
+        dt = s_dtype if cast is None else cast
+        sharding = cpu or named_sharding(var.get_metadata().get("logical_axes", (None,) * len(shape)),
+                                         shape, mesh)
+        abstract[path] = jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
+    values = restore_params(params_dir, abstract)
+    for path, var in variables.items():
+        var.set_value(values[path])
+    hf_dtypes = dict(manifest["hf"].get("tensors", {}))
+    if cast is not None:
+        hf_dtypes = {k: dtype_name(cast) for k in hf_dtypes}
+    loaded = Loaded(spec, graphdef, abstract_state, np.dtype(compute), hf_dtypes,
+                    dict(manifest["hf"].get("metadata", {})), [])
+    return loaded, manifest
+
+
+def params_to_hf(spec: ModelSpec, state: nnx.State, hf_dtypes: Mapping[str, str] | None = None
+                 ) -> dict[str, np.ndarray]:
+    """Our parameters -> HF-named host tensors through the same rules as loading,
+    each cast to its recorded HF dtype (lossless when it is the stored one)."""
+    variables = flat_variables(state)
+    out: dict[str, np.ndarray] = {}
+    for rule in spec.rules:
+        if rule.ours not in variables:
+            continue
+        arr = np.asarray(jax.device_get(variables[rule.ours].get_value()))
+        parts = ([(k, arr[i]) for i, k in enumerate(rule.hf_keys(spec.num_layers))]
+                 if rule.stacked else [(rule.hf, arr)])
+        for key, a in parts:
+            want = (hf_dtypes or {}).get(key)
+            a = rule.to_hf(a)
+            out[key] = a if want is None else a.astype(_np_dtype(want), copy=False)
+    return out

@@ -1,0 +1,95 @@
+"""Draft models (Eagle3, DFlash/DSpark) and their public loader.
+
+``load_draft`` accepts either checkpoint format users hold -- an HF directory as
+DeepSpec's trainer writes it (config.json + safetensors) or a JAX dir written by
+``convert.torch_to_jax`` / ``Draft.save`` -- and returns a ``Draft`` handle. The
+family is chosen from config.json's ``architectures`` through the registry, so this
+module never names a family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+from flax import nnx
+from jax.sharding import Mesh
+
+from deepspec_jax.checkpoint import (Loaded, ModelSpec, dtype_name, is_jax_dir, load_hf_dir,
+                                     load_jax_dir, save_jax_dir)
+from deepspec_jax.errors import ConfigError
+from deepspec_jax.sharding import make_mesh
+
+
+@dataclasses.dataclass
+class Draft:
+    """A loaded draft: its config (the family's dataclass, reference field names), the
+    registry entry, and the NNX model split into (graphdef, state) for ``jit``.
+
+    ``hf_dtypes`` remembers the dtype of every HF tensor of the source so that
+    ``save`` -> ``convert.jax_to_hf`` reproduces the original release exactly."""
+
+    config: Any
+    arch: Any                      # registry.DraftArch
+    graphdef: Any
+    state: nnx.State
+    mesh: Mesh
+    spec: ModelSpec
+    source: str = ""
+    dtype: str = "float32"         # compute dtype the module was built with
+    hf_dtypes: dict = dataclasses.field(default_factory=dict, repr=False)
+    hf_metadata: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def kind(self) -> str:
+        """Family: "dspark" (DFlash is DSpark without heads) or "eagle3"."""
+        return self.arch.kind
+
+    @property
+    def architecture(self) -> str:
+        return self.arch.architecture
+
+    @property
+    def raw_config(self) -> dict:
+        """The HF config dict, unchanged (for exports)."""
+        return self.spec.raw
+
+    @property
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.state)
+
+    def save(self, path: str) -> dict:
+        """Write this draft (its current ``state``) as a JAX dir; returns the manifest.
+        HF tensors keep the dtypes recorded at load (the release's), so a later export
+        matches the release layout."""
+        return save_jax_dir(os.fspath(path), self.spec, self.state, self.hf_dtypes,
+                            self.hf_metadata, source=self.source)
+
+
+def load_draft(path: str, dtype=None, mesh: Mesh | None = None) -> Draft:
+    """Load a draft from an HF directory or a JAX dir.
+
+    ``dtype``: None/"keep" keeps the stored dtypes (a bf16 release stays bf16); a name
+    ("float32", "bfloat16") or dtype casts every parameter. Parameters are placed
+    directly into their shardings on ``mesh`` (default: all devices, FSDP)."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ConfigError(f"{path}: no such checkpoint directory; pass a draft directory "
+                          "(HF: config.json + model.safetensors, or a JAX dir from "
+                          "convert.torch_to_jax).")
+    mesh = mesh if mesh is not None else make_mesh()
+    if is_jax_dir(path):
+        loaded, _ = load_jax_dir(path, dtype, mesh, want_kind="draft")
+    else:
+        loaded = load_hf_dir(path, dtype, mesh, want_kind="draft")
+    return _draft_from(loaded, mesh, path)
+
+
+def _draft_from(loaded: Loaded, mesh: Mesh, path: str) -> Draft:
+    spec = loaded.spec
+    return Draft(spec.config, spec.draft_arch, loaded.graphdef, loaded.state, mesh, spec,
+                 path, dtype_name(loaded.compute_dtype), loaded.hf_dtypes, loaded.hf_metadata)
+
+
+__all__ = ["Draft", "load_draft"]

@@ -1,0 +1,534 @@
+"""DSpark / DFlash parallel block drafter (Flax NNX).
+
+DFlash is exactly DSpark with ``markov_rank=0`` and no confidence head, so one module
+and one code path serve both. The draft attends from a block of ``block_size`` tokens
+(``[anchor, mask, ...]``) to the target's projected hidden features (the "context")
+and, bidirectionally, to its own block.
+
+Attention is computed in two pieces that are merged with one shared softmax
+normaliser: block -> context (a positional mask ``kv < anchor``, never a dense float
+mask) and block -> own block (block-diagonal, so only ``block x block`` per anchor).
+Nothing of size ``[anchors*block, seq + anchors*block]`` is built.
+
+Training-only code (anchor sampling, labels, losses) lives in ``dspark_train``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from deepspec_jax.config import TargetConfig, load_config_json, target_config_from_dict
+from deepspec_jax.drafts.common import Frozen
+from deepspec_jax.drafts.registry import DraftArch, register
+from deepspec_jax.errors import ConfigError
+from deepspec_jax.layers import apply_rope, rms_norm, rope_inv_freq
+from deepspec_jax.models.transformer import DecoderStack, _param, layer_finish, layer_qkv
+from deepspec_jax.sampling import GREEDY_EPS
+from deepspec_jax.weights.name_map import TARGET_IGNORABLE, Rule, layer_rules
+
+MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
+ARCHITECTURE = "Qwen3DSparkModel"
+
+
+# ---------------------------------------------------------------------------
+# configuration
+# ---------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DSparkConfig:
+    """A DSpark/DFlash draft's ``config.json`` (field names as in the reference)."""
+
+    layer: TargetConfig                 # the draft's own decoder layers (a Qwen3 config copy)
+    block_size: int
+    num_target_layers: int
+    target_layer_ids: tuple[int, ...]
+    mask_token_id: int
+    num_anchors: int
+    enable_confidence_head: bool
+    confidence_head_with_markov: bool
+    markov_rank: int
+    markov_head_type: str | None
+    raw: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.layer.vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.layer.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer.num_hidden_layers
+
+    @property
+    def num_features(self) -> int:
+        """Width of the concatenated target features, ``len(ids) * hidden``."""
+        return len(self.target_layer_ids) * self.hidden_size
+
+    @property
+    def conf_in(self) -> int:
+        return self.hidden_size + (self.markov_rank if self.confidence_head_with_markov else 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DSparkLossConfig:
+    """Training-loss weights (settings of a run, not of the checkpoint)."""
+
+    ce_alpha: float = 0.1
+    l1_alpha: float = 0.9
+    confidence_alpha: float = 1.0
+    loss_decay_gamma: float = 4.0
+
+    @classmethod
+    def dflash(cls) -> "DSparkLossConfig":
+        return cls(ce_alpha=1.0, l1_alpha=0.0, confidence_alpha=0.0)
+
+    @classmethod
+    def default_for(cls, cfg: DSparkConfig) -> "DSparkLossConfig":
+        """The reference's shipped defaults: DSpark weights when any head exists."""
+        return cls() if (cfg.markov_rank > 0 or cfg.enable_confidence_head) else cls.dflash()
+
+
+def _need(raw: dict, field: str, source: str, example: str):
+    if field not in raw or raw[field] is None:
+        raise ConfigError(f"{source}: missing field {field!r} required by a DSpark/DFlash draft; "
+                          f"add it, e.g. \"{field}\": {example}.")
+    return raw[field]
+
+
+def _check_layer_ids(ids: tuple[int, ...], n: int, source: str) -> None:
+    if not ids:
+        raise ConfigError(f"{source}: field 'target_layer_ids' is empty; list the target "
+                          "layers whose outputs feed the draft, e.g. [1, 9, 17, 25, 33].")
+    for lid in ids:
+        if lid == n - 1:
+            raise ConfigError(
+                f"{source}: field 'target_layer_ids' contains {lid}, the target's last decoder "
+                f"layer (num_target_layers={n}); the final layer cannot be a draft feature. "
+                f"Use ids in [-1, {n - 2}].")
+        if not -1 <= lid < n - 1:
+            raise ConfigError(
+                f"{source}: field 'target_layer_ids' entry {lid} is out of range [-1, {n - 1}) "
+                f"for num_target_layers={n} (-1 = embedding output); fix the id or "
+                "num_target_layers.")
+    if any(b <= a for a, b in zip(ids, ids[1:])):
+        raise ConfigError(f"{source}: field 'target_layer_ids' = {list(ids)} must be strictly "
+                          "increasing; sort it and drop duplicates.")
+
+
+def dspark_config_from_dict(raw: dict, source: str = "config.json") -> DSparkConfig:
+    """Parse and validate a DSpark/DFlash draft config; errors name ``source`` and the field."""
+    layer = target_config_from_dict(raw, source)
+    if layer.model_type != "qwen3":
+        raise ConfigError(f"{source}: field 'model_type' = {layer.model_type!r}; a "
+                          f"{ARCHITECTURE} draft is a Qwen3 config copy (model_type \"qwen3\").")
+    block_size = int(_need(raw, "block_size", source, "7"))
+    if block_size < 1:
+        raise ConfigError(f"{source}: field 'block_size' = {block_size} must be >= 1.")
+    n_target = int(_need(raw, "num_target_layers", source, "36"))
+    ids = tuple(int(i) for i in _need(raw, "target_layer_ids", source, "[1, 9, 17, 25, 33]"))
+    _check_layer_ids(ids, n_target, source)
+    mask_id = int(_need(raw, "mask_token_id", source, "151669"))
+    if not 0 <= mask_id < layer.vocab_size:
+        raise ConfigError(f"{source}: field 'mask_token_id' = {mask_id} is outside the vocabulary "
+                          f"[0, {layer.vocab_size}); use a reserved token id below vocab_size.")
+    num_anchors = int(_need(raw, "num_anchors", source, "512"))
+    if num_anchors < 1:
+        raise ConfigError(f"{source}: field 'num_anchors' = {num_anchors} must be >= 1.")
+    rank = int(_need(raw, "markov_rank", source, "256"))
+    if rank < 0:
+        raise ConfigError(f"{source}: field 'markov_rank' = {rank} must be >= 0 (0 = no head).")
+    head_type = None
+    if rank > 0:
+        head_type = _need(raw, "markov_head_type", source, "\"vanilla\"")
+        if head_type not in MARKOV_HEAD_TYPES:
+            raise ConfigError(f"{source}: field 'markov_head_type' = {head_type!r} is unknown; "
+                              f"use one of {list(MARKOV_HEAD_TYPES)}.")
+    conf = bool(_need(raw, "enable_confidence_head", source, "true"))
+    conf_markov = bool(raw.get("confidence_head_with_markov", False)) and conf
+    if conf_markov and rank == 0:
+        raise ConfigError(f"{source}: field 'confidence_head_with_markov' is true but "
+                          "markov_rank is 0; set it false or give the draft a Markov head.")
+    return DSparkConfig(layer=layer, block_size=block_size, num_target_layers=n_target,
+                        target_layer_ids=ids, mask_token_id=mask_id, num_anchors=num_anchors,
+                        enable_confidence_head=conf, confidence_head_with_markov=conf_markov,
+                        markov_rank=rank, markov_head_type=head_type, raw=dict(raw))
+
+
+# ---------------------------------------------------------------------------
+# attention pieces
+# ---------------------------------------------------------------------------
+
+def context_kv(lc: TargetConfig, p: dict, ctx: jax.Array, positions: jax.Array, inv_freq):
+    """Keys/values of the projected context ``ctx`` [B,S,d] for one layer.
+
+    The reference feeds the context straight into k/v_proj (no input_layernorm), then
+    k_norm and RoPE at the token positions.
+    """
+    b, s, _ = ctx.shape
+    K, D = lc.num_key_value_heads, lc.head_dim
+    k, v = ctx @ p["k_proj"], ctx @ p["v_proj"]
+    if lc.attention_bias:
+        k, v = k + p["k_bias"], v + p["v_bias"]
+    k = rms_norm(k.reshape(b, s, K, D), p["k_norm"], lc.rms_norm_eps)
+    return apply_rope(k, positions, inv_freq), v.reshape(b, s, K, D)
+
+
+def block_attention(q, kb, vb, kc, vc, anchors, keep):
+    """Attention of each block to the context before its anchor and to itself.
+
+    q [B,N,K,H,D]; kb/vb [B,N,K,Kh,D] (the block's own keys); kc/vc [B,S,Kh,D] (context);
+    anchors [B,N] (context position j is visible iff j < anchor); keep [B,N] bool.
+    The two logit pieces share one max and one normaliser (a log-sum-exp merge), so
+    the result equals a softmax over the concatenated keys. Rows with no visible key
+    (dummy blocks) output zero, as the reference's flex-attention does.
+    """
+    B, N, K, H, D = q.shape
+    S, Kh = kc.shape[1], kc.shape[2]
+    G = H // Kh
+    scale = D ** -0.5
+    qg = q.reshape(B, N, K, Kh, G, D)
+    lc = jnp.einsum("bnqkgd,bskd->bnkgqs", qg, kc, preferred_element_type=jnp.float32) * scale
+    lb = jnp.einsum("bnqkgd,bnpkd->bnkgqp", qg, kb, preferred_element_type=jnp.float32) * scale
+    visible = (jnp.arange(S, dtype=jnp.int32)[None, None, :] < anchors[:, :, None]) & keep[:, :, None]
+    lc = jnp.where(visible[:, :, None, None, None, :], lc, -jnp.inf)
+    lb = jnp.where(keep[:, :, None, None, None, None], lb, -jnp.inf)
+    m = jnp.maximum(jnp.max(lc, axis=-1), jnp.max(lb, axis=-1))
+    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))[..., None]
+    pc, pb = jnp.exp(lc - m), jnp.exp(lb - m)
+    den = jnp.sum(pc, axis=-1) + jnp.sum(pb, axis=-1)                      # [B,N,Kh,G,K]
+    out = (jnp.einsum("bnkgqs,bskd->bnqkgd", pc.astype(vc.dtype), vc,
+                      preferred_element_type=jnp.float32)
+           + jnp.einsum("bnkgqp,bnpkd->bnqkgd", pb.astype(vb.dtype), vb,
+                        preferred_element_type=jnp.float32))
+    den = jnp.transpose(jnp.where(den > 0, den, 1.0), (0, 1, 4, 2, 3))[..., None]
+    return (out / den).reshape(B, N, K, H, D).astype(q.dtype)
+
+
+# The [queries, context] logits are the largest activations of a training step; the
+# backward recomputes them from q/k/v instead of keeping them for every layer.
+_block_attention_remat = jax.checkpoint(block_attention)
+
+
+# ---------------------------------------------------------------------------
+# the module
+# ---------------------------------------------------------------------------
+
+def _frozen(rngs: nnx.Rngs, shape, axes, dtype) -> Frozen:
+    return Frozen(_param(rngs, shape, axes, dtype).get_value(), logical_axes=tuple(axes))
+
+
+class DraftCache(NamedTuple):
+    """Per-layer keys/values of the projected target context, ``[L,B,S_max,Kh,D]``.
+
+    ``lengths[b]`` = committed tokens of row b; entries at or past it are ignored, so a
+    rejected tail is rolled back by lowering ``lengths``.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+
+
+class Proposal(NamedTuple):
+    tokens: jax.Array             # [B, K] int32 draft tokens x_1..x_K
+    logits: jax.Array             # [B, K, V] fp32 Markov-corrected logits U_k + B_k
+    probs: jax.Array              # [B, K, V] the distributions the tokens were drawn from
+    token_probs: jax.Array        # [B, K] probs at the sampled tokens
+    confidence_logits: jax.Array  # [B, K] (zeros when there is no confidence head)
+
+
+class DSparkDraft(nnx.Module):
+    """Parameters and forward passes of a DSpark/DFlash draft (see module docstring)."""
+
+    def __init__(self, cfg: DSparkConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        lc = cfg.layer
+        d, V, r = lc.hidden_size, lc.vocab_size, cfg.markov_rank
+        p = lambda shape, axes, init="normal": _param(rngs, shape, axes, param_dtype, init)  # noqa: E731
+        self.embed = _frozen(rngs, (V, d), ("vocab", "embed"), param_dtype)
+        self.lm_head = _frozen(rngs, (d, V), ("embed", "vocab"), param_dtype)
+        self.fc = p((cfg.num_features, d), ("feature", "embed"))
+        self.hidden_norm = p((d,), ("norm",), "ones")
+        self.norm = p((d,), ("norm",), "ones")
+        self.layers = DecoderStack(lc, param_dtype=param_dtype, rngs=rngs)
+        if r > 0:
+            self.markov_w1 = p((V, r), ("vocab", "rank"))
+            self.markov_w2 = p((r, V), ("rank", "vocab"))
+            if cfg.markov_head_type == "gated":
+                self.gate_w = p((d + r, r), ("feature", "rank"))
+                self.gate_b = p((r,), ("rank",), "zeros")
+            elif cfg.markov_head_type == "rnn":
+                self.joint_w = p((2 * r + d, 3 * r), ("feature", "rank"))
+                self.joint_b = p((3 * r,), ("rank",), "zeros")
+        if cfg.enable_confidence_head:
+            self.conf_w = p((cfg.conf_in, 1), ("feature", None))
+            self.conf_b = p((1,), (None,), "zeros")
+        self.inv_freq = tuple(float(f) for f in rope_inv_freq(lc.head_dim, lc.rope_theta,
+                                                              lc.rope_scaling))
+
+    # ---- small pieces ---------------------------------------------------------
+    def _w(self, name: str) -> jax.Array:
+        return getattr(self, name).get_value().astype(self.dtype)
+
+    def embed_tokens(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embed.get_value(), ids, axis=0).astype(self.dtype)
+
+    def project_context(self, features: jax.Array) -> jax.Array:
+        """C = hidden_norm(fc(features)): [.., n_feat*d] -> [.., d]."""
+        c = features.astype(self.dtype) @ self._w("fc")
+        return rms_norm(c, self._w("hidden_norm"), self.cfg.layer.rms_norm_eps)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """Base logits U = lm_head(h) in fp32."""
+        return jnp.einsum("...d,dv->...v", hidden, self._w("lm_head"),
+                          preferred_element_type=jnp.float32)
+
+    def markov_embed(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.markov_w1.get_value(), ids, axis=0).astype(self.dtype)
+
+    def markov_step(self, e: jax.Array, h: jax.Array, s: jax.Array | None):
+        """One Sequential-head step: (u, s') where the logit bias is ``u @ W2``.
+
+        ``e`` = W1[x_{k-1}], ``h`` = draft hidden state of slot k, ``s`` = RNN state
+        (ignored by vanilla/gated). Works on any leading shape.
+        """
+        kind = self.cfg.markov_head_type
+        if kind == "vanilla":
+            return e, s
+        if kind == "gated":
+            g = jax.nn.sigmoid(jnp.concatenate([h, e], -1) @ self._w("gate_w") + self._w("gate_b"))
+            return g * e, s
+        z = jnp.concatenate([s, e, h], -1) @ self._w("joint_w") + self._w("joint_b")
+        gate, cand, out = jnp.split(z, 3, axis=-1)
+        gate = jax.nn.sigmoid(gate)
+        return jnp.tanh(out), gate * s + (1.0 - gate) * jnp.tanh(cand)
+
+    def markov_bias(self, u: jax.Array) -> jax.Array:
+        return jnp.einsum("...r,rv->...v", u, self._w("markov_w2"),
+                          preferred_element_type=jnp.float32)
+
+    def markov_features(self, hidden: jax.Array, prev_ids: jax.Array) -> jax.Array:
+        """Teacher-forced head vectors u [..., K, r] for hidden [..., K, d] (axis -2 = slot)."""
+        e = self.markov_embed(prev_ids)
+        if self.cfg.markov_head_type != "rnn":
+            return self.markov_step(e, hidden, None)[0]
+
+        def step(s, xs):
+            u, s = self.markov_step(xs[0], xs[1], s)
+            return s, u
+
+        s0 = jnp.zeros(e.shape[:-2] + e.shape[-1:], e.dtype)
+        _, u = jax.lax.scan(step, s0, (jnp.moveaxis(e, -2, 0), jnp.moveaxis(hidden, -2, 0)))
+        return jnp.moveaxis(u, 0, -2)
+
+    def confidence(self, hidden: jax.Array, prev_ids: jax.Array) -> jax.Array | None:
+        """Confidence logits c [...] (fp32) from h (and W1[x_{k-1}]); None without a head."""
+        if not self.cfg.enable_confidence_head:
+            return None
+        x = hidden
+        if self.cfg.confidence_head_with_markov:
+            x = jnp.concatenate([hidden, self.markov_embed(prev_ids)], -1)
+        return (jnp.einsum("...i,io->...o", x, self._w("conf_w"),
+                           preferred_element_type=jnp.float32)[..., 0]
+                + self.conf_b.get_value()[0].astype(jnp.float32))
+
+    def block_ids(self, anchor_tokens: jax.Array, keep: jax.Array) -> jax.Array:
+        """Block inputs ``[anchor, mask, ...]`` [B,N,K]; dummy blocks are all mask."""
+        mask = self.cfg.mask_token_id
+        ids = jnp.full(anchor_tokens.shape + (self.cfg.block_size,), mask, jnp.int32)
+        return ids.at[..., 0].set(jnp.where(keep, anchor_tokens, mask).astype(jnp.int32))
+
+    # ---- backbone -------------------------------------------------------------
+    def backbone(self, block_ids, anchors, keep, ctx_kv_fn, ctx_xs) -> jax.Array:
+        """Draft hidden states ``norm(h)`` [B,N,K,d] for block inputs ``block_ids`` [B,N,K].
+
+        ``ctx_kv_fn(p, xs_l) -> (kc, vc)`` gives the context keys/values of one layer
+        from its params and its slice of ``ctx_xs`` (scanned with the layer params).
+        """
+        lc = self.cfg.layer
+        B, N, K = block_ids.shape
+        H, D = lc.num_attention_heads, lc.head_dim
+        Kh = lc.num_key_value_heads
+        h = self.embed_tokens(block_ids).reshape(B, N * K, -1)
+        pos = (anchors[:, :, None] + jnp.arange(K, dtype=jnp.int32)).reshape(B, N * K)
+        inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
+        params = {k: v.astype(self.dtype) for k, v in self.layers.stacked().items()}
+
+        def body(h, xs):
+            p, xs_l = xs
+            x = rms_norm(h, p["input_norm"], lc.rms_norm_eps)
+            q, kb, vb = layer_qkv(lc, p, x, pos, inv_freq)
+            kc, vc = ctx_kv_fn(p, xs_l)
+            attn = _block_attention_remat(q.reshape(B, N, K, H, D), kb.reshape(B, N, K, Kh, D),
+                                   vb.reshape(B, N, K, Kh, D), kc.astype(q.dtype),
+                                   vc.astype(q.dtype), anchors, keep)
+            return layer_finish(lc, p, h, attn.reshape(B, N * K, H, D)), None
+
+        h, _ = jax.lax.scan(body, h, (params, ctx_xs))
+        h = rms_norm(h, self._w("norm"), lc.rms_norm_eps)
+        return h.reshape(B, N, K, -1)
+
+    def train_hidden(self, input_ids, features, anchors, keep) -> jax.Array:
+        """Training backbone: all anchors of a sequence in one pass, [B,N,K,d]."""
+        b, s = input_ids.shape
+        ctx = self.project_context(features)
+        ctx_pos = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+        inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
+        anchor_tok = jnp.take_along_axis(input_ids, anchors, axis=1)
+        fn = lambda p, _: context_kv(self.cfg.layer, p, ctx, ctx_pos, inv_freq)  # noqa: E731
+        xs = jnp.arange(self.cfg.num_layers)
+        return self.backbone(self.block_ids(anchor_tok, keep), anchors, keep, fn, xs)
+
+    # ---- inference --------------------------------------------------------------
+    def init_cache(self, batch: int, max_len: int) -> DraftCache:
+        lc = self.cfg.layer
+        shape = (lc.num_hidden_layers, batch, max_len, lc.num_key_value_heads, lc.head_dim)
+        return DraftCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype),
+                          jnp.zeros((batch,), jnp.int32))
+
+    def extend_context(self, cache: DraftCache, features: jax.Array, num_new: jax.Array) -> DraftCache:
+        """Append target features [B,T,n_feat*d] at each row's length (first num_new[b] real)."""
+        b, t, _ = features.shape
+        ctx = self.project_context(features)
+        positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+        inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
+        params = {k: v.astype(self.dtype) for k, v in self.layers.stacked().items()}
+        k, v = jax.vmap(lambda p: context_kv(self.cfg.layer, p, ctx, positions, inv_freq))(params)
+        # Padding slots (>= num_new) are written too but stay beyond ``lengths``.
+        rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+        ck = cache.k.at[:, rows, positions].set(k.astype(cache.k.dtype), mode="drop")
+        cv = cache.v.at[:, rows, positions].set(v.astype(cache.v.dtype), mode="drop")
+        new_len = jnp.minimum(cache.lengths + num_new.astype(jnp.int32), cache.k.shape[2])
+        return DraftCache(ck, cv, new_len)
+
+    def propose_hidden(self, cache: DraftCache, current: jax.Array) -> jax.Array:
+        """Block hidden states [B,K,d]: anchor = current token at position ``lengths``."""
+        b = current.shape[0]
+        anchors = cache.lengths[:, None]
+        keep = jnp.ones((b, 1), bool)
+        fn = lambda p, kv: kv  # noqa: E731
+        h = self.backbone(self.block_ids(current[:, None], keep), anchors, keep, fn,
+                          (cache.k, cache.v))
+        return h[:, 0]
+
+    def propose(self, cache: DraftCache, current: jax.Array, key: jax.Array,
+                temperature: float = 0.0) -> Proposal:
+        """Draft a block left to right with the Markov correction and confidences.
+
+        ``temperature`` is a Python float (static): below 1e-5 sampling is greedy and
+        the returned distributions are one-hot, as rejection sampling expects. The RNN
+        state is carried across positions (the reference's single-step helper does not).
+        """
+        hidden = self.propose_hidden(cache, current)           # [B,K,d]
+        base = self.logits(hidden)                             # [B,K,V]
+        greedy = temperature < GREEDY_EPS
+        cfg = self.cfg
+        r = max(cfg.markov_rank, 1)
+        keys = jax.random.split(key, cfg.block_size)
+
+        def step(carry, xs):
+            prev, s = carry
+            h_k, base_k, key_k = xs
+            logits = base_k
+            if cfg.markov_rank > 0:
+                u, s = self.markov_step(self.markov_embed(prev), h_k, s)
+                logits = logits + self.markov_bias(u)
+            conf = self.confidence(h_k, prev)
+            conf = jnp.zeros(prev.shape, jnp.float32) if conf is None else conf
+            if greedy:
+                tok = jnp.argmax(logits, -1).astype(jnp.int32)
+                probs = jax.nn.one_hot(tok, logits.shape[-1], dtype=jnp.float32)
+            else:
+                scaled = logits / temperature
+                tok = jax.random.categorical(key_k, scaled, axis=-1).astype(jnp.int32)
+                probs = jax.nn.softmax(scaled, axis=-1)
+            return (tok, s), (tok, logits, probs, conf)
+
+        s0 = jnp.zeros(current.shape + (r,), self.dtype)
+        xs = (jnp.moveaxis(hidden, 1, 0), jnp.moveaxis(base, 1, 0), keys)
+        _, (tok, logits, probs, conf) = jax.lax.scan(step, (current.astype(jnp.int32), s0), xs)
+        tok, logits, probs, conf = (jnp.moveaxis(x, 0, 1) for x in (tok, logits, probs, conf))
+        token_probs = jnp.take_along_axis(probs, tok[..., None], axis=-1)[..., 0]
+        return Proposal(tok, logits, probs, token_probs, conf)
+
+
+# ---------------------------------------------------------------------------
+# checkpoint names, loading, registration
+# ---------------------------------------------------------------------------
+
+def dspark_rules(cfg: DSparkConfig) -> list[Rule]:
+    """Our parameter paths <-> the reference's HF keys (torch Linear is [out, in])."""
+    rules = [Rule("embed", "embed_tokens.weight"), Rule("lm_head", "lm_head.weight", True),
+             Rule("fc", "fc.weight", True), Rule("hidden_norm", "hidden_norm.weight"),
+             Rule("norm", "norm.weight")]
+    rules += layer_rules("", "layers.", qk_norm=True, attention_bias=cfg.layer.attention_bias)
+    if cfg.markov_rank > 0:
+        rules += [Rule("markov_w1", "markov_head.markov_w1.weight"),
+                  Rule("markov_w2", "markov_head.markov_w2.weight", True)]
+        if cfg.markov_head_type == "gated":
+            rules += [Rule("gate_w", "markov_head.gate_proj.weight", True),
+                      Rule("gate_b", "markov_head.gate_proj.bias")]
+        elif cfg.markov_head_type == "rnn":
+            rules += [Rule("joint_w", "markov_head.joint_proj.weight", True),
+                      Rule("joint_b", "markov_head.joint_proj.bias")]
+    if cfg.enable_confidence_head:
+        rules += [Rule("conf_w", "confidence_head.proj.weight", True),
+                  Rule("conf_b", "confidence_head.proj.bias")]
+    return rules
+
+
+def build_dspark(cfg: DSparkConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs) -> DSparkDraft:
+    return DSparkDraft(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def load_dspark_config(path: str) -> DSparkConfig:
+    cfg_path = os.path.join(path, "config.json")
+    raw = load_config_json(cfg_path)
+    archs = raw.get("architectures") or []
+    if archs != [ARCHITECTURE]:
+        raise ConfigError(f"{cfg_path}: field 'architectures' = {archs!r}; expected "
+                          f"[\"{ARCHITECTURE}\"] for a DSpark/DFlash draft.")
+    return dspark_config_from_dict(raw, cfg_path)
+
+
+def load_dspark_checkpoint(path: str, mesh: Mesh | None = None, dtype: str = "float32",
+                           source=None) -> DSparkDraft:
+    """Load a reference DSpark/DFlash checkpoint directory into a sharded DSparkDraft.
+
+    ``source`` (a TensorSource-like object) overrides the directory's tensors (tests).
+    """
+    from deepspec_jax.sharding import make_mesh
+    from deepspec_jax.weights.loader import stream_params
+    from deepspec_jax.weights.safetensors_io import TensorSource
+
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+    cfg = load_dspark_config(path)
+    mesh = mesh if mesh is not None else make_mesh()
+    jdt = _DTYPES[dtype]
+    source = source if source is not None else TensorSource.from_dir(path)
+    abstract = nnx.eval_shape(lambda: DSparkDraft(cfg, dtype=jdt, param_dtype=jdt, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    return stream_params(graphdef, state, dspark_rules(cfg), source, cfg.num_layers, mesh, jdt,
+                         TARGET_IGNORABLE, "DSpark draft checkpoint")
+
+
+register(DraftArch(architecture=ARCHITECTURE, kind="dspark",
+                   config_from_dict=dspark_config_from_dict, build=build_dspark,
+                   rules=dspark_rules, num_layers=lambda cfg: cfg.num_layers))

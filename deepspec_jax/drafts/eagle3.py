@@ -1,0 +1,377 @@
+"""Eagle3 draft (``Qwen3Eagle3Model``): config, parameters, name map, decode interface.
+
+The draft is one Qwen3 decoder layer whose attention input is the concatenation
+``[input_layernorm(embed(token)), hidden_norm(h)]`` (2d wide), with the residual on
+``h``. ``h`` is ``fc(target_features)`` for a committed position and the draft's own
+previous output hidden state while it proposes. Logits are ``lm_head(norm(h))``.
+
+Pairing convention (training and decoding alike): the target feature at position i
+goes with token i+1 and RoPE position i, so the output at position i predicts token
+i+2. TTT training lives in ``eagle3_train``; this module holds the pieces shared by
+training and the speculative-decoding loop (``extend`` / ``propose``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from deepspec_jax.config import TargetConfig, load_config_json, target_config_from_dict
+from deepspec_jax.drafts.common import Frozen
+from deepspec_jax.drafts.registry import DraftArch, register
+from deepspec_jax.errors import ConfigError
+from deepspec_jax.layers import apply_rope, masked_attention, rms_norm, rope_inv_freq, swiglu
+from deepspec_jax.models.transformer import _param
+from deepspec_jax.sampling import SamplingParams, probs as sampling_probs, sample as sampling_sample
+from deepspec_jax.sharding import make_mesh
+from deepspec_jax.weights.loader import stream_params
+from deepspec_jax.weights.name_map import Rule
+from deepspec_jax.weights.safetensors_io import TensorSource
+
+NUM_FEATURE_LAYERS = 5  # Eagle3 v1 fuses exactly five target layers
+
+
+# ---------------------------------------------------------------------------
+# config
+# ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Eagle3Config:
+    """Draft config: the Qwen3 backbone fields plus the Eagle3 fields of config.json."""
+
+    backbone: TargetConfig          # hidden/heads/vocab/rope of the draft layer
+    target_layer_ids: tuple[int, ...]
+    num_target_layers: int
+    ttt_length: int = 7
+    step_loss_decay: float = 0.8
+    draft_num_hidden_layers: int = 1
+    raw: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    # Convenience views of the backbone (keeps model code short).
+    @property
+    def hidden_size(self) -> int:
+        return self.backbone.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backbone.vocab_size
+
+    @property
+    def feature_size(self) -> int:
+        return len(self.target_layer_ids) * self.backbone.hidden_size
+
+
+def _field(raw: dict, name: str, source: str, fix: str):
+    if name not in raw:
+        raise ConfigError(f"{source}: missing field {name!r}; {fix}")
+    return raw[name]
+
+
+def validate_target_layer_ids(ids, num_target_layers: int, source: str) -> tuple[int, ...]:
+    """Eagle3 reads exactly five real decoder layers, never the last one (its output
+    is what the draft must predict) and never the embeddings (-1)."""
+    if not isinstance(ids, (list, tuple)):
+        raise ConfigError(f"{source}: field 'target_layer_ids' must be a list of "
+                          f"{NUM_FEATURE_LAYERS} layer indices, got {ids!r}.")
+    ids = tuple(int(i) for i in ids)
+    fix = (f"set 'target_layer_ids' to {NUM_FEATURE_LAYERS} strictly increasing indices in "
+           f"0..{num_target_layers - 2} (e.g. spread over the target's depth).")
+    if len(ids) != NUM_FEATURE_LAYERS:
+        raise ConfigError(f"{source}: field 'target_layer_ids' = {list(ids)} has {len(ids)} "
+                          f"entries; Eagle3 needs exactly {NUM_FEATURE_LAYERS}; {fix}")
+    if -1 in ids:
+        raise ConfigError(f"{source}: field 'target_layer_ids' = {list(ids)} contains -1 "
+                          f"(embeddings), which Eagle3 does not support; {fix}")
+    for i in ids:
+        if not 0 <= i < num_target_layers:
+            raise ConfigError(f"{source}: field 'target_layer_ids' = {list(ids)}: {i} is out "
+                              f"of range for a target with num_target_layers="
+                              f"{num_target_layers}; {fix}")
+    if num_target_layers - 1 in ids:
+        raise ConfigError(f"{source}: field 'target_layer_ids' = {list(ids)} contains the "
+                          f"target's last layer {num_target_layers - 1}; {fix}")
+    if any(b <= a for a, b in zip(ids, ids[1:])):
+        raise ConfigError(f"{source}: field 'target_layer_ids' = {list(ids)} is not "
+                          f"strictly increasing; {fix}")
+    return ids
+
+
+def eagle3_config_from_dict(raw: dict, source: str = "config.json") -> Eagle3Config:
+    """Parse a DeepSpec Eagle3 draft config.json (a Qwen3 config plus Eagle3 fields)."""
+    n_target = int(_field(raw, "num_target_layers", source,
+                          "add the target's num_hidden_layers as 'num_target_layers'."))
+    ids = validate_target_layer_ids(
+        _field(raw, "target_layer_ids", source,
+               f"add the {NUM_FEATURE_LAYERS} target layers the draft reads."), n_target, source)
+    n_draft = int(raw.get("draft_num_hidden_layers", raw.get("num_hidden_layers", 1)))
+    if n_draft != 1:
+        raise ConfigError(f"{source}: field 'draft_num_hidden_layers' = {n_draft}; the Eagle3 "
+                          "draft has exactly one decoder layer; set it to 1.")
+    ttt = int(raw.get("ttt_length", 7))
+    if ttt < 1:
+        raise ConfigError(f"{source}: field 'ttt_length' = {ttt} must be >= 1.")
+    backbone = target_config_from_dict(dict(raw, num_hidden_layers=n_draft), source)
+    return Eagle3Config(backbone=backbone, target_layer_ids=ids, num_target_layers=n_target,
+                        ttt_length=ttt, step_loss_decay=float(raw.get("step_loss_decay", 0.8)),
+                        draft_num_hidden_layers=n_draft, raw=dict(raw))
+
+
+# ---------------------------------------------------------------------------
+# parameters
+# ---------------------------------------------------------------------------
+
+
+class Eagle3Layers(nnx.Module):
+    """The decoder layer(s), stacked on a leading ``layers`` axis like ``DecoderStack``
+    (HF ``layers.{i}.``); attention projections read the 2d-wide concatenated input."""
+
+    def __init__(self, cfg: Eagle3Config, *, param_dtype, rngs: nnx.Rngs):
+        b = cfg.backbone
+        L, d, H, K, D, I = (cfg.draft_num_hidden_layers, b.hidden_size, b.num_attention_heads,
+                            b.num_key_value_heads, b.head_dim, b.intermediate_size)
+        p = lambda shape, axes, init="normal": _param(rngs, shape, axes, param_dtype, init)  # noqa: E731
+        self.hidden_norm = p((L, d), ("layers", "norm"), "ones")
+        self.input_norm = p((L, d), ("layers", "norm"), "ones")
+        self.post_attn_norm = p((L, d), ("layers", "norm"), "ones")
+        self.q_proj = p((L, 2 * d, H * D), ("layers", "embed", "heads"))
+        self.k_proj = p((L, 2 * d, K * D), ("layers", "embed", "kv_heads"))
+        self.v_proj = p((L, 2 * d, K * D), ("layers", "embed", "kv_heads"))
+        self.o_proj = p((L, H * D, d), ("layers", "heads", "embed"))
+        self.q_norm = p((L, D), ("layers", "norm"), "ones")
+        self.k_norm = p((L, D), ("layers", "norm"), "ones")
+        self.gate_proj = p((L, d, I), ("layers", "embed", "mlp"))
+        self.up_proj = p((L, d, I), ("layers", "embed", "mlp"))
+        self.down_proj = p((L, I, d), ("layers", "mlp", "embed"))
+
+    def layer(self, i: int, dtype) -> dict[str, jax.Array]:
+        return {k: v.get_value()[i].astype(dtype) for k, v in vars(self).items()
+                if isinstance(v, nnx.Param)}
+
+
+class Eagle3Draft(nnx.Module):
+    def __init__(self, cfg: Eagle3Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.dtype = dtype
+        d, V = cfg.hidden_size, cfg.vocab_size
+        frozen = lambda shape, axes: Frozen(  # noqa: E731
+            _param(rngs, shape, axes, param_dtype).get_value(), logical_axes=axes)
+        self.embed = frozen((V, d), ("vocab", "embed"))
+        self.lm_head = frozen((d, V), ("embed", "vocab"))
+        self.fc = _param(rngs, (cfg.feature_size, d), ("feature", "embed"), param_dtype)
+        self.norm = _param(rngs, (d,), ("norm",), param_dtype, "ones")
+        self.layers = Eagle3Layers(cfg, param_dtype=param_dtype, rngs=rngs)
+        b = cfg.backbone
+        self.inv_freq = tuple(float(f) for f in rope_inv_freq(b.head_dim, b.rope_theta,
+                                                              b.rope_scaling))
+
+    # ---- small pure pieces used by training and decoding ----
+    def project_features(self, features: jax.Array) -> jax.Array:
+        """[..., 5d] concatenated target layer outputs -> draft hidden [..., d]."""
+        return features.astype(self.dtype) @ self.fc.get_value().astype(self.dtype)
+
+    def embed_tokens(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embed.get_value(), ids, axis=0).astype(self.dtype)
+
+    def final_hidden(self, h: jax.Array) -> jax.Array:
+        """norm(h): the lm_head input (kept separate so losses can chunk the vocab)."""
+        return rms_norm(h, self.norm.get_value().astype(self.dtype), self.cfg.backbone.rms_norm_eps)
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        return jnp.einsum("...d,dv->...v", self.final_hidden(h),
+                          self.lm_head.get_value().astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def qkv(self, ids: jax.Array, h: jax.Array, positions: jax.Array):
+        """Queries/keys/values of the layer for tokens ``ids`` [B,T] paired with hidden
+        states ``h`` [B,T,d] at RoPE ``positions`` [B,T]."""
+        b = self.cfg.backbone
+        p = self.layers.layer(0, self.dtype)
+        eps = b.rms_norm_eps
+        x = jnp.concatenate([rms_norm(self.embed_tokens(ids), p["input_norm"], eps),
+                             rms_norm(h, p["hidden_norm"], eps)], axis=-1)
+        B, T = ids.shape
+        H, K, D = b.num_attention_heads, b.num_key_value_heads, b.head_dim
+        q = rms_norm((x @ p["q_proj"]).reshape(B, T, H, D), p["q_norm"], eps)
+        k = rms_norm((x @ p["k_proj"]).reshape(B, T, K, D), p["k_norm"], eps)
+        v = (x @ p["v_proj"]).reshape(B, T, K, D)
+        inv = jnp.asarray(self.inv_freq, jnp.float32)
+        return apply_rope(q, positions, inv), apply_rope(k, positions, inv), v
+
+    def finish(self, h: jax.Array, attn: jax.Array) -> jax.Array:
+        """Residual on h, then the MLP block: the layer's output hidden state."""
+        p = self.layers.layer(0, self.dtype)
+        B, T = attn.shape[:2]
+        h = h + attn.reshape(B, T, -1) @ p["o_proj"]
+        x = rms_norm(h, p["post_attn_norm"], self.cfg.backbone.rms_norm_eps)
+        return h + swiglu(x, p["gate_proj"], p["up_proj"], p["down_proj"])
+
+
+def build_eagle3(cfg: Eagle3Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs) -> Eagle3Draft:
+    return Eagle3Draft(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def eagle3_rules(cfg: Eagle3Config) -> list[Rule]:
+    """Our parameter paths <-> DeepSpec ``Qwen3Eagle3Model`` state-dict keys."""
+    p = "layers.{i}."
+    o = "layers."
+    return [
+        Rule("embed", "embed_tokens.weight"),
+        Rule("lm_head", "lm_head.weight", True),
+        Rule("fc", "fc.weight", True),
+        Rule("norm", "norm.weight"),
+        Rule(o + "hidden_norm", p + "hidden_norm.weight"),
+        Rule(o + "input_norm", p + "input_layernorm.weight"),
+        Rule(o + "post_attn_norm", p + "post_attention_layernorm.weight"),
+        Rule(o + "q_proj", p + "self_attn.q_proj.weight", True),
+        Rule(o + "k_proj", p + "self_attn.k_proj.weight", True),
+        Rule(o + "v_proj", p + "self_attn.v_proj.weight", True),
+        Rule(o + "o_proj", p + "self_attn.o_proj.weight", True),
+        Rule(o + "q_norm", p + "self_attn.q_norm.weight"),
+        Rule(o + "k_norm", p + "self_attn.k_norm.weight"),
+        Rule(o + "gate_proj", p + "mlp.gate_proj.weight", True),
+        Rule(o + "up_proj", p + "mlp.up_proj.weight", True),
+        Rule(o + "down_proj", p + "mlp.down_proj.weight", True),
+    ]
+
+
+EAGLE3_IGNORABLE = (re.compile(r".*rotary_emb\.inv_freq$"),)
+
+
+def load_eagle3(path: str, *, mesh=None, dtype=jnp.float32, source=None) -> Eagle3Draft:
+    """Load a DeepSpec Eagle3 draft directory (config.json + safetensors), parameters
+    streamed into their shardings on ``mesh`` (default: all devices, fsdp).
+    ``source`` overrides the tensors (any ``TensorSource``-like object)."""
+    cfg_path = os.path.join(path, "config.json")
+    cfg = eagle3_config_from_dict(load_config_json(cfg_path), cfg_path)
+    source = TensorSource.from_dir(path) if source is None else source
+    abstract = nnx.eval_shape(lambda: Eagle3Draft(cfg, dtype=dtype, param_dtype=dtype,
+                                                  rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    return stream_params(graphdef, state, eagle3_rules(cfg), source, cfg.draft_num_hidden_layers,
+                         mesh if mesh is not None else make_mesh(), dtype, EAGLE3_IGNORABLE,
+                         what="Eagle3 draft checkpoint")
+
+
+EAGLE3 = register(DraftArch(
+    architecture="Qwen3Eagle3Model",
+    kind="eagle3",
+    config_from_dict=eagle3_config_from_dict,
+    build=build_eagle3,
+    rules=eagle3_rules,
+    num_layers=lambda cfg: cfg.draft_num_hidden_layers,
+))
+
+
+# ---------------------------------------------------------------------------
+# decoding: draft KV cache, extend with committed tokens, propose
+# ---------------------------------------------------------------------------
+
+
+class Eagle3State(NamedTuple):
+    """Draft decode state. ``k``/``v`` [B, S_max, K, D] hold keys of committed
+    positions (< ``lengths``); entries at or past ``lengths`` are scratch (proposals),
+    so rolling back is lowering ``lengths``. ``hidden`` [B, d] is the layer output at
+    each row's last committed position: it yields the first proposed token."""
+
+    k: jax.Array
+    v: jax.Array
+    lengths: jax.Array
+    hidden: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[1]
+
+
+def init_state(cfg: Eagle3Config, batch: int, max_len: int, dtype=jnp.float32) -> Eagle3State:
+    b = cfg.backbone
+    shape = (batch, max_len, b.num_key_value_heads, b.head_dim)
+    return Eagle3State(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
+                       jnp.zeros((batch,), jnp.int32), jnp.zeros((batch, b.hidden_size), dtype))
+
+
+def _cached_step(model: Eagle3Draft, state: Eagle3State, ids: jax.Array, h: jax.Array,
+                 start: jax.Array):
+    """Run tokens ``ids`` [B,T] with hidden ``h`` [B,T,d] at positions start+0..T-1,
+    writing their keys into the cache; returns (layer output [B,T,d], k, v)."""
+    B, T = ids.shape
+    positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None]
+    q, k, v = model.qkv(ids, h, positions)
+    rows = jnp.broadcast_to(jnp.arange(B)[:, None], (B, T))
+    ck = state.k.at[rows, positions].set(k.astype(state.k.dtype), mode="drop")
+    cv = state.v.at[rows, positions].set(v.astype(state.v.dtype), mode="drop")
+    kv_pos = jnp.arange(state.max_len, dtype=jnp.int32)
+    mask = kv_pos[None, None, :] <= positions[:, :, None]
+    attn = masked_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask)
+    return model.finish(h, attn), ck, cv
+
+
+def extend(model: Eagle3Draft, state: Eagle3State, tokens: jax.Array, features: jax.Array,
+           num_new: jax.Array) -> Eagle3State:
+    """Commit ``num_new[b]`` positions per row starting at ``state.lengths``.
+
+    ``features`` [B,T,5d] are the target features at those positions (prefill or the
+    verify pass) and ``tokens`` [B,T] the tokens that follow them (feature at i pairs
+    with token i+1). After a verify with ``a`` accepted drafts call this with the
+    verify features of positions 0..a and tokens [d_1..d_a, bonus], num_new = a+1;
+    no rollback step is needed because ``propose`` never advances ``lengths`` (its
+    scratch keys are overwritten here). Right padding beyond ``num_new`` is ignored.
+    """
+    h_in = model.project_features(features)
+    out, ck, cv = _cached_step(model, state, tokens, h_in, state.lengths)
+    num_new = num_new.astype(jnp.int32)
+    last = jnp.clip(num_new - 1, 0, tokens.shape[1] - 1)
+    h_last = jnp.take_along_axis(out, last[:, None, None], axis=1)[:, 0]
+    hidden = jnp.where((num_new > 0)[:, None], h_last.astype(state.hidden.dtype), state.hidden)
+    lengths = jnp.minimum(state.lengths + num_new, state.max_len)
+    return Eagle3State(ck, cv, lengths, hidden)
+
+
+class Proposal(NamedTuple):
+    tokens: jax.Array  # [B, n] int32 draft tokens
+    probs: jax.Array   # [B, n] draft probability of each token (1.0 when greedy)
+    dists: jax.Array   # [B, n, V] float32 draft sampling distributions
+
+
+def propose(model: Eagle3Draft, state: Eagle3State, num_steps: int, key: jax.Array,
+            sp: SamplingParams = SamplingParams()) -> tuple[Proposal, Eagle3State]:
+    """Draft ``num_steps`` tokens autoregressively from the last committed position.
+
+    Token 1 comes from ``state.hidden``; token j+1 from running token j with the
+    previous output hidden at position lengths+j-1. That is num_steps-1 layer
+    forwards (no forward after the last token). The returned state has the proposal
+    keys written past ``lengths`` but the same ``lengths``: nothing is committed.
+    """
+    keys = jax.random.split(key, num_steps)
+
+    def draw(h, k):
+        logits = model.logits(h)
+        return sampling_sample(logits, k, sp), sampling_probs(logits, sp)
+
+    tok, dist = draw(state.hidden, keys[0])
+
+    def body(carry, xs):
+        ck, cv, h, tok = carry
+        j, k = xs
+        st = Eagle3State(ck, cv, state.lengths, h)
+        out, ck, cv = _cached_step(model, st, tok[:, None], h[:, None], state.lengths + j)
+        h = out[:, 0]
+        nxt, dist = draw(h, k)
+        return (ck, cv, h, nxt), (nxt, dist)
+
+    carry = (state.k, state.v, state.hidden, tok)
+    (ck, cv, _, _), (toks, dists) = jax.lax.scan(
+        body, carry, (jnp.arange(num_steps - 1, dtype=jnp.int32), keys[1:]))
+    toks = jnp.concatenate([tok[:, None], jnp.moveaxis(toks, 0, 1)], axis=1)
+    dists = jnp.concatenate([dist[:, None], jnp.moveaxis(dists, 0, 1)], axis=1)
+    p = jnp.take_along_axis(dists, toks[..., None], axis=-1)[..., 0]
+    return Proposal(toks, p, dists), Eagle3State(ck, cv, state.lengths, state.hidden)

@@ -1,0 +1,352 @@
+"""Eagle3 training-time test (TTT): the unrolled forward, its attention, and the loss.
+
+Step s (0..ttt-1) feeds token x[i+s+1] (0 past the end) at RoPE position i+s with
+the previous step's output hidden state (step 0: ``fc(features)``). A query at
+position i of step s sees the step-0 keys <= i and, in each step s' in 1..s, only
+the key at the same position i. That mask is causal-plus-diagonals, so instead of a
+dense [T, ttt*T] mask we run causal attention over the step-0 keys (returning its
+log-sum-exp) and merge the s diagonal scores into the same softmax.
+
+Loss (DeepSpec ``compute_eagle3_loss``): step s at position i is a soft
+cross-entropy against the target distribution at position i+s+1 (uniform past the
+end), weighted by ``loss_mask[i+s]`` (see ``position_masks``), summed and divided by B*T
+(masked positions included), then weighted ``step_loss_decay**s``. The vocabulary
+projection is fused into the loss and chunked over the vocabulary, so no [tokens, V]
+float32 tensor is materialised, forward or backward.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from deepspec_jax.drafts.eagle3 import Eagle3Draft
+
+NEG_INF = -jnp.inf
+
+
+# ---------------------------------------------------------------------------
+# attention: causal over step-0 keys + one diagonal key per earlier step
+# ---------------------------------------------------------------------------
+
+
+def _causal_block(q, k, v, q_offset):
+    """Causal attention of the query block ``q`` [B,C,K,G,D] (global positions
+    q_offset..q_offset+C-1) over all keys [B,S,K,D]; returns (out fp32, lse)."""
+    d = q.shape[-1]
+    s = jnp.einsum("bckgd,bskd->bkgcs", q, k, preferred_element_type=jnp.float32) * d ** -0.5
+    qpos = q_offset + jnp.arange(q.shape[1])
+    s = jnp.where(jnp.arange(k.shape[1])[None, :] <= qpos[:, None], s, NEG_INF)
+    lse = jax.nn.logsumexp(s, axis=-1)  # finite: every query sees its own position
+    p = jnp.exp(s - lse[..., None])
+    out = jnp.einsum("bkgcs,bskd->bckgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out, lse
+
+
+def causal_attention_lse(q, k, v, q_chunk: int = 512):
+    """Causal GQA attention with its log-sum-exp. q [B,T,K,G,D], k/v [B,T,K,D].
+
+    Long sequences run in rematerialised query blocks, so training memory is
+    O(T * q_chunk) per head instead of O(T^2). Returns out [B,T,K,G,D] fp32 and
+    lse [B,K,G,T]. (A flash kernel that returns the LSE can replace this.)
+    """
+    B, T = q.shape[:2]
+    if T <= q_chunk:
+        return _causal_block(q, k, v, 0)
+    n = -(-T // q_chunk)
+    qp = jnp.pad(q, [(0, 0), (0, n * q_chunk - T)] + [(0, 0)] * (q.ndim - 2))  # extra rows dropped
+    qb = jnp.moveaxis(qp.reshape(B, n, q_chunk, *q.shape[2:]), 1, 0)
+    block = jax.checkpoint(lambda args: _causal_block(args[0], k, v, args[1] * q_chunk))
+    out, lse = jax.lax.map(block, (qb, jnp.arange(n)))
+    out = jnp.moveaxis(out, 0, 1).reshape(B, n * q_chunk, *q.shape[2:])[:, :T]
+    lse = jnp.moveaxis(lse, 0, -2).reshape(*lse.shape[1:-1], n * q_chunk)[..., :T]
+    return out, lse
+
+
+def ttt_attention(q, k0, v0, diag_k, diag_v, valid_q):
+    """One TTT step's attention. q [B,T,H,D]; k0/v0 [B,T,K,D] are the step-0 keys;
+    diag_k/diag_v [n,B,T,K,D] the keys of steps 1..s (n = s, may be 0); valid_q [B,T]
+    bool. Invalid queries get a zero output (the reference's fully masked rows)."""
+    B, T, H, D = q.shape
+    K = k0.shape[2]
+    qg = q.reshape(B, T, K, H // K, D)
+    out0, lse0 = causal_attention_lse(qg, k0, v0)
+    if diag_k.shape[0]:
+        ds = jnp.einsum("btkgd,nbtkd->nbkgt", qg, diag_k,
+                        preferred_element_type=jnp.float32) * D ** -0.5
+        m = jnp.maximum(lse0, jnp.max(ds, axis=0))
+        w0 = jnp.exp(lse0 - m)            # [B,K,G,T]
+        wd = jnp.exp(ds - m)              # [n,B,K,G,T]
+        num = (out0 * jnp.moveaxis(w0, -1, 1)[..., None]
+               + jnp.einsum("nbkgt,nbtkd->btkgd", wd, diag_v.astype(jnp.float32)))
+        out = num / jnp.moveaxis(w0 + jnp.sum(wd, axis=0), -1, 1)[..., None]
+    else:
+        out = out0
+    out = jnp.where(valid_q[:, :, None, None, None], out, 0.0)
+    return out.reshape(B, T, H, D).astype(q.dtype)
+
+
+# ---------------------------------------------------------------------------
+# the unrolled forward
+# ---------------------------------------------------------------------------
+
+
+def shift_left(x: jax.Array, n: int, axis: int = 1) -> jax.Array:
+    """x[i+n] along ``axis`` with zeros past the end."""
+    t = x.shape[axis]
+    body = jax.lax.slice_in_dim(x, min(n, t), t, axis=axis)
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, min(n, t))
+    return jnp.pad(body, pad)
+
+
+def ttt_forward(model: Eagle3Draft, input_ids: jax.Array, features: jax.Array,
+                attention_mask: jax.Array | None = None, ttt_length: int | None = None):
+    """Unrolled draft forward. input_ids [B,T], features [B,T,5d], attention_mask
+    [B,T] (right padding; default all ones). Returns the per-step layer outputs
+    [ttt,B,T,d] (before the final norm; logits = ``model.logits``)."""
+    ttt = model.cfg.ttt_length if ttt_length is None else ttt_length
+    B, T = input_ids.shape
+    if attention_mask is None:
+        attention_mask = jnp.ones((B, T), jnp.int32)
+    seq_len = jnp.sum(attention_mask.astype(jnp.int32), axis=-1)
+    h = model.project_features(features)
+    k0 = v0 = None
+    diag_k, diag_v, outs = [], [], []
+    for s in range(ttt):
+        ids = shift_left(input_ids, s + 1)
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32) + s, (B, T))
+        q, k, v = model.qkv(ids, h, positions)
+        if s == 0:
+            k0, v0 = k, v
+        else:
+            diag_k.append(k)
+            diag_v.append(v)
+        empty = jnp.zeros((0,) + k.shape, k.dtype)
+        dk = jnp.stack(diag_k) if diag_k else empty
+        dv = jnp.stack(diag_v) if diag_v else empty
+        valid_q = jnp.arange(T)[None, :] < (seq_len - s)[:, None]
+        h = model.finish(h, ttt_attention(q, k0, v0, dk, dv, valid_q))
+        outs.append(h)
+    return jnp.stack(outs)
+
+
+# ---------------------------------------------------------------------------
+# vocabulary-chunked soft cross-entropy (fused lm_head)
+# ---------------------------------------------------------------------------
+
+
+def _chunks(w: jax.Array, chunk: int):
+    """lm_head [d,V] -> ([n,d,chunk] zero-padded, [n,chunk] column-valid mask)."""
+    d, V = w.shape
+    chunk = min(chunk, V)
+    n = -(-V // chunk)
+    wp = jnp.pad(w, ((0, 0), (0, n * chunk - V)))
+    valid = (jnp.arange(n * chunk) < V).reshape(n, chunk)
+    return jnp.moveaxis(wp.reshape(d, n, chunk), 1, 0), valid
+
+
+def _logits(x, wc, valid):
+    z = jnp.einsum("nd,dv->nv", x, wc, preferred_element_type=jnp.float32)
+    return jnp.where(valid[None], z, NEG_INF)
+
+
+def _lse_argmax(x, wcs, valids):
+    """Online log-sum-exp and first-index argmax of x @ W over vocab chunks."""
+    N = x.shape[0]
+    chunk = wcs.shape[-1]
+
+    def body(c, xs):
+        m, s, best, arg = c
+        wc, valid, i = xs
+        z = _logits(x, wc, valid)
+        zm = jnp.max(z, axis=-1)
+        m2 = jnp.maximum(m, zm)
+        s = s * jnp.exp(m - m2) + jnp.sum(jnp.exp(z - m2[:, None]), axis=-1)
+        better = zm > best  # strict: earlier chunks win ties, like torch argmax
+        arg = jnp.where(better, i * chunk + jnp.argmax(z, axis=-1), arg)
+        return (m2, s, jnp.maximum(best, zm), arg), None
+
+    init = (jnp.full((N,), NEG_INF), jnp.zeros((N,)), jnp.full((N,), NEG_INF),
+            jnp.zeros((N,), jnp.int32))
+    (m, s, _, arg), _ = jax.lax.scan(body, init, (wcs, valids, jnp.arange(wcs.shape[0])))
+    return m + jnp.log(s), arg
+
+
+def _block_fwd(xd, xt, wcs, valids):
+    """Loss pieces for one block of rows: two passes over the vocabulary chunks
+    (log-sum-exps and argmaxes first, then the cross term and the overlap)."""
+    lse_d, arg_d = _lse_argmax(xd, wcs, valids)
+    lse_t, arg_t = _lse_argmax(xt, wcs, valids)
+
+    def body(c, xs):
+        cross, overlap = c
+        wc, valid = xs
+        zd, zt = _logits(xd, wc, valid), _logits(xt, wc, valid)
+        pt = jnp.exp(zt - lse_t[:, None])
+        pd = jnp.exp(zd - lse_d[:, None])
+        cross = cross + jnp.sum(jnp.where(valid[None], pt * zd, 0.0), axis=-1)
+        return (cross, overlap + jnp.sum(jnp.minimum(pd, pt), axis=-1)), None
+
+    N = xd.shape[0]
+    (cross, overlap), _ = jax.lax.scan(body, (jnp.zeros((N,)), jnp.zeros((N,))), (wcs, valids))
+    ce = lse_d - cross  # sum_v p_t = 1
+    return ce, overlap, (arg_d == arg_t).astype(jnp.float32), lse_d, lse_t
+
+
+def _block_bwd(xd, xt, wcs, valids, lse_d, lse_t, g, grad_w):
+    """d ce / d xd (and per-chunk d ce / d w when ``grad_w``) for one block of rows."""
+
+    def body(dxd, xs):
+        wc, valid = xs
+        zd, zt = _logits(xd, wc, valid), _logits(xt, wc, valid)
+        dz = g[:, None] * (jnp.exp(zd - lse_d[:, None]) - jnp.exp(zt - lse_t[:, None]))
+        dxd = dxd + jnp.einsum("nv,dv->nd", dz, wc, preferred_element_type=jnp.float32)
+        dwc = jnp.einsum("nd,nv->dv", xd.astype(jnp.float32), dz) if grad_w else None
+        return dxd, dwc
+
+    return jax.lax.scan(body, jnp.zeros(xd.shape, jnp.float32), (wcs, valids))
+
+
+def _row_blocks(x, rows: int):
+    """[N,...] -> [n, rows, ...] zero-padded (zero rows are harmless, then dropped)."""
+    n = -(-x.shape[0] // rows)
+    x = jnp.pad(x, [(0, n * rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape(n, rows, *x.shape[1:])
+
+
+def _unblock(x, N):
+    return x.reshape(-1, *x.shape[2:])[:N]
+
+
+def _soft_ce_fwd(xd, xt, w, chunk, rows, grad_w):
+    N = xd.shape[0]
+    rows = min(rows, N)
+    wcs, valids = _chunks(w, chunk)
+    outs = jax.lax.map(lambda b: _block_fwd(b[0], b[1], wcs, valids),
+                       (_row_blocks(xd, rows), _row_blocks(xt, rows)))
+    ce, overlap, agree, lse_d, lse_t = (_unblock(o, N) for o in outs)
+    return (ce, overlap, agree), (xd, xt, w, lse_d, lse_t)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def soft_ce(xd: jax.Array, xt: jax.Array, w: jax.Array, chunk: int = 8192, rows: int = 4096,
+            grad_w: bool = False):
+    """Per-row soft CE of softmax(xt @ w) against log_softmax(xd @ w), plus metrics.
+
+    xd/xt [N,d] (draft / target lm_head inputs), w [d,V]. Returns (ce [N],
+    overlap [N] = sum_v min(p_d, p_t), agree [N] = argmax equality as 0/1). Work is
+    blocked into [rows, chunk] logit tiles, so memory does not grow with N*V. Only
+    ``ce`` is differentiated: w.r.t. xd, and w.r.t. w only when ``grad_w`` (the
+    Eagle3 lm_head is frozen). The target side is data and gets a zero gradient.
+    """
+    return _soft_ce_fwd(xd, xt, w, chunk, rows, grad_w)[0]
+
+
+def _soft_ce_bwd(chunk, rows, grad_w, res, cts):
+    xd, xt, w, lse_d, lse_t = res
+    g = cts[0]  # metrics carry no gradient
+    N = xd.shape[0]
+    rows = min(rows, N)
+    wcs, valids = _chunks(w, chunk)
+    blocks = tuple(_row_blocks(a, rows) for a in (xd, xt, lse_d, lse_t, g))
+
+    def body(dw, b):
+        dxd, dwc = _block_bwd(*b[:2], wcs, valids, *b[2:], grad_w)
+        return (dw + dwc if grad_w else dw), dxd
+
+    dw0 = jnp.zeros(wcs.shape, jnp.float32) if grad_w else jnp.zeros((), jnp.float32)
+    dw, dxd = jax.lax.scan(body, dw0, blocks)
+    if grad_w:
+        d, V = w.shape
+        dw = jnp.moveaxis(dw, 0, 1).reshape(d, -1)[:, :V].astype(w.dtype)
+    else:
+        dw = jnp.zeros_like(w)
+    return _unblock(dxd, N).astype(xd.dtype), jnp.zeros_like(xt), dw
+
+
+soft_ce.defvjp(_soft_ce_fwd, _soft_ce_bwd)
+
+
+# ---------------------------------------------------------------------------
+# the loss
+# ---------------------------------------------------------------------------
+
+
+class Eagle3LossOut(NamedTuple):
+    loss: jax.Array              # scalar: sum_s decay**s * step_losses[s]
+    step_losses: jax.Array       # [ttt]
+    position_masks: jax.Array    # [ttt, B, T] float32
+    metrics: dict                # DeepSpec's train/* numbers (sums, see eagle3_loss)
+
+
+def position_masks(loss_mask: jax.Array, attention_mask: jax.Array | None, ttt: int,
+                   corrected: bool = False) -> jax.Array:
+    """[ttt,B,T] float loss weights.
+
+    Reference: mask0 = loss_mask with each row's last real position (seq_len-1)
+    cleared; step 0 uses mask0, step s uses mask0[i+s] * attention_mask[i], so the
+    weight belongs to the *input* position, not to the supervised token.
+    ``corrected``: weight step s, position i by the mask of the token it predicts,
+    x[i+s+2] (zero when that lies past the real sequence).
+    """
+    lm = loss_mask.astype(jnp.float32)
+    B, T = lm.shape
+    attn = (jnp.ones((B, T), jnp.float32) if attention_mask is None
+            else attention_mask.astype(jnp.float32))
+    if corrected:
+        return jnp.stack([shift_left(lm * attn, s + 2) for s in range(ttt)])
+    seq_len = jnp.sum(attn, axis=-1).astype(jnp.int32)
+    mask0 = lm * (jnp.arange(T)[None] != (seq_len - 1)[:, None])
+    return jnp.stack([mask0] + [shift_left(mask0, s) * attn for s in range(1, ttt)])
+
+
+def target_inputs(target_last_hidden: jax.Array, ttt: int) -> jax.Array:
+    """[ttt,B,T,d] target lm_head inputs per step: row i of step s is position i+s+1;
+    zero rows past the end give exactly uniform target distributions, as the
+    reference's padding does."""
+    return jnp.stack([shift_left(target_last_hidden, s + 1) for s in range(ttt)])
+
+
+def eagle3_loss(model: Eagle3Draft, input_ids, features, target_last_hidden, loss_mask,
+                attention_mask=None, *, ttt_length: int | None = None,
+                step_loss_decay: float | None = None, corrected: bool = False,
+                vocab_chunk: int = 8192, row_chunk: int = 4096) -> Eagle3LossOut:
+    """DeepSpec's Eagle3 TTT loss (``corrected=False`` reproduces it exactly).
+
+    ``corrected=True`` weights each position by the loss mask of the token it is
+    trained to predict (see ``position_masks``). Both divide by B*T ("local mean"):
+    DeepSpec reports that dividing by the valid-token count degrades acceptance.
+    Metrics follow DeepSpec's names and are per-batch sums (divide by valid_tokens):
+    ``accuracy@s`` (argmax matches), ``accept_rate@s`` (sum of
+    min(p_d, p_t) = 1 - TV(p_d, p_t)),
+    ``valid_tokens@s``, ``ploss_s``, ``tau_greedy`` / ``tau_probabilistic`` (sum over
+    positions of 1 + expected accepted chain length), ``loss``.
+    """
+    cfg = model.cfg
+    ttt = cfg.ttt_length if ttt_length is None else ttt_length
+    decay = cfg.step_loss_decay if step_loss_decay is None else step_loss_decay
+    B, T = input_ids.shape
+    hs = ttt_forward(model, input_ids, features, attention_mask, ttt)
+    xd = model.final_hidden(hs).reshape(ttt * B * T, -1)
+    xt = target_inputs(target_last_hidden.astype(model.dtype), ttt).reshape(ttt * B * T, -1)
+    ce, overlap, agree = (a.reshape(ttt, B, T) for a in
+                          soft_ce(xd, xt, model.lm_head.get_value().astype(model.dtype), vocab_chunk, row_chunk))
+    pm = position_masks(loss_mask, attention_mask, ttt, corrected)
+    valid = jnp.sum(pm, axis=(1, 2))
+    step_losses = jnp.sum(pm * ce, axis=(1, 2)) / (B * T)
+    weights = decay ** jnp.arange(ttt, dtype=jnp.float32)
+    loss = jnp.sum(weights * step_losses)
+    overlap, agree = jax.lax.stop_gradient(overlap * pm), jax.lax.stop_gradient(agree * pm)
+    metrics = {"loss": loss}
+    for s in range(ttt):
+        metrics[f"accuracy@{s}"] = jnp.sum(agree[s])
+        metrics[f"accept_rate@{s}"] = jnp.sum(overlap[s])
+        metrics[f"valid_tokens@{s}"] = valid[s]
+        metrics[f"ploss_{s}"] = step_losses[s]
+    metrics["tau_greedy"] = valid[0] + jnp.sum(jnp.cumprod(agree, axis=0))
+    metrics["tau_probabilistic"] = valid[0] + jnp.sum(jnp.cumprod(overlap, axis=0))
+    return Eagle3LossOut(loss, step_losses, pm, metrics)

@@ -1,0 +1,264 @@
+"""Evaluate a speculative-decoding draft against its target: ``python -m deepspec_jax.eval``.
+
+Prints the reference's results table (dataset, target, draft, #propose, accept_len,
+verify_rate, accept_rate@k, plus tokens/s of speculative vs plain decoding) and writes
+``<output_dir>/<dataset>/results.json`` with every metric, an acceptance-by-position
+PNG and, for DSpark drafts with a confidence head at threshold 0, a reliability diagram.
+
+With neither ``--target`` nor ``--draft`` it runs a quick demo: the embedded
+SmolLM2-135M-Instruct target with the project's default draft
+(``deepspec_jax/assets/default_draft/``) on a few samples of a math, a code and a chat
+set with a short generation budget. Naming a target or draft switches to the reference
+protocol: its dataset list, per-dataset sample counts and max_new_tokens 2048. Flags
+given explicitly always win.
+
+Exit codes: 0 success, 2 bad flag values, 1 a model/file/dataset problem.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import app, flags
+
+QUICK_MAX_SAMPLES = 2
+QUICK_MAX_NEW_TOKENS = 64
+DEFAULT_DRAFT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
+                                 "default_draft")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("target", None, "Target model: HF directory, .gguf file or 'smollm2-135m' "
+                    "(default: the embedded SmolLM2-135M-Instruct).")
+flags.DEFINE_string("draft", None, "Draft model directory (HF or JAX dir; default: the "
+                    "project's default draft under deepspec_jax/assets/default_draft/).")
+flags.DEFINE_string("datasets", None,
+                    "Comma-separated dataset names (or .jsonl paths). Default: the reference "
+                    "list gsm8k,math500,aime25,humaneval,mbpp,livecodebench,mt-bench,alpaca,"
+                    "arena-hard-v2 (alpaca is not available and is skipped); quick demo: "
+                    "gsm8k,humaneval,mt-bench.")
+flags.DEFINE_integer("max_samples", None, "Samples per dataset, drawn with --seed (default: "
+                     f"the reference's count per dataset; quick demo: {QUICK_MAX_SAMPLES}).")
+flags.DEFINE_integer("max_new_tokens", 2048, "New tokens per sample (quick demo: "
+                     f"{QUICK_MAX_NEW_TOKENS} unless given).")
+flags.DEFINE_float("temperature", 1.0, "Sampling temperature (< 1e-5 means greedy).")
+flags.DEFINE_float("confidence_threshold", 0.0, "DSpark early stop: propose only the prefix "
+                   "before the first position whose confidence is below this (0 = off; "
+                   "calibration metrics are collected only at 0).")
+flags.DEFINE_integer("seed", 980406, "Seed of sample selection and decoding (sample i uses "
+                     "seed + i).")
+flags.DEFINE_string("output_dir", "eval_results", "Directory for results.json and PNGs.")
+flags.DEFINE_integer("batch_size", 1, "Prompts per decoding call (the reference uses 1).")
+flags.DEFINE_boolean("autoregressive", True, "Also time plain autoregressive decoding of the "
+                     "target for the speedup (--noautoregressive skips it).")
+
+
+class UsageError(Exception):
+    """A flag value is invalid (exit code 2)."""
+
+
+class SetupError(Exception):
+    """A model, file or dataset cannot be used (exit code 1)."""
+
+
+def _fail(msg: str, code: int) -> int:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    return code
+
+
+def _parse_flags(argv):
+    """absl parsing with one-line errors and exit code 2 (absl's default is two lines + 1)."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        sys.exit(_fail(str(e), 2))
+
+
+def _validate_numbers() -> None:
+    if FLAGS.max_new_tokens < 1:
+        raise UsageError(f"--max_new_tokens must be >= 1, got {FLAGS.max_new_tokens}.")
+    if FLAGS.max_samples is not None and FLAGS.max_samples < 1:
+        raise UsageError(f"--max_samples must be >= 1, got {FLAGS.max_samples}.")
+    if FLAGS.batch_size < 1:
+        raise UsageError(f"--batch_size must be >= 1, got {FLAGS.batch_size}.")
+    if FLAGS.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0, got {FLAGS.temperature}.")
+    if not 0.0 <= FLAGS.confidence_threshold <= 1.0:
+        raise UsageError("--confidence_threshold is a probability in [0, 1], got "
+                         f"{FLAGS.confidence_threshold}.")
+
+
+def _resolve_paths() -> tuple[str | None, str]:
+    """(target path or None for the embedded one, draft path); fails fast before loading."""
+    from deepspec_jax.target import DEFAULT_TARGET
+
+    target = FLAGS.target
+    if target is not None and target != DEFAULT_TARGET and not os.path.exists(target):
+        raise SetupError(f"--target: {target}: no such file or directory (pass an HF model "
+                         f"directory, a .gguf file, or {DEFAULT_TARGET!r}).")
+    draft = FLAGS.draft
+    if draft is None:
+        if not os.path.isdir(DEFAULT_DRAFT_DIR):
+            raise SetupError(
+                "no default draft is shipped yet (deepspec_jax/assets/default_draft/ is "
+                "absent); pass --draft=PATH to a DSpark/DFlash/Eagle3 draft directory "
+                "trained for the target, e.g. python -m deepspec_jax.eval --draft=PATH")
+        draft = DEFAULT_DRAFT_DIR
+    elif not os.path.isdir(draft):
+        raise SetupError(f"--draft: {draft}: no such directory (pass a draft checkpoint "
+                         "directory: HF config.json + model.safetensors, or a JAX dir).")
+    return target, draft
+
+
+def check_compatible(target, draft) -> None:
+    """The draft must have been built for this target: same vocabulary, same depth, and
+    feature layers that exist in it."""
+    tv, dv = int(target.config.vocab_size), int(draft.config.vocab_size)
+    if tv != dv:
+        raise SetupError(f"draft/target vocab mismatch: the draft ({draft.source}) has "
+                         f"vocab_size {dv} but the target ({target.source}) has {tv}; use a "
+                         "draft trained for this target.")
+    n = int(target.config.num_hidden_layers)
+    dn = getattr(draft.config, "num_target_layers", None)
+    if dn is not None and int(dn) != n:
+        raise SetupError(f"draft/target depth mismatch: the draft ({draft.source}) expects "
+                         f"num_target_layers={dn} but the target has {n} decoder layers; use "
+                         "a draft trained for this target.")
+    try:
+        target.validate_layer_ids(getattr(draft.config, "target_layer_ids", ()))
+    except ValueError as e:
+        raise SetupError(f"draft {draft.source}: target_layer_ids: {e}") from None
+    try:  # the engine's own checks (hidden size, feature layers), before any decoding
+        from deepspec_jax.spec_decode import check_compatible as engine_check
+    except ImportError:
+        return
+    try:
+        engine_check(target, draft)
+    except ValueError as e:
+        raise SetupError(str(e)) from None
+
+
+def _load(target_path, draft_path):
+    from deepspec_jax import load_draft, load_target
+
+    try:
+        draft = load_draft(draft_path)
+    except Exception as e:  # one clear line for any unreadable checkpoint
+        raise SetupError(f"cannot load draft {draft_path}: {e}") from None
+    try:
+        target = load_target(target_path)
+    except Exception as e:
+        raise SetupError(f"cannot load target {target_path or 'smollm2-135m'}: {e}") from None
+    check_compatible(target, draft)
+    return target, draft
+
+
+def _engine():
+    try:
+        from deepspec_jax import speculative_generate
+    except ImportError:
+        try:
+            from deepspec_jax.spec_decode import speculative_generate
+        except ImportError:
+            raise SetupError("this install has no speculative decoding engine "
+                             "(deepspec_jax.speculative_generate); update deepspec_jax."
+                             ) from None
+    return speculative_generate
+
+
+def run(argv) -> int:
+    """The CLI body; returns the exit code."""
+    from absl import logging
+
+    if not FLAGS["verbosity"].present:  # keep library INFO logs (jax, orbax) off the console
+        logging.set_verbosity(logging.WARNING)
+    from deepspec_jax.errors import DeepSpecError
+    from deepspec_jax.evaluation import datasets, report, runner
+
+    if len(argv) > 1:
+        return _fail(f"unexpected positional arguments {argv[1:]}; every option is a "
+                     "--flag (see --help).", 2)
+    quick = not FLAGS["target"].present and not FLAGS["draft"].present
+    try:
+        _validate_numbers()
+        names, notes = datasets.resolve_datasets(
+            FLAGS.datasets, default=datasets.QUICK_DATASETS if quick else None)
+    except (UsageError, datasets.DatasetError) as e:
+        return _fail(str(e), 2)
+    max_samples = FLAGS.max_samples
+    max_new = FLAGS.max_new_tokens
+    if quick:
+        if max_samples is None:
+            max_samples = QUICK_MAX_SAMPLES
+        if not FLAGS["max_new_tokens"].present:
+            max_new = QUICK_MAX_NEW_TOKENS
+    try:
+        target_path, draft_path = _resolve_paths()
+        spec_fn = _engine()
+    except SetupError as e:
+        return _fail(str(e), 1)
+    for note in notes:
+        print(note, flush=True)
+    if quick:
+        print(f"quick demo: SmolLM2-135M-Instruct + default draft, {max_samples} samples of "
+              f"{', '.join(names)}, max_new_tokens={max_new} (pass --target/--draft for the "
+              "reference protocol)", flush=True)
+
+    t0 = time.perf_counter()
+    try:
+        target, draft = _load(target_path, draft_path)
+    except SetupError as e:
+        return _fail(str(e), 1)
+    print(f"loaded target {target.source} and {draft.kind} draft {draft.source} in "
+          f"{time.perf_counter() - t0:.1f}s", flush=True)
+    if FLAGS.confidence_threshold > 0 and not runner.has_confidence_head(draft):
+        print("note: --confidence_threshold has no effect: the draft has no confidence head.",
+              flush=True)
+
+    settings = runner.Settings(
+        max_new_tokens=max_new, temperature=FLAGS.temperature,
+        confidence_threshold=FLAGS.confidence_threshold, seed=FLAGS.seed,
+        batch_size=FLAGS.batch_size, output_dir=FLAGS.output_dir, max_samples=max_samples,
+        run_autoregressive=FLAGS.autoregressive)
+    config = {"target": target.source, "draft": draft.source, "datasets": names,
+              "max_samples": max_samples, "max_new_tokens": max_new,
+              "temperature": FLAGS.temperature,
+              "confidence_threshold": FLAGS.confidence_threshold, "seed": FLAGS.seed,
+              "batch_size": FLAGS.batch_size, "quick_demo": quick}
+    decoders = runner.Decoders(target, draft, settings, spec_fn)
+    rows = []
+    for i, name in enumerate(names):
+        print(f"[{i + 1}/{len(names)}] {datasets.dataset_label(name)}", flush=True)
+        try:
+            row = runner.evaluate_dataset(name, decoders, target_name=target.source,
+                                          draft_name=draft.source, config=config)
+        except DeepSpecError as e:
+            return _fail(str(e), 1)
+        rows.append(row)
+        print(report.one_line(row), flush=True)
+
+    table = report.results_table(rows, target.source, draft.source)
+    text = table
+    if any(r.get("confidence") for r in rows):
+        text += "\nConfidence head reliability (threshold 0):\n"
+        text += report.confidence_table(rows, draft.source)
+    print("\n" + text, flush=True)
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    with open(os.path.join(FLAGS.output_dir, "results_table.txt"), "w", encoding="utf-8") as f:
+        f.write(text + "\n")
+    report.write_json(os.path.join(FLAGS.output_dir, "summary.json"),
+                      {"config": config, "datasets": [
+                          {k: v for k, v in r.items() if k not in ("samples", "config")}
+                          for r in rows]})
+    print(f"wrote {os.path.join(FLAGS.output_dir, '<dataset>', runner.RESULTS_NAME)} for "
+          f"{len(rows)} dataset(s)", flush=True)
+    return 0
+
+
+def main(argv) -> int:
+    return run(argv)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)

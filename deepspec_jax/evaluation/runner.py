@@ -1,0 +1,259 @@
+"""Evaluate one draft against one target on one dataset and write its artifacts.
+
+For each dataset: encode the prompts (chat template, first user turn, non-thinking),
+run speculative decoding over them (collecting round statistics and, for DSpark at
+threshold 0, confidence logits), then run plain autoregressive decoding of the same
+target on the same prompts with the same max_new_tokens / temperature / per-sample seed
+for the speed baseline. Sample i (in the drawn order) uses seed ``seed + i``, as the
+reference does.
+
+All prompts of a dataset are padded to one length bucket (the longest prompt rounded up
+to 64) for both decoders, so a dataset compiles each decoder once instead of once per
+prompt-length bucket; padding is masked and only adds prefill work.
+
+Timing excludes compilation: one warm-up call of each decoder runs before the first
+timed call in the process, and any tracing/lowering/compilation that still happens
+inside a timed call (a new prompt-length bucket) is measured through
+``jax.monitoring`` and subtracted (reported as ``compile_seconds_excluded``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import threading
+import time
+from typing import Callable, Sequence
+
+from tqdm.auto import tqdm
+
+from deepspec_jax.evaluation import calibration, datasets, metrics, report
+
+PROMPT_BUCKET = 64
+RESULTS_NAME = "results.json"
+ACCEPTANCE_PNG = "acceptance_by_position.png"
+RELIABILITY_PNG = "reliability_diagram.png"
+
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+    "/jax/compilation_cache/cache_retrieval_time_sec",
+)
+
+
+class CompileClock:
+    """Total seconds JAX has spent tracing/lowering/compiling in this process."""
+
+    _lock = threading.Lock()
+    _total = 0.0
+    _installed = False
+
+    @classmethod
+    def install(cls) -> None:
+        with cls._lock:
+            if cls._installed:
+                return
+            import jax
+
+            def listener(event: str, duration_secs: float, **_):
+                if event in _COMPILE_EVENTS:
+                    with cls._lock:
+                        cls._total += float(duration_secs)
+
+            jax.monitoring.register_event_duration_secs_listener(listener)
+            cls._installed = True
+
+    @classmethod
+    def total(cls) -> float:
+        with cls._lock:
+            return cls._total
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Decoding and output settings shared by every dataset of a run."""
+
+    max_new_tokens: int = 2048
+    temperature: float = 1.0
+    confidence_threshold: float = 0.0
+    seed: int = 980406
+    batch_size: int = 1
+    output_dir: str = "eval_results"
+    max_samples: int | None = None       # None: the reference's per-dataset count
+    run_autoregressive: bool = True
+
+
+def max_proposal_tokens(draft) -> int:
+    """gamma: DSpark/DFlash propose ``block_size`` tokens per round, Eagle3 ``ttt_length``."""
+    cfg = draft.config
+    for field in ("block_size", "ttt_length"):
+        if getattr(cfg, field, None):
+            return int(getattr(cfg, field))
+    raise ValueError(f"{getattr(draft, 'source', 'draft')}: config has neither block_size "
+                     "nor ttt_length; cannot tell how many tokens it proposes per round.")
+
+
+def has_confidence_head(draft) -> bool:
+    return bool(getattr(draft.config, "enable_confidence_head", False))
+
+
+def encode_prompts(target, prompts: Sequence[datasets.Prompt], dataset: str) -> list[list[int]]:
+    """Prompt ids: ``prompt_ids`` rows verbatim, text rows through the chat template."""
+    out = []
+    for p in prompts:
+        if p.prompt_ids is not None:
+            out.append(list(p.prompt_ids))
+        elif getattr(target, "tokenizer", None) is None:
+            raise datasets.DatasetError(
+                f"{dataset}: the target ({target.source}) has no tokenizer, so text prompts "
+                "cannot be encoded; evaluate a .jsonl dataset whose rows carry 'prompt_ids'.")
+        else:
+            out.append(list(target.apply_chat_template(p.text, thinking=False)))
+    return out
+
+
+def _batches(n: int, size: int) -> list[range]:
+    return [range(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+class Decoders:
+    """The two decoders under test, each warmed up once per process before timing."""
+
+    def __init__(self, target, draft, settings: Settings, spec_fn: Callable | None = None):
+        if spec_fn is None:
+            from deepspec_jax import speculative_generate as spec_fn
+        self.target, self.draft, self.settings, self.spec_fn = target, draft, settings, spec_fn
+        self._warm = {"spec": False, "ar": False}
+        CompileClock.install()
+
+    prompt_bucket: int | None = None     # set per dataset by ``timed``
+
+    def _bucket_kw(self, fn) -> dict:
+        if self.prompt_bucket is None:
+            return {}
+        try:
+            params = inspect.signature(fn).parameters
+        except (TypeError, ValueError):
+            return {}
+        return {"prompt_bucket": self.prompt_bucket} if "prompt_bucket" in params else {}
+
+    def spec(self, ids: list[list[int]], seed: int):
+        s = self.settings
+        return self.spec_fn(self.target, self.draft, ids, max_new_tokens=s.max_new_tokens,
+                            temperature=s.temperature, seed=seed,
+                            confidence_threshold=s.confidence_threshold,
+                            **self._bucket_kw(self.spec_fn))
+
+    def ar(self, ids: list[list[int]], seed: int):
+        s = self.settings
+        return self.target.generate(ids, max_new_tokens=s.max_new_tokens,
+                                    temperature=s.temperature, seed=seed,
+                                    **self._bucket_kw(self.target.generate))
+
+    def warm_up(self, kind: str, ids: list[list[int]]) -> float:
+        """Run ``kind`` once untimed (compilation); returns the seconds it took."""
+        if self._warm[kind]:
+            return 0.0
+        t0 = time.perf_counter()
+        (self.spec if kind == "spec" else self.ar)(ids, self.settings.seed)
+        self._warm[kind] = True
+        return time.perf_counter() - t0
+
+    def timed(self, kind: str, prompt_ids: list[list[int]], desc: str):
+        """Decode every prompt in batches; returns (outputs, net seconds, compile seconds)."""
+        s = self.settings
+        self.prompt_bucket = PROMPT_BUCKET * -(-max(len(p) for p in prompt_ids) // PROMPT_BUCKET)
+        batches = _batches(len(prompt_ids), s.batch_size)
+        self.warm_up(kind, [prompt_ids[i] for i in batches[0]])
+        fn = self.spec if kind == "spec" else self.ar
+        outs: list = []
+        elapsed = compile_s = 0.0
+        with tqdm(total=len(prompt_ids), desc=desc, unit="sample", leave=False,
+                  dynamic_ncols=True) as bar:
+            for b in batches:
+                c0, t0 = CompileClock.total(), time.perf_counter()
+                res = fn([prompt_ids[i] for i in b], s.seed + b.start)
+                elapsed += time.perf_counter() - t0
+                compile_s += CompileClock.total() - c0
+                if len(res) != len(b):
+                    raise RuntimeError(f"{kind} decoding returned {len(res)} results for "
+                                       f"{len(b)} prompts.")
+                outs.extend(res)
+                bar.update(len(b))
+        return outs, max(elapsed - compile_s, 0.0), compile_s
+
+
+def evaluate_dataset(name: str, decoders: Decoders, *, target_name: str,
+                     draft_name: str, config: dict | None = None) -> dict:
+    """Run one dataset end to end; writes ``<output_dir>/<dataset>/results.json`` and
+    PNGs, and returns the results dict (one row of the table)."""
+    s, draft = decoders.settings, decoders.draft
+    label = datasets.dataset_label(name)
+    prompts = datasets.load_prompts(name, s.max_samples, s.seed)
+    prompt_ids = encode_prompts(decoders.target, prompts, label)
+    gamma = max_proposal_tokens(draft)
+
+    spec_out, spec_s, spec_compile = decoders.timed("spec", prompt_ids, f"{label} speculative")
+    stats = metrics.RoundStats(gamma)
+    calib = (calibration.ConfidenceCalibration(gamma)
+             if has_confidence_head(draft) and s.confidence_threshold == 0.0 else None)
+    samples = []
+    for prompt, ids, r in zip(prompts, prompt_ids, spec_out):
+        drafts = getattr(r, "accepted_drafts", None)
+        if drafts is None:
+            drafts = [int(a) - 1 for a in r.accepted_lengths]
+        stats.add(r.accepted_lengths, r.proposal_lengths, drafts)
+        if calib is not None and r.confidences is not None:
+            calib.add_sample(r.confidences, drafts, r.proposal_lengths)
+        samples.append({"row": prompt.index, "prompt_tokens": len(ids),
+                        "output_tokens": len(r.tokens), "rounds": int(r.num_rounds)})
+    out_tokens = sum(x["output_tokens"] for x in samples)
+    rounds = sum(x["rounds"] for x in samples)
+
+    ar_block = None
+    if s.run_autoregressive:
+        ar_out, ar_s, ar_compile = decoders.timed("ar", prompt_ids, f"{label} autoregressive")
+        ar_tokens = sum(len(t) for t in ar_out)
+        for x, t in zip(samples, ar_out):
+            x["ar_output_tokens"] = len(t)
+        ar_block = {"output_tokens": ar_tokens, "elapsed_seconds": ar_s,
+                    "compile_seconds_excluded": ar_compile,
+                    "output_tokens_per_second": metrics.throughput(ar_tokens, ar_s)}
+
+    row = {"dataset": label, "target": target_name, "draft": draft_name,
+           "draft_kind": draft.kind, "max_proposal_tokens": gamma,
+           "num_samples": len(prompts)}
+    row.update(stats.summary())
+    spec_tps = metrics.throughput(out_tokens, spec_s)
+    row.update({
+        "output_tokens": out_tokens, "elapsed_seconds": spec_s,
+        "compile_seconds_excluded": spec_compile,
+        "output_tokens_per_second": spec_tps,
+        "verifications_per_second": metrics.throughput(rounds, spec_s),
+        "autoregressive": ar_block,
+        "speedup": (spec_tps / ar_block["output_tokens_per_second"]
+                    if ar_block and spec_tps and ar_block["output_tokens_per_second"] else None),
+    })
+    row["accept_rate"] = {f"@{k}": v for k, v in enumerate(row["accept_rates_by_position"])}
+    if calib is not None:
+        row["confidence"] = calib.summary()
+    else:
+        row["confidence"] = None
+        row["confidence_note"] = (
+            "no confidence head" if not has_confidence_head(draft)
+            else "calibration is collected only at confidence_threshold 0")
+    row["config"] = dict(config or {})
+    row["samples"] = samples
+
+    from deepspec_jax.evaluation import plots  # matplotlib: only once there is a figure
+
+    out_dir = os.path.join(s.output_dir, label)
+    row["artifacts"] = {"acceptance_png": plots.plot_acceptance(
+        os.path.join(out_dir, ACCEPTANCE_PNG), label, row)}
+    if calib is not None:
+        row["artifacts"]["reliability_png"] = plots.plot_reliability(
+            os.path.join(out_dir, RELIABILITY_PNG), label, row["confidence"]["per_position"])
+    report.write_json(os.path.join(out_dir, RESULTS_NAME), row)
+    return row

@@ -1,0 +1,323 @@
+"""Speculative decoding: a draft proposes, the frozen target verifies (SPEC §4).
+
+The whole generation -- prefill, first token, and every propose/verify/commit round --
+runs inside one jitted ``lax.while_loop`` (``_spec_generate``), like
+``target._generate``. Shapes are static: the proposal always has the draft's full
+width (DSpark/DFlash ``block_size``, Eagle3 ``ttt_length``) with a per-row valid
+length, caches are preallocated with per-row ``lengths`` (rolling back a rejected
+tail = lowering ``lengths``), the PRNG key is folded with the round index, and the
+per-round statistics are written into fixed-size device arrays. Prompt and cache
+lengths are bucketed, so a serving loop compiles once per (batch, bucket, settings).
+
+Rows are independent: each has its own position, acceptance and stop state; a
+finished row keeps running through the (static) computation but commits nothing.
+
+Verification is exact rejection sampling, so the output distribution is the target's
+(greedy: token-identical to ``Target.generate``): accept draft token k with
+probability min(1, p_t/p_d) left to right; at the first rejection sample from
+norm(max(p_t - p_d, 0)) (p_t if that is empty); if all are accepted sample a bonus
+token from p_t after the last one. Greedy uses the same rule on one-hot
+distributions. Round bookkeeping (when to stop, what a round whose accepted drafts
+contain a stop token records) follows the reference evaluator's loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from deepspec_jax.errors import ConfigError
+from deepspec_jax.models.transformer import init_cache as target_init_cache
+from deepspec_jax.sampling import SamplingParams, probs as sampling_probs, sample as sampling_sample
+from deepspec_jax.target import Target, pad_prompts, round_up
+
+# Private acceptance rules, only for tests that must show a wrong rule is detected.
+_RULES = ("exact", "always_accept", "residual_no_subtract")
+_MIN_DRAFT_PROB = 1e-8  # the reference clamps p_d(x) before dividing
+
+
+@dataclasses.dataclass
+class SpecResult:
+    """One prompt's speculative generation.
+
+    ``tokens``: new tokens, cut like ``Target.generate`` (up to and including the first
+    stop token, at most max_new_tokens). ``accepted_lengths[r]``: accepted draft tokens
+    + 1 in round r (the reference's acceptance length; a round ended by an accepted
+    stop token records only the accepted drafts). ``proposal_lengths[r]``: draft tokens
+    proposed (after confidence truncation, cut after an accepted stop token).
+    ``confidences``: [rounds, width] confidence logits of every block position before
+    truncation (DSpark drafts with a confidence head), else None.
+    """
+
+    tokens: list[int]
+    accepted_lengths: list[int]
+    proposal_lengths: list[int]
+    confidences: np.ndarray | None
+    num_rounds: int
+
+    @property
+    def acceptance_length(self) -> float:
+        """tau: mean accepted + 1 per round (nan without rounds)."""
+        return float(np.mean(self.accepted_lengths)) if self.accepted_lengths else float("nan")
+
+
+# ---------------------------------------------------------------------------
+# draft adapters: one interface (init / propose / commit) over both families
+# ---------------------------------------------------------------------------
+
+def _proposal_width(kind: str, cfg) -> int:
+    return int(cfg.block_size if kind == "dspark" else cfg.ttt_length)
+
+
+def _draft_init(kind, dmodel, batch, cache_len, prompt, prompt_len, first, feats):
+    """Draft state after prefill: the prompt's target features are committed."""
+    if kind == "dspark":
+        cache = dmodel.init_cache(batch, cache_len)
+        return dmodel.extend_context(cache, feats, prompt_len)
+    from deepspec_jax.drafts import eagle3
+
+    st = eagle3.init_state(dmodel.cfg, batch, cache_len, dmodel.dtype)
+    # The feature at position i pairs with token i+1: the prompt shifted left by one,
+    # with the first generated token after each row's last prompt token.
+    toks = jnp.roll(prompt, -1, axis=1).at[jnp.arange(batch), prompt_len - 1].set(first)
+    return eagle3.extend(dmodel, st, toks, feats, prompt_len)
+
+
+def _draft_propose(kind, dmodel, dstate, current, key, sp: SamplingParams, width: int):
+    """(tokens [B,W], dists [B,W,V], confidence logits [B,W], state for commit)."""
+    if kind == "dspark":
+        prop = dmodel.propose(dstate, current, key, sp.temperature)
+        return prop.tokens, prop.probs, prop.confidence_logits, dstate
+    from deepspec_jax.drafts import eagle3
+
+    prop, st = eagle3.propose(dmodel, dstate, width, key, sp)
+    return prop.tokens, prop.dists, jnp.zeros(prop.tokens.shape, jnp.float32), st
+
+
+def _draft_commit(kind, dmodel, dstate, feats, committed, num_new):
+    """Commit ``num_new[b]`` verified positions: target features of [current, accepted
+    drafts] (``feats`` [B,W+1,F]); Eagle3 pairs them with the tokens that follow
+    (``committed`` = accepted drafts then the new current token)."""
+    if kind == "dspark":
+        return dmodel.extend_context(dstate, feats, num_new)
+    from deepspec_jax.drafts import eagle3
+
+    return eagle3.extend(dmodel, dstate, committed, feats, num_new)
+
+
+# ---------------------------------------------------------------------------
+# verification
+# ---------------------------------------------------------------------------
+
+def _draw(dist: jax.Array, key: jax.Array, greedy: bool) -> jax.Array:
+    """One token per row from a (possibly unnormalised) distribution [B,V]."""
+    if greedy:
+        return jnp.argmax(dist, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, jnp.log(dist), axis=-1).astype(jnp.int32)
+
+
+def verify(p_t, p_d, drafts, n_prop, stop_ids, key, greedy: bool, rule: str = "exact"):
+    """Rejection sampling for one round, per row.
+
+    p_t [B,W+1,V] target distributions at [current, d_1..d_W]; p_d [B,W,V] draft
+    distributions; drafts [B,W]; n_prop [B] valid proposal lengths. Returns
+    (accepted [B], next token [B], stopped-inside-drafts [B]). ``accepted`` is cut
+    after the first accepted stop token, in which case no next token is committed.
+    """
+    b, w = drafts.shape
+    k_acc, k_next = jax.random.split(key)
+    j = jnp.arange(w, dtype=jnp.int32)[None]
+    valid = j < n_prop[:, None]
+    pt_x = jnp.take_along_axis(p_t[:, :w], drafts[..., None], axis=-1)[..., 0]
+    pd_x = jnp.maximum(jnp.take_along_axis(p_d, drafts[..., None], axis=-1)[..., 0], _MIN_DRAFT_PROB)
+    u = jax.random.uniform(k_acc, (b, w))
+    ok = valid if rule == "always_accept" else (u < jnp.minimum(pt_x / pd_x, 1.0)) & valid
+    accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
+    hit = jnp.any(drafts[..., None] == stop_ids, axis=-1) & (j < accepted[:, None])
+    stopped = jnp.any(hit, axis=1)
+    accepted = jnp.where(stopped, jnp.argmax(hit, axis=1) + 1, accepted)
+    rows = jnp.arange(b)
+    pt_a = p_t[rows, accepted]                                   # position of the rejection / bonus
+    pd_a = p_d[rows, jnp.minimum(accepted, w - 1)]
+    rejected = accepted < n_prop
+    if rule == "residual_no_subtract":
+        resid = pt_a
+    else:
+        resid = jnp.maximum(pt_a - pd_a, 0.0)
+        resid = jnp.where(jnp.sum(resid, -1, keepdims=True) > 0, resid, pt_a)
+    nxt = _draw(jnp.where(rejected[:, None], resid, pt_a), k_next, greedy)
+    return accepted, nxt, stopped
+
+
+# ---------------------------------------------------------------------------
+# the compiled loop
+# ---------------------------------------------------------------------------
+
+def _isin(tokens, stop_ids):
+    return jnp.any(tokens[..., None] == stop_ids, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 4, 9, 10, 11, 12, 13))
+def _spec_generate(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prompt_len, stop_ids,
+                   threshold, max_new, cache_len, sp, layer_ids, rule, key):
+    target = nnx.merge(tgraphdef, tstate)
+    draft = nnx.merge(dgraphdef, dstate)
+    width = _proposal_width(kind, draft.cfg)
+    has_conf = kind == "dspark" and bool(draft.cfg.enable_confidence_head)
+    b = prompt.shape[0]
+    rows = jnp.arange(b)
+
+    # Prefill and the first token (sampled from the target alone).
+    tcache = target_init_cache(target.cfg, b, cache_len, target.dtype)
+    out, tcache = target.extend(tcache, prompt, prompt_len, layer_ids)
+    last = out.logits[rows, prompt_len - 1]
+    first = sampling_sample(last, jax.random.fold_in(key, max_new + 1), sp)
+    dstate = _draft_init(kind, draft, b, cache_len, prompt, prompt_len, first, out.features)
+
+    gen = jnp.full((b, max_new + width + 2), -1, jnp.int32).at[:, 0].set(first)
+    acc_hist = jnp.zeros((b, max_new), jnp.int32)
+    prop_hist = jnp.zeros((b, max_new), jnp.int32)
+    conf_hist = jnp.zeros((b, max_new, width), jnp.float32)
+    carry = dict(i=jnp.int32(0), pos=prompt_len.astype(jnp.int32), cur=first, tcache=tcache,
+                 dstate=dstate, done=_isin(first, stop_ids) | (max_new <= 0),
+                 rounds=jnp.zeros((b,), jnp.int32), gen=gen, acc=acc_hist, prop=prop_hist,
+                 conf=conf_hist)
+    limit = prompt_len + max_new   # a row runs rounds while its current token's position < limit
+
+    def cond(c):
+        return (c["i"] < max_new) & ~jnp.all(c["done"])
+
+    def body(c):
+        active = ~c["done"]
+        pos, cur = c["pos"], c["cur"]
+        k_draft, k_verify = jax.random.split(jax.random.fold_in(key, c["i"]))
+        drafts, p_d, conf, dstate = _draft_propose(kind, draft, c["dstate"], cur, k_draft, sp, width)
+        n_prop = jnp.full((b,), width, jnp.int32)
+        if has_conf:
+            sure = (jax.nn.sigmoid(conf) >= threshold).astype(jnp.int32)
+            n_prop = jnp.where(threshold > 0, jnp.sum(jnp.cumprod(sure, axis=1), axis=1), n_prop)
+
+        # Verify [current, d_1..d_W] in one target pass (the padding past n_prop is
+        # causal-invisible to the positions that decide the round).
+        ids = jnp.concatenate([cur[:, None], drafts], axis=1)
+        vout, tcache = target.extend(c["tcache"], ids, jnp.full((b,), width + 1, jnp.int32),
+                                     layer_ids)
+        p_t = sampling_probs(vout.logits, sp)
+        acc, nxt, stopped = verify(p_t, p_d, drafts, n_prop, stop_ids, k_verify, sp.greedy, rule)
+
+        # Commit: the target cache keeps [current, accepted drafts]; the rest rolls back.
+        n_commit = jnp.where(active, jnp.where(stopped, acc, acc + 1), 0)
+        new_pos = pos + n_commit
+        tcache = tcache._replace(lengths=new_pos)
+        j = jnp.arange(width + 1, dtype=jnp.int32)[None]
+        committed = jnp.where(j < acc[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), nxt[:, None])
+        write = active[:, None] & ((j < acc[:, None]) | ((j == acc[:, None]) & ~stopped[:, None]))
+        g = (pos - prompt_len)[:, None] + 1 + j
+        g = jnp.where(write, g, c["gen"].shape[1])                # out of range -> dropped
+        gen = c["gen"].at[rows[:, None], g].set(committed, mode="drop")
+        dstate = _draft_commit(kind, draft, dstate, vout.features, committed,
+                               jnp.where(active & ~stopped, acc + 1, 0))
+
+        r = jnp.where(active, c["rounds"], max_new)               # out of range -> dropped
+        acc_rec = jnp.where(stopped, acc, acc + 1)
+        prop_rec = jnp.where(stopped, acc, n_prop)
+        done = c["done"] | (active & (stopped | _isin(nxt, stop_ids) | (new_pos >= limit)))
+        return dict(i=c["i"] + 1, pos=new_pos, cur=jnp.where(active & ~stopped, nxt, cur),
+                    tcache=tcache, dstate=dstate, done=done,
+                    rounds=c["rounds"] + active.astype(jnp.int32), gen=gen,
+                    acc=c["acc"].at[rows, r].set(acc_rec, mode="drop"),
+                    prop=c["prop"].at[rows, r].set(prop_rec, mode="drop"),
+                    conf=c["conf"].at[rows, r].set(conf, mode="drop"))
+
+    c = jax.lax.while_loop(cond, body, carry)
+    n_out = c["pos"] - prompt_len + 1
+    return c["gen"], n_out, c["rounds"], c["acc"], c["prop"], c["conf"]
+
+
+# ---------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------
+
+def check_compatible(target: Target, draft: Any) -> tuple[int, ...]:
+    """Raise ConfigError when ``draft`` cannot run on ``target``; return its layer ids."""
+    cfg, tcfg = draft.config, target.config
+    name = getattr(draft, "source", "") or "draft"
+    if draft.kind not in ("dspark", "eagle3"):
+        raise ConfigError(f"{name}: draft kind {draft.kind!r} has no decode loop; "
+                          "expected 'dspark' or 'eagle3'.")
+    if cfg.vocab_size != tcfg.vocab_size:
+        raise ConfigError(f"{name}: draft vocab_size {cfg.vocab_size} != target vocab_size "
+                          f"{tcfg.vocab_size}; a draft only works with the target (tokenizer) "
+                          "it was trained for.")
+    if cfg.hidden_size != tcfg.hidden_size:
+        raise ConfigError(f"{name}: draft hidden_size {cfg.hidden_size} != target hidden_size "
+                          f"{tcfg.hidden_size}; the draft's fc reads target features of that "
+                          "width, so it was trained for a different target.")
+    n = tcfg.num_hidden_layers
+    ids = tuple(int(i) for i in cfg.target_layer_ids)
+    lowest = -1 if draft.kind == "dspark" else 0
+    bad = [i for i in ids if not lowest <= i < n - 1]
+    if bad:
+        raise ConfigError(f"{name}: draft target_layer_ids {list(ids)} contain {bad}, out of "
+                          f"range for a target with {n} decoder layers (allowed: {lowest}.."
+                          f"{n - 2}; the last layer is never a feature); the draft was trained "
+                          "for a different target.")
+    return ids
+
+
+def speculative_generate(target: Target, draft: Any, prompt_ids: Sequence[Sequence[int]],
+                         max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
+                         confidence_threshold: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                         stop_token_ids: Sequence[int] | None = None, prompt_bucket: int = 64,
+                         cache_bucket: int = 256, _rule: str = "exact") -> list[SpecResult]:
+    """Speculative decoding of a batch of prompts with ``draft`` (a ``load_draft`` result,
+    or any object with ``config``, ``kind``, ``graphdef``, ``state``) against ``target``.
+
+    Same contract as ``Target.generate`` for the tokens (greedy output is identical;
+    sampled output has the target's distribution), plus per-round statistics. Rows
+    finish independently. ``confidence_threshold`` (DSpark with a confidence head)
+    proposes only the prefix before the first position whose sigmoid(confidence) is
+    below it (0 = off). ``_rule`` is private: a deliberately wrong acceptance rule
+    for tests.
+    """
+    sp = SamplingParams(float(temperature), int(top_k), float(top_p)).validate()
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    if not 0.0 <= confidence_threshold <= 1.0:
+        raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}.")
+    if _rule not in _RULES:
+        raise ValueError(f"_rule must be one of {_RULES}, got {_rule!r}.")
+    layer_ids = check_compatible(target, draft)
+    width = _proposal_width(draft.kind, draft.config)
+    prompt, lens = pad_prompts(prompt_ids, prompt_bucket)
+    target._check_ids(prompt, "prompt_ids")
+    cache_len = round_up(prompt.shape[1] + max_new_tokens + width + 1, cache_bucket)
+    stop = target.resolve_stop_ids(stop_token_ids)
+    gen, n_out, rounds, acc, prop, conf = _spec_generate(
+        target.graphdef, target.state, draft.graphdef, draft.state, draft.kind,
+        target._put(prompt), target._put(lens), jnp.asarray(stop),
+        jnp.float32(confidence_threshold), int(max_new_tokens), cache_len, sp, layer_ids,
+        _rule, jax.random.key(seed))
+    gen, n_out, rounds, acc, prop, conf = jax.device_get((gen, n_out, rounds, acc, prop, conf))
+    has_conf = draft.kind == "dspark" and bool(draft.config.enable_confidence_head)
+    stops = set(int(s) for s in stop)
+    results = []
+    for r in range(len(prompt_ids)):
+        toks = [int(t) for t in gen[r, : min(int(n_out[r]), max_new_tokens)]]
+        for i, t in enumerate(toks):
+            if t in stops:
+                toks = toks[: i + 1]
+                break
+        n = int(rounds[r])
+        results.append(SpecResult(toks, [int(x) for x in acc[r, :n]], [int(x) for x in prop[r, :n]],
+                                  np.asarray(conf[r, :n]) if has_conf else None, n))
+    return results
+
+
+__all__ = ["SpecResult", "speculative_generate", "check_compatible", "verify"]

@@ -1,0 +1,262 @@
+"""Speculative decoding is lossless, against the target's own generation.
+
+* T=0: token-identical to ``Target.generate`` for every fixture draft (DSpark,
+  DFlash, Eagle3, random and distilled), batch 1 and a batch of 4 prompts of
+  different lengths, with and without stop tokens, with a confidence threshold.
+* T=1: on a tiny-vocabulary random target with a random draft, the marginal
+  distributions of the first generated tokens match plain target sampling by a
+  two-sample chi-square test, and deliberately wrong acceptance rules fail it.
+* No recompilation across repeated 256-token generations after warm-up.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy import stats
+
+from conftest import fixture_sets, load_manifest
+from deepspec_jax import load_draft, load_target
+from deepspec_jax.config import target_config_from_dict
+from deepspec_jax.drafts import Draft
+from deepspec_jax.drafts.registry import arch_for
+from deepspec_jax.errors import ConfigError
+from deepspec_jax.models.transformer import CausalLM
+from deepspec_jax.sharding import make_mesh
+from deepspec_jax.spec_decode import _spec_generate, speculative_generate
+from deepspec_jax.target import Target, _generate
+
+
+def _draft_cases():
+    out = []
+    for fs in fixture_sets():
+        drafts = load_manifest(fs)["global"].get("drafts", {})
+        names = sorted(set(drafts) | {n + "_distilled" for n in drafts})
+        for name in names:
+            if os.path.isdir(os.path.join(fs, name)):
+                out.append(pytest.param(fs, name, id=f"{os.path.basename(fs)}-{name}"))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _target(fs: str) -> Target:
+    return load_target(os.path.join(fs, load_manifest(fs)["global"]["target_dir"]))
+
+
+def _prompts(vocab: int, lengths, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab - 1, n).tolist() for n in lengths]
+
+
+@pytest.mark.parametrize("fs,name", _draft_cases())
+def test_greedy_matches_target(fs, name):
+    target = _target(fs)
+    draft = load_draft(os.path.join(fs, name))
+    max_new = 40
+    prompts = _prompts(target.config.vocab_size, [5, 12, 23, 40])
+    ref = target.generate(prompts, max_new_tokens=max_new)
+    ours = speculative_generate(target, draft, prompts, max_new_tokens=max_new)
+    assert [r.tokens for r in ours] == ref
+    for r in ours:  # every committed token is accounted for by the round statistics
+        assert r.num_rounds == len(r.accepted_lengths) == len(r.proposal_lengths) > 0
+        assert 1 + sum(r.accepted_lengths) >= max_new
+        assert all(1 <= a <= p + 1 for a, p in zip(r.accepted_lengths, r.proposal_lengths))
+
+    # Stop tokens taken from the greedy text: rows end at different rounds.
+    stop = [ref[0][9], ref[2][20]]
+    ref_stop = target.generate(prompts, max_new_tokens=max_new, stop_token_ids=stop)
+    assert any(len(t) < max_new for t in ref_stop)
+    ours_stop = speculative_generate(target, draft, prompts, max_new_tokens=max_new,
+                                     stop_token_ids=stop)
+    assert [r.tokens for r in ours_stop] == ref_stop
+
+    if draft.kind == "dspark" and draft.config.enable_confidence_head:
+        conf = speculative_generate(target, draft, prompts, max_new_tokens=max_new,
+                                    confidence_threshold=0.5)
+        assert [r.tokens for r in conf] == ref
+        assert all(r.confidences.shape == (r.num_rounds, draft.config.block_size) for r in conf)
+        # Truncation: exactly the leading positions with sigmoid(conf) >= 0.5 are proposed.
+        for r in conf:
+            sure = 1 / (1 + np.exp(-r.confidences)) >= 0.5
+            assert r.proposal_lengths == np.cumprod(sure, axis=1).sum(axis=1).tolist()
+    else:
+        assert ours[0].confidences is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fs,name", _draft_cases())
+def test_greedy_batch1_matches_batch(fs, name):
+    """Batch 1 (its own compiled shape) gives the same tokens and rounds as that
+    prompt's row in a batch: rows are independent."""
+    target = _target(fs)
+    draft = load_draft(os.path.join(fs, name))
+    prompts = _prompts(target.config.vocab_size, [5, 12, 23, 40])
+    ref = target.generate(prompts[2:3], max_new_tokens=40)
+    single = speculative_generate(target, draft, prompts[2:3], max_new_tokens=40)
+    batch = speculative_generate(target, draft, prompts, max_new_tokens=40)
+    assert single[0].tokens == ref[0] == batch[2].tokens
+    assert single[0].accepted_lengths == batch[2].accepted_lengths
+
+
+def test_incompatible_draft_errors():
+    fs = fixture_sets()[0]
+    target = _target(fs)
+    draft = load_draft(os.path.join(fs, "dspark_vanilla"))
+    cfg = draft.config
+    bad_vocab = Draft(_replace_layer(cfg, vocab_size=cfg.vocab_size + 1), draft.arch,
+                      draft.graphdef, draft.state, draft.mesh, draft.spec)
+    with pytest.raises(ConfigError, match="vocab_size"):
+        speculative_generate(target, bad_vocab, [[1, 2, 3]], max_new_tokens=4)
+    bad_hidden = Draft(_replace_layer(cfg, hidden_size=cfg.hidden_size * 2), draft.arch,
+                       draft.graphdef, draft.state, draft.mesh, draft.spec)
+    with pytest.raises(ConfigError, match="hidden_size"):
+        speculative_generate(target, bad_hidden, [[1, 2, 3]], max_new_tokens=4)
+    import dataclasses
+
+    n = target.config.num_hidden_layers
+    bad_ids = Draft(dataclasses.replace(cfg, target_layer_ids=(0, n + 3)), draft.arch,
+                    draft.graphdef, draft.state, draft.mesh, draft.spec)
+    with pytest.raises(ConfigError, match="target_layer_ids"):
+        speculative_generate(target, bad_ids, [[1, 2, 3]], max_new_tokens=4)
+
+
+def _replace_layer(cfg, **kw):
+    import dataclasses
+
+    return dataclasses.replace(cfg, layer=dataclasses.replace(cfg.layer, **kw))
+
+
+# ---------------------------------------------------------------------------
+# T=1: distribution test on a tiny vocabulary
+# ---------------------------------------------------------------------------
+
+VOCAB = 16
+CHUNK = 8192          # rows per call (one compiled shape)
+N_CHUNKS = 4          # 32768 samples per side: a 2% mass shift fails (checked below)
+K_TOKENS = 3
+MIN_CELL = 50         # cells rarer than this (pooled) are merged into one bin
+
+
+def _tiny_pair(kind: str):
+    """A random Qwen3 target (vocab 16) with peaked distributions and a random draft
+    that shares its embeddings / lm_head (as DeepSpec's drafts do)."""
+    raw = dict(model_type="qwen3", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+               num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+               rope_theta=10000.0, tie_word_embeddings=False)
+    tcfg = target_config_from_dict(raw, "tiny")
+    model = CausalLM(tcfg, rngs=nnx.Rngs(0))
+    model.lm_head.set_value(model.lm_head.get_value() * 40.0)  # logits std ~4: peaked
+    graphdef, state = nnx.split(model)
+    target = Target(tcfg, graphdef, state, make_mesh())
+    if kind == "dspark":
+        draw = dict(raw, num_hidden_layers=1, block_size=3, num_target_layers=6,
+                    target_layer_ids=[0, 2, 4], mask_token_id=VOCAB - 1, num_anchors=4,
+                    markov_rank=4, markov_head_type="gated", enable_confidence_head=False,
+                    architectures=["Qwen3DSparkModel"])
+    else:
+        draw = dict(raw, num_hidden_layers=1, num_target_layers=6, target_layer_ids=[0, 1, 2, 3, 4],
+                    ttt_length=3, architectures=["Qwen3Eagle3Model"])
+    arch = arch_for(draw, "tiny draft")
+    dcfg = arch.config_from_dict(draw, "tiny draft")
+    dmodel = arch.build(dcfg, rngs=nnx.Rngs(1))
+    dmodel.embed.set_value(model.embed.get_value())
+    dmodel.lm_head.set_value(model.lm_head.get_value())
+    dgraph, dstate = nnx.split(dmodel)
+    return target, Draft(dcfg, arch, dgraph, dstate, target.mesh, None)
+
+
+PROMPT = [3, 7, 1, 12, 5]
+
+
+def _counts(seqs: np.ndarray, pos: int) -> np.ndarray:
+    return np.bincount(seqs[:, pos], minlength=VOCAB)
+
+
+def _chi2_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample chi-square homogeneity test on count vectors; rare cells pooled."""
+    pooled = a + b
+    keep = pooled >= MIN_CELL
+    a2 = np.append(a[keep], a[~keep].sum())
+    b2 = np.append(b[keep], b[~keep].sum())
+    nz = (a2 + b2) > 0
+    if nz.sum() < 2:
+        return 1.0
+    return float(stats.chi2_contingency(np.stack([a2[nz], b2[nz]]))[1])
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_samples(kind: str):
+    target, draft = _tiny_pair(kind)
+    ref = [target.generate([PROMPT] * CHUNK, max_new_tokens=K_TOKENS, temperature=1.0, seed=s,
+                           prompt_bucket=8, cache_bucket=16) for s in range(N_CHUNKS)]
+    return target, draft, np.concatenate([np.asarray(r) for r in ref])
+
+
+def _spec_samples(kind: str, rule: str):
+    target, draft, ref = _reference_samples(kind)
+    res = []
+    for s in range(N_CHUNKS):
+        res += speculative_generate(target, draft, [PROMPT] * CHUNK, max_new_tokens=K_TOKENS,
+                                    temperature=1.0, seed=100 + s, prompt_bucket=8,
+                                    cache_bucket=16, _rule=rule)
+    return ref, np.asarray([r.tokens[:K_TOKENS] for r in res]), res
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["dspark", "eagle3"])
+def test_sampling_matches_target_distribution(kind):
+    ref, ours, res = _spec_samples(kind, "exact")
+    assert ours.shape == ref.shape == (CHUNK * N_CHUNKS, K_TOKENS)
+    taus = np.concatenate([r.accepted_lengths for r in res])
+    props = np.concatenate([r.proposal_lengths for r in res])
+    assert np.mean(taus <= props) > 0.05, "the test needs rejections to exercise the residual"
+    assert np.mean(taus > 1) > 0.05, "the test needs accepted draft tokens"
+    for pos in range(K_TOKENS):
+        p = _chi2_p(_counts(ref, pos), _counts(ours, pos))
+        assert p > 0.01, (kind, pos, p)
+    # Power at this sample size: moving 2% of the probability mass between the two
+    # likeliest tokens of the target's own marginal is detected in nearly every trial.
+    rng = np.random.default_rng(0)
+    for pos in (1, 2):
+        p = _counts(ref, pos) / len(ref)
+        q = p.copy()
+        top = np.argsort(-p)[:2]
+        q[top[0]] -= 0.02
+        q[top[1]] += 0.02
+        n = len(ref)
+        hits = sum(_chi2_p(rng.multinomial(n, p), rng.multinomial(n, q)) < 0.01 for _ in range(40))
+        assert hits >= 36, (kind, pos, hits)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["always_accept", "residual_no_subtract"])
+def test_wrong_acceptance_rule_is_detected(rule):
+    ref, ours, _ = _spec_samples("dspark", rule)
+    worst = min(_chi2_p(_counts(ref, pos), _counts(ours, pos)) for pos in range(K_TOKENS))
+    assert worst < 0.01, (rule, worst)
+
+
+# ---------------------------------------------------------------------------
+# compilation
+# ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_no_recompilation_after_warmup():
+    fs = fixture_sets()[0]
+    target = _target(fs)
+    draft = load_draft(os.path.join(fs, "dspark_gated_distilled"))
+    speculative_generate(target, draft, _prompts(target.config.vocab_size, [9]), max_new_tokens=256)
+    before = _spec_generate._cache_size()
+    for seed, n in enumerate([3, 17, 30]):  # other prompts, lengths in the same bucket
+        res = speculative_generate(target, draft, _prompts(target.config.vocab_size, [n], seed + 1),
+                                   max_new_tokens=256, stop_token_ids=[seed])
+        assert res[0].num_rounds > 0
+    res = speculative_generate(target, draft, _prompts(target.config.vocab_size, [20], 9),
+                               max_new_tokens=256, confidence_threshold=0.3)
+    assert _spec_generate._cache_size() == before

@@ -1,0 +1,132 @@
+"""Cached extend/decode equals the full-sequence forward; no recompilation in loops."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import fixture_sets, load_manifest
+from deepspec_jax import load_target
+from deepspec_jax import target as target_mod
+
+
+def _fixture_target(fs, per_layer=None):
+    return load_target(os.path.join(fs, load_manifest(fs)["global"]["target_dir"]), per_layer=per_layer)
+
+
+@pytest.fixture(scope="module")
+def fixture_set():
+    return fixture_sets()[0]
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["stacked_scan", "per_layer"])
+def tiny(fixture_set, request):
+    """Both weight layouts: stacked under lax.scan (accelerators) and per-layer (CPU)."""
+    target = _fixture_target(fixture_set, per_layer=request.param)
+    assert target.per_layer == request.param
+    return target
+
+
+def test_cached_decode_matches_full_forward(tiny):
+    """Batch 4, different prompt lengths, 100 single-token steps plus one 3-token extend."""
+    rng = np.random.default_rng(0)
+    lens = np.array([5, 9, 12, 3], np.int32)
+    steps, total = 100, 12 + 100 + 3
+    V = tiny.config.vocab_size
+    seqs = rng.integers(0, V - 1, size=(4, total)).astype(np.int32)
+    full = np.asarray(tiny.forward(seqs, layer_ids=(0, 2)).logits)
+    full_feats = np.asarray(tiny.forward(seqs, layer_ids=(0, 2)).features)
+    prompt = np.where(np.arange(16)[None] < lens[:, None], seqs[:, :16], 0)
+    cache = tiny.init_cache(4, 128)
+    out, cache = tiny.extend(cache, prompt, lens)
+    logits = np.asarray(out.logits)
+    for b in range(4):
+        np.testing.assert_allclose(logits[b, : lens[b]], full[b, : lens[b]], atol=1e-4, rtol=0)
+    rows = np.arange(4)
+    sizes = []
+    for t in range(steps):
+        pos = lens + t
+        out, cache = tiny.extend(cache, seqs[rows, pos][:, None], np.ones(4, np.int32), layer_ids=(0, 2))
+        np.testing.assert_allclose(np.asarray(out.logits)[:, 0], full[rows, pos], atol=1e-4, rtol=0)
+        np.testing.assert_allclose(np.asarray(out.features)[:, 0], full_feats[rows, pos], atol=1e-5, rtol=0)
+        sizes.append(target_mod._extend._cache_size())
+    assert sizes[-1] == sizes[0], f"decode recompiled: jit cache sizes {sizes[0]} -> {sizes[-1]}"
+    np.testing.assert_array_equal(np.asarray(cache.lengths), lens + steps)
+    # multi-token extend (speculative verify shape) with per-row valid counts, then rollback
+    pos0 = lens + steps
+    chunk = np.stack([seqs[b, pos0[b]: pos0[b] + 3] for b in range(4)])
+    num_new = np.array([3, 1, 2, 3], np.int32)
+    out, cache = tiny.extend(cache, chunk, num_new)
+    got = np.asarray(out.logits)
+    for b in range(4):
+        for j in range(num_new[b]):
+            np.testing.assert_allclose(got[b, j], full[b, pos0[b] + j], atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(np.asarray(cache.lengths), pos0 + num_new)
+
+
+def test_rollback_by_lowering_lengths(tiny):
+    """After a rejected tail, lowering ``lengths`` makes later logits equal a fresh forward."""
+    rng = np.random.default_rng(1)
+    V = tiny.config.vocab_size
+    seq = rng.integers(0, V - 1, size=(1, 20)).astype(np.int32)
+    junk = rng.integers(0, V - 1, size=(1, 4)).astype(np.int32)
+    cache = tiny.init_cache(1, 64)
+    _, cache = tiny.extend(cache, seq[:, :10], np.array([10]))
+    _, cache = tiny.extend(cache, junk, np.array([4]))            # speculative tail
+    cache = cache._replace(lengths=cache.lengths - 4)              # rejected: roll back
+    out, cache = tiny.extend(cache, seq[:, 10:], np.array([10]))
+    full = np.asarray(tiny.forward(seq).logits)
+    np.testing.assert_allclose(np.asarray(out.logits)[0], full[0, 10:], atol=1e-4, rtol=0)
+
+
+def test_greedy_generate_matches_fixture(fixture_set, tiny):
+    g = load_file(os.path.join(fixture_set, "fixtures", "decode_target_greedy.safetensors"))
+    n = len([k for k in g if k.startswith("prompt_")])
+    prompts = [g[f"prompt_{i}"].astype(int).tolist() for i in range(n)]
+    new = [g[f"output_ids_{i}"].size - len(prompts[i]) for i in range(n)]
+    outs = tiny.generate(prompts, max_new_tokens=max(new), temperature=0.0)
+    for i in range(n):
+        assert outs[i][: new[i]] == g[f"output_ids_{i}"][len(prompts[i]):].tolist()
+    # batch 1 gives the same tokens as the batch
+    assert tiny.generate([prompts[0]], max_new_tokens=new[0]) == [outs[0][: new[0]]]
+
+
+def test_generate_stop_tokens_and_no_recompile(tiny):
+    prompts = [[1, 2, 3, 4], [5, 6]]
+    base = tiny.generate(prompts, max_new_tokens=30)
+    size = target_mod._generate._cache_size()
+    stop = base[0][7]
+    cut = tiny.generate(prompts, max_new_tokens=30, stop_token_ids=[stop])
+    for full_row, row in zip(base, cut):
+        k = full_row.index(stop) + 1 if stop in full_row else len(full_row)
+        assert row == full_row[:k]
+    tiny.generate([[7, 8, 9], [10, 11, 12, 13, 14]], max_new_tokens=30, stop_token_ids=[stop])
+    assert target_mod._generate._cache_size() == size, "same buckets must not recompile"
+
+
+def test_sampling_is_seeded_and_valid(tiny):
+    a = tiny.generate([[1, 2, 3]], max_new_tokens=20, temperature=1.0, seed=3)
+    b = tiny.generate([[1, 2, 3]], max_new_tokens=20, temperature=1.0, seed=3)
+    c = tiny.generate([[1, 2, 3]], max_new_tokens=20, temperature=1.0, seed=4)
+    assert a == b and a != c
+    k = tiny.generate([[1, 2, 3]], max_new_tokens=20, temperature=1.0, seed=3, top_k=1)
+    assert k == tiny.generate([[1, 2, 3]], max_new_tokens=20)  # top-k 1 is greedy
+    p = tiny.generate([[1, 2, 3]], max_new_tokens=20, temperature=1.0, seed=3, top_p=1e-6)
+    assert p == k  # a tiny nucleus keeps only the argmax
+
+
+def test_sampled_distribution_matches_softmax():
+    """One sampling step at T=0.7, top-k 5, top-p 0.8 matches the processed softmax."""
+    from deepspec_jax.sampling import SamplingParams, probs, sample
+
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(1, 12)) * 2, jnp.float32)
+    sp = SamplingParams(0.7, 5, 0.8)
+    keys = jax.random.split(jax.random.key(0), 20000)
+    draws = np.asarray(jax.vmap(lambda k: sample(logits, k, sp))(keys))[:, 0]
+    p = np.asarray(probs(logits, sp))[0]
+    assert (p > 0).sum() <= 5
+    freq = np.bincount(draws, minlength=12) / len(draws)
+    np.testing.assert_allclose(freq, p, atol=0.015)
