@@ -17,6 +17,7 @@ Exit codes: 0 success, 2 bad flag values, 1 a model/file/dataset problem.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -226,6 +227,12 @@ def run(argv) -> int:
               "temperature": FLAGS.temperature,
               "confidence_threshold": FLAGS.confidence_threshold, "seed": FLAGS.seed,
               "batch_size": FLAGS.batch_size, "quick_demo": quick}
+    if quick:  # few short prompts: one compilation per decoder for the whole demo
+        try:
+            settings = dataclasses.replace(settings, prompt_bucket=runner.shared_prompt_bucket(
+                names, target, settings))
+        except DeepSpecError as e:
+            return _fail(str(e), 1)
     decoders = runner.Decoders(target, draft, settings, spec_fn)
     rows = []
     for i, name in enumerate(names):

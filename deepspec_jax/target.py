@@ -78,7 +78,7 @@ def _generate(graphdef, state, prompt, prompt_len, stop_ids, max_new, cache_len,
     model = nnx.merge(graphdef, state)
     b = prompt.shape[0]
     cache = init_cache(model.cfg, b, cache_len, model.dtype, model.per_layer)
-    out, cache = model.extend(cache, prompt, prompt_len)
+    out, cache = model.extend(cache, prompt, prompt_len, fresh=True)
     last = jnp.take_along_axis(out.logits, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
     tokens = jnp.full((b, max_new), -1, jnp.int32)
     done = jnp.zeros((b,), bool)

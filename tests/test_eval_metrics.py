@@ -290,3 +290,85 @@ def test_compatibility_errors_name_the_mismatch():
         check_compatible(target(49152, 6), draft)
     with pytest.raises(SetupError, match="num_target_layers=6 but the target has 30"):
         check_compatible(target(512, 30), draft)
+
+
+# ---------------------------------------------------------------------------
+# runner with a synthetic engine (no model): metrics, files, degenerate samples
+# ---------------------------------------------------------------------------
+
+def test_runner_with_synthetic_rounds(tmp_path):
+    from deepspec_jax.evaluation import runner
+
+    data = tmp_path / "syn.jsonl"
+    data.write_text('{"prompt_ids": [1, 2]}\n{"prompt_ids": [3]}\n')
+    # sample 0: ROUNDS[:3]; sample 1: stopped at its first token (no rounds at all)
+    per_prompt = {(1, 2): ROUNDS[:3], (3,): []}
+    calls = []
+
+    def fake_spec(target, draft, ids, max_new_tokens, temperature, seed, confidence_threshold):
+        calls.append(("spec", seed, len(ids)))
+        out = []
+        for p in ids:
+            rounds = per_prompt[tuple(p)]
+            out.append(types.SimpleNamespace(
+                tokens=[7] * (1 + sum(a + 1 for a, _ in rounds)),
+                accepted_lengths=[a + 1 for a, _ in rounds],
+                proposal_lengths=[q for _, q in rounds],
+                confidences=np.full((len(rounds), 4), 2.0), num_rounds=len(rounds)))
+        return out
+
+    target = types.SimpleNamespace(
+        source="/m/fake-target", tokenizer=None,
+        generate=lambda ids, max_new_tokens, temperature, seed: (
+            calls.append(("ar", seed, len(ids))) or [[7] * 5 for _ in ids]))
+    draft = types.SimpleNamespace(kind="dspark", source="/d/fake-draft", config=types.SimpleNamespace(
+        block_size=4, enable_confidence_head=True))
+    settings = runner.Settings(max_new_tokens=32, seed=10, output_dir=str(tmp_path / "out"))
+    dec = runner.Decoders(target, draft, settings, fake_spec)
+    row = runner.evaluate_dataset(str(data), dec, target_name="t", draft_name="d")
+    # warm-up call (seed 10) then one call per prompt with seed + sample index
+    assert calls == [("spec", 10, 1), ("spec", 10, 1), ("spec", 11, 1),
+                     ("ar", 10, 1), ("ar", 10, 1), ("ar", 11, 1)]
+    assert row["num_rounds"] == 3 and row["num_samples"] == 2
+    assert row["acceptance_length"] == pytest.approx((1 + 3 + 5) / 3)
+    assert row["verify_rate"] == pytest.approx(9 / (12 + 3))
+    assert row["accept_rates_by_position"] == pytest.approx([2 / 3, 2 / 3, 1 / 3, 1 / 3])
+    assert row["output_tokens"] == 10 + 1 and row["autoregressive"]["output_tokens"] == 10
+    per = row["confidence"]["per_position"]
+    # sigmoid(2)^k against the prefix labels of rounds (0,4), (2,4), (4,4)
+    sig = 1 / (1 + math.exp(-2.0))
+    assert per[1]["pred_mean"] == pytest.approx(sig ** 2)
+    assert per[1]["target_mean"] == pytest.approx(2 / 3)
+    assert per[1]["brier"] == pytest.approx(((sig ** 2 - 1) ** 2 * 2 + sig ** 4) / 3)
+    with open(tmp_path / "out" / "syn" / "results.json", encoding="utf-8") as f:
+        saved = json.load(f)
+    assert saved["accepted_draft_tokens_histogram"] == [1, 0, 1, 0, 1]
+    assert saved["samples"][1] == {"row": 1, "prompt_tokens": 1, "output_tokens": 1,
+                                   "rounds": 0, "ar_output_tokens": 5}
+    for key in ("acceptance_png", "reliability_png"):
+        with open(saved["artifacts"][key], "rb") as f:
+            assert f.read(4) == b"\x89PNG"
+    # a threshold > 0 turns calibration off, as in the reference
+    dec2 = runner.Decoders(target, draft, runner.Settings(
+        max_new_tokens=32, confidence_threshold=0.5, output_dir=str(tmp_path / "o2"),
+        run_autoregressive=False), fake_spec)
+    row2 = runner.evaluate_dataset(str(data), dec2, target_name="t", draft_name="d")
+    assert row2["confidence"] is None and "threshold 0" in row2["confidence_note"]
+    assert row2["autoregressive"] is None and row2["speedup"] is None
+
+
+def test_shared_prompt_bucket_covers_every_dataset(tmp_path):
+    from deepspec_jax.evaluation import runner
+
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text('{"prompt_ids": [1, 2]}\n')
+    b.write_text(json.dumps({"prompt_ids": [5] * 70}) + "\n" + '{"prompt_ids": [4]}\n')
+    target = types.SimpleNamespace(source="t", tokenizer=None)
+    s = runner.Settings()
+    assert runner.shared_prompt_bucket([str(a)], target, s) == 64
+    assert runner.shared_prompt_bucket([str(a), str(b)], target, s) == 128
+    # max_samples=1 draws one row of b (seeded shuffle); the bucket follows the draw
+    one = ds.load_prompts(str(b), 1, s.seed)[0]
+    expect = 128 if one.prompt_ids == tuple([5] * 70) else 64
+    assert runner.shared_prompt_bucket([str(b)], target,
+                                       runner.Settings(max_samples=1)) == expect

@@ -54,6 +54,7 @@ def _prompts(vocab: int, lengths, seed: int = 0):
     return [rng.integers(0, vocab - 1, n).tolist() for n in lengths]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fs,name", _draft_cases())
 def test_greedy_matches_target(fs, name):
     target = _target(fs)
@@ -87,6 +88,20 @@ def test_greedy_matches_target(fs, name):
             assert r.proposal_lengths == np.cumprod(sure, axis=1).sum(axis=1).tolist()
     else:
         assert ours[0].confidences is None
+
+
+def test_greedy_quick():
+    """The fast (not slow) lossless check: one distilled draft, stop tokens included."""
+    fs = fixture_sets()[0]
+    target = _target(fs)
+    draft = load_draft(os.path.join(fs, "dspark_gated_distilled"))
+    prompts = _prompts(target.config.vocab_size, [4, 9, 15, 30], seed=5)
+    ref = target.generate(prompts, max_new_tokens=24)
+    stop = [ref[1][6]]
+    ref_stop = target.generate(prompts, max_new_tokens=24, stop_token_ids=stop)
+    res = speculative_generate(target, draft, prompts, max_new_tokens=24, stop_token_ids=stop)
+    assert [r.tokens for r in res] == ref_stop and ref_stop != ref
+    assert any(a > 1 for r in res for a in r.accepted_lengths)
 
 
 @pytest.mark.slow

@@ -31,7 +31,7 @@ from deepspec_jax.models.transformer import _param
 from deepspec_jax.sampling import SamplingParams, probs as sampling_probs, sample as sampling_sample
 from deepspec_jax.sharding import make_mesh
 from deepspec_jax.weights.loader import stream_params
-from deepspec_jax.weights.name_map import Rule
+from deepspec_jax.weights.name_map import Rule, layer_rules
 from deepspec_jax.weights.safetensors_io import TensorSource
 
 NUM_FEATURE_LAYERS = 5  # Eagle3 v1 fuses exactly five target layers
@@ -221,26 +221,13 @@ def build_eagle3(cfg: Eagle3Config, *, dtype=jnp.float32, param_dtype=jnp.float3
 
 def eagle3_rules(cfg: Eagle3Config) -> list[Rule]:
     """Our parameter paths <-> DeepSpec ``Qwen3Eagle3Model`` state-dict keys."""
-    p = "layers.{i}."
-    o = "layers."
     return [
         Rule("embed", "embed_tokens.weight"),
         Rule("lm_head", "lm_head.weight", True),
         Rule("fc", "fc.weight", True),
         Rule("norm", "norm.weight"),
-        Rule(o + "hidden_norm", p + "hidden_norm.weight"),
-        Rule(o + "input_norm", p + "input_layernorm.weight"),
-        Rule(o + "post_attn_norm", p + "post_attention_layernorm.weight"),
-        Rule(o + "q_proj", p + "self_attn.q_proj.weight", True),
-        Rule(o + "k_proj", p + "self_attn.k_proj.weight", True),
-        Rule(o + "v_proj", p + "self_attn.v_proj.weight", True),
-        Rule(o + "o_proj", p + "self_attn.o_proj.weight", True),
-        Rule(o + "q_norm", p + "self_attn.q_norm.weight"),
-        Rule(o + "k_norm", p + "self_attn.k_norm.weight"),
-        Rule(o + "gate_proj", p + "mlp.gate_proj.weight", True),
-        Rule(o + "up_proj", p + "mlp.up_proj.weight", True),
-        Rule(o + "down_proj", p + "mlp.down_proj.weight", True),
-    ]
+        Rule("layers.hidden_norm", "layers.{i}.hidden_norm.weight"),
+    ] + layer_rules("", "layers.", qk_norm=True, attention_bias=False)
 
 
 EAGLE3_IGNORABLE = (re.compile(r".*rotary_emb\.inv_freq$"),)

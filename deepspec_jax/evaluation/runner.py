@@ -8,8 +8,9 @@ for the speed baseline. Sample i (in the drawn order) uses seed ``seed + i``, as
 reference does.
 
 All prompts of a dataset are padded to one length bucket (the longest prompt rounded up
-to 64) for both decoders, so a dataset compiles each decoder once instead of once per
-prompt-length bucket; padding is masked and only adds prefill work.
+to 64; or one bucket for the whole run, ``Settings.prompt_bucket``) for both decoders,
+so a dataset compiles each decoder once instead of once per prompt-length bucket;
+padding is masked and only adds prefill work.
 
 Timing excludes compilation: one warm-up call of each decoder runs before the first
 timed call in the process, and any tracing/lowering/compilation that still happens
@@ -83,6 +84,8 @@ class Settings:
     output_dir: str = "eval_results"
     max_samples: int | None = None       # None: the reference's per-dataset count
     run_autoregressive: bool = True
+    prompt_bucket: int | None = None     # one padded prompt length for all datasets
+                                         # (None: per dataset; see shared_prompt_bucket)
 
 
 def max_proposal_tokens(draft) -> int:
@@ -112,6 +115,21 @@ def encode_prompts(target, prompts: Sequence[datasets.Prompt], dataset: str) -> 
         else:
             out.append(list(target.apply_chat_template(p.text, thinking=False)))
     return out
+
+
+def _bucket(n: int) -> int:
+    return PROMPT_BUCKET * -(-n // PROMPT_BUCKET)
+
+
+def shared_prompt_bucket(names: Sequence[str], target, settings: Settings) -> int:
+    """One prompt bucket covering every selected prompt of every dataset, so that a
+    short run (the quick demo) compiles each decoder once rather than once per dataset."""
+    longest = 1
+    for name in names:
+        prompts = datasets.load_prompts(name, settings.max_samples, settings.seed)
+        ids = encode_prompts(target, prompts, datasets.dataset_label(name))
+        longest = max([longest] + [len(p) for p in ids])
+    return _bucket(longest)
 
 
 def _batches(n: int, size: int) -> list[range]:
@@ -164,7 +182,7 @@ class Decoders:
     def timed(self, kind: str, prompt_ids: list[list[int]], desc: str):
         """Decode every prompt in batches; returns (outputs, net seconds, compile seconds)."""
         s = self.settings
-        self.prompt_bucket = PROMPT_BUCKET * -(-max(len(p) for p in prompt_ids) // PROMPT_BUCKET)
+        self.prompt_bucket = s.prompt_bucket or _bucket(max(len(p) for p in prompt_ids))
         batches = _batches(len(prompt_ids), s.batch_size)
         self.warm_up(kind, [prompt_ids[i] for i in batches[0]])
         fn = self.spec if kind == "spec" else self.ar

@@ -248,12 +248,14 @@ class CausalLM(nnx.Module):
         return out
 
     def extend(self, cache: KVCache, input_ids: jax.Array, num_new: jax.Array,
-               layer_ids: Sequence[int] = ()) -> tuple[ForwardOut, KVCache]:
+               layer_ids: Sequence[int] = (), fresh: bool = False) -> tuple[ForwardOut, KVCache]:
         """Append ``input_ids`` [B, T] at each row's cache length and run them.
 
         Only the first ``num_new[b]`` tokens of row b are real (right padding); the
         row's length advances by ``num_new[b]``. Prefill is extend on an empty cache,
-        decode is T=1, speculative verify is T=1+gamma.
+        decode is T=1, speculative verify is T=1+gamma. ``fresh=True`` (static) promises
+        an empty cache and skips attending to it: a prefill then does not attend over
+        (and XLA does not constant-fold) a fully masked cache.
         """
         b, t = input_ids.shape
         start = cache.lengths
@@ -268,8 +270,10 @@ class CausalLM(nnx.Module):
         def attend(q, k, v, layer_in):
             ck, cv = layer_in
             k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B,K,D,T], [B,K,T,D]
-            out = segmented_attention(q, [(ck.astype(q.dtype), cv.astype(q.dtype), old_mask),
-                                          (k, v, new_mask)])
+            segments = [(k, v, new_mask)]
+            if not fresh:
+                segments.insert(0, (ck.astype(q.dtype), cv.astype(q.dtype), old_mask))
+            out = segmented_attention(q, segments)
             return out, (k.astype(ck.dtype), v.astype(cv.dtype))
 
         out, extra = self._run(input_ids, positions, layer_ids, attend, (cache.k, cache.v))
