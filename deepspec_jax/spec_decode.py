@@ -174,8 +174,8 @@ def _spec_generate(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prompt_le
     rows = jnp.arange(b)
 
     # Prefill and the first token (sampled from the target alone).
-    tcache = target_init_cache(target.cfg, b, cache_len, target.dtype)
-    out, tcache = target.extend(tcache, prompt, prompt_len, layer_ids)
+    tcache = target_init_cache(target.cfg, b, cache_len, target.dtype, target.per_layer)
+    out, tcache = target.extend(tcache, prompt, prompt_len, layer_ids, fresh=True)
     last = out.logits[rows, prompt_len - 1]
     first = sampling_sample(last, jax.random.fold_in(key, max_new + 1), sp)
     dstate = _draft_init(kind, draft, b, cache_len, prompt, prompt_len, first, out.features)

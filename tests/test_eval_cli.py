@@ -121,7 +121,6 @@ def test_cli_dspark_fixture_end_to_end(ids_dataset, tmp_path):
     assert summary["datasets"][0]["acceptance_length"] == res["acceptance_length"]
 
 
-@pytest.mark.slow  # ~30 s on 2 busy cores (two compilations); the DSpark test covers the rest
 def test_cli_eagle3_fixture_batched_without_baseline(ids_dataset, tmp_path):
     """Eagle3 (no confidence head), greedy, two prompts decoded in one batch."""
     out = tmp_path / "out"
