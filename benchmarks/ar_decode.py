@@ -13,14 +13,11 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
-PROMPTS = [
-    "What is 12*7? Explain briefly.", "Write a Python function that reverses a string.",
-    "Tell me a fun fact about the ocean.", "Summarise the plot of Hamlet in two sentences.",
-    "How do I boil an egg?", "List three prime numbers greater than 100.",
-    "Explain what a hash table is.", "Translate 'good morning' into French and Spanish.",
-]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_prompts import PROMPTS  # noqa: E402
 
 
 def bench_jax(target, prompts, new_tokens, repeats):
@@ -82,8 +79,11 @@ def main():
         if model is not None:
             torch_tps, torch_out = bench_torch(model, prompts, args.new_tokens, args.repeats,
                                                target.tokenizer.pad_token_id or 0)
+            # HF's min_new_tokens bans the stop token, so compare up to our first stop.
+            stops = set(target.stop_token_ids)
+            k = next((i for i, t in enumerate(jax_out[0]) if t in stops), len(jax_out[0]))
             row.update(torch_tokens_per_s=round(torch_tps, 2), speedup=round(jax_tps / torch_tps, 2),
-                       same_tokens_batch1=(jax_out[0] == torch_out[0]))
+                       same_tokens_before_stop=(jax_out[0][:k] == torch_out[0][:k]))
         rows.append(row)
         print(json.dumps(row), flush=True)
     info = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "new_tokens": args.new_tokens,

@@ -15,15 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import sys
 import time
 
-PROMPTS = [
-    "What is 12*7? Explain briefly.", "Write a Python function that reverses a string.",
-    "Tell me a fun fact about the ocean.", "Summarise the plot of Hamlet in two sentences.",
-    "How do I boil an egg?", "List three prime numbers greater than 100.",
-    "Explain what a hash table is.", "Translate 'good morning' into French and Spanish.",
-]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_prompts import PROMPTS  # noqa: E402
 
 
 def random_dspark_for(target, block_size: int, draft_layers: int, markov_rank: int, seed: int = 0):
