@@ -62,3 +62,19 @@ def test_greedy_matches_transformers(smol, hf_model):
     # the stop token (<|im_end|>) ends a row, and generation is batch-independent
     assert smol.stop_token_ids and any(o[-1] in smol.stop_token_ids for o in ours)
     assert smol.generate([prompts[1]], max_new_tokens=48) == [ours[1]]
+
+
+def test_gguf_tokenizer_matches_transformers(smol):
+    """Our torch-free GGUF tokenizer equals transformers' (which needs torch)."""
+    from transformers import AutoTokenizer
+
+    path = smollm2_gguf_path()
+    ref = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    ours = smol.tokenizer
+    msgs = [{"role": "user", "content": "Hi! def f(x): return x**2  ünïcode\n\ttabs"}]
+    kw = dict(add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert ours.apply_chat_template(msgs, **kw) == ref.apply_chat_template(msgs, **kw)
+    text = "  spaces\n\nnewlines <|im_end|> 12345 ✓"
+    assert ours(text)["input_ids"] == ref(text)["input_ids"]
+    assert (ours.eos_token_id, ours.bos_token_id, ours.chat_template) == \
+        (ref.eos_token_id, ref.bos_token_id, ref.chat_template)

@@ -119,9 +119,39 @@ def read_gguf(path: str) -> tuple[dict, dict[str, np.ndarray]]:
     return config, tensors
 
 
-def gguf_tokenizer(path: str):
-    """HF tokenizer (with chat template) built from the GGUF metadata, offline."""
-    from transformers import AutoTokenizer
+# GGUF ``tokenizer.ggml.*`` metadata -> the keyword names transformers' GGUF tokenizer
+# converter expects (tokenizer dict) and the tokenizer's own init kwargs.
+_TOKENIZER_KEYS = {"model": "tokenizer_type", "tokens": "tokens", "scores": "scores",
+                   "token_type": "token_type", "merges": "merges", "bos_token_id": "bos_token_id",
+                   "eos_token_id": "eos_token_id", "unknown_token_id": "unk_token_id",
+                   "padding_token_id": "pad_token_id", "add_space_prefix": "add_prefix_space"}
+_TOKENIZER_INIT_KEYS = {"model": "model_type", "bos_token_id": "bos_token_id",
+                        "eos_token_id": "eos_token_id", "unknown_token_id": "unk_token_id",
+                        "padding_token_id": "pad_token_id"}
 
-    return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(path)),
-                                         gguf_file=os.path.basename(path))
+
+def gguf_tokenizer(path: str):
+    """HF fast tokenizer (with chat template) built from the GGUF metadata, offline and
+    without torch: ``AutoTokenizer.from_pretrained(gguf_file=...)`` insists on torch,
+    which deepspec_jax never needs at run time, so the metadata is read with ``gguf``
+    and handed to transformers' torch-free GGUF tokenizer converter."""
+    import gguf
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.ggml import convert_gguf_tokenizer
+
+    reader = gguf.GGUFReader(path)
+    tok, init = {}, {}
+    for key, field in reader.fields.items():
+        if key == "tokenizer.chat_template":
+            init["chat_template"] = field.contents()
+        elif key.startswith("tokenizer.ggml."):
+            name = key[len("tokenizer.ggml."):]
+            if name in _TOKENIZER_KEYS:
+                tok[_TOKENIZER_KEYS[name]] = field.contents()
+            if name in _TOKENIZER_INIT_KEYS:
+                init[_TOKENIZER_INIT_KEYS[name]] = field.contents()
+    if "tokens" not in tok:
+        raise CheckpointError(f"{path}: no tokenizer.ggml.tokens metadata; this GGUF carries no "
+                              "tokenizer. Pass an HF checkpoint directory with tokenizer files.")
+    fast, extra = convert_gguf_tokenizer(_field(reader, "general.architecture"), tok)
+    return PreTrainedTokenizerFast(tokenizer_object=fast, **init, **extra)
