@@ -34,20 +34,51 @@ class SamplingParams:
         return self
 
 
+def _order_keys(x: jax.Array) -> jax.Array:
+    """uint32 keys whose unsigned order is the float32 order of ``x`` (-inf lowest)."""
+    b = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(b >> 31 == 1, ~b, b | jnp.uint32(0x80000000))
+
+
+def _bisect_keys(keys: jax.Array, pred) -> jax.Array:
+    """Per row, the smallest key t in [min, max] with ``pred(t)`` true, for a ``pred``
+    that is monotone (false then true) in t. 32 halvings of the uint32 range: exact,
+    and each step is one masked reduction over the vocabulary, so no sort is needed
+    (XLA:CPU sorts a [16, 49152] batch in ~0.4 s; this takes a few ms)."""
+    lo = jnp.min(keys, axis=-1, keepdims=True)
+    hi = jnp.max(keys, axis=-1, keepdims=True)
+
+    def body(_, c):
+        lo, hi = c
+        mid = lo + (hi - lo) // 2
+        ok = pred(mid)
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    lo, hi = jax.lax.fori_loop(0, 32, body, (lo, hi))
+    return hi
+
+
 def processed_logits(logits: jax.Array, sp: SamplingParams) -> jax.Array:
-    """Temperature-scaled fp32 logits with top-k/top-p filtered entries at -inf."""
+    """Temperature-scaled fp32 logits with top-k/top-p filtered entries at -inf.
+
+    top-k keeps every logit >= the k-th largest (ties at the boundary all stay);
+    top-p keeps a token iff the probability mass strictly above it is < top_p (the
+    nucleus: the smallest head of the sorted distribution reaching top_p; tokens tied
+    with the last kept one also stay). Both find their threshold by bisection on the
+    float bit pattern instead of sorting the vocabulary.
+    """
     x = logits.astype(jnp.float32) / max(sp.temperature, GREEDY_EPS)
     if sp.top_k > 0 and sp.top_k < x.shape[-1]:
-        kth = jax.lax.top_k(x, sp.top_k)[0][..., -1:]
-        x = jnp.where(x < kth, -jnp.inf, x)
+        keys = _order_keys(x)
+        # largest t with count(keys >= t) >= k  ==  (smallest t with count(keys >= t+1) < k)
+        t = _bisect_keys(keys, lambda t: jnp.sum(keys >= t + 1, axis=-1, keepdims=True) < sp.top_k)
+        x = jnp.where(keys < t, -jnp.inf, x)
     if sp.top_p < 1.0:
-        order = jnp.argsort(-x, axis=-1)
-        sorted_x = jnp.take_along_axis(x, order, axis=-1)
-        probs = jax.nn.softmax(sorted_x, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
-        drop_sorted = before >= sp.top_p
-        drop = jnp.take_along_axis(drop_sorted, jnp.argsort(order, axis=-1), axis=-1)
-        x = jnp.where(drop, -jnp.inf, x)
+        p = jax.nn.softmax(x, axis=-1)
+        keys = _order_keys(x)
+        t = _bisect_keys(keys, lambda t: jnp.sum(jnp.where(keys > t, p, 0.0), axis=-1,
+                                                 keepdims=True) < sp.top_p)
+        x = jnp.where(keys < t, -jnp.inf, x)
     return x
 
 

@@ -1,0 +1,9 @@
+"""Pallas kernels, each with a pure-``jnp`` reference beside it and a dispatcher that
+uses the kernel where it is supported (GPU: Triton lowering, TPU: Mosaic lowering) and
+the reference elsewhere; tests run the kernels with ``interpret=True`` on CPU.
+
+* ``tree_attention``: verify-pass attention of a flattened draft tree over the KV-cache
+  prefix plus each node's ancestors (packed ancestor bitmask). See
+  ``deepspec_jax/kernels/tree_attention/__init__.py``; benchmark:
+  ``benchmarks/tree_attention.py``.
+"""

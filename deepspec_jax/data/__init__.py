@@ -1,0 +1,1 @@
+"""Training data: prompt JSONL, answer regeneration, chat tokenisation, feature cache, input pipeline."""

@@ -1,0 +1,100 @@
+"""Build a fresh (or warm-started) draft for a target from the run config.
+
+The draft's HF config is derived from the target's the way DeepSpec derives it (a
+Qwen3 layer config with the target's width, heads and rope, plus the draft fields),
+so the trained draft exports to a checkpoint DeepSpec, vLLM and SGLang can load.
+Embeddings and lm_head are copied from the target and stay frozen.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from deepspec_jax.checkpoint import ModelSpec, resolve_spec
+from deepspec_jax.config import TargetConfig
+from deepspec_jax.errors import ConfigError
+
+ARCH_NAMES = {"dspark": "Qwen3DSparkModel", "dflash": "Qwen3DSparkModel", "eagle3": "Qwen3Eagle3Model"}
+
+
+def reserved_mask_token(tokenizer, vocab_size: int) -> int:
+    """A token id the target never produces in text, for DSpark's mask embedding.
+
+    Prefers an added special token that is not BOS/EOS/PAD/chat markup; errors if the
+    tokenizer has none (set draft.mask_token_id explicitly then)."""
+    if tokenizer is None:
+        raise ConfigError("draft.mask_token_id = -1 needs the target tokenizer to pick a reserved "
+                          "token; set --config.draft.mask_token_id=<id> explicitly.")
+    used = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id,
+            tokenizer.unk_token_id}
+    template = getattr(tokenizer, "chat_template", None) or ""
+    for tid in sorted(getattr(tokenizer, "added_tokens_decoder", {}) or {}, reverse=True):
+        tok = tokenizer.added_tokens_decoder[tid]
+        content = getattr(tok, "content", str(tok))
+        if tid in used or tid >= vocab_size or content in template:
+            continue
+        return int(tid)
+    raise ConfigError("the target tokenizer has no spare special token for DSpark's mask; set "
+                      "--config.draft.mask_token_id=<id> to an id the target never generates.")
+
+
+def draft_hf_config(c, tcfg: TargetConfig, tokenizer=None, target_name: str = "") -> dict:
+    """The draft's HF config.json dict for run config ``c`` and target config ``tcfg``."""
+    d = c.draft
+    arch = d.architecture
+    ids = [int(i) for i in d.target_layer_ids]
+    if ids == [-1]:
+        raise ConfigError("config field draft.target_layer_ids is not set; list the target layers "
+                          f"to read features from (the target has {tcfg.num_hidden_layers} layers, "
+                          "the last one may not be used).")
+    rope = (tcfg.raw or {}).get("rope_parameters") or {"rope_type": "default", "rope_theta": tcfg.rope_theta}
+    n_layers = int(d.num_hidden_layers)
+    raw = {
+        "architectures": [ARCH_NAMES[arch]], "model_type": "qwen3",
+        "hidden_size": tcfg.hidden_size, "num_attention_heads": tcfg.num_attention_heads,
+        "num_key_value_heads": tcfg.num_key_value_heads, "head_dim": tcfg.head_dim,
+        "intermediate_size": int(d.intermediate_size) if d.intermediate_size > 0 else tcfg.intermediate_size,
+        "vocab_size": tcfg.vocab_size, "rms_norm_eps": tcfg.rms_norm_eps,
+        "rope_parameters": dict(rope), "max_position_embeddings": tcfg.max_position_embeddings,
+        "num_hidden_layers": n_layers, "layer_types": ["full_attention"] * n_layers,
+        "num_target_layers": tcfg.num_hidden_layers, "target_layer_ids": ids,
+        "tie_word_embeddings": False, "attention_bias": False, "attention_dropout": 0.0,
+        "hidden_act": "silu", "initializer_range": 0.02, "use_cache": True,
+        "use_sliding_window": False, "sliding_window": None, "max_window_layers": n_layers,
+        "bos_token_id": tcfg.bos_token_id,
+        "eos_token_id": list(tcfg.eos_token_ids) if tcfg.eos_token_ids else None,
+        "pad_token_id": None, "dtype": "float32",
+    }
+    if arch == "eagle3":
+        raw.update(draft_num_hidden_layers=n_layers, ttt_length=int(d.ttt_length),
+                   step_loss_decay=float(d.step_loss_decay),
+                   target_model_name_or_path=target_name)
+    else:
+        mask = int(d.mask_token_id)
+        if mask < 0:
+            mask = reserved_mask_token(tokenizer, tcfg.vocab_size)
+        rank = 0 if arch == "dflash" else int(d.markov_rank)
+        raw.update(block_size=int(d.block_size), num_anchors=int(d.num_anchors), mask_token_id=mask,
+                   markov_rank=rank, markov_head_type=(d.markov_head_type or None) if rank else None,
+                   enable_confidence_head=bool(d.enable_confidence_head) and arch == "dspark",
+                   confidence_head_with_markov=bool(d.confidence_head_with_markov) and rank > 0)
+    return raw
+
+
+def build_draft(spec: ModelSpec, *, compute_dtype, seed: int, embed, lm_head):
+    """A randomly initialised draft (fp32 master weights) whose frozen embed [V, d] and
+    lm_head [d, V] are the target's."""
+    model = spec.build_fn(spec.config, dtype=compute_dtype, param_dtype=jnp.float32,
+                          rngs=nnx.Rngs(seed))
+    model.embed.set_value(jnp.asarray(embed, jnp.float32))
+    model.lm_head.set_value(jnp.asarray(lm_head, jnp.float32))
+    return model
+
+
+def spec_for_run(c, tcfg: TargetConfig, tokenizer=None, target_name: str = "") -> ModelSpec:
+    raw = draft_hf_config(c, tcfg, tokenizer, target_name)
+    return resolve_spec(raw, f"run config '{c.name}' (draft section)")
+
+
+__all__ = ["draft_hf_config", "build_draft", "spec_for_run", "reserved_mask_token", "ARCH_NAMES"]

@@ -1,0 +1,129 @@
+"""The train step: one pure function, jitted over a Mesh with explicit shardings.
+
+``state -> state'`` for one global batch: optional online target forward (frozen,
+no gradient), gradient accumulation over micro-batches with ``lax.scan``, global-norm
+clipping + AdamW, and a finite-loss guard: a step whose loss or gradient norm is not
+finite leaves the parameters and optimizer untouched and reports ``ok = 0``, so the
+host can stop with the last good state intact. The state buffers are donated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from deepspec_jax.drafts.dspark import DSparkLossConfig
+from deepspec_jax.drafts.dspark_train import DSparkBatch, dspark_loss, sample_anchors, train_forward
+from deepspec_jax.drafts.eagle3_train import eagle3_loss
+from deepspec_jax.sharding import batch_sharding
+
+
+class TrainState(NamedTuple):
+    step: jax.Array      # int32 []
+    params: dict         # trainable parameters (pure nested dict, fp32 master copy)
+    opt_state: Any
+    rng: jax.Array       # uint32 [2]: raw key data, so checkpoints hold plain arrays
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+    kind: str                        # "dspark" | "eagle3"
+    graphdef: Any                    # draft graphdef (static)
+    layer_ids: tuple[int, ...]       # target features the draft reads
+    num_micro: int                   # micro-batches per step (gradient accumulation)
+    online: bool                     # target forward inside the step
+    target_graphdef: Any = None
+    dspark_loss: DSparkLossConfig | None = None
+    num_anchors: int = 0
+    eagle3_corrected: bool = False
+    anchor_chunk: int = 64
+
+
+def _target_features(sc: StepConfig, tstate, input_ids):
+    model = nnx.merge(sc.target_graphdef, tstate)
+    out = model(input_ids, sc.layer_ids)   # logits are unused: XLA drops the lm_head
+    return jax.lax.stop_gradient(out.features), jax.lax.stop_gradient(out.last_hidden)
+
+
+def micro_loss(sc: StepConfig, params, rest, mb: dict, key):
+    """(loss, metrics) of one micro-batch; ``mb`` holds input_ids, loss_mask, features,
+    target_last_hidden."""
+    model = nnx.merge(sc.graphdef, nnx.State(params), rest)
+    feats = mb["features"].astype(model.dtype)
+    if sc.kind == "dspark":
+        anchors, keep = sample_anchors(key, mb["loss_mask"], sc.num_anchors)
+        batch = DSparkBatch(mb["input_ids"], mb["loss_mask"], feats, mb["target_last_hidden"])
+        res = dspark_loss(model, train_forward(model, batch, anchors, keep), sc.dspark_loss,
+                          sc.anchor_chunk)
+        metrics = {k: v for k, v in res.terms.items() if not k.endswith(("_num", "_den"))}
+        metrics.update(res.metrics)
+        return res.total, metrics
+    res = eagle3_loss(model, mb["input_ids"], feats, mb["target_last_hidden"], mb["loss_mask"],
+                      corrected=sc.eagle3_corrected)
+    m = res.metrics
+    ttt = model.cfg.ttt_length
+    metrics = {"loss": res.loss}
+    for s in range(ttt):
+        v = jnp.maximum(m[f"valid_tokens@{s}"], 1.0)
+        metrics[f"accept_rate@{s}"] = m[f"accept_rate@{s}"] / v
+        metrics[f"accuracy@{s}"] = m[f"accuracy@{s}"] / v
+        metrics[f"ploss_{s}"] = m[f"ploss_{s}"]
+    metrics["tau_probabilistic"] = m["tau_probabilistic"] / jnp.maximum(m["valid_tokens@0"], 1.0)
+    return res.loss, metrics
+
+
+def train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: Callable,
+               state: TrainState, rest, tstate, batch: dict):
+    """One optimizer step over ``batch`` (global arrays, leading dim = global batch)."""
+    key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+    if sc.online:
+        feats, last = _target_features(sc, tstate, batch["input_ids"])
+        batch = dict(batch, features=feats, target_last_hidden=last)
+    fields = ("input_ids", "loss_mask", "features", "target_last_hidden")
+    a = sc.num_micro
+    micro = {k: batch[k].reshape((a, batch[k].shape[0] // a) + batch[k].shape[1:]) for k in fields}
+    keys = jax.random.split(step_key, a)
+    grad_fn = jax.value_and_grad(lambda p, mb, k: micro_loss(sc, p, rest, mb, k), has_aux=True)
+
+    def body(acc, xs):
+        mb, k = xs
+        (loss, metrics), g = grad_fn(state.params, mb, k)
+        acc_g, acc_m = acc
+        return (jax.tree.map(jnp.add, acc_g, g),
+                jax.tree.map(jnp.add, acc_m, dict(metrics, total_loss=loss))), None
+
+    zeros_g = jax.tree.map(jnp.zeros_like, state.params)
+    m_shape = jax.eval_shape(lambda: micro_loss(sc, state.params, rest,
+                                                jax.tree.map(lambda x: x[0], micro), keys[0]))[1]
+    zeros_m = {k: jnp.zeros((), jnp.float32) for k in list(m_shape) + ["total_loss"]}
+    (grads, msum), _ = jax.lax.scan(body, (zeros_g, zeros_m), (micro, keys))
+    grads = jax.tree.map(lambda g: g / a, grads)
+    metrics = {k: v / a for k, v in msum.items()}
+    grad_norm = optax.global_norm(grads)
+    ok = jnp.isfinite(metrics["total_loss"]) & jnp.isfinite(grad_norm)
+    updates, new_opt = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    metrics.update(grad_norm=grad_norm, lr=schedule(state.step), ok=ok.astype(jnp.float32),
+                   tokens=jnp.sum(batch["loss_mask"] > 0).astype(jnp.float32))
+    new_state = TrainState(state.step + 1, keep_old(new_params, state.params),
+                           keep_old(new_opt, state.opt_state), jax.random.key_data(key))
+    return new_state, metrics
+
+
+def batch_shardings(mesh, batch: dict) -> dict:
+    return {k: batch_sharding(mesh, v.ndim, v.shape[0]) for k, v in batch.items()}
+
+
+def compile_step(sc: StepConfig, tx, schedule, state_shardings, rest_shardings, tstate_shardings,
+                 batch_shardings_: dict, mesh):
+    """The jitted step with explicit in/out shardings and the state donated."""
+    del mesh
+    fn = lambda state, rest, tstate, batch: train_step(sc, tx, schedule, state, rest, tstate, batch)
+    return jax.jit(fn, in_shardings=(state_shardings, rest_shardings, tstate_shardings, batch_shardings_),
+                   out_shardings=(state_shardings, None), donate_argnums=(0,))

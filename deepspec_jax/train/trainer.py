@@ -1,0 +1,367 @@
+"""The training loop: set-up from a run config, resume, step, log, checkpoint, export.
+
+Everything numeric happens in the jitted ``step.train_step``; this module wires the
+data pipeline, the mesh and the persistence around it. The loop never waits on the
+device except to read the previous step's finite-loss flag (one step behind, so the
+next step is already queued) and the metrics of logging steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from deepspec_jax.checkpoint import save_jax_dir
+from deepspec_jax.drafts.dspark import DSparkLossConfig
+from deepspec_jax.errors import ConfigError
+from deepspec_jax.sharding import make_mesh, named_sharding, replicated
+from deepspec_jax.train.checkpoints import Checkpoints
+from deepspec_jax.train.draft_init import build_draft, spec_for_run
+from deepspec_jax.train.optimizer import make_optimizer
+from deepspec_jax.train.step import StepConfig, TrainState, batch_shardings, compile_step
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training hit a NaN/inf loss or gradient; the last good checkpoint is kept."""
+
+
+def _dtype(name: str, field: str):
+    if name not in _DTYPES:
+        raise ConfigError(f"config field {field} = {name!r}; use one of {sorted(_DTYPES)}.")
+    return _DTYPES[name]
+
+
+def shardings_of(abstract_state: nnx.State, mesh) -> dict:
+    """Pure-dict tree of NamedShardings from each variable's logical axes."""
+    out: dict = {}
+    for path, var in nnx.to_flat_state(abstract_state):
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
+        node[path[-1]] = named_sharding(axes, var.shape, mesh)
+    return out
+
+
+def _merge_sources(stores):
+    if len(stores) == 1:
+        return stores[0]
+    return ConcatSource(stores)
+
+
+class ConcatSource:
+    """Several token stores read as one."""
+
+    def __init__(self, sources):
+        self.sources = list(sources)
+        self.offsets = np.cumsum([0] + [len(s) for s in self.sources])
+        self.lengths = np.concatenate([np.asarray(s.lengths) for s in self.sources])
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i):
+        j = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        return self.sources[j][int(i - self.offsets[j])]
+
+
+class WithFeatures:
+    """A token source whose samples also carry cached target features."""
+
+    def __init__(self, tokens, cache):
+        if len(tokens) != len(cache):
+            raise ConfigError(f"feature cache {cache.path} has {len(cache)} samples but the token "
+                              f"data has {len(tokens)}; build the cache from the same token store.")
+        self.tokens, self.cache = tokens, cache
+        self.lengths = tokens.lengths
+
+    def __len__(self):
+        return len(self.tokens)
+
+    def __getitem__(self, i):
+        return {**self.tokens[i], **self.cache[i]}
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything set up for a run (also what tests poke at)."""
+    config: object
+    mesh: object
+    target: object
+    spec: object
+    step_config: StepConfig
+    state: TrainState
+    rest: dict
+    tstate: object
+    step_fn: object
+    data: object
+    total_steps: int
+    out_dir: str
+    checkpoints: Checkpoints
+    schedule: object
+
+
+def _target_name(c) -> str:
+    from deepspec_jax.data.feature_cache import target_name
+
+    return c.target.name or target_name(c.target.path)
+
+
+def setup(c, *, mesh=None, resume: bool = True) -> Run:
+    from deepspec_jax.data.pipeline import make_batches
+    from deepspec_jax.data.token_store import TokenStore
+    from deepspec_jax.target import load_target
+
+    if c.draft.architecture not in ("dspark", "dflash", "eagle3"):
+        raise ConfigError(f"config field draft.architecture = {c.draft.architecture!r}; use dspark, "
+                          "dflash or eagle3.")
+    if not c.data.train:
+        raise ConfigError("config field data.train is empty; list token-store directories made by "
+                          "`python -m deepspec_jax.data.tokenize`.")
+    mesh = mesh or make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+    out_dir = c.output_dir or os.path.join("runs", c.name)
+    compute = _dtype(c.train.compute_dtype, "train.compute_dtype")
+    online = not c.data.feature_cache
+    target = load_target(c.target.path, dtype=c.target.dtype, mesh=mesh)
+    tname = _target_name(c)
+    spec = spec_for_run(c, target.config, target.tokenizer, tname)
+    layer_ids = target.validate_layer_ids(spec.config.target_layer_ids)
+
+    stores = [TokenStore(p) for p in c.data.train]
+    source = _merge_sources(stores)
+    if not online:
+        from deepspec_jax.data.feature_cache import FeatureCache
+        if len(stores) != 1:
+            raise ConfigError("data.feature_cache is built from ONE token store but data.train lists "
+                              f"{len(stores)}; merge them with the tokenize CLI or train online.")
+        cache = FeatureCache.open(c.data.feature_cache, expect={
+            "layer_ids": list(layer_ids), "hidden_size": target.config.hidden_size,
+            "target": tname, "token_store": stores[0]})
+        source = WithFeatures(source, cache)
+
+    pc, pi = jax.process_count(), jax.process_index()
+    gbs = int(c.train.global_batch_size)
+    local = gbs // pc
+    mbs = int(c.train.micro_batch_size) or local
+    if gbs % pc or local % mbs:
+        raise ConfigError(f"train.global_batch_size={gbs} must split evenly over {pc} processes and "
+                          f"then into micro-batches of train.micro_batch_size={mbs}.")
+    num_micro = local // mbs
+    data = make_batches(source, global_batch_size=gbs, seq_len=int(c.data.max_length),
+                        seed=int(c.data.shuffle_seed), process_index=pi, process_count=pc,
+                        bucket_boundaries=tuple(c.data.bucket_boundaries) or None,
+                        num_epochs=int(c.train.num_epochs))
+    total = len(data)
+    if c.train.max_steps > 0:
+        total = min(total, int(c.train.max_steps))
+    sched_steps = len(data)
+    tx, schedule = make_optimizer(c.train, sched_steps)
+
+    # draft: abstract -> shardings -> jitted init straight into the shardings
+    def init_fn(embed, lm_head_src):
+        model = build_draft(spec, compute_dtype=compute, seed=int(c.train.seed),
+                            embed=embed, lm_head=lm_head_src)
+        _, p, r = nnx.split(model, nnx.Param, ...)
+        return p.to_pure_dict(), r.to_pure_dict()
+
+    abstract = nnx.eval_shape(lambda: spec.build_fn(spec.config, dtype=compute,
+                                                    param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    graphdef, abs_p, abs_r = nnx.split(abstract, nnx.Param, ...)
+    p_sh, r_sh = shardings_of(abs_p, mesh), shardings_of(abs_r, mesh)
+    tmodel = target.model
+    params, rest = jax.jit(init_fn, out_shardings=(p_sh, r_sh))(
+        tmodel.embed.get_value(), tmodel.lm_head_weight())
+    if c.draft.init_from:
+        params = _warm_start(c.draft.init_from, spec, params, mesh)
+    opt_state = jax.jit(tx.init)(params)
+    rng = jax.random.key_data(jax.random.key(int(c.train.seed) + 1))
+    rep = replicated(mesh)
+    on_mesh = lambda x: (x if getattr(x.sharding, "mesh", None) is not None
+                         and set(x.sharding.device_set) == set(mesh.devices.flat)
+                         else jax.device_put(x, rep))
+    state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), rep), params,
+                       jax.tree.map(on_mesh, opt_state), jax.device_put(rng, rep))
+    state_sh = jax.tree.map(lambda x: x.sharding, state)
+
+    kind = "eagle3" if c.draft.architecture == "eagle3" else "dspark"
+    sc = StepConfig(kind=kind, graphdef=graphdef, layer_ids=layer_ids, num_micro=num_micro,
+                    online=online, target_graphdef=target.graphdef if online else None,
+                    dspark_loss=DSparkLossConfig(c.loss.ce_alpha, c.loss.l1_alpha,
+                                                 c.loss.confidence_alpha, c.loss.loss_decay_gamma)
+                    if kind == "dspark" else None,
+                    num_anchors=int(getattr(spec.config, "num_anchors", 0) or 0),
+                    eagle3_corrected=bool(c.loss.eagle3_corrected))
+    tstate = target.state if online else None
+    tstate_sh = jax.tree.map(lambda x: x.sharding, tstate) if online else None
+    example = _example_batch(data, local, online, source)
+    b_sh = batch_shardings(mesh, _global_shapes(example, pc))
+    step_fn = compile_step(sc, tx, schedule, state_sh, r_sh, tstate_sh, b_sh, mesh)
+
+    ckpt = Checkpoints(os.path.join(out_dir, "checkpoints"), int(c.train.keep_checkpoints),
+                       bool(c.train.async_checkpoint))
+    run = Run(c, mesh, target, spec, sc, state, rest, tstate, step_fn, data, total, out_dir, ckpt,
+              schedule)
+    if resume and ckpt.latest_step() is not None:
+        run.state, data_state, _ = ckpt.restore(run.state)
+        run.data.set_state(data_state)
+    return run
+
+
+def _warm_start(path, spec, params, mesh):
+    from deepspec_jax.drafts import load_draft
+
+    d = load_draft(path, dtype="float32", mesh=mesh)
+    if d.raw_config.get("architectures") != spec.raw.get("architectures"):
+        raise ConfigError(f"draft.init_from={path}: architecture {d.raw_config.get('architectures')} "
+                          f"differs from the run's {spec.raw.get('architectures')}.")
+    _, p, _ = nnx.split(d.model, nnx.Param, ...)
+    loaded = p.to_pure_dict()
+    if jax.tree.structure(loaded) != jax.tree.structure(params):
+        raise ConfigError(f"draft.init_from={path}: its parameters do not match the run's draft "
+                          "config (layers, heads or head types differ).")
+    return jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding),
+                        loaded, params)
+
+
+class _Shape:
+    def __init__(self, shape, ndim):
+        self.shape, self.ndim = shape, ndim
+
+
+def _global_shapes(example: dict, pc: int) -> dict:
+    return {k: _Shape((v.shape[0] * pc,) + v.shape[1:], v.ndim) for k, v in example.items()}
+
+
+def _example_batch(data, local: int, online: bool, source) -> dict:
+    s = int(data._host.plan.buckets[-1]) if hasattr(data._host.plan, "buckets") else None
+    sample = source[0]
+    s = s or len(sample["input_ids"])
+    out = {"input_ids": np.zeros((local, s), np.int32), "loss_mask": np.zeros((local, s), np.int32)}
+    if not online:
+        out["features"] = np.zeros((local, s) + sample["features"].shape[1:], sample["features"].dtype)
+        out["target_last_hidden"] = np.zeros((local, s) + sample["target_last_hidden"].shape[1:],
+                                             sample["target_last_hidden"].dtype)
+    return out
+
+
+def to_global(batch: dict, shardings: dict, pc: int) -> dict:
+    """Host-local rows -> global arrays laid out over the mesh (multi-host safe)."""
+    return {k: jax.make_array_from_process_local_data(
+        shardings[k], v, (v.shape[0] * pc,) + v.shape[1:]) for k, v in batch.items()}
+
+
+def run_info(run: Run) -> dict:
+    return {"name": run.config.name, "draft_config": run.spec.raw,
+            "config": json.loads(run.config.to_json_best_effort())}
+
+
+def export(run: Run, dst: str | None = None) -> str:
+    """Write the trained draft as a JAX dir (``<out>/final``) and, if configured, the
+    DeepSpec HF format (``<out>/hf``)."""
+    from convert.common import jax_to_hf
+
+    dst = dst or os.path.join(run.out_dir, "final")
+    model = nnx.merge(run.step_config.graphdef, nnx.State(run.state.params), nnx.State(run.rest))
+    save_jax_dir(dst, run.spec, nnx.state(model), source=f"trained by deepspec_jax ({run.config.name})")
+    if run.config.train.export_hf and jax.process_index() == 0:
+        jax_to_hf(dst, os.path.join(run.out_dir, "hf"))
+    return dst
+
+
+def fmt_metrics(m: dict) -> str:
+    keys = ["total_loss", "ce_loss", "l1_loss", "confidence_loss", "tau_probabilistic"]
+    parts = [f"{k.replace('_loss', '')}={m[k]:.4f}" for k in keys if k in m]
+    acc = [m[k] for k in sorted((k for k in m if k.startswith("accept_rate@")),
+                                key=lambda s: int(s.split("@")[1]))]
+    if acc:
+        parts.append("acc@k=" + "/".join(f"{a:.2f}" for a in acc))
+    parts.append(f"lr={m['lr']:.2e} gnorm={m['grad_norm']:.3f}")
+    return " ".join(parts)
+
+
+def train(run: Run, *, log=print, stop_after: int | None = None) -> dict:
+    """Run steps until ``run.total_steps`` (or ``stop_after`` more). Returns the last metrics."""
+    c = run.config
+    main = jax.process_index() == 0
+    pc = jax.process_count()
+    writer = None
+    if main and c.train.tensorboard:
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(os.path.join(run.out_dir, "tensorboard"))
+    os.makedirs(run.out_dir, exist_ok=True)
+    metrics_path = os.path.join(run.out_dir, "metrics.jsonl")
+    step = int(jax.device_get(run.state.step))
+    end = run.total_steps if stop_after is None else min(run.total_steps, step + stop_after)
+    b_sh = run.step_fn  # shardings live inside the jitted function; recompute for the batch
+    del b_sh
+    pending = None   # (step, ok flag, batch indices) of the previous step
+    last = {}
+    bar = tqdm(total=end, initial=step, unit="step", desc=c.name, disable=not main)
+    t_last, tok_acc = time.perf_counter(), 0.0
+    try:
+        while step < end:
+            batch = next(run.data)
+            indices = batch.pop("index")
+            gb = to_global(batch, batch_shardings(run.mesh, _global_shapes(batch, pc)), pc)
+            run.state, metrics = run.step_fn(run.state, run.rest, run.tstate, gb)
+            if pending is not None:
+                _check_finite(run, *pending)
+            pending = (step, metrics["ok"], indices)
+            step += 1
+            bar.update(1)
+            if step % c.train.log_every == 0 or step == end:
+                m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                _check_finite(run, *pending)
+                now = time.perf_counter()
+                n = c.train.log_every if step % c.train.log_every == 0 else (step % c.train.log_every)
+                m["step_time_s"] = (now - t_last) / max(n, 1)
+                m["tokens_per_s"] = m["tokens"] / m["step_time_s"]
+                t_last = now
+                last = dict(m, step=step)
+                if main:
+                    log(f"step {step}/{run.total_steps} {fmt_metrics(m)} "
+                        f"tok/s={m['tokens_per_s']:.0f} {m['step_time_s']:.2f}s/step")
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(last) + "\n")
+                    if writer:
+                        for k, v in m.items():
+                            writer.add_scalar(f"train/{k}", v, step)
+                        writer.flush()
+            if step % c.train.checkpoint_every == 0 or step == end:
+                if pending is not None:
+                    _check_finite(run, *pending)
+                run.checkpoints.save(run.state, run.data.get_state(), run_info(run))
+        run.checkpoints.wait()
+    finally:
+        bar.close()
+        if writer:
+            writer.close()
+    del tok_acc
+    return last
+
+
+def _check_finite(run: Run, step: int, ok, indices) -> None:
+    if float(jax.device_get(ok)) < 0.5:
+        run.checkpoints.wait()
+        rows = [int(i) for i in np.asarray(indices) if i >= 0]
+        latest = run.checkpoints.latest_step()
+        raise NonFiniteLoss(
+            f"step {step + 1}: the loss or gradient norm is not finite (batch sample indices {rows} "
+            f"of data.train); parameters were not updated. The last good checkpoint is step {latest} "
+            f"in {run.checkpoints.directory}. Lower train.lr or inspect those samples.")
+
+
+__all__ = ["setup", "train", "export", "Run", "NonFiniteLoss", "shardings_of", "to_global",
+           "ConcatSource", "WithFeatures"]
+_ = math
