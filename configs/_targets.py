@@ -1,8 +1,8 @@
 """Facts about the target models that the training configs in this folder share.
 
 ``configs/`` is not a Python package (config files are loaded by path through
-``ml_collections.config_flags``), so each config file loads this one by path (the
-``importlib`` lines at its top); nothing here is imported by ``deepspec_jax``.
+``ml_collections.config_flags``), so configs/_recipes.py, which the config files load
+by path, loads this one by path too; nothing here is imported by ``deepspec_jax``.
 
 Reference = deepseek-ai/DeepSpec (MIT). ``# ref:`` comments name the file a value comes
 from; target depths/widths come from the targets' own HF ``config.json``.

@@ -26,7 +26,7 @@ import json
 import os
 import re
 import shutil
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -380,7 +380,8 @@ def copy_extra_files(src: str, dst: str) -> list[str]:
 
 def save_jax_dir(dst: str, spec: ModelSpec, state: nnx.State, hf_dtypes: Mapping[str, str] | None = None,
                  hf_metadata: Mapping[str, str] | None = None, extra_from: str | None = None,
-                 source: str = "", config_text: str | None = None) -> dict:
+                 source: str = "", config_text: str | None = None,
+                 shared_from_target: Sequence[str] = ()) -> dict:
     """Write a JAX dir: config.json, params/, extra/, manifest last. Returns the manifest.
 
     ``hf_dtypes`` (HF key -> dtype name) records what the HF side stores; when omitted
@@ -394,6 +395,9 @@ def save_jax_dir(dst: str, spec: ModelSpec, state: nnx.State, hf_dtypes: Mapping
     if main and os.path.exists(manifest_path):  # must not look complete mid-write
         os.remove(manifest_path)
     flat = {p: v.get_value() for p, v in flat_variables(state).items()}
+    unknown = [p for p in shared_from_target if p not in flat]
+    if unknown:
+        raise ValueError(f"shared_from_target {unknown} are not parameters of this model.")
     by_ours = {r.ours: r for r in spec.rules}
     params = {p: {"shape": list(np.shape(a)), "dtype": dtype_name(a.dtype)} for p, a in flat.items()}
     hf = {}
@@ -404,7 +408,7 @@ def save_jax_dir(dst: str, spec: ModelSpec, state: nnx.State, hf_dtypes: Mapping
         config_text = config_json_text(with_dtype_field(spec.raw, hf))
     if main:
         _atomic_write_text(os.path.join(dst, CONFIG_NAME), config_text)
-    save_params(os.path.join(dst, PARAMS_DIR), flat)
+    save_params(os.path.join(dst, PARAMS_DIR), {p: a for p, a in flat.items() if p not in shared_from_target})
     extra_dir = os.path.join(dst, EXTRA_DIR)
     extra = []
     if main:
@@ -420,13 +424,15 @@ def save_jax_dir(dst: str, spec: ModelSpec, state: nnx.State, hf_dtypes: Mapping
         "hf": {"tensors": dict(sorted(hf.items())), "metadata": dict(hf_metadata or {"format": "pt"})},
         "extra_files": extra,
     }
+    if shared_from_target:  # e.g. a draft's frozen embed/lm_head: filled from the target on load
+        manifest["shared_from_target"] = sorted(shared_from_target)
     if main:
         _atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
 def load_jax_dir(root: str, dtype=None, mesh: Mesh | None = None, want_kind: str | None = None,
-                 host: bool = False) -> tuple[Loaded, dict]:
+                 host: bool = False, shared: Mapping[str, Any] | None = None) -> tuple[Loaded, dict]:
     """Restore a JAX dir into the shardings of its abstract model (``host=True``: onto one
     CPU device, for exports). ``dtype=None`` keeps the stored dtypes. Checks the
     stored tree against the tree config.json implies, naming any mismatch."""
@@ -449,6 +455,20 @@ def load_jax_dir(root: str, dtype=None, mesh: Mesh | None = None, want_kind: str
     compute = cast if cast is not None else _compute_dtype(dt for _, dt in stored.values())
     graphdef, abstract_state = spec.abstract(compute)
     variables = flat_variables(abstract_state)
+    by_ref = list(manifest.get("shared_from_target", []))
+    if by_ref:
+        if shared is None or any(p not in shared for p in by_ref):
+            raise CheckpointError(
+                f"{os.path.join(root, MANIFEST_NAME)}: parameters {by_ref} are not stored here but "
+                "shared with the target (field 'shared_from_target'); load the draft with its "
+                "target: load_draft(path, target=load_target(...)).")
+        for p in by_ref:
+            want = tuple(variables[p].get_value().shape)
+            if tuple(np.shape(shared[p])) != want:
+                raise CheckpointError(
+                    f"{root}: the target's {p!r} has shape {tuple(np.shape(shared[p]))} but this draft "
+                    f"needs {want}; the draft was trained for a different target.")
+            stored[p] = (want, np.dtype(shared[p].dtype))
     missing = [p for p in variables if p not in stored]
     extra = [p for p in stored if p not in variables]
     if missing or extra:
@@ -470,7 +490,9 @@ def load_jax_dir(root: str, dtype=None, mesh: Mesh | None = None, want_kind: str
         sharding = cpu or named_sharding(var.get_metadata().get("logical_axes", (None,) * len(shape)),
                                          shape, mesh)
         abstract[path] = jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
-    values = restore_params(params_dir, abstract)
+    values = restore_params(params_dir, {p: a for p, a in abstract.items() if p not in by_ref})
+    for p in by_ref:
+        values[p] = jax.device_put(jnp.asarray(shared[p], abstract[p].dtype), abstract[p].sharding)
     for path, var in variables.items():
         var.set_value(values[path])
     hf_dtypes = dict(manifest["hf"].get("tensors", {}))

@@ -1,9 +1,9 @@
 """The training configs under configs/: they load, fit the schema and match the reference.
 
 Fast: no model is loaded. The expected values below are written out independently of
-configs/_targets.py (target depths from the targets' config.json, hyper-parameters from
-deepseek-ai/DeepSpec's config/<arch>/<arch>_<target>.py), so a wrong edit to either
-side fails here.
+configs/_targets.py and configs/_recipes.py (target depths from the targets' config.json,
+hyper-parameters from deepseek-ai/DeepSpec's config/<arch>/<arch>_<target>.py), so a wrong
+edit to either side fails here.
 """
 
 from __future__ import annotations
@@ -159,14 +159,30 @@ def test_smollm2_configs_fit_a_cpu(arch):
     assert c.target.dtype == "float32" and c.train.compute_dtype == "float32"
     assert tuple(c.data.train) == ("data/smollm2/tokens",)
     assert c.data.max_length <= 512
-    assert c.train.global_batch_size <= 16 and 0 < c.train.max_steps <= 1000
+    assert c.train.global_batch_size <= 16 and 0 <= c.train.max_steps <= 1000
+    assert c.train.num_epochs <= 10 and c.data.feature_cache  # cached features: reused each epoch
     assert c.draft.num_hidden_layers == 1
     if arch == "dspark":
-        assert 5 <= c.draft.block_size <= 7 and c.draft.markov_head_type == "gated"
+        # block 4: a CPU verifies 5 tokens at ~1.7x the cost of 1 (8 tokens: ~2.4x)
+        assert 3 <= c.draft.block_size <= 7 and c.draft.markov_head_type == "gated"
         assert c.draft.enable_confidence_head
     if arch != "eagle3":
         assert c.draft.mask_token_id == -1
         assert c.draft.num_anchors * c.draft.block_size <= c.data.max_length
+
+
+def test_recipes_refuse_unknown_names():
+    """A typo in a SmolLM2 file's draft overrides, or a non-reference target, is an error
+    naming the field, not a silently added key."""
+    spec = importlib.util.spec_from_file_location("_test_recipes", CONFIG_DIR / "_recipes.py")
+    recipes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipes)
+    with pytest.raises(ConfigError, match="markov_rnak"):
+        recipes.smollm2_config("dspark", batch_size=4, num_epochs=1, markov_rnak=32)
+    with pytest.raises(ConfigError, match="smollm2_135m"):
+        recipes.reference_config("dspark", "smollm2_135m")
+    c = recipes.smollm2_config("dflash", batch_size=4, num_epochs=1, block_size=5)
+    assert c.is_locked and c.draft.block_size == 5 and c.train.micro_batch_size == 4
 
 
 def test_gemma_target_is_still_refused():

@@ -163,3 +163,34 @@ def test_save_then_export_reproduces_release(src, tmp_path):
     got, want = read_tensors(str(tmp_path / "hf2")), read_tensors(src)
     assert all(np.array_equal(got[k], want[k] * 2) for k in want)
 
+
+
+def test_share_with_target_stores_no_embeddings_and_reloads_from_target(tmp_path):
+    from deepspec_jax.checkpoint import CheckpointError
+    from deepspec_jax.target import load_target
+    from train_helpers import TINY_TARGET
+
+    src = next(d for d in draft_dirs() if "dspark_gated" in d and "distilled" not in d)
+    target = load_target(TINY_TARGET, dtype="float32")
+    draft = load_draft(src, dtype="float32")
+    draft.save(str(tmp_path / "shared"), share_with_target=True)
+    full = draft.save(str(tmp_path / "full"))
+    import json, os
+    m = json.load(open(os.path.join(tmp_path / "shared", "deepspec_jax.json")))
+    assert m["shared_from_target"] == ["embed", "lm_head"]
+    with pytest.raises(CheckpointError, match="shared with the target"):
+        load_draft(str(tmp_path / "shared"))
+    back = load_draft(str(tmp_path / "shared"), target=target)
+    got, want = flat_variables(back.state), flat_variables(draft.state)
+    assert set(got) == set(want)
+    for p in want:
+        if p == "embed":
+            ref = target.model.embed.get_value()
+        elif p == "lm_head":
+            ref = target.model.lm_head_weight()
+        else:
+            ref = want[p].get_value()
+        np.testing.assert_array_equal(np.asarray(got[p].get_value()), np.asarray(ref), err_msg=p)
+    shared_bytes = sum(f.stat().st_size for f in (tmp_path / "shared").rglob("*") if f.is_file())
+    full_bytes = sum(f.stat().st_size for f in (tmp_path / "full").rglob("*") if f.is_file())
+    assert shared_bytes < full_bytes

@@ -21,6 +21,8 @@ from deepspec_jax.checkpoint import (Loaded, ModelSpec, dtype_name, is_jax_dir, 
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.sharding import make_mesh
 
+SHARED_WITH_TARGET = ("embed", "lm_head")
+
 
 @dataclasses.dataclass
 class Draft:
@@ -59,20 +61,31 @@ class Draft:
     def model(self) -> nnx.Module:
         return nnx.merge(self.graphdef, self.state)
 
-    def save(self, path: str) -> dict:
+    def save(self, path: str, share_with_target: bool = False) -> dict:
         """Write this draft (its current ``state``) as a JAX dir; returns the manifest.
         HF tensors keep the dtypes recorded at load (the release's), so a later export
-        matches the release layout."""
+        matches the release layout. ``share_with_target=True`` leaves out the frozen
+        embed/lm_head (copies of the target's: most of a small draft's bytes); such a
+        dir loads only with ``load_draft(path, target=...)``."""
         return save_jax_dir(os.fspath(path), self.spec, self.state, self.hf_dtypes,
-                            self.hf_metadata, source=self.source)
+                            self.hf_metadata, source=self.source,
+                            shared_from_target=SHARED_WITH_TARGET if share_with_target else ())
 
 
-def load_draft(path: str, dtype=None, mesh: Mesh | None = None) -> Draft:
+def target_shared_params(target) -> dict:
+    """The draft parameters a target provides: embed [V, d] and lm_head [d, V]."""
+    m = target.model
+    return {"embed": m.embed.get_value(), "lm_head": m.lm_head_weight()}
+
+
+def load_draft(path: str, dtype=None, mesh: Mesh | None = None, target=None) -> Draft:
     """Load a draft from an HF directory or a JAX dir.
 
     ``dtype``: None/"keep" keeps the stored dtypes (a bf16 release stays bf16); a name
     ("float32", "bfloat16") or dtype casts every parameter. Parameters are placed
-    directly into their shardings on ``mesh`` (default: all devices, FSDP)."""
+    directly into their shardings on ``mesh`` (default: all devices, FSDP).
+    ``target``: needed for JAX dirs saved with ``share_with_target`` (their embed and
+    lm_head come from the target)."""
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise ConfigError(f"{path}: no such checkpoint directory; pass a draft directory "
@@ -80,7 +93,8 @@ def load_draft(path: str, dtype=None, mesh: Mesh | None = None) -> Draft:
                           "convert.torch_to_jax).")
     mesh = mesh if mesh is not None else make_mesh()
     if is_jax_dir(path):
-        loaded, _ = load_jax_dir(path, dtype, mesh, want_kind="draft")
+        loaded, _ = load_jax_dir(path, dtype, mesh, want_kind="draft",
+                                 shared=None if target is None else target_shared_params(target))
     else:
         loaded = load_hf_dir(path, dtype, mesh, want_kind="draft")
     return _draft_from(loaded, mesh, path)

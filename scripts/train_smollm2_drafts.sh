@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The project's proof run: train DSpark, DFlash and Eagle3 drafts for the embedded
+# SmolLM2-135M-Instruct target on a CPU, evaluate them, and (optionally) ship the
+# DSpark draft as the eval's embedded default. Every stage is resumable: rerun the
+# script (or one stage) after an interruption and it continues where it stopped.
+#
+#   bash scripts/train_smollm2_drafts.sh [regenerate|tokenize|features|train|eval|ship|all]
+#
+# Sizes are chosen for a 2-core CPU (see the configs' docstrings); on a real machine
+# raise REGEN_SAMPLES and the configs' steps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+DATA=${DATA:-data/smollm2}
+REGEN_SAMPLES=${REGEN_SAMPLES:-1500}     # per prompt file
+LAYERS=1,8,15,22,28                      # = configs/_targets.py smollm2_135m target_layer_ids
+stage=${1:-all}
+
+run() { echo "+ $*" >&2; "$@"; }
+
+if [[ $stage == regenerate || $stage == all ]]; then
+  # SmolLM2's recommended sampling: temperature 0.2, top-p 0.9.
+  run "$PY" -m deepspec_jax.data.regenerate \
+    --prompts=../shared/train_prompts/gsm8k_train.jsonl,../shared/train_prompts/self_instruct_seed.jsonl \
+    --output="$DATA/answers.jsonl" --max_samples="$REGEN_SAMPLES" --batch_size=32 \
+    --max_new_tokens=256 --temperature=0.2 --top_p=0.9
+fi
+if [[ $stage == tokenize || $stage == all ]]; then
+  run "$PY" -m deepspec_jax.data.tokenize --input="$DATA/answers.jsonl" --output="$DATA/tokens" \
+    --target=smollm2-135m --max_length=512 --overwrite
+fi
+if [[ $stage == features || $stage == all ]]; then
+  run "$PY" -m deepspec_jax.data.build_features --tokens="$DATA/tokens" --target=smollm2-135m \
+    --layer_ids=$LAYERS --output="$DATA/features" --batch_size=8 --dtype=bfloat16
+fi
+if [[ $stage == train || $stage == all ]]; then
+  for arch in dspark dflash eagle3; do
+    run "$PY" -m deepspec_jax.train --config="configs/$arch/${arch}_smollm2_135m.py" \
+      --config.data.feature_cache="$DATA/features" ${TRAIN_ARGS:-}
+  done
+fi
+if [[ $stage == eval || $stage == all ]]; then
+  for arch in dspark dflash eagle3; do
+    for t in 0 1; do
+      run "$PY" -m deepspec_jax.eval --target=smollm2-135m --draft="runs/${arch}_smollm2_135m/final" \
+        --datasets=gsm8k,humaneval,mt-bench --max_samples=${EVAL_SAMPLES:-8} --max_new_tokens=256 \
+        --temperature=$t --output_dir="runs/eval/${arch}_T$t" ${EVAL_ARGS:-}
+    done
+  done
+fi
+if [[ $stage == ship ]]; then
+  # bf16, embed/lm_head left out (they are the target's): the eval's embedded default
+  run "$PY" -c "from deepspec_jax import load_draft; \
+d = load_draft('runs/dspark_smollm2_135m/final', dtype='bfloat16'); \
+d.save('deepspec_jax/assets/default_draft', share_with_target=True)"
+fi
