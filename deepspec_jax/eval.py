@@ -4,6 +4,9 @@ Prints the reference's results table (dataset, target, draft, #propose, accept_l
 verify_rate, accept_rate@k, plus tokens/s of speculative vs plain decoding) and writes
 ``<output_dir>/<dataset>/results.json`` with every metric, an acceptance-by-position
 PNG and, for DSpark drafts with a confidence head at threshold 0, a reliability diagram.
+With ``--tree=topk,nodes`` every dataset is decoded a second time with draft trees
+(``speculative_generate(..., tree=...)``): its tau, tokens/s and speedup appear in a row
+right below the chain's and under ``tree`` in results.json.
 
 With neither ``--target`` nor ``--draft`` it runs a quick demo: the embedded
 SmolLM2-135M-Instruct target with the project's default draft
@@ -51,6 +54,10 @@ flags.DEFINE_integer("seed", 980406, "Seed of sample selection and decoding (sam
                      "seed + i).")
 flags.DEFINE_string("output_dir", "eval_results", "Directory for results.json and PNGs.")
 flags.DEFINE_integer("batch_size", 1, "Prompts per decoding call (the reference uses 1).")
+flags.DEFINE_string("tree", None, "Also decode with draft trees, 'topk,nodes' (e.g. 4,16): "
+                    "EAGLE-2 style trees of the draft's top-k (T=0) / sampled (T>0) children, "
+                    "the best `nodes` verified in one target pass; tau, tokens/s and speedup "
+                    "are reported in a row next to the chain's.")
 flags.DEFINE_boolean("autoregressive", True, "Also time plain autoregressive decoding of the "
                      "target for the speedup (--noautoregressive skips it).")
 
@@ -88,6 +95,19 @@ def _validate_numbers() -> None:
     if not 0.0 <= FLAGS.confidence_threshold <= 1.0:
         raise UsageError("--confidence_threshold is a probability in [0, 1], got "
                          f"{FLAGS.confidence_threshold}.")
+    _tree_setting()
+
+
+def _tree_setting() -> tuple[int, int] | None:
+    """--tree parsed to (topk, num_nodes); UsageError naming the flag when malformed."""
+    if FLAGS.tree is None:
+        return None
+    from deepspec_jax.spec_decode import parse_tree
+
+    try:
+        return parse_tree(FLAGS.tree)
+    except ValueError as e:
+        raise UsageError(f"--tree={FLAGS.tree}: {e}".replace(f"tree={FLAGS.tree!r}: ", "")) from None
 
 
 def _resolve_paths() -> tuple[str | None, str]:
@@ -213,6 +233,10 @@ def run(argv) -> int:
         return _fail(str(e), 1)
     print(f"loaded target {target.source} and {draft.kind} draft {draft.source} in "
           f"{time.perf_counter() - t0:.1f}s", flush=True)
+    tree = _tree_setting()
+    if tree is not None and tree[0] > int(draft.config.vocab_size):
+        return _fail(f"--tree={FLAGS.tree}: topk {tree[0]} exceeds the draft's vocabulary "
+                     f"({draft.config.vocab_size}).", 2)
     if FLAGS.confidence_threshold > 0 and not runner.has_confidence_head(draft):
         print("note: --confidence_threshold has no effect: the draft has no confidence head.",
               flush=True)
@@ -221,12 +245,13 @@ def run(argv) -> int:
         max_new_tokens=max_new, temperature=FLAGS.temperature,
         confidence_threshold=FLAGS.confidence_threshold, seed=FLAGS.seed,
         batch_size=FLAGS.batch_size, output_dir=FLAGS.output_dir, max_samples=max_samples,
-        run_autoregressive=FLAGS.autoregressive)
+        run_autoregressive=FLAGS.autoregressive, tree=_tree_setting())
     config = {"target": target.source, "draft": draft.source, "datasets": names,
               "max_samples": max_samples, "max_new_tokens": max_new,
               "temperature": FLAGS.temperature,
               "confidence_threshold": FLAGS.confidence_threshold, "seed": FLAGS.seed,
-              "batch_size": FLAGS.batch_size, "quick_demo": quick}
+              "batch_size": FLAGS.batch_size, "quick_demo": quick,
+              "tree": list(_tree_setting()) if FLAGS.tree else None}
     if quick:  # few short prompts: one compilation per decoder for the whole demo
         try:
             settings = dataclasses.replace(settings, prompt_bucket=runner.shared_prompt_bucket(

@@ -19,6 +19,12 @@ norm(max(p_t - p_d, 0)) (p_t if that is empty); if all are accepted sample a bon
 token from p_t after the last one. Greedy uses the same rule on one-hot
 distributions. Round bookkeeping (when to stop, what a round whose accepted drafts
 contain a stop token records) follows the reference evaluator's loop.
+
+Tree mode (``tree=(topk, num_nodes)``, ``_spec_generate_tree``) replaces the chain by
+a draft tree per round (``deepspec_jax.tree``): the target runs the flattened tree in
+one pass with tree-masked attention, verification is greedy path-following (T=0) or
+multi-candidate recursive rejection sampling (T>0, lossless), and the target KV cache
+is compacted to the accepted path so later rounds see a plain causal cache.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ from deepspec_jax.errors import ConfigError
 from deepspec_jax.models.transformer import init_cache as target_init_cache
 from deepspec_jax.sampling import SamplingParams, probs as sampling_probs, sample as sampling_sample
 from deepspec_jax.target import Target, pad_prompts, round_up
+from deepspec_jax.tree.build import tree_size
+from deepspec_jax.tree.verify import TREE_RULES as _TREE_RULES
 
 # Private acceptance rules, only for tests that must show a wrong rule is detected.
 _RULES = ("exact", "always_accept", "residual_no_subtract")
@@ -50,7 +58,8 @@ class SpecResult:
     stop token, at most max_new_tokens). ``accepted_lengths[r]``: accepted draft tokens
     + 1 in round r (the reference's acceptance length; a round ended by an accepted
     stop token records only the accepted drafts). ``proposal_lengths[r]``: draft tokens
-    proposed (after confidence truncation, cut after an accepted stop token).
+    proposed (after confidence truncation, cut after an accepted stop token); in tree
+    mode the depth of the tree (the longest path that could be accepted).
     ``confidences``: [rounds, width] confidence logits of every block position before
     truncation (DSpark drafts with a confidence head), else None.
     """
@@ -60,6 +69,7 @@ class SpecResult:
     proposal_lengths: list[int]
     confidences: np.ndarray | None
     num_rounds: int
+    tree_nodes: list[int] | None = None   # tree mode: valid draft nodes verified per round
 
     @property
     def acceptance_length(self) -> float:
@@ -241,6 +251,106 @@ def _spec_generate(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prompt_le
 
 
 # ---------------------------------------------------------------------------
+# tree speculation (tree=(topk, num_nodes)); the chain loop above is untouched
+# ---------------------------------------------------------------------------
+
+def _tree_depth(kind: str, cfg) -> int:
+    """Tree depth limit: the draft's trained horizon (DSpark block slots / Eagle3 TTT)."""
+    return _proposal_width(kind, cfg)
+
+
+def _draft_tree(kind, dmodel, dstate, current, key, sp, topk, num_nodes, threshold):
+    if kind == "dspark":
+        return dmodel.tree_propose(dstate, current, key, sp, topk, num_nodes, threshold)
+    from deepspec_jax.drafts import eagle3
+
+    return eagle3.tree_propose(dmodel, dstate, key, sp, topk, num_nodes)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 4, 9, 10, 11, 12, 13, 15, 16))
+def _spec_generate_tree(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prompt_len, stop_ids,
+                        threshold, max_new, cache_len, sp, layer_ids, rule, key, topk, num_nodes):
+    """``_spec_generate`` with a draft tree per round: build (``tree.build``), one target
+    pass over the flattened tree (``CausalLM.extend_tree``), lossless tree verification
+    (``tree.verify``), then the target cache is compacted to the accepted path and the
+    draft is extended with the path's target features."""
+    from deepspec_jax.kernels.tree_attention import ancestor_bits
+    from deepspec_jax.tree import compact_kv_cache, gather_path, path_slots, verify_tree
+
+    target = nnx.merge(tgraphdef, tstate)
+    draft = nnx.merge(dgraphdef, dstate)
+    depth_max = _tree_depth(kind, draft.cfg)
+    b = prompt.shape[0]
+    rows = jnp.arange(b)
+
+    tcache = target_init_cache(target.cfg, b, cache_len, target.dtype, target.per_layer)
+    out, tcache = target.extend(tcache, prompt, prompt_len, layer_ids, fresh=True)
+    last = out.logits[rows, prompt_len - 1]
+    first = sampling_sample(last, jax.random.fold_in(key, max_new + 1), sp)
+    dstate = _draft_init(kind, draft, b, cache_len, prompt, prompt_len, first, out.features)
+
+    carry = dict(i=jnp.int32(0), pos=prompt_len.astype(jnp.int32), cur=first, tcache=tcache,
+                 dstate=dstate, done=_isin(first, stop_ids) | (max_new <= 0),
+                 rounds=jnp.zeros((b,), jnp.int32),
+                 gen=jnp.full((b, max_new + depth_max + 2), -1, jnp.int32).at[:, 0].set(first),
+                 acc=jnp.zeros((b, max_new), jnp.int32), prop=jnp.zeros((b, max_new), jnp.int32),
+                 nodes=jnp.zeros((b, max_new), jnp.int32))
+    limit = prompt_len + max_new
+
+    def cond(c):
+        return (c["i"] < max_new) & ~jnp.all(c["done"])
+
+    def body(c):
+        active = ~c["done"]
+        pos, cur = c["pos"], c["cur"]
+        k_draft, k_verify = jax.random.split(jax.random.fold_in(key, c["i"]))
+        tree = _draft_tree(kind, draft, c["dstate"], cur, k_draft, sp, topk, num_nodes, threshold)
+
+        # Verify: [current, nodes] at positions pos + depth, tree-masked attention.
+        ids = jnp.concatenate([cur[:, None], tree.tokens], axis=1)
+        depths = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), tree.depth], axis=1)
+        parents = jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), tree.parents + 1], axis=1)
+        vout, tcache = target.extend_tree(c["tcache"], ids, depths, ancestor_bits(parents),
+                                          layer_ids)
+        p_t = sampling_probs(vout.logits, sp)
+        verdict = verify_tree(p_t, tree, stop_ids, k_verify, greedy=sp.greedy, topk=topk,
+                              max_depth=depth_max, rule=rule)
+        acc, nxt, stopped = verdict.accepted, verdict.next_token, verdict.stopped
+
+        # Commit: keep [current, accepted path] contiguously in the target cache.
+        n_commit = jnp.where(active, jnp.where(stopped, acc, acc + 1), 0)
+        new_pos = pos + n_commit
+        slots = path_slots(verdict.path)                                   # [B,D+1]
+        tcache = compact_kv_cache(tcache._replace(lengths=pos), pos, slots, n_commit)
+        j = jnp.arange(depth_max + 1, dtype=jnp.int32)[None]
+        path_tok = jnp.pad(verdict.tokens, ((0, 0), (0, 1)))
+        committed = jnp.where(j < acc[:, None], path_tok, nxt[:, None])
+        write = active[:, None] & ((j < acc[:, None]) | ((j == acc[:, None]) & ~stopped[:, None]))
+        g = jnp.where(write, (pos - prompt_len)[:, None] + 1 + j, c["gen"].shape[1])
+        gen = c["gen"].at[rows[:, None], g].set(committed, mode="drop")
+        dstate = _draft_commit(kind, draft, c["dstate"], gather_path(vout.features, slots),
+                               committed, jnp.where(active & ~stopped, acc + 1, 0))
+
+        valid = tree.valid
+        depth_rec = jnp.max(jnp.where(valid, tree.depth, 0), axis=1)
+        r = jnp.where(active, c["rounds"], max_new)
+        acc_rec = jnp.where(stopped, acc, acc + 1)
+        prop_rec = jnp.where(stopped, acc, depth_rec)
+        done = c["done"] | (active & (stopped | _isin(nxt, stop_ids) | (new_pos >= limit)))
+        return dict(i=c["i"] + 1, pos=new_pos, cur=jnp.where(active & ~stopped, nxt, cur),
+                    tcache=tcache, dstate=dstate, done=done,
+                    rounds=c["rounds"] + active.astype(jnp.int32), gen=gen,
+                    acc=c["acc"].at[rows, r].set(acc_rec, mode="drop"),
+                    prop=c["prop"].at[rows, r].set(prop_rec, mode="drop"),
+                    nodes=c["nodes"].at[rows, r].set(jnp.sum(valid, axis=1, dtype=jnp.int32),
+                                                     mode="drop"))
+
+    c = jax.lax.while_loop(cond, body, carry)
+    n_out = c["pos"] - prompt_len + 1
+    return c["gen"], n_out, c["rounds"], c["acc"], c["prop"], c["nodes"]
+
+
+# ---------------------------------------------------------------------------
 # public API
 # ---------------------------------------------------------------------------
 
@@ -271,11 +381,32 @@ def check_compatible(target: Target, draft: Any) -> tuple[int, ...]:
     return ids
 
 
+def parse_tree(tree, vocab_size: int | None = None) -> tuple[int, int]:
+    """``(topk, num_nodes)`` from a pair or a "topk,nodes" string; ValueError if invalid."""
+    what = f"tree={tree!r}"
+    if isinstance(tree, str):
+        parts = [p.strip() for p in tree.split(",")]
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"{what}: expected 'topk,nodes', two positive integers such as "
+                             "'4,16'.")
+        tree = tuple(int(p) for p in parts)
+    try:
+        topk, num_nodes = (int(x) for x in tree)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what}: expected (topk, num_nodes), e.g. (4, 16).") from None
+    if topk < 1 or num_nodes < 1:
+        raise ValueError(f"{what}: topk and num_nodes must be >= 1 (topk=1 is a chain).")
+    if vocab_size is not None and topk > vocab_size:
+        raise ValueError(f"{what}: topk {topk} exceeds the vocabulary ({vocab_size}).")
+    return topk, num_nodes
+
+
 def speculative_generate(target: Target, draft: Any, prompt_ids: Sequence[Sequence[int]],
                          max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
                          confidence_threshold: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                          stop_token_ids: Sequence[int] | None = None, prompt_bucket: int = 64,
-                         cache_bucket: int = 256, _rule: str = "exact") -> list[SpecResult]:
+                         cache_bucket: int = 256, tree: tuple[int, int] | None = None,
+                         _rule: str = "exact") -> list[SpecResult]:
     """Speculative decoding of a batch of prompts with ``draft`` (a ``load_draft`` result,
     or any object with ``config``, ``kind``, ``graphdef``, ``state``) against ``target``.
 
@@ -283,29 +414,46 @@ def speculative_generate(target: Target, draft: Any, prompt_ids: Sequence[Sequen
     sampled output has the target's distribution), plus per-round statistics. Rows
     finish independently. ``confidence_threshold`` (DSpark with a confidence head)
     proposes only the prefix before the first position whose sigmoid(confidence) is
-    below it (0 = off). ``_rule`` is private: a deliberately wrong acceptance rule
-    for tests.
+    below it (0 = off). ``tree=(topk, num_nodes)`` drafts a tree per round instead of
+    a chain (EAGLE-2 style: top-k children of the best nodes, the best ``num_nodes``
+    kept; depth up to the chain's width) and verifies it losslessly in one target
+    pass (see ``deepspec_jax.tree``); ``None`` is the chain. At T=0 children are the
+    draft's top-k tokens; at T>0 they are drawn from the draft without replacement
+    (lossless multi-candidate rejection sampling needs sampled children). DSpark's
+    confidence threshold then prunes branches. ``_rule`` is private: a deliberately
+    wrong acceptance rule for tests.
     """
     sp = SamplingParams(float(temperature), int(top_k), float(top_p)).validate()
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
     if not 0.0 <= confidence_threshold <= 1.0:
         raise ValueError(f"confidence_threshold must be in [0, 1], got {confidence_threshold}.")
-    if _rule not in _RULES:
-        raise ValueError(f"_rule must be one of {_RULES}, got {_rule!r}.")
+    rules = _RULES if tree is None else _TREE_RULES
+    if _rule not in rules:
+        raise ValueError(f"_rule must be one of {rules}, got {_rule!r}.")
     layer_ids = check_compatible(target, draft)
     width = _proposal_width(draft.kind, draft.config)
     prompt, lens = pad_prompts(prompt_ids, prompt_bucket)
     target._check_ids(prompt, "prompt_ids")
-    cache_len = round_up(prompt.shape[1] + max_new_tokens + width + 1, cache_bucket)
     stop = target.resolve_stop_ids(stop_token_ids)
-    gen, n_out, rounds, acc, prop, conf = _spec_generate(
-        target.graphdef, target.state, draft.graphdef, draft.state, draft.kind,
-        target._put(prompt), target._put(lens), jnp.asarray(stop),
-        jnp.float32(confidence_threshold), int(max_new_tokens), cache_len, sp, layer_ids,
-        _rule, jax.random.key(seed))
-    gen, n_out, rounds, acc, prop, conf = jax.device_get((gen, n_out, rounds, acc, prop, conf))
-    has_conf = draft.kind == "dspark" and bool(draft.config.enable_confidence_head)
+    args = (target.graphdef, target.state, draft.graphdef, draft.state, draft.kind,
+            target._put(prompt), target._put(lens), jnp.asarray(stop),
+            jnp.float32(confidence_threshold), int(max_new_tokens))
+    nodes = None
+    if tree is None:
+        cache_len = round_up(prompt.shape[1] + max_new_tokens + width + 1, cache_bucket)
+        gen, n_out, rounds, acc, prop, conf = _spec_generate(
+            *args, cache_len, sp, layer_ids, _rule, jax.random.key(seed))
+        gen, n_out, rounds, acc, prop, conf = jax.device_get((gen, n_out, rounds, acc, prop, conf))
+    else:
+        topk, num_nodes = parse_tree(tree, draft.config.vocab_size)
+        n_tree = tree_size(topk, num_nodes, _tree_depth(draft.kind, draft.config))
+        cache_len = round_up(prompt.shape[1] + max_new_tokens + n_tree + 1, cache_bucket)
+        gen, n_out, rounds, acc, prop, nodes = jax.device_get(_spec_generate_tree(
+            *args, cache_len, sp, layer_ids, _rule, jax.random.key(seed), topk, num_nodes))
+        conf = None
+    has_conf = (tree is None and draft.kind == "dspark"
+                and bool(draft.config.enable_confidence_head))
     stops = set(int(s) for s in stop)
     results = []
     for r in range(len(prompt_ids)):
@@ -316,8 +464,9 @@ def speculative_generate(target: Target, draft: Any, prompt_ids: Sequence[Sequen
                 break
         n = int(rounds[r])
         results.append(SpecResult(toks, [int(x) for x in acc[r, :n]], [int(x) for x in prop[r, :n]],
-                                  np.asarray(conf[r, :n]) if has_conf else None, n))
+                                  np.asarray(conf[r, :n]) if has_conf else None, n,
+                                  None if nodes is None else [int(x) for x in nodes[r, :n]]))
     return results
 
 
-__all__ = ["SpecResult", "speculative_generate", "check_compatible", "verify"]
+__all__ = ["SpecResult", "speculative_generate", "check_compatible", "verify", "parse_tree"]

@@ -137,7 +137,7 @@ json.dump(out, open(tmp + "/mesh.json", "w"))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["dspark", "eagle3"])
+@pytest.mark.parametrize("arch", ["dspark", pytest.param("eagle3", marks=pytest.mark.heavy)])
 def test_eight_device_mesh_matches_one_device(tmp_path, arch):
     script = tmp_path / "mesh.py"
     script.write_text(MESH_SCRIPT)

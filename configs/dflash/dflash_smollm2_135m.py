@@ -24,4 +24,4 @@ _spec.loader.exec_module(_recipes)
 
 
 def get_config():
-    return _recipes.smollm2_config("dflash", batch_size=4, num_epochs=3)
+    return _recipes.smollm2_config("dflash", batch_size=4, num_epochs=2)

@@ -463,6 +463,59 @@ class DSparkDraft(nnx.Module):
         token_probs = jnp.take_along_axis(probs, tok[..., None], axis=-1)[..., 0]
         return Proposal(tok, logits, probs, token_probs, conf)
 
+    def tree_propose(self, cache: DraftCache, current: jax.Array, key: jax.Array, sp,
+                     topk: int, num_nodes: int, threshold=0.0):
+        """Draft a tree (``deepspec_jax.tree.DraftTree``) instead of a chain.
+
+        One backbone pass gives the hidden states of all block slots (they do not
+        depend on the drafted tokens); a node at depth d gets its children's logits
+        ``U_{d+1} + B_{d+1}`` from the Sequential head applied to its own token and (RNN)
+        its path's state, so every child is conditioned on its parent. Children are the
+        top-k (greedy) or k draws without replacement (T>0); the EAGLE-2 style builder
+        keeps the best ``num_nodes``. With a confidence head and ``threshold`` > 0 a
+        node whose children's confidence ``sigmoid(c)`` is below the threshold gets no
+        children (the chain's early stop, per branch; it depends only on the parent,
+        so verification stays lossless). The confidence is not used as the children's
+        acceptance prior in the score: on the fixture drafts that made sampled trees
+        shallower and lowered tau below the chain's, while the default prior (1)
+        always keeps the chain of first draws.
+        """
+        from deepspec_jax.tree.build import build_tree
+
+        cfg = self.cfg
+        hidden = self.propose_hidden(cache, current)                     # [B,K,d]
+        base = self.logits(hidden)                                       # [B,K,V]
+        b = current.shape[0]
+        r = max(cfg.markov_rank, 1)
+        threshold = jnp.asarray(threshold, jnp.float32)
+
+        def step(slot, prev, s):
+            """Children logits / prior (0, or -inf = pruned) / child state of nodes with
+            tokens ``prev`` [B,F] at depth ``slot``."""
+            f = prev.shape[1]
+            h = jnp.broadcast_to(hidden[:, slot][:, None], (b, f, hidden.shape[-1]))
+            logits = jnp.broadcast_to(base[:, slot][:, None], (b, f, base.shape[-1]))
+            if cfg.markov_rank > 0:
+                u, s = self.markov_step(self.markov_embed(prev), h, s)
+                logits = logits + self.markov_bias(u)
+            conf = self.confidence(h, prev)
+            prior = None
+            if conf is not None:
+                keep = (threshold <= 0) | (jax.nn.sigmoid(conf) >= threshold)
+                prior = jnp.where(keep, 0.0, -jnp.inf)
+            return logits, prior, s
+
+        s0 = jnp.zeros((b, 1, r), self.dtype)
+        logits0, prior0, s1 = step(0, current.astype(jnp.int32)[:, None], s0)
+
+        def expand(level, tokens, states, anc, carry):
+            logits, prior, s = step(level, tokens, states)
+            return logits, prior, s, carry
+
+        return build_tree(logits0[:, 0], None if prior0 is None else prior0[:, 0], s1[:, 0],
+                          expand, None, topk=topk, num_nodes=num_nodes,
+                          max_depth=cfg.block_size, sp=sp, key=key)
+
 
 # ---------------------------------------------------------------------------
 # checkpoint names, loading, registration

@@ -27,6 +27,7 @@ from deepspec_jax.drafts.common import Frozen
 from deepspec_jax.drafts.registry import DraftArch, register
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.layers import apply_rope, masked_attention, rms_norm, rope_inv_freq, swiglu
+from deepspec_jax.layers.attention import segmented_attention
 from deepspec_jax.models.transformer import _param
 from deepspec_jax.sampling import SamplingParams, probs as sampling_probs, sample as sampling_sample
 from deepspec_jax.sharding import make_mesh
@@ -362,3 +363,58 @@ def propose(model: Eagle3Draft, state: Eagle3State, num_steps: int, key: jax.Arr
     dists = jnp.concatenate([dist[:, None], jnp.moveaxis(dists, 0, 1)], axis=1)
     p = jnp.take_along_axis(dists, toks[..., None], axis=-1)[..., 0]
     return Proposal(toks, p, dists), Eagle3State(ck, cv, state.lengths, state.hidden)
+
+
+# ---------------------------------------------------------------------------
+# tree drafting (EAGLE-2 style dynamic trees)
+# ---------------------------------------------------------------------------
+
+
+def tree_step(model: Eagle3Draft, state: Eagle3State, tokens: jax.Array, h_in: jax.Array,
+              positions: jax.Array, scratch: tuple, slots: jax.Array, visible: jax.Array):
+    """One draft step for F tree nodes at once.
+
+    ``tokens`` [B,F] run with their parents' output hidden ``h_in`` [B,F,d] at RoPE
+    ``positions`` [B,F]; each attends to the committed cache (< ``lengths``) and to the
+    scratch keys ``scratch`` ([B,R,K,D] k, v) marked in ``visible`` [B,F,R] (itself and
+    its expanded ancestors). Its own key/value is written at scratch slot ``slots``
+    [F] first. The committed cache is never written: rolling back a tree is free.
+    Returns (output hidden [B,F,d], scratch)."""
+    q, k, v = model.qkv(tokens, h_in, positions)
+    sk, sv = scratch
+    sk = sk.at[:, slots].set(k.astype(sk.dtype))
+    sv = sv.at[:, slots].set(v.astype(sv.dtype))
+    kv_pos = jnp.arange(state.max_len, dtype=jnp.int32)
+    committed = kv_pos[None, None, :] < state.lengths[:, None, None]
+    t = lambda x: x.astype(q.dtype).transpose(0, 2, 3, 1)  # noqa: E731  [B,S,K,D] -> [B,K,D,S]
+    u = lambda x: x.astype(q.dtype).transpose(0, 2, 1, 3)  # noqa: E731  [B,S,K,D] -> [B,K,S,D]
+    attn = segmented_attention(q, [(t(state.k), u(state.v), committed), (t(sk), u(sv), visible)])
+    return model.finish(h_in, attn), (sk, sv)
+
+
+def tree_propose(model: Eagle3Draft, state: Eagle3State, key: jax.Array, sp: SamplingParams,
+                 topk: int, num_nodes: int):
+    """Draft an EAGLE-2 dynamic tree (``deepspec_jax.tree.DraftTree``) of depth
+    ``ttt_length``: the root's children come from ``state.hidden``; each later level
+    runs its ``topk`` best nodes in one batched step (``tree_step``) at position
+    ``lengths + depth - 1``, as the chain proposer runs its j-th token at
+    ``lengths + j``. ``state`` is unchanged (scratch keys are local)."""
+    from deepspec_jax.tree.build import build_tree
+
+    cfg = model.cfg
+    D, k = int(cfg.ttt_length), int(topk)
+    b = state.hidden.shape[0]
+    bb = cfg.backbone
+    R = max((D - 1) * k, 1)
+    scratch = (jnp.zeros((b, R, bb.num_key_value_heads, bb.head_dim), state.k.dtype),
+               jnp.zeros((b, R, bb.num_key_value_heads, bb.head_dim), state.v.dtype))
+
+    def expand(level, tokens, h_parent, anc, scratch):
+        f = tokens.shape[1]
+        pos = jnp.broadcast_to(state.lengths[:, None] + (level - 1), (b, f))
+        slots = (level - 1) * k + jnp.arange(f, dtype=jnp.int32)
+        h, scratch = tree_step(model, state, tokens, h_parent, pos, scratch, slots, anc)
+        return model.logits(h), None, h, scratch
+
+    return build_tree(model.logits(state.hidden), None, state.hidden, expand, scratch,
+                      topk=k, num_nodes=num_nodes, max_depth=D, sp=sp, key=key)

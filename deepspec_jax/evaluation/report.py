@@ -37,7 +37,9 @@ def _grid(header: Sequence[str], rows: Sequence[Sequence[str]], show_header: boo
 def results_table(rows: Sequence[dict], target: str, draft: str, header: bool = True) -> str:
     """The reference's table (dataset, target_model, draft_model, #propose, accept_len,
     verify_rate, samples, out_tokens, tok/s, verify/s, accept_rate@k ...) with this
-    project's plain-decoding columns (ar_tok/s, speedup) before the accept rates."""
+    project's plain-decoding columns (ar_tok/s, speedup) before the accept rates. Rows
+    with a ``tree`` block (``--tree``) get a second row, draft ``name [tree k,n]``, whose
+    #propose is verified tree nodes per round and accept_rate@k is by tree depth."""
     max_pos = max((len(r["accept_rates_by_position"]) for r in rows), default=0)
     head = ["dataset", "target_model", "draft_model", "#propose", "accept_len", "verify_rate",
             "samples", "out_tokens", "tok/s", "verify/s", "ar_tok/s", "speedup"]
@@ -45,16 +47,21 @@ def results_table(rows: Sequence[dict], target: str, draft: str, header: bool = 
     body = []
     for r in rows:
         ar = r.get("autoregressive") or {}
-        cells = [r["dataset"], display_name(target), display_name(draft),
-                 _fmt(r["draft_tokens_per_proposal"], ".2f") + "+1",
-                 _fmt(r["acceptance_length"], ".2f"), _fmt(r["verify_rate"], ".4f"),
-                 str(r["num_samples"]), str(r["output_tokens"]),
-                 _fmt(r["output_tokens_per_second"], ".2f"),
-                 _fmt(r["verifications_per_second"], ".2f"),
-                 _fmt(ar.get("output_tokens_per_second"), ".2f"), _fmt(r.get("speedup"), ".2f") + "x"]
-        rates = list(r["accept_rates_by_position"])
-        cells += [_fmt(v, ".4f") for v in rates] + ["-"] * (max_pos - len(rates))
-        body.append(cells)
+        # the chain row, then (with --tree) the tree row of the same dataset right below
+        for m, name in [(r, display_name(draft))] + (
+                [(r["tree"], f"{display_name(draft)} [tree {r['tree']['topk']},"
+                             f"{r['tree']['num_nodes']}]")] if r.get("tree") else []):
+            cells = [r["dataset"], display_name(target), name,
+                     _fmt(m["draft_tokens_per_proposal"], ".2f") + "+1",
+                     _fmt(m["acceptance_length"], ".2f"), _fmt(m["verify_rate"], ".4f"),
+                     str(r["num_samples"]), str(m["output_tokens"]),
+                     _fmt(m["output_tokens_per_second"], ".2f"),
+                     _fmt(m["verifications_per_second"], ".2f"),
+                     _fmt(ar.get("output_tokens_per_second"), ".2f"),
+                     _fmt(m.get("speedup"), ".2f") + "x"]
+            rates = list(m["accept_rates_by_position"])
+            cells += [_fmt(v, ".4f") for v in rates] + ["-"] * (max_pos - len(rates))
+            body.append(cells)
     return _grid(head, body, header)
 
 
@@ -65,7 +72,17 @@ def one_line(row: dict) -> str:
             f"verify_rate {_fmt(row['verify_rate'], '.4f')}, {row['num_rounds']} rounds, "
             f"{_fmt(row['output_tokens_per_second'], '.1f')} tok/s speculative vs "
             f"{_fmt(ar.get('output_tokens_per_second'), '.1f')} tok/s plain "
-            f"(speedup {_fmt(row.get('speedup'), '.2f')}x)")
+            f"(speedup {_fmt(row.get('speedup'), '.2f')}x)" + _tree_line(row.get("tree")))
+
+
+def _tree_line(tree: dict | None) -> str:
+    if not tree:
+        return ""
+    return (f"; tree {tree['topk']},{tree['num_nodes']}: accept_len "
+            f"{_fmt(tree['acceptance_length'], '.2f')}, "
+            f"{_fmt(tree['output_tokens_per_second'], '.1f')} tok/s "
+            f"(speedup {_fmt(tree.get('speedup'), '.2f')}x, "
+            f"{_fmt(tree.get('speedup_vs_chain'), '.2f')}x vs chain)")
 
 
 def confidence_table(rows: Sequence[dict], draft: str) -> str:

@@ -5,7 +5,8 @@ run speculative decoding over them (collecting round statistics and, for DSpark 
 threshold 0, confidence logits), then run plain autoregressive decoding of the same
 target on the same prompts with the same max_new_tokens / temperature / per-sample seed
 for the speed baseline. Sample i (in the drawn order) uses seed ``seed + i``, as the
-reference does.
+reference does. With ``Settings.tree`` the prompts are also decoded with draft trees
+and the row gets a ``tree`` block with the same metrics.
 
 All prompts of a dataset are padded to one length bucket (the longest prompt rounded up
 to 64; or one bucket for the whole run, ``Settings.prompt_bucket``) for both decoders,
@@ -27,6 +28,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from deepspec_jax.evaluation import calibration, datasets, metrics, report
@@ -86,6 +88,7 @@ class Settings:
     run_autoregressive: bool = True
     prompt_bucket: int | None = None     # one padded prompt length for all datasets
                                          # (None: per dataset; see shared_prompt_bucket)
+    tree: tuple[int, int] | None = None  # also decode with draft trees (topk, num_nodes)
 
 
 def max_proposal_tokens(draft) -> int:
@@ -143,7 +146,7 @@ class Decoders:
         if spec_fn is None:
             from deepspec_jax import speculative_generate as spec_fn
         self.target, self.draft, self.settings, self.spec_fn = target, draft, settings, spec_fn
-        self._warm = {"spec": False, "ar": False}
+        self._warm = {"spec": False, "ar": False, "tree": False}
         CompileClock.install()
 
     prompt_bucket: int | None = None     # set per dataset by ``timed``
@@ -164,6 +167,17 @@ class Decoders:
                             confidence_threshold=s.confidence_threshold,
                             **self._bucket_kw(self.spec_fn))
 
+    def tree(self, ids: list[list[int]], seed: int):
+        """Speculative decoding with draft trees (same settings as ``spec``)."""
+        s = self.settings
+        return self.spec_fn(self.target, self.draft, ids, max_new_tokens=s.max_new_tokens,
+                            temperature=s.temperature, seed=seed,
+                            confidence_threshold=s.confidence_threshold, tree=tuple(s.tree),
+                            **self._bucket_kw(self.spec_fn))
+
+    def _fn(self, kind: str):
+        return {"spec": self.spec, "ar": self.ar, "tree": self.tree}[kind]
+
     def ar(self, ids: list[list[int]], seed: int):
         s = self.settings
         return self.target.generate(ids, max_new_tokens=s.max_new_tokens,
@@ -175,7 +189,7 @@ class Decoders:
         if self._warm[kind]:
             return 0.0
         t0 = time.perf_counter()
-        (self.spec if kind == "spec" else self.ar)(ids, self.settings.seed)
+        self._fn(kind)(ids, self.settings.seed)
         self._warm[kind] = True
         return time.perf_counter() - t0
 
@@ -185,7 +199,7 @@ class Decoders:
         self.prompt_bucket = s.prompt_bucket or _bucket(max(len(p) for p in prompt_ids))
         batches = _batches(len(prompt_ids), s.batch_size)
         self.warm_up(kind, [prompt_ids[i] for i in batches[0]])
-        fn = self.spec if kind == "spec" else self.ar
+        fn = self._fn(kind)
         outs: list = []
         elapsed = compile_s = 0.0
         with tqdm(total=len(prompt_ids), desc=desc, unit="sample", leave=False,
@@ -201,6 +215,43 @@ class Decoders:
                 outs.extend(res)
                 bar.update(len(b))
         return outs, max(elapsed - compile_s, 0.0), compile_s
+
+
+def _tree_block(decoders: Decoders, prompt_ids, label: str, gamma: int, samples: list,
+                chain_tps, ar_block) -> dict:
+    """Decode the dataset again with draft trees; the same metrics as the chain row.
+
+    Per round the engine reports the tree depth as the proposal length (what
+    ``accept_rate@k`` conditions on) and the verified node count separately;
+    ``verify_rate`` here is committed tokens per verified position (nodes + 1)."""
+    topk, num_nodes = decoders.settings.tree
+    out, secs, compile_s = decoders.timed("tree", prompt_ids, f"{label} tree {topk},{num_nodes}")
+    stats = metrics.RoundStats(gamma)
+    nodes = []
+    for x, r in zip(samples, out):
+        stats.add(r.accepted_lengths, r.proposal_lengths)
+        nodes += list(r.tree_nodes or [])
+        x["tree_output_tokens"] = len(r.tokens)
+        x["tree_rounds"] = int(r.num_rounds)
+    block = {"topk": int(topk), "num_nodes": int(num_nodes)}
+    block.update(stats.summary())
+    tokens = sum(len(r.tokens) for r in out)
+    rounds = stats.num_rounds
+    tps = metrics.throughput(tokens, secs)
+    block.update({
+        "tree_depth_per_proposal": block.pop("draft_tokens_per_proposal"),
+        "draft_tokens_per_proposal": float(np.mean(nodes)) if nodes else None,
+        "verify_rate": (float(sum(stats.lengths)) / (sum(nodes) + rounds)
+                        if rounds and len(nodes) == rounds else None),
+        "output_tokens": tokens, "elapsed_seconds": secs,
+        "compile_seconds_excluded": compile_s, "output_tokens_per_second": tps,
+        "verifications_per_second": metrics.throughput(rounds, secs),
+        "speedup": (tps / ar_block["output_tokens_per_second"]
+                    if ar_block and tps and ar_block["output_tokens_per_second"] else None),
+        "speedup_vs_chain": tps / chain_tps if tps and chain_tps else None,
+    })
+    block["accept_rate"] = {f"@{k}": v for k, v in enumerate(block["accept_rates_by_position"])}
+    return block
 
 
 def evaluate_dataset(name: str, decoders: Decoders, *, target_name: str,
@@ -262,6 +313,8 @@ def evaluate_dataset(name: str, decoders: Decoders, *, target_name: str,
         row["confidence_note"] = (
             "no confidence head" if not has_confidence_head(draft)
             else "calibration is collected only at confidence_threshold 0")
+    if s.tree is not None:
+        row["tree"] = _tree_block(decoders, prompt_ids, label, gamma, samples, spec_tps, ar_block)
     row["config"] = dict(config or {})
     row["samples"] = samples
 

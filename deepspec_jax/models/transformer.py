@@ -292,3 +292,48 @@ class CausalLM(nnx.Module):
             cv = cache.v.at[:, rows, :, positions].set(v_new.transpose(1, 3, 0, 2, 4), mode="drop")
         new_len = jnp.minimum(start + num_new.astype(jnp.int32), s_max)
         return out, KVCache(ck, cv, new_len)
+
+    def extend_tree(self, cache: KVCache, input_ids: jax.Array, depths: jax.Array,
+                    tree_bits: jax.Array, layer_ids: Sequence[int] = (),
+                    attn_impl: str = "auto") -> tuple[ForwardOut, KVCache]:
+        """Run a flattened draft tree ``input_ids`` [B, N] after each row's cache.
+
+        Node i (topological order, node 0 = the current token) is written at cache slot
+        ``lengths[b] + i`` with RoPE position ``lengths[b] + depths[b, i]`` and attends
+        to the committed prefix plus its ancestors (``tree_bits`` [B, N, ceil(N/32)]
+        uint32 from ``kernels.tree_attention.ancestor_bits``), through
+        ``tree_attention`` (Pallas kernel on GPU/TPU, jnp reference elsewhere). Node i's
+        outputs therefore equal a causal forward over the prefix and its root path.
+        ``lengths`` is NOT advanced: the caller keeps the accepted path with
+        ``deepspec_jax.tree.compact_kv_cache``.
+        """
+        from deepspec_jax.kernels.tree_attention import tree_attention
+
+        b, t = input_ids.shape
+        start = cache.lengths
+        positions = start[:, None] + depths.astype(jnp.int32)
+        slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+        rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+
+        # The kernel reads the tree's own keys from the cache, so each layer's new
+        # keys/values are written into its cache slice before attending. Per-layer
+        # buffers: that write is the cache update (in place when the cache is donated).
+        # Stacked: the slice is a scan input (the write makes a per-layer temporary), the
+        # new entries come out of the scan and are scattered once, as in ``extend``.
+        def attend(q, k, v, layer_in):
+            ck, cv = layer_in
+            kd, vd = k.astype(ck.dtype), v.astype(cv.dtype)               # [B,T,K,D]
+            ck = ck.at[rows, :, :, slots].set(kd, mode="drop")
+            cv = cv.at[rows, :, slots].set(vd, mode="drop")
+            out = tree_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), start, tree_bits,
+                                 impl=attn_impl)
+            return out, ((ck, cv) if self.per_layer else (kd, vd))
+
+        out, extra = self._run(input_ids, positions, layer_ids, attend, (cache.k, cache.v))
+        if self.per_layer:
+            ck, cv = (tuple(x) for x in zip(*extra))
+        else:
+            k_new, v_new = extra                                        # [L,B,T,K,D]
+            ck = cache.k.at[:, rows, :, :, slots].set(k_new.transpose(1, 2, 0, 3, 4), mode="drop")
+            cv = cache.v.at[:, rows, :, slots].set(v_new.transpose(1, 2, 0, 3, 4), mode="drop")
+        return out, KVCache(ck, cv, start)

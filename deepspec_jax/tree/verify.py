@@ -1,0 +1,126 @@
+"""Lossless verification of a draft tree against the target's distributions.
+
+Greedy (T=0): walk from the root, at each node move to the child whose token is the
+target's argmax there; the first node without such a child emits the argmax. The
+output is the target's greedy continuation token for token.
+
+Sampling (T>0): multi-candidate recursive rejection sampling. At node v with target
+distribution p and children c_1..c_m (drawn from the draft distribution q_v without
+replacement, in that order): try c_i with probability min(1, p(c_i)/q_i(c_i)); on
+acceptance descend into c_i with the target's distribution there; on rejection
+  p <- norm(max(p - q_i, 0))      (p itself if that is empty),
+  q_{i+1} = q_i with c_i removed, renormalised
+(the distribution the next sibling was actually drawn from). When no child is
+accepted the next token is drawn from the current p. Each step is an ordinary
+rejection step against the current p with the proposal the candidate was really drawn
+from, so by induction the emitted token has the target's distribution at v; rejected
+tokens have p - q_i <= 0, so removing them from q costs nothing. Node existence must
+not depend on the node's own value (see ``tree.build``), which the builder ensures.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from deepspec_jax.tree.build import DraftTree
+
+# Private wrong rules, only for tests that must show a broken verifier is detected.
+TREE_RULES = ("exact", "always_accept", "residual_no_subtract", "q_no_exclude")
+_MIN_DRAFT_PROB = 1e-8
+
+
+class TreeVerdict(NamedTuple):
+    accepted: jax.Array   # [B] accepted draft nodes (cut after an accepted stop token)
+    path: jax.Array       # [B,D] node indices of the accepted nodes, -1 past ``accepted``
+    tokens: jax.Array     # [B,D] their tokens (0 past ``accepted``)
+    next_token: jax.Array  # [B] residual / bonus token (meaningless when ``stopped``)
+    stopped: jax.Array    # [B] an accepted node is a stop token: nothing follows it
+
+
+def child_table(tree: DraftTree, topk: int) -> jax.Array:
+    """[B, N+1, topk] node index of the rank-r valid child of flat node f (f = 0 the
+    root, f = i+1 node i), -1 where there is none."""
+    b, n = tree.tokens.shape
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, n))
+    f = jnp.where(tree.valid, tree.parents + 1, n + 1)          # invalid -> dropped
+    return jnp.full((b, n + 1, topk), -1, jnp.int32).at[rows, f, tree.rank].set(
+        jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)), mode="drop")
+
+
+def verify_tree(p_t: jax.Array, tree: DraftTree, stop_ids: jax.Array, key: jax.Array, *,
+                greedy: bool, topk: int, max_depth: int, rule: str = "exact") -> TreeVerdict:
+    """``p_t`` [B,N+1,V]: target distributions at the flattened tree (index 0 = the
+    root/current token, i+1 = node i); one-hot when greedy. Returns the accepted path
+    and the token that follows it, per row."""
+    if rule not in TREE_RULES:
+        raise ValueError(f"rule must be one of {TREE_RULES}, got {rule!r}.")
+    b, n1, v = p_t.shape
+    rows = jnp.arange(b)
+    table = child_table(tree, topk)
+    dist_flat = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), tree.dist_id], axis=1)
+    k_u, k_draw = jax.random.split(key)
+    uniforms = jax.random.uniform(k_u, (max_depth, topk, b))
+    draw_keys = jax.random.split(k_draw, max_depth + 1)
+
+    def draw(p, k):
+        if greedy:
+            return jnp.argmax(p, axis=-1).astype(jnp.int32)
+        return jax.random.categorical(k, jnp.log(p), axis=-1).astype(jnp.int32)
+
+    def level(t, c):
+        cur, alive, acc, path, toks, nxt, stopped = c
+        p_cur = p_t[rows, cur]                                           # [B,V]
+        logq = tree.logq[rows, jnp.maximum(dist_flat[rows, cur], 0)]     # [B,V]
+        target_tok = jnp.argmax(p_cur, axis=-1)
+
+        def sibling(r, s):
+            found, p, excluded = s
+            child = table[rows, cur, r]
+            trying = alive & (found < 0) & (child >= 0)
+            x = tree.tokens[rows, jnp.maximum(child, 0)]
+            lq = logq if rule == "q_no_exclude" else jnp.where(excluded, -jnp.inf, logq)
+            q = jax.nn.softmax(lq, axis=-1)
+            if greedy:
+                ok = x == target_tok
+            elif rule == "always_accept":
+                ok = jnp.ones((b,), bool)
+            else:
+                px = p[rows, x]
+                qx = jnp.maximum(q[rows, x], _MIN_DRAFT_PROB)
+                ok = uniforms[t, r] < jnp.minimum(px / qx, 1.0)
+            accept, reject = trying & ok, trying & ~ok
+            if rule == "residual_no_subtract":
+                resid = p
+            else:
+                resid = jnp.maximum(p - q, 0.0)
+                z = jnp.sum(resid, axis=-1, keepdims=True)
+                resid = jnp.where(z > 0, resid / jnp.where(z > 0, z, 1.0), p)
+            p = jnp.where(reject[:, None], resid, p)
+            excluded = excluded | (reject[:, None] & (jnp.arange(v)[None] == x[:, None]))
+            return jnp.where(accept, child, found), p, excluded
+
+        init = (jnp.full((b,), -1, jnp.int32), p_cur, jnp.zeros((b, v), bool))
+        found, p, _ = jax.lax.fori_loop(0, topk, sibling, init)
+        moved = alive & (found >= 0)
+        tok = tree.tokens[rows, jnp.maximum(found, 0)]
+        is_stop = moved & jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+        path = path.at[:, t].set(jnp.where(moved, found, -1))
+        toks = toks.at[:, t].set(jnp.where(moved, tok, 0))
+        ends = alive & ~moved                       # rejected everything / no children
+        nxt = jnp.where(ends, draw(p, draw_keys[t]), nxt)
+        return (jnp.where(moved, found + 1, cur), moved & ~is_stop, acc + moved.astype(jnp.int32),
+                path, toks, nxt, stopped | is_stop)
+
+    init = (jnp.zeros((b,), jnp.int32), jnp.ones((b,), bool), jnp.zeros((b,), jnp.int32),
+            jnp.full((b, max_depth), -1, jnp.int32), jnp.zeros((b, max_depth), jnp.int32),
+            jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool))
+    cur, alive, acc, path, toks, nxt, stopped = jax.lax.fori_loop(0, max_depth, level, init)
+    # rows that accepted a node at every depth: bonus token from the target at the leaf
+    nxt = jnp.where(alive, draw(p_t[rows, cur], draw_keys[max_depth]), nxt)
+    return TreeVerdict(acc, path, toks, nxt, stopped)
+
+
+__all__ = ["TreeVerdict", "TREE_RULES", "verify_tree", "child_table"]
