@@ -54,6 +54,8 @@ flags.DEFINE_integer("seed", 980406, "Seed of sample selection and decoding (sam
                      "seed + i).")
 flags.DEFINE_string("output_dir", "eval_results", "Directory for results.json and PNGs.")
 flags.DEFINE_integer("batch_size", 1, "Prompts per decoding call (the reference uses 1).")
+flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation cache (default "
+                    "~/.cache/deepspec_jax/xla; '' disables): later runs skip recompiling.")
 flags.DEFINE_string("tree", None, "Also decode with draft trees, 'topk,nodes' (e.g. 4,16): "
                     "EAGLE-2 style trees of the draft's top-k (T=0) / sampled (T>0) children, "
                     "the best `nodes` verified in one target pass; tau, tokens/s and speedup "
@@ -164,13 +166,13 @@ def _load(target_path, draft_path):
     from deepspec_jax import load_draft, load_target
 
     try:
-        draft = load_draft(draft_path)
-    except Exception as e:  # one clear line for any unreadable checkpoint
-        raise SetupError(f"cannot load draft {draft_path}: {e}") from None
-    try:
         target = load_target(target_path)
     except Exception as e:
         raise SetupError(f"cannot load target {target_path or 'smollm2-135m'}: {e}") from None
+    try:  # the draft computes in the target's dtype; shared embed/lm_head come from it
+        draft = load_draft(draft_path, dtype=target.dtype, target=target)
+    except Exception as e:  # one clear line for any unreadable checkpoint
+        raise SetupError(f"cannot load draft {draft_path}: {e}") from None
     check_compatible(target, draft)
     return target, draft
 
@@ -226,6 +228,10 @@ def run(argv) -> int:
               f"{', '.join(names)}, max_new_tokens={max_new} (pass --target/--draft for the "
               "reference protocol)", flush=True)
 
+    from deepspec_jax import compile_cache
+
+    compile_cache.enable(compile_cache.DEFAULT_DIR if FLAGS.compilation_cache_dir is None
+                         else FLAGS.compilation_cache_dir)
     t0 = time.perf_counter()
     try:
         target, draft = _load(target_path, draft_path)
