@@ -75,7 +75,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(restored.params))
 
 
-def test_online_and_cached_features_give_identical_losses(tmp_path):
+@pytest.mark.parametrize("arch", ["dspark", "eagle3"])
+def test_online_and_cached_features_give_identical_losses(tmp_path, arch):
     from deepspec_jax.data.build_features import build_feature_cache
     from deepspec_jax.data.token_store import TokenStore
     from deepspec_jax.target import load_target
@@ -83,11 +84,12 @@ def test_online_and_cached_features_give_identical_losses(tmp_path):
 
     store = make_store(str(tmp_path / "tok"))
     target = load_target(tiny_config("dspark", store, "x").target.path, dtype="float32")
-    build_feature_cache(TokenStore(store), target, (0, 2, 4), str(tmp_path / "cache"), dtype="float32",
+    layers = tuple(tiny_config(arch, store, "x").draft.target_layer_ids)
+    build_feature_cache(TokenStore(store), target, layers, str(tmp_path / "cache"), dtype="float32",
                         compression="none", smallest_bucket=64, progress=False, log=lambda *_: None)
     losses = {}
     for mode in ("online", "cached"):
-        c = tiny_config("dspark", store, str(tmp_path / mode), max_steps=2)
+        c = tiny_config(arch, store, str(tmp_path / mode), max_steps=2)
         if mode == "cached":
             c.data.feature_cache = str(tmp_path / "cache")
         train(setup(c))

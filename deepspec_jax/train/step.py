@@ -64,7 +64,7 @@ def micro_loss(sc: StepConfig, params, rest, mb: dict, key):
         metrics.update(res.metrics)
         return res.total, metrics
     res = eagle3_loss(model, mb["input_ids"], feats, mb["target_last_hidden"], mb["loss_mask"],
-                      corrected=sc.eagle3_corrected)
+                      mb["attention_mask"], corrected=sc.eagle3_corrected)
     m = res.metrics
     ttt = model.cfg.ttt_length
     metrics = {"loss": res.loss}
@@ -84,7 +84,7 @@ def train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: Calla
     if sc.online:
         feats, last = _target_features(sc, tstate, batch["input_ids"])
         batch = dict(batch, features=feats, target_last_hidden=last)
-    fields = ("input_ids", "loss_mask", "features", "target_last_hidden")
+    fields = ("input_ids", "loss_mask", "attention_mask", "features", "target_last_hidden")
     a = sc.num_micro
     micro = {k: batch[k].reshape((a, batch[k].shape[0] // a) + batch[k].shape[1:]) for k in fields}
     keys = jax.random.split(step_key, a)

@@ -110,6 +110,7 @@ class Run:
     out_dir: str
     checkpoints: Checkpoints
     schedule: object
+    lengths: np.ndarray       # token count of every sample of data.train
 
 
 def _target_name(c) -> str:
@@ -211,7 +212,7 @@ def setup(c, *, mesh=None, resume: bool = True) -> Run:
     ckpt = Checkpoints(os.path.join(out_dir, "checkpoints"), int(c.train.keep_checkpoints),
                        bool(c.train.async_checkpoint))
     run = Run(c, mesh, target, spec, sc, state, rest, tstate, step_fn, data, total, out_dir, ckpt,
-              schedule)
+              schedule, np.asarray(source.lengths))
     if resume and ckpt.latest_step() is not None:
         run.state, data_state, _ = ckpt.restore(run.state)
         run.data.set_state(data_state)
@@ -247,7 +248,8 @@ def _example_batch(data, local: int, online: bool, source) -> dict:
     s = int(data._host.plan.buckets[-1]) if hasattr(data._host.plan, "buckets") else None
     sample = source[0]
     s = s or len(sample["input_ids"])
-    out = {"input_ids": np.zeros((local, s), np.int32), "loss_mask": np.zeros((local, s), np.int32)}
+    out = {"input_ids": np.zeros((local, s), np.int32), "loss_mask": np.zeros((local, s), np.int32),
+           "attention_mask": np.zeros((local, s), np.int32)}
     if not online:
         out["features"] = np.zeros((local, s) + sample["features"].shape[1:], sample["features"].dtype)
         out["target_last_hidden"] = np.zeros((local, s) + sample["target_last_hidden"].shape[1:],
@@ -255,10 +257,27 @@ def _example_batch(data, local: int, online: bool, source) -> dict:
     return out
 
 
+def attention_mask(lengths: np.ndarray, indices: np.ndarray, seq_len: int) -> np.ndarray:
+    """[b, S] int32: 1 on each row's real tokens (padding rows, index -1: none). Eagle3's
+    loss needs it so the last real token is not trained towards padding."""
+    idx = np.asarray(indices)
+    n = np.where(idx >= 0, np.minimum(np.asarray(lengths)[np.maximum(idx, 0)], seq_len), 0)
+    return (np.arange(seq_len)[None, :] < n[:, None]).astype(np.int32)
+
+
 def to_global(batch: dict, shardings: dict, pc: int) -> dict:
     """Host-local rows -> global arrays laid out over the mesh (multi-host safe)."""
     return {k: jax.make_array_from_process_local_data(
         shardings[k], v, (v.shape[0] * pc,) + v.shape[1:]) for k, v in batch.items()}
+
+
+def device_batch(run: Run, batch: dict) -> tuple[dict, np.ndarray]:
+    """A pipeline batch (this host's rows) -> (the step's global input arrays, sample indices)."""
+    batch = dict(batch)
+    indices = batch.pop("index")
+    batch["attention_mask"] = attention_mask(run.lengths, indices, batch["input_ids"].shape[1])
+    pc = jax.process_count()
+    return to_global(batch, batch_shardings(run.mesh, _global_shapes(batch, pc)), pc), indices
 
 
 def run_info(run: Run) -> dict:
@@ -294,7 +313,6 @@ def train(run: Run, *, log=print, stop_after: int | None = None) -> dict:
     """Run steps until ``run.total_steps`` (or ``stop_after`` more). Returns the last metrics."""
     c = run.config
     main = jax.process_index() == 0
-    pc = jax.process_count()
     writer = None
     if main and c.train.tensorboard:
         from tensorboardX import SummaryWriter
@@ -311,9 +329,7 @@ def train(run: Run, *, log=print, stop_after: int | None = None) -> dict:
     t_last, tok_acc = time.perf_counter(), 0.0
     try:
         while step < end:
-            batch = next(run.data)
-            indices = batch.pop("index")
-            gb = to_global(batch, batch_shardings(run.mesh, _global_shapes(batch, pc)), pc)
+            gb, indices = device_batch(run, next(run.data))
             run.state, metrics = run.step_fn(run.state, run.rest, run.tstate, gb)
             if pending is not None:
                 _check_finite(run, *pending)
