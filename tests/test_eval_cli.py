@@ -235,6 +235,7 @@ def build_random_smollm2_draft(path: str) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # the no-flag demo below runs the same path with the shipped draft
 def test_cli_smollm2_random_dspark(tmp_path):
     draft = str(tmp_path / "draft")
     build_random_smollm2_draft(draft)
@@ -270,3 +271,8 @@ def test_cli_no_flags_quick_demo(tmp_path):
     for name in ("gsm8k", "humaneval", "mt-bench"):
         res = json.loads((tmp_path / "eval_results" / name / "results.json").read_text())
         assert res["num_samples"] == 2 and res["acceptance_length"] >= 1.0
+        assert res["autoregressive"]["output_tokens_per_second"] > 0
+        assert res["samples"][0]["prompt_tokens"] > 20        # chat template applied
+        assert len(res["confidence"]["per_position"]) == 4    # the shipped draft: block 4
+        assert_png(res["artifacts"]["acceptance_png"])
+        assert_png(res["artifacts"]["reliability_png"])

@@ -249,7 +249,7 @@ def _tree_samples(kind: str, tree, rule: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,tree", [("dspark", (3, 6)), ("eagle3", (2, 5))])
+@pytest.mark.parametrize("kind,tree", [("dspark", (3, 6)), pytest.param("eagle3", (2, 5), marks=pytest.mark.heavy)])
 def test_tree_sampling_matches_target_distribution(kind, tree):
     ref, ours, res = _tree_samples(kind, tree, "exact")
     assert ours.shape == ref.shape == (CHUNK * N_CHUNKS, K_TOKENS)
@@ -262,6 +262,7 @@ def test_tree_sampling_matches_target_distribution(kind, tree):
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # the model-free tests/test_tree_verify.py detects the same rule fast
 def test_tree_wrong_residual_is_detected():
     ref, ours, _ = _tree_samples("dspark", (3, 6), "residual_no_subtract")
     worst = min(_chi2_p(_counts(ref, pos), _counts(ours, pos)) for pos in range(K_TOKENS))

@@ -28,5 +28,5 @@ _spec.loader.exec_module(_recipes)
 
 
 def get_config():
-    return _recipes.smollm2_config("dspark", batch_size=4, num_epochs=2,
+    return _recipes.smollm2_config("dspark", batch_size=4, num_epochs=6,
                                    markov_rank=32, markov_head_type="gated")

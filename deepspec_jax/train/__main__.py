@@ -23,6 +23,8 @@ flags.DEFINE_integer("process_id", None, "This process's id (with --coordinator_
 flags.DEFINE_integer("stop_after", None, "Run at most this many steps now, then checkpoint and exit "
                      "(long runs in resumable pieces).")
 flags.DEFINE_boolean("export", True, "Export the draft (JAX dir + HF) when the run reaches its last step.")
+flags.DEFINE_boolean("export_only", False, "Restore the latest checkpoint and export it (JAX dir + HF), "
+                     "without training (e.g. to evaluate a run midway).")
 FLAGS = flags.FLAGS
 
 
@@ -45,6 +47,10 @@ def main(argv) -> int:
     from deepspec_jax.errors import ConfigError
     from deepspec_jax.train.trainer import NonFiniteLoss, export, setup, train
 
+    from absl import logging
+
+    if not FLAGS["verbosity"].present:  # keep orbax/jax INFO lines off the console
+        logging.set_verbosity(logging.WARNING)
     c = _CONFIG.value
     try:
         run = setup(c)
@@ -57,6 +63,11 @@ def main(argv) -> int:
         print(f"train: {c.name}: step {start}/{run.total_steps}, mesh {dict(run.mesh.shape)}, "
               f"{'online target features' if run.step_config.online else 'cached features'}, "
               f"{run.step_config.num_micro} micro-batch(es) per step -> {run.out_dir}", flush=True)
+    if FLAGS.export_only:
+        dst = export(run)
+        print(f"train: exported step {start} to {dst}", flush=True)
+        run.checkpoints.close()
+        return 0
     try:
         train(run, stop_after=FLAGS.stop_after)
     except NonFiniteLoss as e:
