@@ -125,6 +125,18 @@ def _draft_commit(kind, dmodel, dstate, feats, committed, num_new):
 # verification
 # ---------------------------------------------------------------------------
 
+def _prefill(target, draft, kind, prompt, prompt_len, cache_len, sp, layer_ids, key, max_new):
+    """Prefill the target cache, sample the first token from the target alone, and
+    start the draft's state from the prompt's features (shared by chain and tree loops)."""
+    b = prompt.shape[0]
+    tcache = target_init_cache(target.cfg, b, cache_len, target.dtype, target.per_layer)
+    out, tcache = target.extend(tcache, prompt, prompt_len, layer_ids, fresh=True)
+    last = out.logits[jnp.arange(b), prompt_len - 1]
+    first = sampling_sample(last, jax.random.fold_in(key, max_new + 1), sp)
+    return tcache, first, _draft_init(kind, draft, b, cache_len, prompt, prompt_len, first,
+                                      out.features)
+
+
 def _draw(dist: jax.Array, key: jax.Array, greedy: bool) -> jax.Array:
     """One token per row from a (possibly unnormalised) distribution [B,V]."""
     if greedy:
@@ -183,12 +195,8 @@ def _spec_generate(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prompt_le
     b = prompt.shape[0]
     rows = jnp.arange(b)
 
-    # Prefill and the first token (sampled from the target alone).
-    tcache = target_init_cache(target.cfg, b, cache_len, target.dtype, target.per_layer)
-    out, tcache = target.extend(tcache, prompt, prompt_len, layer_ids, fresh=True)
-    last = out.logits[rows, prompt_len - 1]
-    first = sampling_sample(last, jax.random.fold_in(key, max_new + 1), sp)
-    dstate = _draft_init(kind, draft, b, cache_len, prompt, prompt_len, first, out.features)
+    tcache, first, dstate = _prefill(target, draft, kind, prompt, prompt_len, cache_len, sp,
+                                     layer_ids, key, max_new)
 
     gen = jnp.full((b, max_new + width + 2), -1, jnp.int32).at[:, 0].set(first)
     acc_hist = jnp.zeros((b, max_new), jnp.int32)
@@ -283,11 +291,8 @@ def _spec_generate_tree(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prom
     b = prompt.shape[0]
     rows = jnp.arange(b)
 
-    tcache = target_init_cache(target.cfg, b, cache_len, target.dtype, target.per_layer)
-    out, tcache = target.extend(tcache, prompt, prompt_len, layer_ids, fresh=True)
-    last = out.logits[rows, prompt_len - 1]
-    first = sampling_sample(last, jax.random.fold_in(key, max_new + 1), sp)
-    dstate = _draft_init(kind, draft, b, cache_len, prompt, prompt_len, first, out.features)
+    tcache, first, dstate = _prefill(target, draft, kind, prompt, prompt_len, cache_len, sp,
+                                     layer_ids, key, max_new)
 
     carry = dict(i=jnp.int32(0), pos=prompt_len.astype(jnp.int32), cur=first, tcache=tcache,
                  dstate=dstate, done=_isin(first, stop_ids) | (max_new <= 0),
