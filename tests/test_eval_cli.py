@@ -274,5 +274,5 @@ def test_cli_no_flags_quick_demo(tmp_path):
         assert res["autoregressive"]["output_tokens_per_second"] > 0
         assert res["samples"][0]["prompt_tokens"] > 20        # chat template applied
         assert len(res["confidence"]["per_position"]) == 4    # the shipped draft: block 4
-        assert_png(res["artifacts"]["acceptance_png"])
-        assert_png(res["artifacts"]["reliability_png"])
+        assert_png(os.path.join(tmp_path, res["artifacts"]["acceptance_png"]))  # relative to cwd
+        assert_png(os.path.join(tmp_path, res["artifacts"]["reliability_png"]))

@@ -48,10 +48,10 @@ def _check_rounds(res, n_nodes: int, width: int):
 @pytest.mark.parametrize("name,tree", [
     ("eagle3_distilled", (3, 10)),
     ("dspark_rnn_distilled", (3, 10)),
-    pytest.param("dflash_distilled", (2, 7), marks=[pytest.mark.slow, pytest.mark.heavy]),
+    pytest.param("dflash_distilled", (2, 7), marks=pytest.mark.slow),
     pytest.param("dspark_gated_distilled", (4, 24), marks=pytest.mark.slow),
     pytest.param("dspark_vanilla", (2, 5), marks=[pytest.mark.slow, pytest.mark.heavy]),
-    pytest.param("eagle3", (4, 6), marks=pytest.mark.slow),
+    pytest.param("eagle3", (4, 6), marks=[pytest.mark.slow, pytest.mark.heavy]),
 ])
 def test_tree_greedy_matches_target(name, tree):
     fs = _fixture()
