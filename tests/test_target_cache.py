@@ -130,3 +130,21 @@ def test_sampled_distribution_matches_softmax():
     assert (p > 0).sum() <= 5
     freq = np.bincount(draws, minlength=12) / len(draws)
     np.testing.assert_allclose(freq, p, atol=0.015)
+
+
+@pytest.mark.parametrize("batch,new", [(1, 1), (1, 5), (3, 5)])
+def test_per_layer_extend_updates_cache_in_place(fixture_set, batch, new):
+    """The compiled decode/verify step never copies a whole KV buffer: reading the cache
+    and then scattering into it made XLA:CPU copy every layer's buffer 2-4 times per
+    call (~70% of a SmolLM2 decode step)."""
+    target = _fixture_target(fixture_set, per_layer=True)
+    cache = target.init_cache(batch, 64)
+    ids = jnp.zeros((batch, new), jnp.int32)
+    compiled = target_mod._extend.lower(target.graphdef, target.state, cache, ids,
+                                        jnp.full((batch,), new, jnp.int32), (0,)).compile()
+    hlo = compiled.as_text()
+    k_shape = "f32[" + ",".join(str(d) for d in cache.k[0].shape) + "]"
+    v_shape = "f32[" + ",".join(str(d) for d in cache.v[0].shape) + "]"
+    copies = [line.strip()[:160] for line in hlo.splitlines()
+              if " copy(" in line and (k_shape in line or v_shape in line)]
+    assert not copies, f"{len(copies)} whole-cache copies, e.g. {copies[:2]}"
