@@ -185,6 +185,31 @@ def _isin(tokens, stop_ids):
     return jnp.any(tokens[..., None] == stop_ids, axis=-1)
 
 
+def _commit_tokens(gen, active, pos, prompt_len, drafts, acc, nxt, stopped):
+    """A round's committed tokens [B,W+1] (the ``acc`` accepted drafts, then the next
+    token unless a stop token was accepted) and ``gen`` with them written at each active
+    row's output offset (everything else is dropped)."""
+    b = drafts.shape[0]
+    j = jnp.arange(drafts.shape[1] + 1, dtype=jnp.int32)[None]
+    committed = jnp.where(j < acc[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), nxt[:, None])
+    write = active[:, None] & ((j < acc[:, None]) | ((j == acc[:, None]) & ~stopped[:, None]))
+    g = jnp.where(write, (pos - prompt_len)[:, None] + 1 + j, gen.shape[1])  # out of range: dropped
+    return committed, gen.at[jnp.arange(b)[:, None], g].set(committed, mode="drop")
+
+
+def _next_carry(c, active, new_pos, limit, acc, nxt, stopped, stop_ids, prop_rec, max_new):
+    """The loop-carry fields both loops update alike (position, current token, done,
+    round counters, per-round accepted/proposed records) and the record index ``r``
+    (out of range for finished rows, so their writes are dropped)."""
+    rows = jnp.arange(acc.shape[0])
+    r = jnp.where(active, c["rounds"], max_new)
+    done = c["done"] | (active & (stopped | _isin(nxt, stop_ids) | (new_pos >= limit)))
+    return dict(i=c["i"] + 1, pos=new_pos, cur=jnp.where(active & ~stopped, nxt, c["cur"]),
+                done=done, rounds=c["rounds"] + active.astype(jnp.int32),
+                acc=c["acc"].at[rows, r].set(jnp.where(stopped, acc, acc + 1), mode="drop"),
+                prop=c["prop"].at[rows, r].set(prop_rec, mode="drop")), r
+
+
 @functools.partial(jax.jit, static_argnums=(0, 2, 4, 9, 10, 11, 12, 13))
 def _spec_generate(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prompt_len, stop_ids,
                    threshold, max_new, cache_len, sp, layer_ids, rule, key):
@@ -233,24 +258,13 @@ def _spec_generate(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prompt_le
         n_commit = jnp.where(active, jnp.where(stopped, acc, acc + 1), 0)
         new_pos = pos + n_commit
         tcache = tcache._replace(lengths=new_pos)
-        j = jnp.arange(width + 1, dtype=jnp.int32)[None]
-        committed = jnp.where(j < acc[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), nxt[:, None])
-        write = active[:, None] & ((j < acc[:, None]) | ((j == acc[:, None]) & ~stopped[:, None]))
-        g = (pos - prompt_len)[:, None] + 1 + j
-        g = jnp.where(write, g, c["gen"].shape[1])                # out of range -> dropped
-        gen = c["gen"].at[rows[:, None], g].set(committed, mode="drop")
+        committed, gen = _commit_tokens(c["gen"], active, pos, prompt_len, drafts, acc, nxt,
+                                        stopped)
         dstate = _draft_commit(kind, draft, dstate, vout.features, committed,
                                jnp.where(active & ~stopped, acc + 1, 0))
-
-        r = jnp.where(active, c["rounds"], max_new)               # out of range -> dropped
-        acc_rec = jnp.where(stopped, acc, acc + 1)
-        prop_rec = jnp.where(stopped, acc, n_prop)
-        done = c["done"] | (active & (stopped | _isin(nxt, stop_ids) | (new_pos >= limit)))
-        return dict(i=c["i"] + 1, pos=new_pos, cur=jnp.where(active & ~stopped, nxt, cur),
-                    tcache=tcache, dstate=dstate, done=done,
-                    rounds=c["rounds"] + active.astype(jnp.int32), gen=gen,
-                    acc=c["acc"].at[rows, r].set(acc_rec, mode="drop"),
-                    prop=c["prop"].at[rows, r].set(prop_rec, mode="drop"),
+        nc, r = _next_carry(c, active, new_pos, limit, acc, nxt, stopped, stop_ids,
+                            jnp.where(stopped, acc, n_prop), max_new)
+        return dict(nc, tcache=tcache, dstate=dstate, gen=gen,
                     conf=c["conf"].at[rows, r].set(conf, mode="drop"))
 
     c = jax.lax.while_loop(cond, body, carry)
@@ -327,26 +341,16 @@ def _spec_generate_tree(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prom
         new_pos = pos + n_commit
         slots = path_slots(verdict.path)                                   # [B,D+1]
         tcache = compact_kv_cache(tcache._replace(lengths=pos), pos, slots, n_commit)
-        j = jnp.arange(depth_max + 1, dtype=jnp.int32)[None]
-        path_tok = jnp.pad(verdict.tokens, ((0, 0), (0, 1)))
-        committed = jnp.where(j < acc[:, None], path_tok, nxt[:, None])
-        write = active[:, None] & ((j < acc[:, None]) | ((j == acc[:, None]) & ~stopped[:, None]))
-        g = jnp.where(write, (pos - prompt_len)[:, None] + 1 + j, c["gen"].shape[1])
-        gen = c["gen"].at[rows[:, None], g].set(committed, mode="drop")
+        committed, gen = _commit_tokens(c["gen"], active, pos, prompt_len, verdict.tokens, acc,
+                                        nxt, stopped)
         dstate = _draft_commit(kind, draft, c["dstate"], gather_path(vout.features, slots),
                                committed, jnp.where(active & ~stopped, acc + 1, 0))
 
         valid = tree.valid
         depth_rec = jnp.max(jnp.where(valid, tree.depth, 0), axis=1)
-        r = jnp.where(active, c["rounds"], max_new)
-        acc_rec = jnp.where(stopped, acc, acc + 1)
-        prop_rec = jnp.where(stopped, acc, depth_rec)
-        done = c["done"] | (active & (stopped | _isin(nxt, stop_ids) | (new_pos >= limit)))
-        return dict(i=c["i"] + 1, pos=new_pos, cur=jnp.where(active & ~stopped, nxt, cur),
-                    tcache=tcache, dstate=dstate, done=done,
-                    rounds=c["rounds"] + active.astype(jnp.int32), gen=gen,
-                    acc=c["acc"].at[rows, r].set(acc_rec, mode="drop"),
-                    prop=c["prop"].at[rows, r].set(prop_rec, mode="drop"),
+        nc, r = _next_carry(c, active, new_pos, limit, acc, nxt, stopped, stop_ids,
+                            jnp.where(stopped, acc, depth_rec), max_new)
+        return dict(nc, tcache=tcache, dstate=dstate, gen=gen,
                     nodes=c["nodes"].at[rows, r].set(jnp.sum(valid, axis=1, dtype=jnp.int32),
                                                      mode="drop"))
 
