@@ -132,6 +132,12 @@ def test_sampled_distribution_matches_softmax():
     np.testing.assert_allclose(freq, p, atol=0.015)
 
 
+def _whole_cache_copies(hlo: str, cache) -> list[str]:
+    shapes = ["f32[" + ",".join(str(d) for d in x[0].shape) + "]" for x in (cache.k, cache.v)]
+    return [line.strip()[:160] for line in hlo.splitlines()
+            if " copy(" in line and any(shape in line for shape in shapes)]
+
+
 @pytest.mark.parametrize("batch,new", [(1, 1), (1, 5), (3, 5)])
 def test_per_layer_extend_updates_cache_in_place(fixture_set, batch, new):
     """The compiled decode/verify step never copies a whole KV buffer: reading the cache
@@ -142,9 +148,25 @@ def test_per_layer_extend_updates_cache_in_place(fixture_set, batch, new):
     ids = jnp.zeros((batch, new), jnp.int32)
     compiled = target_mod._extend.lower(target.graphdef, target.state, cache, ids,
                                         jnp.full((batch,), new, jnp.int32), (0,)).compile()
-    hlo = compiled.as_text()
-    k_shape = "f32[" + ",".join(str(d) for d in cache.k[0].shape) + "]"
-    v_shape = "f32[" + ",".join(str(d) for d in cache.v[0].shape) + "]"
-    copies = [line.strip()[:160] for line in hlo.splitlines()
-              if " copy(" in line and (k_shape in line or v_shape in line)]
+    copies = _whole_cache_copies(compiled.as_text(), cache)
+    assert not copies, f"{len(copies)} whole-cache copies, e.g. {copies[:2]}"
+
+
+def test_per_layer_extend_tree_updates_cache_in_place(fixture_set):
+    """Same for the tree verify pass (the tree's K/V go to the attention separately)."""
+    from flax import nnx
+
+    from deepspec_jax.kernels.tree_attention import ancestor_bits
+
+    target = _fixture_target(fixture_set, per_layer=True)
+    cache = target.init_cache(2, 64)
+    parents = jnp.asarray([[-1, 0, 0, 1, 2], [-1, 0, 1, 2, 3]], jnp.int32)
+    depths = jnp.asarray([[0, 1, 1, 2, 2], [0, 1, 2, 3, 4]], jnp.int32)
+
+    def run(state, c, ids, d, bits):
+        return nnx.merge(target.graphdef, state).extend_tree(c, ids, d, bits, (0,))
+
+    compiled = jax.jit(run, donate_argnums=1).lower(
+        target.state, cache, jnp.zeros((2, 5), jnp.int32), depths, ancestor_bits(parents)).compile()
+    copies = _whole_cache_copies(compiled.as_text(), cache)
     assert not copies, f"{len(copies)} whole-cache copies, e.g. {copies[:2]}"

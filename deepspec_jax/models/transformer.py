@@ -341,19 +341,20 @@ class CausalLM(nnx.Module):
         slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
         rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
 
-        # The kernel reads the tree's own keys from the cache, so each layer's new
-        # keys/values are written into its cache slice before attending. Per-layer
-        # buffers: that write is the cache update (in place when the cache is donated).
-        # Stacked: the slice is a scan input (the write makes a per-layer temporary), the
-        # new entries come out of the scan and are scattered once, as in ``extend``.
+        # The tree's own keys/values go to the kernel as ``k_tree``/``v_tree``, so it
+        # reads only the committed prefix from the cache. Per-layer buffers: they are
+        # then written at slots lengths + i in place, after the read (as in ``extend``).
+        # Stacked: they come out of the scan and are scattered once afterwards.
         def attend(q, k, v, layer_in):
             ck, cv = layer_in
-            kd, vd = k.astype(ck.dtype), v.astype(cv.dtype)               # [B,T,K,D]
-            ck = write_rows(ck, kd.transpose(0, 2, 3, 1), start, 3)
-            cv = write_rows(cv, vd.transpose(0, 2, 1, 3), start, 2)
+            kt, vt = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B,K,D,T], [B,K,T,D]
             out = tree_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), start, tree_bits,
-                                 impl=attn_impl)
-            return out, ((ck, cv) if self.per_layer else (kd, vd))
+                                 k_tree=kt, v_tree=vt, impl=attn_impl)
+            if self.per_layer:
+                after = read_before_write(out)
+                return out, (write_rows(ck, kt + after, start, 3),
+                             write_rows(cv, vt + after, start, 2))
+            return out, (k.astype(ck.dtype), v.astype(cv.dtype))
 
         out, extra = self._run(input_ids, positions, layer_ids, attend, (cache.k, cache.v))
         if self.per_layer:
