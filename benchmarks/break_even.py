@@ -1,0 +1,125 @@
+"""Break-even acceptance length of speculative decoding on this machine.
+
+Times the three pieces of a speculative round on the real target and a draft, each
+compiled alone: one autoregressive step (target ``extend`` of 1 token), the verify
+pass (``extend`` of the draft's width + 1 tokens) and the draft's proposal, all at a
+given context length inside a cache of a given capacity. A round replaces
+``tau`` autoregressive steps, so a draft pays off only when
+
+    tau > (verify + propose) / AR step        (the break-even tau printed here)
+
+which is a property of the hardware and the compiler as much as of the draft. With
+``--sweep`` it also prints the cost of extending by n tokens relative to one token
+(the curve that decides block sizes and tree sizes).
+
+    python benchmarks/break_even.py                       # SmolLM2 + the default draft
+    python benchmarks/break_even.py --draft=runs/dspark_smollm2_135m/final --sweep=1,2,5,8,17
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+
+def _median_ms(fn, repeats: int) -> float:
+    import jax
+    import numpy as np
+
+    jax.block_until_ready(fn())                        # compile + warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", default=None, help="target (default: embedded SmolLM2-135M)")
+    ap.add_argument("--draft", default=None, help="draft dir (default: the embedded default draft)")
+    ap.add_argument("--context", type=int, default=256, help="tokens already in the cache")
+    ap.add_argument("--cache_len", type=int, default=1024, help="KV cache capacity")
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--sweep", default="", help="comma-separated n for extend(n)/extend(1)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from deepspec_jax import load_target
+    from deepspec_jax.drafts import load_draft
+    from deepspec_jax.eval import DEFAULT_DRAFT_DIR
+    from deepspec_jax.sampling import SamplingParams
+    from deepspec_jax.spec_decode import (_draft_init, _draft_propose, _proposal_width,
+                                          check_compatible)
+
+    target = load_target(args.target)
+    draft = load_draft(args.draft or DEFAULT_DRAFT_DIR, dtype=target.dtype, target=target)
+    layer_ids = check_compatible(target, draft)
+    width = _proposal_width(draft.kind, draft.config)
+    rng = np.random.default_rng(0)
+    vocab = target.config.vocab_size
+    prompt = rng.integers(0, vocab - 1, (1, args.context)).astype(np.int32)
+    lens = np.array([args.context], np.int32)
+
+    out, cache = target.extend(target.init_cache(1, args.cache_len), prompt, lens, layer_ids)
+    state = {"cache": cache}       # donated by every extend: always use the latest
+
+    def extend_cost(n: int) -> float:
+        """extend(n) from the same context every call: lengths are reset, so the cache
+        (donated) never grows and every call does identical work."""
+        ids = jnp.asarray(rng.integers(0, vocab - 1, (1, n)).astype(np.int32))
+
+        def call():
+            o, c = target.extend(state["cache"], ids, jnp.full((1,), n, jnp.int32), layer_ids)
+            state["cache"] = c._replace(lengths=jnp.asarray(lens))
+            return o.logits
+        return _median_ms(call, args.repeats)
+
+    ar_ms = extend_cost(1)
+    verify_ms = extend_cost(width + 1)
+
+    sp = SamplingParams(0.0, 0, 1.0).validate()
+    feats = out.features
+    dstate = jax.jit(lambda s, p, pl, f: _draft_init(
+        draft.kind, nnx.merge(draft.graphdef, s), 1, args.cache_len, p, pl, jnp.zeros((1,), jnp.int32), f))(
+        draft.state, jnp.asarray(prompt), jnp.asarray(lens), feats)
+    propose = jax.jit(lambda s, ds, cur, key: _draft_propose(
+        draft.kind, nnx.merge(draft.graphdef, s), ds, cur, key, sp, width)[:3])
+    cur = jnp.zeros((1,), jnp.int32)
+    key = jax.random.key(0)
+    propose_ms = _median_ms(lambda: propose(draft.state, dstate, cur, key), args.repeats)
+
+    round_ms = verify_ms + propose_ms
+    res = dict(machine=platform.processor() or platform.machine(), date=time.strftime("%Y-%m-%d"),
+               backend=jax.default_backend(), draft=draft.architecture, width=width,
+               context=args.context, cache_len=args.cache_len, ar_step_ms=round(ar_ms, 2),
+               verify_ms=round(verify_ms, 2), propose_ms=round(propose_ms, 2),
+               round_ms=round(round_ms, 2), verify_over_ar=round(verify_ms / ar_ms, 2),
+               break_even_tau=round(round_ms / ar_ms, 2),
+               load=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None)
+    if args.sweep:
+        res["extend_over_ar"] = {n: round(extend_cost(n) / ar_ms, 2)
+                                 for n in (int(v) for v in args.sweep.split(","))}
+    print(json.dumps(res, indent=1))
+    print(f"a {draft.architecture} round (verify {width + 1} tokens + propose) costs "
+          f"{res['break_even_tau']:.2f} autoregressive steps here: the draft must accept "
+          f"more than {res['break_even_tau'] - 1:.2f} drafted tokens per round (tau > "
+          f"{res['break_even_tau']:.2f}) to be faster.")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
