@@ -49,8 +49,9 @@ if [[ $stage == eval || $stage == all ]]; then
   done
 fi
 if [[ $stage == ship ]]; then
-  # bf16, embed/lm_head left out (they are the target's): the eval's embedded default
+  # bf16, embed/lm_head left out (they are the target's): the eval's embedded default.
+  # SHIP_FROM picks the checkpoint (default: the DSpark run's final export).
   run "$PY" -c "from deepspec_jax import load_draft; \
-d = load_draft('runs/dspark_smollm2_135m/final', dtype='bfloat16'); \
+d = load_draft('${SHIP_FROM:-runs/dspark_smollm2_135m/final}', dtype='bfloat16'); \
 d.save('deepspec_jax/assets/default_draft', share_with_target=True)"
 fi
