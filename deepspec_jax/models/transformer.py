@@ -138,6 +138,15 @@ def read_before_write(read: jax.Array) -> jax.Array:
     return jnp.zeros((), read.dtype) * read.reshape(-1)[0]
 
 
+def write_kv_after(ck: jax.Array, cv: jax.Array, kt: jax.Array, vt: jax.Array,
+                   start: jax.Array, read: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Write one layer's new keys [B,K,D,T] / values [B,K,T,D] at each row's ``start``
+    into its cache buffers, in place and after ``read`` (the attention output computed
+    from those buffers)."""
+    after = read_before_write(read)
+    return write_rows(ck, kt + after, start, 3), write_rows(cv, vt + after, start, 2)
+
+
 class ForwardOut(NamedTuple):
     logits: jax.Array        # [B, T, V] float32
     features: jax.Array      # [B, T, len(layer_ids) * d] raw layer outputs (id -1 = embeddings)
@@ -301,9 +310,7 @@ class CausalLM(nnx.Module):
                 segments.insert(0, (ck.astype(q.dtype), cv.astype(q.dtype), old_mask))
             out = segmented_attention(q, segments)
             if self.per_layer:
-                after = read_before_write(out)
-                return out, (write_rows(ck, k + after, start, 3),
-                             write_rows(cv, v + after, start, 2))
+                return out, write_kv_after(ck, cv, k, v, start, out)
             return out, (k.astype(ck.dtype), v.astype(cv.dtype))
 
         out, extra = self._run(input_ids, positions, layer_ids, attend, (cache.k, cache.v))
@@ -351,9 +358,7 @@ class CausalLM(nnx.Module):
             out = tree_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), start, tree_bits,
                                  k_tree=kt, v_tree=vt, impl=attn_impl)
             if self.per_layer:
-                after = read_before_write(out)
-                return out, (write_rows(ck, kt + after, start, 3),
-                             write_rows(cv, vt + after, start, 2))
+                return out, write_kv_after(ck, cv, kt, vt, start, out)
             return out, (k.astype(ck.dtype), v.astype(cv.dtype))
 
         out, extra = self._run(input_ids, positions, layer_ids, attend, (cache.k, cache.v))
