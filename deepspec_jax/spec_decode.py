@@ -41,7 +41,8 @@ from flax import nnx
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.models.transformer import init_cache as target_init_cache
 from deepspec_jax.sampling import SamplingParams, probs as sampling_probs, sample as sampling_sample
-from deepspec_jax.target import Target, pad_prompts, round_up
+from deepspec_jax.target import (NonFiniteLogitsError, Target, nonfinite_rows, pad_prompts,
+                                 raise_if_nonfinite, round_up)
 from deepspec_jax.tree.build import tree_size
 from deepspec_jax.tree.verify import TREE_RULES as _TREE_RULES
 
@@ -127,14 +128,15 @@ def _draft_commit(kind, dmodel, dstate, feats, committed, num_new):
 
 def _prefill(target, draft, kind, prompt, prompt_len, cache_len, sp, layer_ids, key, max_new):
     """Prefill the target cache, sample the first token from the target alone, and
-    start the draft's state from the prompt's features (shared by chain and tree loops)."""
+    start the draft's state from the prompt's features (shared by chain and tree loops).
+    Also returns per row whether the first token's logits were non-finite."""
     b = prompt.shape[0]
     tcache = target_init_cache(target.cfg, b, cache_len, target.dtype, target.per_layer)
     out, tcache = target.extend(tcache, prompt, prompt_len, layer_ids, fresh=True)
     last = out.logits[jnp.arange(b), prompt_len - 1]
     first = sampling_sample(last, jax.random.fold_in(key, max_new + 1), sp)
     return tcache, first, _draft_init(kind, draft, b, cache_len, prompt, prompt_len, first,
-                                      out.features)
+                                      out.features), nonfinite_rows(last)
 
 
 def _draw(dist: jax.Array, key: jax.Array, greedy: bool) -> jax.Array:
@@ -185,6 +187,16 @@ def _isin(tokens, stop_ids):
     return jnp.any(tokens[..., None] == stop_ids, axis=-1)
 
 
+def loop_cache_len(prompt_width: int, max_new: int, depth: int, written: int,
+                   bucket: int) -> int:
+    """Cache length that no write of a decode loop can pass. Each round writes
+    ``written`` positions at the row's position; an active row's position is below
+    prompt + max_new, and a finished row keeps running (static shapes) at its final
+    position, which its last round may have pushed ``depth`` (most drafts accepted)
+    past that."""
+    return round_up(prompt_width + max_new + depth + written, bucket)
+
+
 def _commit_tokens(gen, active, pos, prompt_len, drafts, acc, nxt, stopped):
     """A round's committed tokens [B,W+1] (the ``acc`` accepted drafts, then the next
     token unless a stop token was accepted) and ``gen`` with them written at each active
@@ -197,17 +209,47 @@ def _commit_tokens(gen, active, pos, prompt_len, drafts, acc, nxt, stopped):
     return committed, gen.at[jnp.arange(b)[:, None], g].set(committed, mode="drop")
 
 
-def _next_carry(c, active, new_pos, limit, acc, nxt, stopped, stop_ids, prop_rec, max_new):
+def _first_nonfinite(bad_pos, acc, stopped, pos, prompt_len):
+    """Output index of the first new token this round decided from non-finite target
+    logits (-1: none). ``bad_pos`` [B,T]: per verify position along the committed path
+    (current token, then accepted drafts) whether its logits are non-finite; the round
+    used positions 0..acc (0..acc-1 when it stopped inside the drafts: no next token)."""
+    used = jnp.arange(bad_pos.shape[1])[None] < jnp.where(stopped, acc, acc + 1)[:, None]
+    bad = bad_pos & used
+    return jnp.where(jnp.any(bad, axis=1),
+                     pos - prompt_len + 1 + jnp.argmax(bad, axis=1).astype(jnp.int32), -1)
+
+
+def _init_carry(prompt_len, first, tcache, dstate, stop_ids, prefill_bad, max_new, gen_width):
+    """The loop carry both loops start from. ``bad_tok``/``bad_round``: per row the first
+    new token decided from non-finite target logits and its round (-1: none / prefill);
+    such a row is finished there and the host raises after the loop."""
+    b = first.shape[0]
+    return dict(i=jnp.int32(0), pos=prompt_len.astype(jnp.int32), cur=first, tcache=tcache,
+                dstate=dstate, done=_isin(first, stop_ids) | (max_new <= 0) | prefill_bad,
+                rounds=jnp.zeros((b,), jnp.int32),
+                gen=jnp.full((b, gen_width), -1, jnp.int32).at[:, 0].set(first),
+                acc=jnp.zeros((b, max_new), jnp.int32), prop=jnp.zeros((b, max_new), jnp.int32),
+                bad_tok=jnp.where(prefill_bad, 0, -1).astype(jnp.int32),
+                bad_round=jnp.full((b,), -1, jnp.int32))
+
+
+def _next_carry(c, active, new_pos, limit, acc, nxt, stopped, stop_ids, prop_rec, max_new,
+                bad_tok):
     """The loop-carry fields both loops update alike (position, current token, done,
-    round counters, per-round accepted/proposed records) and the record index ``r``
-    (out of range for finished rows, so their writes are dropped)."""
+    round counters, per-round accepted/proposed records, the non-finite flag from
+    ``_first_nonfinite``) and the record index ``r`` (out of range for finished rows, so
+    their writes are dropped)."""
     rows = jnp.arange(acc.shape[0])
     r = jnp.where(active, c["rounds"], max_new)
-    done = c["done"] | (active & (stopped | _isin(nxt, stop_ids) | (new_pos >= limit)))
+    bad = active & (bad_tok >= 0)
+    done = c["done"] | (active & (stopped | _isin(nxt, stop_ids) | (new_pos >= limit) | bad))
     return dict(i=c["i"] + 1, pos=new_pos, cur=jnp.where(active & ~stopped, nxt, c["cur"]),
                 done=done, rounds=c["rounds"] + active.astype(jnp.int32),
                 acc=c["acc"].at[rows, r].set(jnp.where(stopped, acc, acc + 1), mode="drop"),
-                prop=c["prop"].at[rows, r].set(prop_rec, mode="drop")), r
+                prop=c["prop"].at[rows, r].set(prop_rec, mode="drop"),
+                bad_tok=jnp.where(bad, bad_tok, c["bad_tok"]),
+                bad_round=jnp.where(bad, c["rounds"], c["bad_round"])), r
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 4, 9, 10, 11, 12, 13))
@@ -220,17 +262,11 @@ def _spec_generate(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prompt_le
     b = prompt.shape[0]
     rows = jnp.arange(b)
 
-    tcache, first, dstate = _prefill(target, draft, kind, prompt, prompt_len, cache_len, sp,
-                                     layer_ids, key, max_new)
-
-    gen = jnp.full((b, max_new + width + 2), -1, jnp.int32).at[:, 0].set(first)
-    acc_hist = jnp.zeros((b, max_new), jnp.int32)
-    prop_hist = jnp.zeros((b, max_new), jnp.int32)
-    conf_hist = jnp.zeros((b, max_new, width), jnp.float32)
-    carry = dict(i=jnp.int32(0), pos=prompt_len.astype(jnp.int32), cur=first, tcache=tcache,
-                 dstate=dstate, done=_isin(first, stop_ids) | (max_new <= 0),
-                 rounds=jnp.zeros((b,), jnp.int32), gen=gen, acc=acc_hist, prop=prop_hist,
-                 conf=conf_hist)
+    tcache, first, dstate, prefill_bad = _prefill(target, draft, kind, prompt, prompt_len,
+                                                  cache_len, sp, layer_ids, key, max_new)
+    carry = dict(_init_carry(prompt_len, first, tcache, dstate, stop_ids, prefill_bad, max_new,
+                             max_new + width + 2),
+                 conf=jnp.zeros((b, max_new, width), jnp.float32))
     limit = prompt_len + max_new   # a row runs rounds while its current token's position < limit
 
     def cond(c):
@@ -262,14 +298,16 @@ def _spec_generate(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prompt_le
                                         stopped)
         dstate = _draft_commit(kind, draft, dstate, vout.features, committed,
                                jnp.where(active & ~stopped, acc + 1, 0))
+        bad_tok = _first_nonfinite(nonfinite_rows(vout.logits), acc, stopped, pos, prompt_len)
         nc, r = _next_carry(c, active, new_pos, limit, acc, nxt, stopped, stop_ids,
-                            jnp.where(stopped, acc, n_prop), max_new)
+                            jnp.where(stopped, acc, n_prop), max_new, bad_tok)
         return dict(nc, tcache=tcache, dstate=dstate, gen=gen,
                     conf=c["conf"].at[rows, r].set(conf, mode="drop"))
 
     c = jax.lax.while_loop(cond, body, carry)
     n_out = c["pos"] - prompt_len + 1
-    return c["gen"], n_out, c["rounds"], c["acc"], c["prop"], c["conf"]
+    return (c["gen"], n_out, c["rounds"], c["acc"], c["prop"], c["conf"], c["bad_tok"],
+            c["bad_round"])
 
 
 # ---------------------------------------------------------------------------
@@ -305,14 +343,10 @@ def _spec_generate_tree(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prom
     b = prompt.shape[0]
     rows = jnp.arange(b)
 
-    tcache, first, dstate = _prefill(target, draft, kind, prompt, prompt_len, cache_len, sp,
-                                     layer_ids, key, max_new)
-
-    carry = dict(i=jnp.int32(0), pos=prompt_len.astype(jnp.int32), cur=first, tcache=tcache,
-                 dstate=dstate, done=_isin(first, stop_ids) | (max_new <= 0),
-                 rounds=jnp.zeros((b,), jnp.int32),
-                 gen=jnp.full((b, max_new + depth_max + 2), -1, jnp.int32).at[:, 0].set(first),
-                 acc=jnp.zeros((b, max_new), jnp.int32), prop=jnp.zeros((b, max_new), jnp.int32),
+    tcache, first, dstate, prefill_bad = _prefill(target, draft, kind, prompt, prompt_len,
+                                                  cache_len, sp, layer_ids, key, max_new)
+    carry = dict(_init_carry(prompt_len, first, tcache, dstate, stop_ids, prefill_bad, max_new,
+                             max_new + depth_max + 2),
                  nodes=jnp.zeros((b, max_new), jnp.int32))
     limit = prompt_len + max_new
 
@@ -348,15 +382,18 @@ def _spec_generate_tree(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prom
 
         valid = tree.valid
         depth_rec = jnp.max(jnp.where(valid, tree.depth, 0), axis=1)
+        bad_tok = _first_nonfinite(gather_path(nonfinite_rows(vout.logits), slots), acc, stopped,
+                                   pos, prompt_len)
         nc, r = _next_carry(c, active, new_pos, limit, acc, nxt, stopped, stop_ids,
-                            jnp.where(stopped, acc, depth_rec), max_new)
+                            jnp.where(stopped, acc, depth_rec), max_new, bad_tok)
         return dict(nc, tcache=tcache, dstate=dstate, gen=gen,
                     nodes=c["nodes"].at[rows, r].set(jnp.sum(valid, axis=1, dtype=jnp.int32),
                                                      mode="drop"))
 
     c = jax.lax.while_loop(cond, body, carry)
     n_out = c["pos"] - prompt_len + 1
-    return c["gen"], n_out, c["rounds"], c["acc"], c["prop"], c["nodes"]
+    return (c["gen"], n_out, c["rounds"], c["acc"], c["prop"], c["nodes"], c["bad_tok"],
+            c["bad_round"])
 
 
 # ---------------------------------------------------------------------------
@@ -431,6 +468,11 @@ def speculative_generate(target: Target, draft: Any, prompt_ids: Sequence[Sequen
     (lossless multi-candidate rejection sampling needs sampled children). DSpark's
     confidence threshold then prunes branches. ``_rule`` is private: a deliberately
     wrong acceptance rule for tests.
+
+    Raises ValueError when a prompt plus ``max_new_tokens`` exceeds the target's context
+    (``Target.check_context``), and NonFiniteLogitsError (a FloatingPointError) naming
+    the rows, token and round where the target's logits used to decide a token were
+    NaN/inf (flagged per row inside the loop, raised after it).
     """
     sp = SamplingParams(float(temperature), int(top_k), float(top_p)).validate()
     if max_new_tokens < 1:
@@ -444,23 +486,29 @@ def speculative_generate(target: Target, draft: Any, prompt_ids: Sequence[Sequen
     width = _proposal_width(draft.kind, draft.config)
     prompt, lens = pad_prompts(prompt_ids, prompt_bucket)
     target._check_ids(prompt, "prompt_ids")
+    target.check_context(lens, max_new_tokens)
     stop = target.resolve_stop_ids(stop_token_ids)
     args = (target.graphdef, target.state, draft.graphdef, draft.state, draft.kind,
             target._put(prompt), target._put(lens), jnp.asarray(stop),
             jnp.float32(confidence_threshold), int(max_new_tokens))
     nodes = None
     if tree is None:
-        cache_len = round_up(prompt.shape[1] + max_new_tokens + width + 1, cache_bucket)
-        gen, n_out, rounds, acc, prop, conf = _spec_generate(
-            *args, cache_len, sp, layer_ids, _rule, jax.random.key(seed))
-        gen, n_out, rounds, acc, prop, conf = jax.device_get((gen, n_out, rounds, acc, prop, conf))
+        cache_len = loop_cache_len(prompt.shape[1], max_new_tokens, width, width + 1,
+                                   cache_bucket)
+        gen, n_out, rounds, acc, prop, conf, bad_tok, bad_round = jax.device_get(_spec_generate(
+            *args, cache_len, sp, layer_ids, _rule, jax.random.key(seed)))
     else:
         topk, num_nodes = parse_tree(tree, draft.config.vocab_size)
-        n_tree = tree_size(topk, num_nodes, _tree_depth(draft.kind, draft.config))
-        cache_len = round_up(prompt.shape[1] + max_new_tokens + n_tree + 1, cache_bucket)
-        gen, n_out, rounds, acc, prop, nodes = jax.device_get(_spec_generate_tree(
-            *args, cache_len, sp, layer_ids, _rule, jax.random.key(seed), topk, num_nodes))
+        depth = _tree_depth(draft.kind, draft.config)
+        n_tree = tree_size(topk, num_nodes, depth)
+        cache_len = loop_cache_len(prompt.shape[1], max_new_tokens, depth, n_tree + 1,
+                                   cache_bucket)
+        gen, n_out, rounds, acc, prop, nodes, bad_tok, bad_round = jax.device_get(
+            _spec_generate_tree(*args, cache_len, sp, layer_ids, _rule, jax.random.key(seed),
+                                topk, num_nodes))
         conf = None
+    raise_if_nonfinite("speculative_generate" + ("" if tree is None else f"(tree={tree})"),
+                       bad_tok, target, bad_round)
     has_conf = (tree is None and draft.kind == "dspark"
                 and bool(draft.config.enable_confidence_head))
     stops = set(int(s) for s in stop)
@@ -478,4 +526,5 @@ def speculative_generate(target: Target, draft: Any, prompt_ids: Sequence[Sequen
     return results
 
 
-__all__ = ["SpecResult", "speculative_generate", "check_compatible", "verify", "parse_tree"]
+__all__ = ["SpecResult", "speculative_generate", "check_compatible", "verify", "parse_tree",
+           "NonFiniteLogitsError"]

@@ -23,7 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from deepspec_jax.config import TargetConfig, load_config_json, target_config_from_dict
-from deepspec_jax.errors import ConfigError
+from deepspec_jax.errors import ConfigError, DeepSpecError
 from deepspec_jax.models.transformer import CausalLM, ForwardOut, KVCache, init_cache
 from deepspec_jax.sampling import SamplingParams, sample
 from deepspec_jax.sharding import batch_sharding, make_mesh
@@ -72,9 +72,50 @@ def _isin(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
     return jnp.any(tokens[..., None] == stop_ids, axis=-1)
 
 
+def nonfinite_rows(logits: jax.Array) -> jax.Array:
+    """bool [...]: whether the distribution ``logits[..., :]`` holds a NaN or inf (a
+    token sampled from it would be garbage)."""
+    return ~jnp.all(jnp.isfinite(logits), axis=-1)
+
+
+class NonFiniteLogitsError(DeepSpecError, FloatingPointError):
+    """The target produced NaN/inf logits while decoding (see ``raise_if_nonfinite``)."""
+
+
+def raise_if_nonfinite(what: str, first_bad: np.ndarray, target: "Target",
+                       rounds: np.ndarray | None = None) -> None:
+    """Raise NonFiniteLogitsError if any row flagged non-finite logits.
+
+    ``first_bad[b]``: index of the first new token of row b whose distribution was
+    not finite (-1: none); ``rounds[b]``: the speculative round it happened in (-1:
+    the prefill)."""
+    rows = np.flatnonzero(np.asarray(first_bad) >= 0)
+    if not rows.size:
+        return
+    where = []
+    for b in rows[:8]:
+        at = f"row {b}: new token {int(first_bad[b])}"
+        if rounds is not None:
+            r = int(rounds[b])
+            at += " (prefill)" if r < 0 else f" (round {r})"
+        where.append(at)
+    more = f" and {rows.size - 8} more row(s)" if rows.size > 8 else ""
+    causes = ["NaN/inf or corrupt weights in the checkpoint (re-download or re-convert it)"]
+    if target.dtype != "float32":
+        causes.insert(0, f"activations overflowing in {target.dtype} (load the target with "
+                         "dtype='float32')")
+    raise NonFiniteLogitsError(
+        f"{what}: the target ({target.source or 'target'}, dtype {target.dtype}) produced "
+        f"non-finite (NaN/inf) logits at {'; '.join(where)}{more}; the tokens from there on "
+        f"would be garbage, so nothing is returned. Likely causes: {', or '.join(causes)}.")
+
+
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7))
 def _generate(graphdef, state, prompt, prompt_len, stop_ids, max_new, cache_len, sp, key):
-    """Prefill + decode entirely on device (one ``lax.while_loop``)."""
+    """Prefill + decode entirely on device (one ``lax.while_loop``).
+
+    Returns the tokens [B, max_new] (-1 after a row's end) and per row the index of the
+    first token whose logits were not finite (-1: none); such a row stops there."""
     model = nnx.merge(graphdef, state)
     b = prompt.shape[0]
     cache = init_cache(model.cfg, b, cache_len, model.dtype, model.per_layer)
@@ -82,13 +123,17 @@ def _generate(graphdef, state, prompt, prompt_len, stop_ids, max_new, cache_len,
     last = jnp.take_along_axis(out.logits, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
     tokens = jnp.full((b, max_new), -1, jnp.int32)
     done = jnp.zeros((b,), bool)
+    first_bad = jnp.full((b,), -1, jnp.int32)
 
     def cond(c):
-        i, _, _, done, _ = c
+        i, _, _, done, _, _ = c
         return (i < max_new) & ~jnp.all(done)
 
     def body(c):
-        i, cache, last, done, tokens = c
+        i, cache, last, done, tokens, first_bad = c
+        bad = ~done & nonfinite_rows(last)
+        first_bad = jnp.where(bad, i, first_bad)
+        done = done | bad
         tok = sample(last, jax.random.fold_in(key, i), sp)
         tokens = tokens.at[:, i].set(jnp.where(done, -1, tok))
         done = done | _isin(tok, stop_ids)
@@ -99,11 +144,11 @@ def _generate(graphdef, state, prompt, prompt_len, stop_ids, max_new, cache_len,
 
         cache, last = jax.lax.cond((i + 1 < max_new) & ~jnp.all(done), step,
                                    lambda cache: (cache, last), cache)
-        return i + 1, cache, last, done, tokens
+        return i + 1, cache, last, done, tokens, first_bad
 
-    init = (jnp.int32(0), cache, last, done, tokens)
-    *_, tokens = jax.lax.while_loop(cond, body, init)
-    return tokens
+    init = (jnp.int32(0), cache, last, done, tokens, first_bad)
+    *_, tokens, first_bad = jax.lax.while_loop(cond, body, init)
+    return tokens, first_bad
 
 
 # ---------------------------------------------------------------------------
@@ -162,9 +207,67 @@ class Target:
         return jax.tree.map(lambda x: self._put(np.asarray(x)), cache)
 
     def extend(self, cache: KVCache, input_ids, num_new, layer_ids: Sequence[int] = ()):
-        """Append tokens to ``cache`` (donated) and run them; returns (ForwardOut, cache)."""
-        return _extend(self.graphdef, self.state, cache, jnp.asarray(input_ids, jnp.int32),
-                       jnp.asarray(num_new, jnp.int32), self.validate_layer_ids(layer_ids))
+        """Append tokens to ``cache`` (donated) and run them; returns (ForwardOut, cache).
+
+        All ``T = input_ids.shape[1]`` positions of every row are written into the cache
+        at the row's length (right padding too; only ``num_new[b]`` of them count), so a
+        call with ``lengths[b] + T > cache.max_len`` is refused with a ValueError: the
+        compiled write would otherwise clamp (overwriting valid entries) or drop. The
+        check reads ``cache.lengths`` to the host (one small transfer per call, which
+        also waits for the call that produced the cache); the jitted decode loops do
+        not go through here and size their caches with slack instead.
+        """
+        ids = jnp.asarray(input_ids, jnp.int32)
+        if ids.ndim != 2:
+            raise ValueError(f"input_ids must be [batch, new tokens], got shape {ids.shape}.")
+        lengths = np.asarray(jax.device_get(cache.lengths))
+        b, t = ids.shape
+        if lengths.shape != (b,):
+            raise ValueError(f"input_ids has {b} rows but the cache has {lengths.shape[0]} "
+                             "(init_cache(batch, ...) must match the batch).")
+        n = np.broadcast_to(np.asarray(jax.device_get(num_new)), (b,))
+        bad = [i for i in range(b) if not 0 <= n[i] <= t]
+        if bad:
+            raise ValueError(f"num_new[{bad[0]}] = {int(n[bad[0]])}: must lie in [0, {t}] "
+                             f"(input_ids has {t} positions per row).")
+        over = np.flatnonzero(lengths + t > cache.max_len)
+        if over.size:
+            r = int(over[0])
+            raise ValueError(
+                f"Target.extend: row {r} holds {int(lengths[r])} cached tokens and this call "
+                f"writes {t} new positions (input_ids.shape[1], {int(n[r])} of them real), "
+                f"{int(lengths[r]) + t} > the cache capacity max_len={cache.max_len}"
+                + (f" ({over.size} rows affected)" if over.size > 1 else "")
+                + f". Allocate a larger cache with init_cache(batch, max_len>="
+                f"{int(lengths.max()) + t}) or roll rows back first.")
+        return _extend(self.graphdef, self.state, cache, ids, jnp.asarray(n, jnp.int32),
+                       self.validate_layer_ids(layer_ids))
+
+    def check_context(self, prompt_lens: Sequence[int], max_new_tokens: int,
+                      what: str = "prompt_ids") -> None:
+        """Raise ValueError if a prompt plus ``max_new_tokens`` exceeds the model's context
+        (``config.max_position_embeddings``): positions past it were never trained.
+
+        What counts is the committed sequence, prompt + max_new_tokens tokens (the last
+        token is sampled, never fed back). Speculative decoding also runs up to a draft
+        width of uncommitted positions past that; those never influence a committed
+        token (causal attention), so RoPE past the trained range is harmless there and
+        they are not counted."""
+        limit = int(self.config.max_position_embeddings)
+        m = int(max_new_tokens)
+        over = [(i, int(n)) for i, n in enumerate(prompt_lens) if int(n) + m > limit]
+        if not over:
+            return
+        i, n = over[0]
+        fix = (f"shorten that prompt to at most {limit - m} tokens" if m < limit else
+               f"max_new_tokens alone exceeds the limit: lower it below {limit}")
+        if m < limit and n < limit:
+            fix += f" or lower max_new_tokens to at most {limit - n}"
+        raise ValueError(
+            f"{what}[{i}]: {n} prompt tokens + max_new_tokens={m} = {n + m} exceeds the "
+            f"target's max_position_embeddings={limit} ({self.source or 'target config'})"
+            + (f"; {len(over)} prompts exceed it (indices {[j for j, _ in over[:10]]})"
+               if len(over) > 1 else "") + f". To fix: {fix}.")
 
     def resolve_stop_ids(self, stop_token_ids) -> np.ndarray:
         ids = self.stop_token_ids if stop_token_ids is None else tuple(stop_token_ids)
@@ -179,18 +282,23 @@ class Target:
         Returns the new tokens of each prompt, ending with (and including) the first
         stop token if one was generated. ``stop_token_ids`` defaults to the model's
         EOS ids. The whole loop runs on device; shapes are bucketed so prompts of
-        similar length reuse one compilation.
+        similar length reuse one compilation. Raises ValueError when a prompt plus
+        ``max_new_tokens`` exceeds the model's context (``check_context``) and
+        NonFiniteLogitsError when the target's logits turn NaN/inf while decoding.
         """
         sp = SamplingParams(float(temperature), int(top_k), float(top_p)).validate()
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
         prompt, lens = pad_prompts(prompt_ids, prompt_bucket)
         self._check_ids(prompt, "prompt_ids")
+        self.check_context(lens, max_new_tokens)
         cache_len = round_up(prompt.shape[1] + max_new_tokens, cache_bucket)
-        tokens = _generate(self.graphdef, self.state, self._put(prompt), self._put(lens),
-                           jnp.asarray(self.resolve_stop_ids(stop_token_ids)), int(max_new_tokens),
-                           cache_len, sp, jax.random.key(seed))
-        return [[int(t) for t in row if t >= 0] for row in np.asarray(tokens)]
+        tokens, first_bad = jax.device_get(_generate(
+            self.graphdef, self.state, self._put(prompt), self._put(lens),
+            jnp.asarray(self.resolve_stop_ids(stop_token_ids)), int(max_new_tokens), cache_len,
+            sp, jax.random.key(seed)))
+        raise_if_nonfinite("Target.generate", first_bad, self)
+        return [[int(t) for t in row if t >= 0] for row in tokens]
 
     def apply_chat_template(self, user_message: str, thinking: bool = False) -> list[int]:
         """Token ids of a one-turn chat prompt with the generation prompt appended."""

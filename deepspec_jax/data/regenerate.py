@@ -106,8 +106,13 @@ class JaxGenerator:
             if len(x) > FLAGS.max_prompt_tokens:
                 results[j] = ValueError(f"prompt has {len(x)} tokens > --max_prompt_tokens="
                                         f"{FLAGS.max_prompt_tokens}")
-            else:
-                keep.append(j)
+                continue
+            try:  # over the context: recorded for this prompt alone, not its whole batch
+                self.target.check_context([len(x)], FLAGS.max_new_tokens, what="prompt")
+            except ValueError as e:
+                results[j] = e
+                continue
+            keep.append(j)
         if keep:
             outs = self.target.generate([ids[j] for j in keep], FLAGS.max_new_tokens,
                                         FLAGS.temperature, seed, FLAGS.top_k, FLAGS.top_p,
