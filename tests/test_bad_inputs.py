@@ -26,6 +26,7 @@ from flax import nnx
 from conftest import fixture_sets, load_manifest
 from deepspec_jax import load_draft, load_target, speculative_generate
 from deepspec_jax.models.transformer import CausalLM
+from deepspec_jax.spec_decode import _first_nonfinite
 from deepspec_jax.target import NonFiniteLogitsError
 
 FS = fixture_sets()[0]
@@ -269,3 +270,19 @@ def test_nonfinite_logits_raise_naming_row_and_token(target, ref, mode):
         want = "row 0: new token 0" + ("" if mode == "generate" else " (prefill)")
         assert want in str(e.value), str(e.value)
     assert _decode(target, mode, prompts) == ref   # the clean target is untouched
+
+
+def test_a_round_checks_only_the_logits_it_used():
+    """Positions 0..acc decide a round's tokens (0..acc-1 when a stop token was accepted:
+    no next token); later positions (rejected drafts) are not checked."""
+    bad = np.zeros((4, 5), bool)
+    bad[0, 3] = True          # acc 2: position 3 unused
+    bad[1, 2] = True          # acc 2: position 2 drew the next token
+    bad[2, 2] = True          # acc 2, stopped: position 2 unused
+    bad[3, [1, 4]] = True     # acc 4: the first used one counts
+    acc = np.array([2, 2, 2, 4])
+    stopped = np.array([False, False, True, False])
+    pos, prompt_len = np.array([10, 20, 30, 40]), np.array([5, 5, 5, 5])
+    got = _first_nonfinite(bad, acc, stopped, pos, prompt_len)
+    # new-token index: the current token at pos is new token pos - prompt_len
+    np.testing.assert_array_equal(got, [-1, 20 - 5 + 1 + 2, -1, 40 - 5 + 1 + 1])

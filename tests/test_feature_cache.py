@@ -330,3 +330,84 @@ def test_cli_build_resumes(tmp_path, store, capsys, f32_cache):
                                atol=1e-6, rtol=1e-5)
     with pytest.raises(SystemExit):  # the fixture target has layers 0..5
         bf.main(argv[:2] + ["--layer_ids=1,6", f"--output={out}x"])
+
+
+# ---------------------------------------------------------------------------
+# a bf16 cache against online (fp32) features, with a stated tolerance
+# ---------------------------------------------------------------------------
+
+# bf16 keeps 8 significant bits: rounding to nearest moves a value by at most half an ulp,
+# 2^-8 of its magnitude. The cache is that rounding of fp32 features computed at bucketed
+# batch shapes, which differ from one unbucketed forward by ~1e-7..1e-6 (absolute).
+BF16_RTOL = 2.0 ** -8
+FP32_ATOL = 3e-6
+
+
+def _outside_bf16_tolerance(cached: np.ndarray, online: np.ndarray) -> np.ndarray:
+    c, f = cached.astype(np.float32), online.astype(np.float32)
+    return np.abs(c - f) > BF16_RTOL * np.abs(f) + FP32_ATOL
+
+
+def test_bf16_cache_matches_online_features_and_loss(tmp_path, store, target):
+    """A bf16 cache for the fixture Eagle3 draft's layers equals the online fp32 features
+    up to bf16 rounding, and gives the Eagle3 training loss within the first-order bound
+    that rounding implies: |dL| <= 2^-8 * sum |dL/dx * x| over every input x (features
+    and last hidden), doubled for higher-order terms. A wrong layer or a shifted position
+    is far outside both tolerances."""
+    import jax
+    import jax.numpy as jnp
+
+    from deepspec_jax import load_draft
+    from deepspec_jax.drafts.eagle3_train import eagle3_loss
+
+    # a distilled draft: its loss depends on the features enough for a wrong layer to
+    # show (a random draft's barely does)
+    draft = load_draft(os.path.join(os.path.dirname(_fixture_target_dir()), "eagle3_distilled"))
+    layer_ids = tuple(int(i) for i in draft.config.target_layer_ids)
+    out = tmp_path / "bf16"
+    bf.build_feature_cache(store, target, layer_ids, str(out), batch_size=4, dtype="bfloat16",
+                           compression="none", smallest_bucket=32, progress=False,
+                           log=lambda *_: None)
+    cache = FeatureCache.open(str(out), expect=_expect(store, layer_ids=layer_ids,
+                                                       dtype="bfloat16"))
+    ids = np.zeros((len(LENGTHS), MAX_LEN), np.int32)
+    for i, n in enumerate(LENGTHS):
+        ids[i, :n] = store[i]["input_ids"]
+    # online features, plus the layer below each: the classic off-by-one (HF's
+    # hidden_states[i] is the output of layer i - 1)
+    online = target.forward(ids, layer_ids=(layer_ids[0] - 1,) + layer_ids)
+    both = np.asarray(online.features)
+    d = target.config.hidden_size
+    f32 = {"features": both[..., d:], "target_last_hidden": np.asarray(online.last_hidden)}
+    off_by_one = both[..., :-d]
+    bf16 = {k: np.zeros_like(v) for k, v in f32.items()}
+    for i, n in enumerate(LENGTHS):
+        s = cache[i]
+        assert s["features"].dtype == ml_dtypes.bfloat16
+        for k in bf16:
+            bf16[k][i, :n] = s[k].astype(np.float32)
+
+    def outside(got, want):
+        return np.concatenate([_outside_bf16_tolerance(got[i, :n], want[i, :n]).ravel()
+                               for i, n in enumerate(LENGTHS)])
+
+    for k in f32:
+        assert not outside(bf16[k], f32[k]).any(), k
+        rel = np.abs(bf16[k] - f32[k]) / np.maximum(np.abs(f32[k]), 1e-30)
+        assert rel.max() > 2.0 ** -10, "the cache was not rounded to bf16"
+    shifted = np.roll(bf16["features"], 1, axis=1)   # positions shifted by one
+    for wrong in (off_by_one, shifted):
+        assert outside(wrong, f32["features"]).mean() > 0.5
+
+    # the training loss; one compiled value-and-gradient serves every input
+    attn = jnp.asarray(np.arange(MAX_LEN)[None] < np.asarray(LENGTHS)[:, None], jnp.int32)
+    model = draft.model
+    loss_grad = jax.jit(jax.value_and_grad(
+        lambda f, h: eagle3_loss(model, jnp.asarray(ids), f, h, attn, attn).loss, argnums=(0, 1)))
+    l32, (g_f, g_h) = loss_grad(f32["features"], f32["target_last_hidden"])
+    bound = 2 * BF16_RTOL * float(jnp.sum(jnp.abs(g_f * f32["features"]))
+                                  + jnp.sum(jnp.abs(g_h * f32["target_last_hidden"])))
+    gap, *wrong = (abs(float(loss_grad(f, bf16["target_last_hidden"])[0]) - float(l32))
+                   for f in (bf16["features"], off_by_one, shifted))
+    assert gap <= bound, (gap, bound)
+    assert min(wrong) > bound, (wrong, bound)   # a wrong layer / position shows
