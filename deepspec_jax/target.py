@@ -244,9 +244,10 @@ class Target:
                        self.validate_layer_ids(layer_ids))
 
     def check_context(self, prompt_lens: Sequence[int], max_new_tokens: int,
-                      what: str = "prompt_ids") -> None:
+                      names: Sequence[str] | None = None) -> None:
         """Raise ValueError if a prompt plus ``max_new_tokens`` exceeds the model's context
         (``config.max_position_embeddings``): positions past it were never trained.
+        ``names[i]`` labels prompt i in the message (default ``prompt_ids[i]``).
 
         What counts is the committed sequence, prompt + max_new_tokens tokens (the last
         token is sampled, never fed back). Speculative decoding also runs up to a draft
@@ -259,13 +260,14 @@ class Target:
         if not over:
             return
         i, n = over[0]
+        name = names[i] if names is not None else f"prompt_ids[{i}]"
         fix = (f"shorten that prompt to at most {limit - m} tokens" if m < limit else
                f"max_new_tokens alone exceeds the limit: lower it below {limit}")
         if m < limit and n < limit:
             fix += f" or lower max_new_tokens to at most {limit - n}"
         raise ValueError(
-            f"{what}[{i}]: {n} prompt tokens + max_new_tokens={m} = {n + m} exceeds the "
-            f"target's max_position_embeddings={limit} ({self.source or 'target config'})"
+            f"{name}: {n} prompt tokens + max_new_tokens={m} = {n + m} exceeds the target's "
+            f"max_position_embeddings={limit} ({self.source or 'target config'})"
             + (f"; {len(over)} prompts exceed it (indices {[j for j, _ in over[:10]]})"
                if len(over) > 1 else "") + f". To fix: {fix}.")
 

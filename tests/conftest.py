@@ -25,6 +25,25 @@ def load_manifest(fixture_set: str) -> dict:
         return json.load(f)
 
 
+def write_llama_gguf(path: str, tensor: str, data, raw_dtype=None, **metadata: int) -> str:
+    """A minimal llama GGUF: a 1-layer, 32-wide, 64-token config (``metadata`` overrides or
+    adds ``llama.*`` uint32 fields) and one tensor."""
+    import gguf
+
+    fields = {"block_count": 1, "embedding_length": 32, "feed_forward_length": 64,
+              "attention.head_count": 2, "attention.head_count_kv": 2, "vocab_size": 64,
+              **metadata}
+    w = gguf.GGUFWriter(path, "llama")
+    for k, v in fields.items():
+        w.add_uint32(f"llama.{k}", v)
+    w.add_tensor(tensor, data, raw_dtype=raw_dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 @pytest.fixture(scope="session")
 def fixture_set_dirs() -> list[str]:
     sets = fixture_sets()

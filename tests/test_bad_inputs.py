@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import fixture_sets, load_manifest
+from conftest import fixture_sets, load_manifest, write_llama_gguf
 from deepspec_jax import load_draft, load_target, speculative_generate
 from deepspec_jax.models.transformer import CausalLM
 from deepspec_jax.spec_decode import _first_nonfinite
@@ -130,21 +130,11 @@ def test_prompt_plus_new_tokens_beyond_the_context_is_refused(target):
 
 def test_gguf_context_length_is_the_limit(tmp_path):
     """GGUF targets take the limit from ``llama.context_length``."""
-    import gguf
-
     from deepspec_jax.config import target_config_from_dict
     from deepspec_jax.weights.gguf_loader import read_gguf
 
-    path = str(tmp_path / "ctx.gguf")
-    w = gguf.GGUFWriter(path, "llama")
-    for k, v in [("block_count", 1), ("embedding_length", 32), ("feed_forward_length", 64),
-                 ("attention.head_count", 2), ("vocab_size", 64), ("context_length", 777)]:
-        w.add_uint32(f"llama.{k}", v)
-    w.add_tensor("token_embd.weight", np.zeros((64, 32), np.float32))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = write_llama_gguf(str(tmp_path / "ctx.gguf"), "token_embd.weight",
+                            np.zeros((64, 32), np.float32), context_length=777)
     raw, _ = read_gguf(path)
     assert target_config_from_dict(raw, path).max_position_embeddings == 777
 
@@ -182,7 +172,7 @@ def test_regenerate_records_an_over_long_prompt_alone(target):
         finally:
             flags.unparse_flags()
     assert isinstance(bad, ValueError)
-    assert "prompt[0]: 500 prompt tokens + max_new_tokens=16 = 516 exceeds" in str(bad)
+    assert "prompt: 500 prompt tokens + max_new_tokens=16 = 516 exceeds" in str(bad)
     assert calls == [[[3] * 6]] and ok[1:] == ("length", 16)
 
 

@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import fixture_sets, load_manifest
+from conftest import fixture_sets, load_manifest, write_llama_gguf
 from deepspec_jax import load_target
 from deepspec_jax.errors import CheckpointError, ConfigError
 from deepspec_jax.weights.safetensors_io import SafetensorsFile, save_checkpoint_dir
@@ -99,18 +99,9 @@ def test_layer_id_out_of_range(target_dir):
 def test_unsupported_gguf_quant(tmp_path):
     import gguf
 
-    path = str(tmp_path / "bad.gguf")
-    w = gguf.GGUFWriter(path, "llama")
-    for k, v in [("block_count", 1), ("embedding_length", 32), ("feed_forward_length", 64),
-                 ("attention.head_count", 2), ("attention.head_count_kv", 2), ("vocab_size", 64)]:
-        w.add_uint32(f"llama.{k}", v)
     # Q5_K: 256-value blocks of 176 bytes; the contents do not matter, the type does.
-    w.add_tensor("token_embd.weight", np.zeros((64, 176), np.uint8),
-                 raw_dtype=gguf.GGMLQuantizationType.Q5_K)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    path = write_llama_gguf(str(tmp_path / "bad.gguf"), "token_embd.weight",
+                            np.zeros((64, 176), np.uint8), gguf.GGMLQuantizationType.Q5_K)
     from deepspec_jax.weights.gguf_loader import read_gguf
 
     with pytest.raises(CheckpointError, match=r"bad\.gguf.*token_embd\.weight.*Q5_K.*not supported"):

@@ -108,7 +108,7 @@ class JaxGenerator:
                                         f"{FLAGS.max_prompt_tokens}")
                 continue
             try:  # over the context: recorded for this prompt alone, not its whole batch
-                self.target.check_context([len(x)], FLAGS.max_new_tokens, what="prompt")
+                self.target.check_context([len(x)], FLAGS.max_new_tokens, names=["prompt"])
             except ValueError as e:
                 results[j] = e
                 continue
