@@ -193,11 +193,13 @@ def _rows_for_power(stat: float, df: int, n_used: int, power: float = 0.99) -> i
 # engine samples
 # ---------------------------------------------------------------------------
 
-def _sample(kind: str, sp: SamplingParams, rule: str = "exact", rows: int = ROWS, seed: int = 1):
+def _sample(kind: str, sp: SamplingParams, rule: str = "exact", rows: int = ROWS, seed: int = 1,
+            tree=None):
     target, draft = _pair(kind)
     res = speculative_generate(target, draft, [PROMPT] * rows, max_new_tokens=N_TOK,
                                temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p,
-                               seed=seed, prompt_bucket=8, cache_bucket=16, _rule=rule)
+                               seed=seed, prompt_bucket=8, cache_bucket=16, tree=tree,
+                               _rule=rule)
     seqs = np.asarray([r.tokens for r in res])
     assert seqs.shape == (rows, N_TOK)
     return seqs, np.asarray([r.accepted_lengths[0] for r in res])
@@ -227,11 +229,32 @@ SETTINGS = [
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,sp", SETTINGS)
 def test_chain_sampling_has_target_joint_distribution(kind, sp):
-    seqs, first_round = _sample(kind, sp)
-    _check_coverage(first_round)
+    _assert_target_joint(kind, sp, *_sample(kind, sp))
+
+
+def _assert_target_joint(kind, sp, seqs, first_round=None):
+    """No test of the family rejects (Bonferroni); round 1 is fully exercised."""
+    if first_round is not None:
+        _check_coverage(first_round)
     res = _tests(seqs, _exact_joint(kind, sp))
     bad = {k: v for k, v in res.items() if v[0] < ALPHA / N_TESTS}
     assert not bad, f"{kind} {sp}: tests below {ALPHA}/{N_TESTS}: {bad}"
+
+
+TREE_SETTINGS = [
+    pytest.param("dspark", SamplingParams(0.6, top_k=5, top_p=0.9), (2, 4),
+                 id="dspark-T0.6-topk5-topp0.9-tree2,4"),
+    pytest.param("eagle3", SamplingParams(1.5, top_k=3), (3, 6), id="eagle3-T1.5-topk3-tree3,6",
+                 marks=pytest.mark.heavy),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,sp,tree", TREE_SETTINGS)
+def test_tree_sampling_has_target_joint_distribution(kind, sp, tree):
+    """The same family for sampled trees: children drawn from the draft distribution
+    under temperature / top-k / top-p, multi-candidate verification."""
+    _assert_target_joint(kind, sp, *_sample(kind, sp, seed=2, tree=tree))
 
 
 @pytest.mark.slow
@@ -242,9 +265,7 @@ def test_reference_matches_plain_target_sampling():
     target, _ = _pair("dspark")
     seqs = np.asarray(target.generate([PROMPT] * ROWS, max_new_tokens=N_TOK, temperature=1.5,
                                       top_p=0.7, seed=3, prompt_bucket=8, cache_bucket=16))
-    res = _tests(seqs, _exact_joint("dspark", sp))
-    bad = {k: v for k, v in res.items() if v[0] < ALPHA / N_TESTS}
-    assert not bad, bad
+    _assert_target_joint("dspark", sp, seqs)
 
 
 # Wrong rules, at T=0.6 (the temperature rules need T != 1). Deviation measured on a
