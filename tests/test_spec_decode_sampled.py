@@ -18,10 +18,15 @@ family (``N_TESTS`` tests) is Bonferroni-corrected at family-wise ``ALPHA`` = 1e
 the correct rule's false-alarm rate per setting is <= 1e-4 (seeds are fixed).
 
 Planted wrong rules (``spec_decode._RULES``) must be rejected at the same threshold,
-and with margin: the power at ``ROWS``, from the observed chi-square noncentrality of
-the deciding test, must be >= 0.99 (``_power``). Measured deviations and the sample
-size each needs for power 0.99 at this threshold (w2 = noncentrality per row; from a
-131072-row run, T=0.6; dspark): see ``RULE_CASES``.
+and with margin: the power at ``RULE_ROWS``, from the observed chi-square
+noncentrality of the deciding test, must be >= 0.99 (``_power``). The measured
+deviations and the rows each rule needs for power 0.99 are listed above
+``RULE_CASES``: the bonus rule is caught by the (y4, y5) pair at ~4k rows but would
+need ~150k rows from the y5 marginal alone, which is why joints are tested.
+
+The same family also runs on sampled trees (``tree=``) under temperature / top-k /
+top-p: chain and tree draw from one draft distribution (``sampling.log_probs``,
+checked directly by ``test_chain_and_tree_share_the_draft_distribution``).
 """
 
 from __future__ import annotations
