@@ -89,8 +89,27 @@ def probs(logits: jax.Array, sp: SamplingParams) -> jax.Array:
     return jax.nn.softmax(processed_logits(logits, sp), axis=-1)
 
 
+def log_probs(logits: jax.Array, sp: SamplingParams) -> jax.Array:
+    """Log of the sampling distribution at T>0 (-inf outside top-k/top-p): the ONE
+    definition of a draft's distribution. Chain drafts sample from it and hand it to
+    rejection sampling (``sample_with_probs``); tree drafts draw children from it
+    (``tree.build.draft_log_probs``). Verification is lossless only if the ratio
+    p_t/p_d uses exactly the distribution the draft token was drawn from."""
+    return jax.nn.log_softmax(processed_logits(logits, sp), axis=-1)
+
+
 def sample(logits: jax.Array, key: jax.Array, sp: SamplingParams) -> jax.Array:
     """One token per row of ``logits`` [..., V] (int32)."""
     if sp.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, processed_logits(logits, sp), axis=-1).astype(jnp.int32)
+
+
+def sample_with_probs(logits: jax.Array, key: jax.Array, sp: SamplingParams):
+    """(token [...] int32, the distribution it was drawn from [..., V]): what a chain
+    draft proposes. Greedy: the argmax and its one-hot."""
+    if sp.greedy:
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return tok, jax.nn.one_hot(tok, logits.shape[-1], dtype=jnp.float32)
+    lp = log_probs(logits, sp)
+    return jax.random.categorical(key, lp, axis=-1).astype(jnp.int32), jnp.exp(lp)

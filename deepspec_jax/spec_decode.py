@@ -46,8 +46,10 @@ from deepspec_jax.target import (NonFiniteLogitsError, Target, nonfinite_rows, p
 from deepspec_jax.tree.build import tree_size
 from deepspec_jax.tree.verify import TREE_RULES as _TREE_RULES
 
-# Private acceptance rules, only for tests that must show a wrong rule is detected.
-_RULES = ("exact", "always_accept", "residual_no_subtract")
+# Private acceptance rules, only for tests that must show a wrong rule is detected
+# (each is a plausible implementation slip; see ``verify`` and ``_planted_dists``).
+_RULES = ("exact", "always_accept", "residual_no_subtract", "bonus_wrong_position",
+          "draft_no_temperature", "target_no_temperature", "residual_unnormalised")
 _MIN_DRAFT_PROB = 1e-8  # the reference clamps p_d(x) before dividing
 
 
@@ -103,7 +105,7 @@ def _draft_init(kind, dmodel, batch, cache_len, prompt, prompt_len, first, feats
 def _draft_propose(kind, dmodel, dstate, current, key, sp: SamplingParams, width: int):
     """(tokens [B,W], dists [B,W,V], confidence logits [B,W], state for commit)."""
     if kind == "dspark":
-        prop = dmodel.propose(dstate, current, key, sp.temperature)
+        prop = dmodel.propose(dstate, current, key, sp)
         return prop.tokens, prop.probs, prop.confidence_logits, dstate
     from deepspec_jax.drafts import eagle3
 
@@ -140,10 +142,33 @@ def _prefill(target, draft, kind, prompt, prompt_len, cache_len, sp, layer_ids, 
 
 
 def _draw(dist: jax.Array, key: jax.Array, greedy: bool) -> jax.Array:
-    """One token per row from a (possibly unnormalised) distribution [B,V]."""
+    """One token per row from a (possibly unnormalised) distribution [B,V]:
+    ``categorical`` on its log normalises implicitly, so the residual needs no division."""
     if greedy:
         return jnp.argmax(dist, axis=-1).astype(jnp.int32)
     return jax.random.categorical(key, jnp.log(dist), axis=-1).astype(jnp.int32)
+
+
+def _draw_inverse_cdf(dist: jax.Array, key: jax.Array) -> jax.Array:
+    """Private (rule "residual_unnormalised"): the inverse-CDF draw of samplers that
+    assume a normalised input (FlashInfer-style kernels): u ~ U[0,1) against the
+    running sum; mass missing from an unnormalised input lands on the last token."""
+    u = jax.random.uniform(key, dist.shape[:-1] + (1,))
+    idx = jnp.sum(jnp.cumsum(dist, axis=-1) <= u, axis=-1)
+    return jnp.minimum(idx, dist.shape[-1] - 1).astype(jnp.int32)
+
+
+def _planted_dists(rule: str, p_t, target_logits, p_d, sp: SamplingParams):
+    """Private: the distributions handed to ``verify`` under the wrong rules that drop
+    the temperature -- the target's computed from the raw logits (T=1, same top-k/top-p)
+    or the draft's ratio/residual taken at T=1 (p_d**T renormalised: softmax of the raw
+    draft logits on the same support) while the drafts were sampled at T."""
+    if rule == "target_no_temperature":
+        p_t = sampling_probs(target_logits, dataclasses.replace(sp, temperature=1.0))
+    elif rule == "draft_no_temperature":
+        w = jnp.where(p_d > 0, jnp.exp(sp.temperature * jnp.log(jnp.maximum(p_d, 1e-30))), 0.0)
+        p_d = w / jnp.sum(w, axis=-1, keepdims=True)
+    return p_t, p_d
 
 
 def verify(p_t, p_d, drafts, n_prop, stop_ids, key, greedy: bool, rule: str = "exact"):
@@ -167,7 +192,9 @@ def verify(p_t, p_d, drafts, n_prop, stop_ids, key, greedy: bool, rule: str = "e
     stopped = jnp.any(hit, axis=1)
     accepted = jnp.where(stopped, jnp.argmax(hit, axis=1) + 1, accepted)
     rows = jnp.arange(b)
-    pt_a = p_t[rows, accepted]                                   # position of the rejection / bonus
+    # position of the rejection / bonus (the wrong rule takes the bonus from the last
+    # draft's position, the distribution that verified d_W, instead of the one after it)
+    pt_a = p_t[rows, jnp.minimum(accepted, w - 1) if rule == "bonus_wrong_position" else accepted]
     pd_a = p_d[rows, jnp.minimum(accepted, w - 1)]
     rejected = accepted < n_prop
     if rule == "residual_no_subtract":
@@ -175,8 +202,10 @@ def verify(p_t, p_d, drafts, n_prop, stop_ids, key, greedy: bool, rule: str = "e
     else:
         resid = jnp.maximum(pt_a - pd_a, 0.0)
         resid = jnp.where(jnp.sum(resid, -1, keepdims=True) > 0, resid, pt_a)
-    nxt = _draw(jnp.where(rejected[:, None], resid, pt_a), k_next, greedy)
-    return accepted, nxt, stopped
+    dist = jnp.where(rejected[:, None], resid, pt_a)
+    if rule == "residual_unnormalised" and not greedy:
+        return accepted, _draw_inverse_cdf(dist, k_next), stopped
+    return accepted, _draw(dist, k_next, greedy), stopped
 
 
 # ---------------------------------------------------------------------------
@@ -288,6 +317,7 @@ def _spec_generate(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prompt_le
         vout, tcache = target.extend(c["tcache"], ids, jnp.full((b,), width + 1, jnp.int32),
                                      layer_ids)
         p_t = sampling_probs(vout.logits, sp)
+        p_t, p_d = _planted_dists(rule, p_t, vout.logits, p_d, sp)
         acc, nxt, stopped = verify(p_t, p_d, drafts, n_prop, stop_ids, k_verify, sp.greedy, rule)
 
         # Commit: the target cache keeps [current, accepted drafts]; the rest rolls back.

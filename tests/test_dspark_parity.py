@@ -23,6 +23,7 @@ from flax import nnx
 from conftest import fixture_sets, load_manifest
 from deepspec_jax.drafts import dspark_train as T
 from deepspec_jax.drafts.dspark import ARCHITECTURE, DSparkLossConfig, load_dspark_checkpoint
+from deepspec_jax.sampling import SamplingParams
 from deepspec_jax.weights.safetensors_io import SafetensorsFile
 
 ATOL = 1e-4        # max-abs for logits / confidences
@@ -137,7 +138,8 @@ def _extend(graphdef, state, cache, features, num_new):
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _propose(graphdef, state, cache, current):
-    return nnx.merge(graphdef, state).propose(cache, current, jax.random.key(0), 0.0)
+    return nnx.merge(graphdef, state).propose(cache, current, jax.random.key(0),
+                                               SamplingParams())
 
 
 def _margin(logits: np.ndarray) -> float:

@@ -110,6 +110,8 @@ def test_sampled_tree_is_lossless(topk, num_nodes):
 
 
 @pytest.mark.parametrize("rule", ["residual_no_subtract",
+                                  # p not renormalised between siblings: the next ratio is off
+                                  pytest.param("residual_unnormalised", marks=[pytest.mark.slow, pytest.mark.heavy]),
                                   pytest.param("q_no_exclude", marks=[pytest.mark.slow, pytest.mark.heavy]),
                                   pytest.param("always_accept", marks=[pytest.mark.slow, pytest.mark.heavy])])
 def test_wrong_tree_rules_are_detected(rule):

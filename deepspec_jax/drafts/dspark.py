@@ -30,7 +30,7 @@ from deepspec_jax.drafts.registry import DraftArch, register
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.layers import apply_rope, rms_norm, rope_inv_freq
 from deepspec_jax.models.transformer import DecoderStack, _param, layer_finish, layer_qkv
-from deepspec_jax.sampling import GREEDY_EPS
+from deepspec_jax.sampling import SamplingParams, sample_with_probs
 from deepspec_jax.weights.name_map import TARGET_IGNORABLE, Rule, layer_rules
 
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
@@ -424,16 +424,20 @@ class DSparkDraft(nnx.Module):
         return h[:, 0]
 
     def propose(self, cache: DraftCache, current: jax.Array, key: jax.Array,
-                temperature: float = 0.0) -> Proposal:
+                sp: SamplingParams = SamplingParams()) -> Proposal:
         """Draft a block left to right with the Markov correction and confidences.
 
-        ``temperature`` is a Python float (static): below 1e-5 sampling is greedy and
-        the returned distributions are one-hot, as rejection sampling expects. The RNN
+        ``sp`` (static) is the target's sampling setting: each token is drawn from
+        ``sampling.sample_with_probs`` (temperature, top-k, top-p: the same draft
+        distribution as ``tree_propose`` and Eagle3), which also returns the
+        distribution rejection sampling must divide by (one-hot when greedy). The RNN
         state is carried across positions (the reference's single-step helper does not).
         """
+        if not isinstance(sp, SamplingParams):
+            raise TypeError(f"propose: sp must be a SamplingParams, got {type(sp).__name__} "
+                            "(pass SamplingParams(temperature, top_k, top_p)).")
         hidden = self.propose_hidden(cache, current)           # [B,K,d]
         base = self.logits(hidden)                             # [B,K,V]
-        greedy = temperature < GREEDY_EPS
         cfg = self.cfg
         r = max(cfg.markov_rank, 1)
         keys = jax.random.split(key, cfg.block_size)
@@ -447,13 +451,7 @@ class DSparkDraft(nnx.Module):
                 logits = logits + self.markov_bias(u)
             conf = self.confidence(h_k, prev)
             conf = jnp.zeros(prev.shape, jnp.float32) if conf is None else conf
-            if greedy:
-                tok = jnp.argmax(logits, -1).astype(jnp.int32)
-                probs = jax.nn.one_hot(tok, logits.shape[-1], dtype=jnp.float32)
-            else:
-                scaled = logits / temperature
-                tok = jax.random.categorical(key_k, scaled, axis=-1).astype(jnp.int32)
-                probs = jax.nn.softmax(scaled, axis=-1)
+            tok, probs = sample_with_probs(logits, key_k, sp)
             return (tok, s), (tok, logits, probs, conf)
 
         s0 = jnp.zeros(current.shape + (r,), self.dtype)

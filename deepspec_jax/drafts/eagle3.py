@@ -29,7 +29,7 @@ from deepspec_jax.errors import ConfigError
 from deepspec_jax.layers import apply_rope, masked_attention, rms_norm, rope_inv_freq, swiglu
 from deepspec_jax.layers.attention import segmented_attention
 from deepspec_jax.models.transformer import _param
-from deepspec_jax.sampling import SamplingParams, probs as sampling_probs, sample as sampling_sample
+from deepspec_jax.sampling import SamplingParams, sample_with_probs
 from deepspec_jax.sharding import make_mesh
 from deepspec_jax.weights.loader import stream_params
 from deepspec_jax.weights.name_map import Rule, layer_rules
@@ -342,8 +342,7 @@ def propose(model: Eagle3Draft, state: Eagle3State, num_steps: int, key: jax.Arr
     keys = jax.random.split(key, num_steps)
 
     def draw(h, k):
-        logits = model.logits(h)
-        return sampling_sample(logits, k, sp), sampling_probs(logits, sp)
+        return sample_with_probs(model.logits(h), k, sp)
 
     tok, dist = draw(state.hidden, keys[0])
 

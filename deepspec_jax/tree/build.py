@@ -42,7 +42,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from deepspec_jax.sampling import SamplingParams, processed_logits
+from deepspec_jax.sampling import SamplingParams, log_probs
 
 
 class DraftTree(NamedTuple):
@@ -74,10 +74,11 @@ def tree_size(topk: int, num_nodes: int, max_depth: int) -> int:
 
 
 def draft_log_probs(logits: jax.Array, sp: SamplingParams) -> jax.Array:
-    """Log draft distribution used for ranking and (T>0) for drawing children."""
+    """Log draft distribution used for ranking and (T>0) for drawing children: at T>0
+    ``sampling.log_probs``, the distribution chain drafts sample from too."""
     if sp.greedy:
         return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return jax.nn.log_softmax(processed_logits(logits, sp), axis=-1)
+    return log_probs(logits, sp)
 
 
 def draw_children(logq: jax.Array, k: int, key: jax.Array, greedy: bool):

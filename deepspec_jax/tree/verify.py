@@ -28,7 +28,8 @@ import jax.numpy as jnp
 from deepspec_jax.tree.build import DraftTree
 
 # Private wrong rules, only for tests that must show a broken verifier is detected.
-TREE_RULES = ("exact", "always_accept", "residual_no_subtract", "q_no_exclude")
+TREE_RULES = ("exact", "always_accept", "residual_no_subtract", "q_no_exclude",
+              "residual_unnormalised")
 _MIN_DRAFT_PROB = 1e-8
 
 
@@ -97,7 +98,11 @@ def verify_tree(p_t: jax.Array, tree: DraftTree, stop_ids: jax.Array, key: jax.A
             else:
                 resid = jnp.maximum(p - q, 0.0)
                 z = jnp.sum(resid, axis=-1, keepdims=True)
-                resid = jnp.where(z > 0, resid / jnp.where(z > 0, z, 1.0), p)
+                # Normalising matters here, unlike for a single draw: the next
+                # sibling's ratio p(x)/q(x) reads this p (the wrong rule skips it).
+                if rule != "residual_unnormalised":
+                    resid = resid / jnp.where(z > 0, z, 1.0)
+                resid = jnp.where(z > 0, resid, p)
             p = jnp.where(reject[:, None], resid, p)
             excluded = excluded | (reject[:, None] & (jnp.arange(v)[None] == x[:, None]))
             return jnp.where(accept, child, found), p, excluded
