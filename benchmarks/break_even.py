@@ -94,14 +94,14 @@ def main(argv=None) -> int:
         draft.kind, nnx.merge(draft.graphdef, s), 1, args.cache_len, p, pl, jnp.zeros((1,), jnp.int32), f))(
         draft.state, jnp.asarray(prompt), jnp.asarray(lens), feats)
     propose = jax.jit(lambda s, ds, cur, key: _draft_propose(
-        draft.kind, nnx.merge(draft.graphdef, s), ds, cur, key, sp, width)[:3])
+        draft.kind, nnx.merge(draft.graphdef, s), ds, cur, key, sp)[:3])
     cur = jnp.zeros((1,), jnp.int32)
     key = jax.random.key(0)
     propose_ms = _median_ms(lambda: propose(draft.state, dstate, cur, key), args.repeats)
 
     round_ms = verify_ms + propose_ms
     res = dict(machine=platform.processor() or platform.machine(), date=time.strftime("%Y-%m-%d"),
-               backend=jax.default_backend(), draft=draft.architecture, width=width,
+               backend=jax.default_backend(), draft=draft.kind, width=width,
                context=args.context, cache_len=args.cache_len, ar_step_ms=round(ar_ms, 2),
                verify_ms=round(verify_ms, 2), propose_ms=round(propose_ms, 2),
                round_ms=round(round_ms, 2), verify_over_ar=round(verify_ms / ar_ms, 2),
@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         res["extend_over_ar"] = {n: round(extend_cost(n) / ar_ms, 2)
                                  for n in (int(v) for v in args.sweep.split(","))}
     print(json.dumps(res, indent=1))
-    print(f"a {draft.architecture} round (verify {width + 1} tokens + propose) costs "
+    print(f"a {draft.kind} round (verify {width + 1} tokens + propose) costs "
           f"{res['break_even_tau']:.2f} autoregressive steps here: the draft must accept "
           f"more than {res['break_even_tau'] - 1:.2f} drafted tokens per round (tau > "
           f"{res['break_even_tau']:.2f}) to be faster.")

@@ -29,7 +29,7 @@ def random_dspark_for(target, block_size: int, draft_layers: int, markov_rank: i
     from flax import nnx
 
     from deepspec_jax.drafts import Draft
-    from deepspec_jax.drafts.registry import arch_for
+    from deepspec_jax.drafts.registry import family_for
 
     t = target.config
     n = t.num_hidden_layers
@@ -44,16 +44,16 @@ def random_dspark_for(target, block_size: int, draft_layers: int, markov_rank: i
                num_anchors=512, markov_rank=markov_rank,
                markov_head_type="gated" if markov_rank else None,
                enable_confidence_head=True, confidence_head_with_markov=bool(markov_rank))
-    arch = arch_for(raw, "random SmolLM2 draft")
-    cfg = arch.config_from_dict(raw, "random SmolLM2 draft")
-    model = arch.build(cfg, rngs=nnx.Rngs(seed))
+    family = family_for(raw, "random SmolLM2 draft")
+    cfg = family.config_from_dict(raw, "random SmolLM2 draft")
+    model = family.build(cfg, rngs=nnx.Rngs(seed))
     tmodel = target.model
     embed = tmodel.embed.get_value()
     model.embed.set_value(embed)
     head = tmodel.lm_head.get_value() if hasattr(tmodel, "lm_head") else embed.T
     model.lm_head.set_value(head)
     graphdef, state = nnx.split(model)
-    return Draft(cfg, arch, graphdef, state, target.mesh, None, source="random-untrained-dspark")
+    return Draft(cfg, family, graphdef, state, target.mesh, None, source="random-untrained-dspark")
 
 
 def timed(fn, repeats):

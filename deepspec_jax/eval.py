@@ -25,7 +25,14 @@ import os
 import sys
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
+
+from deepspec_jax import compile_cache
+from deepspec_jax.drafts import load_draft
+from deepspec_jax.errors import ConfigError, DeepSpecError
+from deepspec_jax.evaluation import datasets, report, runner
+from deepspec_jax.spec_decode import check_compatible, parse_tree
+from deepspec_jax.target import DEFAULT_TARGET, load_target
 
 QUICK_MAX_SAMPLES = 2
 QUICK_MAX_NEW_TOKENS = 64
@@ -104,8 +111,6 @@ def _tree_setting() -> tuple[int, int] | None:
     """--tree parsed to (topk, num_nodes); UsageError naming the flag when malformed."""
     if FLAGS.tree is None:
         return None
-    from deepspec_jax.spec_decode import parse_tree
-
     try:
         return parse_tree(FLAGS.tree)
     except ValueError as e:
@@ -114,57 +119,19 @@ def _tree_setting() -> tuple[int, int] | None:
 
 def _resolve_paths() -> tuple[str | None, str]:
     """(target path or None for the embedded one, draft path); fails fast before loading."""
-    from deepspec_jax.target import DEFAULT_TARGET
-
     target = FLAGS.target
     if target is not None and target != DEFAULT_TARGET and not os.path.exists(target):
         raise SetupError(f"--target: {target}: no such file or directory (pass an HF model "
                          f"directory, a .gguf file, or {DEFAULT_TARGET!r}).")
-    draft = FLAGS.draft
-    if draft is None:
-        if not os.path.isdir(DEFAULT_DRAFT_DIR):
-            raise SetupError(
-                "no default draft is shipped yet (deepspec_jax/assets/default_draft/ is "
-                "absent); pass --draft=PATH to a DSpark/DFlash/Eagle3 draft directory "
-                "trained for the target, e.g. python -m deepspec_jax.eval --draft=PATH")
-        draft = DEFAULT_DRAFT_DIR
-    elif not os.path.isdir(draft):
+    draft = FLAGS.draft if FLAGS.draft is not None else DEFAULT_DRAFT_DIR
+    if not os.path.isdir(draft):
         raise SetupError(f"--draft: {draft}: no such directory (pass a draft checkpoint "
                          "directory: HF config.json + model.safetensors, or a JAX dir).")
     return target, draft
 
 
-def check_compatible(target, draft) -> None:
-    """The draft must have been built for this target: same vocabulary, same depth, and
-    feature layers that exist in it."""
-    tv, dv = int(target.config.vocab_size), int(draft.config.vocab_size)
-    if tv != dv:
-        raise SetupError(f"draft/target vocab mismatch: the draft ({draft.source}) has "
-                         f"vocab_size {dv} but the target ({target.source}) has {tv}; use a "
-                         "draft trained for this target.")
-    n = int(target.config.num_hidden_layers)
-    dn = getattr(draft.config, "num_target_layers", None)
-    if dn is not None and int(dn) != n:
-        raise SetupError(f"draft/target depth mismatch: the draft ({draft.source}) expects "
-                         f"num_target_layers={dn} but the target has {n} decoder layers; use "
-                         "a draft trained for this target.")
-    try:
-        target.validate_layer_ids(getattr(draft.config, "target_layer_ids", ()))
-    except ValueError as e:
-        raise SetupError(f"draft {draft.source}: target_layer_ids: {e}") from None
-    try:  # the engine's own checks (hidden size, feature layers), before any decoding
-        from deepspec_jax.spec_decode import check_compatible as engine_check
-    except ImportError:
-        return
-    try:
-        engine_check(target, draft)
-    except ValueError as e:
-        raise SetupError(str(e)) from None
-
-
 def _load(target_path, draft_path):
-    from deepspec_jax import load_draft, load_target
-
+    """Load both models and refuse a draft not built for the target (before decoding)."""
     try:
         target = load_target(target_path)
     except Exception as e:
@@ -173,32 +140,17 @@ def _load(target_path, draft_path):
         draft = load_draft(draft_path, dtype=target.dtype, target=target)
     except Exception as e:  # one clear line for any unreadable checkpoint
         raise SetupError(f"cannot load draft {draft_path}: {e}") from None
-    check_compatible(target, draft)
-    return target, draft
-
-
-def _engine():
     try:
-        from deepspec_jax import speculative_generate
-    except ImportError:
-        try:
-            from deepspec_jax.spec_decode import speculative_generate
-        except ImportError:
-            raise SetupError("this install has no speculative decoding engine "
-                             "(deepspec_jax.speculative_generate); update deepspec_jax."
-                             ) from None
-    return speculative_generate
+        check_compatible(target, draft)
+    except ConfigError as e:
+        raise SetupError(str(e)) from None
+    return target, draft
 
 
 def run(argv) -> int:
     """The CLI body; returns the exit code."""
-    from absl import logging
-
     if not FLAGS["verbosity"].present:  # keep library INFO logs (jax, orbax) off the console
         logging.set_verbosity(logging.WARNING)
-    from deepspec_jax.errors import DeepSpecError
-    from deepspec_jax.evaluation import datasets, report, runner
-
     if len(argv) > 1:
         return _fail(f"unexpected positional arguments {argv[1:]}; every option is a "
                      "--flag (see --help).", 2)
@@ -218,7 +170,6 @@ def run(argv) -> int:
             max_new = QUICK_MAX_NEW_TOKENS
     try:
         target_path, draft_path = _resolve_paths()
-        spec_fn = _engine()
     except SetupError as e:
         return _fail(str(e), 1)
     for note in notes:
@@ -227,8 +178,6 @@ def run(argv) -> int:
         print(f"quick demo: SmolLM2-135M-Instruct + default draft, {max_samples} samples of "
               f"{', '.join(names)}, max_new_tokens={max_new} (pass --target/--draft for the "
               "reference protocol)", flush=True)
-
-    from deepspec_jax import compile_cache
 
     compile_cache.enable(compile_cache.DEFAULT_DIR if FLAGS.compilation_cache_dir is None
                          else FLAGS.compilation_cache_dir)
@@ -264,7 +213,7 @@ def run(argv) -> int:
                 names, target, settings))
         except DeepSpecError as e:
             return _fail(str(e), 1)
-    decoders = runner.Decoders(target, draft, settings, spec_fn)
+    decoders = runner.Decoders(target, draft, settings)
     rows = []
     for i, name in enumerate(names):
         print(f"[{i + 1}/{len(names)}] {datasets.dataset_label(name)}", flush=True)
