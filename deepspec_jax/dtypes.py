@@ -21,8 +21,8 @@ ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "fl
 
 
 def dtype_name(dt) -> str:
-    """The table's name of a numpy/jax dtype (numpy's name for one outside the table)."""
-    dt = np.dtype(dt)
+    """The table's name of a dtype, dtype name or alias (numpy's name outside the table)."""
+    dt = np_dtype(dt) if isinstance(dt, str) else np.dtype(dt)
     for name, d in DTYPES.items():
         if d == dt:
             return name

@@ -24,10 +24,11 @@ import dataclasses
 import os
 import sys
 import time
+from typing import Sequence
 
-from absl import app, flags, logging
+from absl import flags, logging
 
-from deepspec_jax import compile_cache
+from deepspec_jax import cli, compile_cache
 from deepspec_jax.drafts import load_draft
 from deepspec_jax.errors import ConfigError, DeepSpecError
 from deepspec_jax.evaluation import datasets, report, runner
@@ -39,36 +40,42 @@ QUICK_MAX_NEW_TOKENS = 64
 DEFAULT_DRAFT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
                                  "default_draft")
 
-FLAGS = flags.FLAGS
+FLAGS = flags.FlagValues()
 flags.DEFINE_string("target", None, "Target model: HF directory, .gguf file or 'smollm2-135m' "
-                    "(default: the embedded SmolLM2-135M-Instruct).")
+                    "(default: the embedded SmolLM2-135M-Instruct).", flag_values=FLAGS)
 flags.DEFINE_string("draft", None, "Draft model directory (HF or JAX dir; default: the "
-                    "project's default draft under deepspec_jax/assets/default_draft/).")
+                    "project's default draft under deepspec_jax/assets/default_draft/).",
+                    flag_values=FLAGS)
 flags.DEFINE_string("datasets", None,
                     "Comma-separated dataset names (or .jsonl paths). Default: the reference "
                     "list gsm8k,math500,aime25,humaneval,mbpp,livecodebench,mt-bench,alpaca,"
                     "arena-hard-v2 (alpaca is not available and is skipped); quick demo: "
-                    "gsm8k,humaneval,mt-bench.")
+                    "gsm8k,humaneval,mt-bench.", flag_values=FLAGS)
 flags.DEFINE_integer("max_samples", None, "Samples per dataset, drawn with --seed (default: "
-                     f"the reference's count per dataset; quick demo: {QUICK_MAX_SAMPLES}).")
+                     f"the reference's count per dataset; quick demo: {QUICK_MAX_SAMPLES}).",
+                     flag_values=FLAGS)
 flags.DEFINE_integer("max_new_tokens", 2048, "New tokens per sample (quick demo: "
-                     f"{QUICK_MAX_NEW_TOKENS} unless given).")
-flags.DEFINE_float("temperature", 1.0, "Sampling temperature (< 1e-5 means greedy).")
+                     f"{QUICK_MAX_NEW_TOKENS} unless given).", flag_values=FLAGS)
+flags.DEFINE_float("temperature", 1.0, "Sampling temperature (< 1e-5 means greedy).",
+                   flag_values=FLAGS)
 flags.DEFINE_float("confidence_threshold", 0.0, "DSpark early stop: propose only the prefix "
                    "before the first position whose confidence is below this (0 = off; "
-                   "calibration metrics are collected only at 0).")
+                   "calibration metrics are collected only at 0).", flag_values=FLAGS)
 flags.DEFINE_integer("seed", 980406, "Seed of sample selection and decoding (sample i uses "
-                     "seed + i).")
-flags.DEFINE_string("output_dir", "eval_results", "Directory for results.json and PNGs.")
-flags.DEFINE_integer("batch_size", 1, "Prompts per decoding call (the reference uses 1).")
+                     "seed + i).", flag_values=FLAGS)
+flags.DEFINE_string("output_dir", "eval_results", "Directory for results.json and PNGs.",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 1, "Prompts per decoding call (the reference uses 1).",
+                     flag_values=FLAGS)
 flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation cache (default "
-                    "~/.cache/deepspec_jax/xla; '' disables): later runs skip recompiling.")
+                    "~/.cache/deepspec_jax/xla; '' disables): later runs skip recompiling.",
+                    flag_values=FLAGS)
 flags.DEFINE_string("tree", None, "Also decode with draft trees, 'topk,nodes' (e.g. 4,16): "
                     "EAGLE-2 style trees of the draft's top-k (T=0) / sampled (T>0) children, "
                     "the best `nodes` verified in one target pass; tau, tokens/s and speedup "
-                    "are reported in a row next to the chain's.")
+                    "are reported in a row next to the chain's.", flag_values=FLAGS)
 flags.DEFINE_boolean("autoregressive", True, "Also time plain autoregressive decoding of the "
-                     "target for the speedup (--noautoregressive skips it).")
+                     "target for the speedup (--noautoregressive skips it).", flag_values=FLAGS)
 
 
 class UsageError(Exception):
@@ -82,14 +89,6 @@ class SetupError(Exception):
 def _fail(msg: str, code: int) -> int:
     print(f"error: {msg}", file=sys.stderr, flush=True)
     return code
-
-
-def _parse_flags(argv):
-    """absl parsing with one-line errors and exit code 2 (absl's default is two lines + 1)."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        sys.exit(_fail(str(e), 2))
 
 
 def _validate_numbers() -> None:
@@ -147,13 +146,10 @@ def _load(target_path, draft_path):
     return target, draft
 
 
-def run(argv) -> int:
-    """The CLI body; returns the exit code."""
-    if not FLAGS["verbosity"].present:  # keep library INFO logs (jax, orbax) off the console
-        logging.set_verbosity(logging.WARNING)
-    if len(argv) > 1:
-        return _fail(f"unexpected positional arguments {argv[1:]}; every option is a "
-                     "--flag (see --help).", 2)
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI: parses ``argv`` (without the program name) and returns the exit code."""
+    cli.parse(FLAGS, argv, __doc__)
+    logging.set_verbosity(logging.WARNING)  # keep library INFO logs (jax, orbax) off the console
     quick = not FLAGS["target"].present and not FLAGS["draft"].present
     try:
         _validate_numbers()
@@ -243,9 +239,5 @@ def run(argv) -> int:
     return 0
 
 
-def main(argv) -> int:
-    return run(argv)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    sys.exit(main())
