@@ -1,7 +1,8 @@
 """HF (PyTorch DeepSpec release) <-> JAX dir conversion, both directions.
 
 The HF side is written the way ``transformers``' ``save_pretrained`` writes it
-(what DeepSpec's trainer produces and vLLM/SGLang load): ``config.json`` as
+(what DeepSpec's trainer produces; tested byte for byte against DeepSpec's releases,
+no other engine's format is implemented or tested): ``config.json`` as
 ``json.dumps(indent=2, sort_keys=True)``, safetensors with ``{"format": "pt"}``
 metadata and tensors in the writer's canonical order, and above ``max_shard_size``
 ``model-0000i-of-0000n.safetensors`` shards split greedily in module order plus a
@@ -144,7 +145,7 @@ def hf_to_jax(src: str, dst: str, dtype: str | None = "keep", mesh=None) -> dict
 
 
 def jax_to_hf(src: str, dst: str, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> list[str]:
-    """Export a JAX dir to an HF checkpoint directory DeepSpec/vLLM/SGLang load:
+    """Export a JAX dir to an HF checkpoint directory in DeepSpec's format:
     config.json (verbatim), safetensors in the recorded HF dtypes, the auxiliary files.
     Returns the files written."""
     src, dst = os.fspath(src), os.fspath(dst)
