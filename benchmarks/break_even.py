@@ -18,18 +18,36 @@ which is a property of the hardware and the compiler as much as of the draft. Wi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from flax import nnx
+
+from deepspec_jax import cli, load_target
+from deepspec_jax.drafts import load_draft
+from deepspec_jax.eval import DEFAULT_DRAFT_DIR
+from deepspec_jax.sampling import SamplingParams
+from deepspec_jax.spec_decode import _draft_init, _draft_propose, _proposal_width, check_compatible
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("target", None, "Target (default: embedded SmolLM2-135M).", flag_values=FLAGS)
+flags.DEFINE_string("draft", None, "Draft dir (default: the embedded default draft).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("context", 256, "Tokens already in the cache.", flag_values=FLAGS)
+flags.DEFINE_integer("cache_len", 1024, "KV cache capacity.", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 15, "Timed calls (median reported).", flag_values=FLAGS)
+flags.DEFINE_string("sweep", "", "Comma-separated n for extend(n)/extend(1).", flag_values=FLAGS)
+flags.DEFINE_string("json", None, "Also write the results here.", flag_values=FLAGS)
+
 
 def _median_ms(fn, repeats: int) -> float:
-    import jax
-    import numpy as np
-
     jax.block_until_ready(fn())                        # compile + warm-up
     times = []
     for _ in range(repeats):
@@ -40,28 +58,7 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--target", default=None, help="target (default: embedded SmolLM2-135M)")
-    ap.add_argument("--draft", default=None, help="draft dir (default: the embedded default draft)")
-    ap.add_argument("--context", type=int, default=256, help="tokens already in the cache")
-    ap.add_argument("--cache_len", type=int, default=1024, help="KV cache capacity")
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--sweep", default="", help="comma-separated n for extend(n)/extend(1)")
-    ap.add_argument("--json", default=None, help="also write the results here")
-    args = ap.parse_args(argv)
-
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-
-    from deepspec_jax import load_target
-    from deepspec_jax.drafts import load_draft
-    from deepspec_jax.eval import DEFAULT_DRAFT_DIR
-    from deepspec_jax.sampling import SamplingParams
-    from deepspec_jax.spec_decode import (_draft_init, _draft_propose, _proposal_width,
-                                          check_compatible)
-
+    args = cli.parse(FLAGS, argv, __doc__)
     target = load_target(args.target)
     draft = load_draft(args.draft or DEFAULT_DRAFT_DIR, dtype=target.dtype, target=target)
     layer_ids = check_compatible(target, draft)
