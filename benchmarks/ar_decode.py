@@ -9,15 +9,26 @@ both sides do identical work. Prints a table and writes JSON to ``--out`` if giv
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import sys
 import time
 
+from absl import flags
+
+from deepspec_jax import cli
+from deepspec_jax.target import load_target, smollm2_gguf_path
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_prompts import PROMPTS  # noqa: E402
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("batch_sizes", "1,8", "Comma-separated batch sizes.", flag_values=FLAGS)
+flags.DEFINE_integer("new_tokens", 64, "Tokens generated per prompt.", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 2, "Timed runs (best is reported).", flag_values=FLAGS)
+flags.DEFINE_boolean("skip_torch", False, "Skip the transformers side.", flag_values=FLAGS)
+flags.DEFINE_string("out", "", "Also write the results here (JSON).", flag_values=FLAGS)
 
 
 def bench_jax(target, prompts, new_tokens, repeats):
@@ -49,18 +60,8 @@ def bench_torch(model, prompts, new_tokens, repeats, pad_id):
     return len(prompts) * new_tokens / best, out[:, width:].tolist()
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch_sizes", default="1,8")
-    ap.add_argument("--new_tokens", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--skip_torch", action="store_true")
-    ap.add_argument("--out", default="")
-    args = ap.parse_args()
-
-    from deepspec_jax import load_target
-    from deepspec_jax.target import smollm2_gguf_path
-
+def main(argv=None) -> int:
+    args = cli.parse(FLAGS, argv, __doc__)
     target = load_target()
     rows = []
     model = None
@@ -94,7 +95,8 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump(info, f, indent=2)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

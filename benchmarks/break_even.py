@@ -18,18 +18,36 @@ which is a property of the hardware and the compiler as much as of the draft. Wi
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from flax import nnx
+
+from deepspec_jax import cli, load_target
+from deepspec_jax.drafts import load_draft
+from deepspec_jax.eval import DEFAULT_DRAFT_DIR
+from deepspec_jax.sampling import SamplingParams
+from deepspec_jax.spec_decode import _draft_init, _draft_propose, _proposal_width, check_compatible
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("target", None, "Target (default: embedded SmolLM2-135M).", flag_values=FLAGS)
+flags.DEFINE_string("draft", None, "Draft dir (default: the embedded default draft).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("context", 256, "Tokens already in the cache.", flag_values=FLAGS)
+flags.DEFINE_integer("cache_len", 1024, "KV cache capacity.", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 15, "Timed calls (median reported).", flag_values=FLAGS)
+flags.DEFINE_string("sweep", "", "Comma-separated n for extend(n)/extend(1).", flag_values=FLAGS)
+flags.DEFINE_string("json", None, "Also write the results here.", flag_values=FLAGS)
+
 
 def _median_ms(fn, repeats: int) -> float:
-    import jax
-    import numpy as np
-
     jax.block_until_ready(fn())                        # compile + warm-up
     times = []
     for _ in range(repeats):
@@ -40,28 +58,7 @@ def _median_ms(fn, repeats: int) -> float:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--target", default=None, help="target (default: embedded SmolLM2-135M)")
-    ap.add_argument("--draft", default=None, help="draft dir (default: the embedded default draft)")
-    ap.add_argument("--context", type=int, default=256, help="tokens already in the cache")
-    ap.add_argument("--cache_len", type=int, default=1024, help="KV cache capacity")
-    ap.add_argument("--repeats", type=int, default=15)
-    ap.add_argument("--sweep", default="", help="comma-separated n for extend(n)/extend(1)")
-    ap.add_argument("--json", default=None, help="also write the results here")
-    args = ap.parse_args(argv)
-
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-
-    from deepspec_jax import load_target
-    from deepspec_jax.drafts import load_draft
-    from deepspec_jax.eval import DEFAULT_DRAFT_DIR
-    from deepspec_jax.sampling import SamplingParams
-    from deepspec_jax.spec_decode import (_draft_init, _draft_propose, _proposal_width,
-                                          check_compatible)
-
+    args = cli.parse(FLAGS, argv, __doc__)
     target = load_target(args.target)
     draft = load_draft(args.draft or DEFAULT_DRAFT_DIR, dtype=target.dtype, target=target)
     layer_ids = check_compatible(target, draft)
@@ -94,14 +91,14 @@ def main(argv=None) -> int:
         draft.kind, nnx.merge(draft.graphdef, s), 1, args.cache_len, p, pl, jnp.zeros((1,), jnp.int32), f))(
         draft.state, jnp.asarray(prompt), jnp.asarray(lens), feats)
     propose = jax.jit(lambda s, ds, cur, key: _draft_propose(
-        draft.kind, nnx.merge(draft.graphdef, s), ds, cur, key, sp, width)[:3])
+        draft.kind, nnx.merge(draft.graphdef, s), ds, cur, key, sp)[:3])
     cur = jnp.zeros((1,), jnp.int32)
     key = jax.random.key(0)
     propose_ms = _median_ms(lambda: propose(draft.state, dstate, cur, key), args.repeats)
 
     round_ms = verify_ms + propose_ms
     res = dict(machine=platform.processor() or platform.machine(), date=time.strftime("%Y-%m-%d"),
-               backend=jax.default_backend(), draft=draft.architecture, width=width,
+               backend=jax.default_backend(), draft=draft.kind, width=width,
                context=args.context, cache_len=args.cache_len, ar_step_ms=round(ar_ms, 2),
                verify_ms=round(verify_ms, 2), propose_ms=round(propose_ms, 2),
                round_ms=round(round_ms, 2), verify_over_ar=round(verify_ms / ar_ms, 2),
@@ -111,7 +108,7 @@ def main(argv=None) -> int:
         res["extend_over_ar"] = {n: round(extend_cost(n) / ar_ms, 2)
                                  for n in (int(v) for v in args.sweep.split(","))}
     print(json.dumps(res, indent=1))
-    print(f"a {draft.architecture} round (verify {width + 1} tokens + propose) costs "
+    print(f"a {draft.kind} round (verify {width + 1} tokens + propose) costs "
           f"{res['break_even_tau']:.2f} autoregressive steps here: the draft must accept "
           f"more than {res['break_even_tau'] - 1:.2f} drafted tokens per round (tau > "
           f"{res['break_even_tau']:.2f}) to be faster.")

@@ -1,7 +1,6 @@
 """Speculative vs autoregressive decode cost on the real SmolLM2-135M target.
 
-No trained SmolLM2 draft exists yet, so the draft is a RANDOMLY INITIALISED DSpark
-draft sized for SmolLM2 (its config derived from the target's; embeddings and
+The draft is a RANDOMLY INITIALISED DSpark draft sized for SmolLM2 (its config derived from the target's; embeddings and
 lm_head copied from the target as DeepSpec's trainer does). It accepts almost
 nothing (tau ~ 1), so the numbers measure the per-round cost of the engine
 (draft block + (block+1)-token verify + bookkeeping), not a speed-up. Greedy,
@@ -13,24 +12,36 @@ number of output tokens.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import sys
 import time
 
+import jax
+from absl import flags
+from flax import nnx
+
+from deepspec_jax import cli, load_target
+from deepspec_jax.drafts import Draft
+from deepspec_jax.drafts.registry import family_for
+from deepspec_jax.spec_decode import speculative_generate
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_prompts import PROMPTS  # noqa: E402
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("batch_sizes", "1,8", "Comma-separated batch sizes.", flag_values=FLAGS)
+flags.DEFINE_integer("new_tokens", 128, "Tokens generated per prompt.", flag_values=FLAGS)
+flags.DEFINE_integer("block_size", 7, "Draft block size.", flag_values=FLAGS)
+flags.DEFINE_integer("draft_layers", 1, "Draft decoder layers.", flag_values=FLAGS)
+flags.DEFINE_integer("markov_rank", 64, "Draft Markov head rank (0 = none).", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 2, "Timed runs (best is reported).", flag_values=FLAGS)
+flags.DEFINE_string("out", "", "Also write the results here (JSON).", flag_values=FLAGS)
 
 
 def random_dspark_for(target, block_size: int, draft_layers: int, markov_rank: int, seed: int = 0):
     """An untrained DSpark draft whose config is derived from ``target.config``."""
-    from flax import nnx
-
-    from deepspec_jax.drafts import Draft
-    from deepspec_jax.drafts.registry import arch_for
-
     t = target.config
     n = t.num_hidden_layers
     ids = sorted({1, n // 4, n // 2, (3 * n) // 4, n - 3})   # spread, never the last layer
@@ -44,16 +55,16 @@ def random_dspark_for(target, block_size: int, draft_layers: int, markov_rank: i
                num_anchors=512, markov_rank=markov_rank,
                markov_head_type="gated" if markov_rank else None,
                enable_confidence_head=True, confidence_head_with_markov=bool(markov_rank))
-    arch = arch_for(raw, "random SmolLM2 draft")
-    cfg = arch.config_from_dict(raw, "random SmolLM2 draft")
-    model = arch.build(cfg, rngs=nnx.Rngs(seed))
+    family = family_for(raw, "random SmolLM2 draft")
+    cfg = family.config_from_dict(raw, "random SmolLM2 draft")
+    model = family.build(cfg, rngs=nnx.Rngs(seed))
     tmodel = target.model
     embed = tmodel.embed.get_value()
     model.embed.set_value(embed)
     head = tmodel.lm_head.get_value() if hasattr(tmodel, "lm_head") else embed.T
     model.lm_head.set_value(head)
     graphdef, state = nnx.split(model)
-    return Draft(cfg, arch, graphdef, state, target.mesh, None, source="random-untrained-dspark")
+    return Draft(cfg, family, graphdef, state, target.mesh, None, source="random-untrained-dspark")
 
 
 def timed(fn, repeats):
@@ -66,22 +77,8 @@ def timed(fn, repeats):
     return best, out
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch_sizes", default="1,8")
-    ap.add_argument("--new_tokens", type=int, default=128)
-    ap.add_argument("--block_size", type=int, default=7)
-    ap.add_argument("--draft_layers", type=int, default=1)
-    ap.add_argument("--markov_rank", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", default="")
-    args = ap.parse_args()
-
-    import jax
-
-    from deepspec_jax import load_target
-    from deepspec_jax.spec_decode import speculative_generate
-
+def main(argv=None) -> int:
+    args = cli.parse(FLAGS, argv, __doc__)
     target = load_target()
     draft = random_dspark_for(target, args.block_size, args.draft_layers, args.markov_rank)
     rows = []
@@ -112,7 +109,8 @@ def main():
     if args.out:
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(dict(rows=rows, draft="random-untrained-dspark", device=str(dev)), f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

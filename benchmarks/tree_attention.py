@@ -18,15 +18,18 @@ then runs tiny shapes, says so, and its times say nothing about the kernel.
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import flags
+
+from deepspec_jax import cli
 
 from deepspec_jax.kernels.tree_attention import (ancestor_bits, kernel_backend,
                                                  kernel_unsupported_reason, tree_attention,
@@ -113,24 +116,28 @@ def run_case(args, s, interpret, body):
                 kernel_max_err=err_kernel, dense_max_err=err_dense)
 
 
-def main():
-    cpu = jax.default_backend() == "cpu"
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--batch", type=int, default=2 if cpu else 8)
-    ap.add_argument("--nodes", type=int, default=16 if cpu else 64, help="tree size N")
-    ap.add_argument("--topk", type=int, default=4)
-    ap.add_argument("--kv_heads", type=int, default=2 if cpu else 8)
-    ap.add_argument("--group", type=int, default=2 if cpu else 4, help="query heads per KV head")
-    ap.add_argument("--head_dim", type=int, default=64 if cpu else 128)
-    ap.add_argument("--cache_lens", default="256,512" if cpu else "1024,4096,16384")
-    ap.add_argument("--dtype", default="float32" if cpu else "bfloat16")
-    ap.add_argument("--block_kv", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3 if cpu else 20)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--kernel_body", default=None, choices=("tpu", "gpu"),
-                    help="kernel body (default: this backend's; on CPU the TPU body, interpreted)")
-    ap.add_argument("--out", default="")
-    args = ap.parse_args()
+_CPU = jax.default_backend() == "cpu"   # defaults: tiny shapes for the interpreted kernel
+FLAGS = flags.FlagValues()
+flags.DEFINE_integer("batch", 2 if _CPU else 8, "Rows.", flag_values=FLAGS)
+flags.DEFINE_integer("nodes", 16 if _CPU else 64, "Tree size N.", flag_values=FLAGS)
+flags.DEFINE_integer("topk", 4, "Children per expanded node.", flag_values=FLAGS)
+flags.DEFINE_integer("kv_heads", 2 if _CPU else 8, "KV heads.", flag_values=FLAGS)
+flags.DEFINE_integer("group", 2 if _CPU else 4, "Query heads per KV head.", flag_values=FLAGS)
+flags.DEFINE_integer("head_dim", 64 if _CPU else 128, "Head dimension.", flag_values=FLAGS)
+flags.DEFINE_string("cache_lens", "256,512" if _CPU else "1024,4096,16384",
+                    "Comma-separated cache capacities S.", flag_values=FLAGS)
+flags.DEFINE_string("dtype", "float32" if _CPU else "bfloat16", "Cache dtype.", flag_values=FLAGS)
+flags.DEFINE_integer("block_kv", 128, "Kernel KV block.", flag_values=FLAGS)
+flags.DEFINE_integer("repeats", 3 if _CPU else 20, "Timed calls.", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Data seed.", flag_values=FLAGS)
+flags.DEFINE_enum("kernel_body", None, ["tpu", "gpu"], "Kernel body (default: this backend's; "
+                  "on CPU the TPU body, interpreted).", flag_values=FLAGS)
+flags.DEFINE_string("out", "", "Also write the results here (JSON).", flag_values=FLAGS)
+
+
+def main(argv=None) -> int:
+    args = cli.parse(FLAGS, argv, __doc__)
+    cpu = _CPU
 
     dev = jax.devices()[0]
     kind = getattr(dev, "device_kind", dev.platform)
@@ -165,8 +172,9 @@ def main():
         with open(args.out, "w", encoding="utf-8") as f:
             json.dump(dict(device=kind, backend=jax.default_backend(), interpreted=interpret,
                            host=platform.node(), jax=jax.__version__, peak_bw=peak,
-                           config=vars(args), results=rows), f, indent=1)
+                           config=FLAGS.flag_values_dict(), results=rows), f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,8 @@
 """HF (PyTorch DeepSpec release) <-> JAX dir conversion, both directions.
 
 The HF side is written the way ``transformers``' ``save_pretrained`` writes it
-(what DeepSpec's trainer produces and vLLM/SGLang load): ``config.json`` as
+(what DeepSpec's trainer produces; tested byte for byte against DeepSpec's releases,
+no other engine's format is implemented or tested): ``config.json`` as
 ``json.dumps(indent=2, sort_keys=True)``, safetensors with ``{"format": "pt"}``
 metadata and tensors in the writer's canonical order, and above ``max_shard_size``
 ``model-0000i-of-0000n.safetensors`` shards split greedily in module order plus a
@@ -22,8 +23,9 @@ import numpy as np
 
 from deepspec_jax.checkpoint import (CONFIG_NAME, EXTRA_DIR, MANIFEST_NAME,
                                      _atomic_write_text, is_jax_dir, load_hf_dir, load_jax_dir,
-                                     parse_dtype, params_to_hf, read_config, resolve_spec,
-                                     save_jax_dir)
+                                     params_to_hf, read_config, save_jax_dir)
+from deepspec_jax.drafts.registry import resolve_spec
+from deepspec_jax.dtypes import parse_dtype
 from deepspec_jax.errors import CheckpointError, ConfigError
 from deepspec_jax.weights.safetensors_io import INDEX_NAME, SINGLE_NAME, write_safetensors
 
@@ -133,7 +135,7 @@ def hf_to_jax(src: str, dst: str, dtype: str | None = "keep", mesh=None) -> dict
     raw, cfg_path = read_config(src)
     cast = parse_dtype(dtype, "--dtype")
     spec = resolve_spec(raw, cfg_path)
-    loaded = load_hf_dir(src, dtype=cast, mesh=mesh, spec=spec)
+    loaded = load_hf_dir(src, spec, dtype=cast, mesh=mesh)
     if loaded.dropped:
         warnings.warn(f"{src}: tensors no parameter uses were not converted: {loaded.dropped}")
     # Verbatim config unless a cast changes the recorded dtype (then save_pretrained's text).
@@ -143,7 +145,7 @@ def hf_to_jax(src: str, dst: str, dtype: str | None = "keep", mesh=None) -> dict
 
 
 def jax_to_hf(src: str, dst: str, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> list[str]:
-    """Export a JAX dir to an HF checkpoint directory DeepSpec/vLLM/SGLang load:
+    """Export a JAX dir to an HF checkpoint directory in DeepSpec's format:
     config.json (verbatim), safetensors in the recorded HF dtypes, the auxiliary files.
     Returns the files written."""
     src, dst = os.fspath(src), os.fspath(dst)
@@ -154,7 +156,7 @@ def jax_to_hf(src: str, dst: str, max_shard_size: int | str = DEFAULT_MAX_SHARD_
             f"{src}: not a JAX checkpoint (no deepspec_jax.json / params/); convert an HF "
             "directory with convert.torch_to_jax first.")
     parse_size(max_shard_size)  # fail before any work
-    loaded, manifest = load_jax_dir(src, host=True)
+    loaded, manifest = load_jax_dir(src, resolve_spec, host=True)
     tensors = params_to_hf(loaded.spec, loaded.state, loaded.hf_dtypes)
     missing = sorted(set(manifest["hf"].get("tensors", {})) - set(tensors))
     if missing:

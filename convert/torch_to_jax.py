@@ -8,29 +8,36 @@ architecture and llama/qwen3 targets are recognised from config.json.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+from typing import Sequence
+
+from absl import flags
 
 from convert.common import dtype_choices, hf_to_jax
+from deepspec_jax import cli
 from deepspec_jax.errors import DeepSpecError
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("src", None, "HF checkpoint directory (config.json + safetensors).",
+                    flag_values=FLAGS, required=True)
+flags.DEFINE_string("dst", None, "JAX checkpoint directory to write.", flag_values=FLAGS,
+                    required=True)
+flags.DEFINE_enum("dtype", "keep", dtype_choices(),
+                  "keep: every tensor in its stored dtype (default); else cast all.",
+                  flag_values=FLAGS)
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m convert.torch_to_jax", description=__doc__.split("\n")[0])
-    ap.add_argument("--src", required=True, help="HF checkpoint directory (config.json + safetensors)")
-    ap.add_argument("--dst", required=True, help="JAX checkpoint directory to write")
-    ap.add_argument("--dtype", default="keep", choices=dtype_choices(),
-                    help="keep: every tensor in its stored dtype (default); else cast all")
-    args = ap.parse_args(argv)
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cli.parse(FLAGS, argv, __doc__)
     t0 = time.time()
     try:
-        m = hf_to_jax(args.src, args.dst, args.dtype)
+        m = hf_to_jax(FLAGS.src, FLAGS.dst, FLAGS.dtype)
     except (DeepSpecError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     dts = sorted({p["dtype"] for p in m["params"].values()})
-    print(f"wrote {args.dst}: {m['kind']} {m['architecture']}, {len(m['params'])} parameters "
+    print(f"wrote {FLAGS.dst}: {m['kind']} {m['architecture']}, {len(m['params'])} parameters "
           f"({', '.join(dts)}) in {time.time() - t0:.1f}s")
     return 0
 

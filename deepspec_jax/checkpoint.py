@@ -1,5 +1,8 @@
-"""Our JAX checkpoint directory ("JAX dir") and the model resolution shared by
-``load_draft`` and the ``convert`` tools.
+"""Our JAX checkpoint directory ("JAX dir"), HF checkpoint streaming, and the
+``ModelSpec`` both are read and written through (``load_draft`` and the ``convert``
+tools). This module knows no model family: callers resolve a config.json into a
+``ModelSpec`` (``deepspec_jax.drafts.registry.resolve_spec``) and pass it, or the
+resolver, in.
 
 A JAX dir holds
 
@@ -10,8 +13,8 @@ A JAX dir holds
   in its stored dtype;
 * ``extra/`` (optional) -- auxiliary files of the HF directory it came from
   (tokenizer, generation_config.json, ...), copied back verbatim on export;
-* ``deepspec_jax.json`` -- the manifest, written LAST: format version, kind,
-  architecture, shape/dtype of every parameter and the HF dtype of every HF tensor,
+* ``deepspec_jax.json`` -- the manifest, written LAST: format version, kind
+  ("target" | "draft", the ``ModelSpec.role``), architecture, shape/dtype of every parameter and the HF dtype of every HF tensor,
   so an export reproduces the original safetensors exactly. A directory without a
   valid manifest is an incomplete write and is refused.
 
@@ -30,16 +33,18 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from deepspec_jax.config import load_config_json, target_config_from_dict
+from deepspec_jax.config import load_config_json
+from deepspec_jax.dtypes import dtype_name, np_dtype, parse_dtype
 from deepspec_jax.errors import CheckpointError, ConfigError
 from deepspec_jax.sharding import make_mesh, named_sharding
+from deepspec_jax.version import __version__
 from deepspec_jax.weights.loader import flat_variables, stream_params
-from deepspec_jax.weights.name_map import TARGET_IGNORABLE, Rule, target_ignorable, target_rules
+from deepspec_jax.weights.name_map import Rule
 from deepspec_jax.weights.safetensors_io import TensorSource
 
 MANIFEST_NAME = "deepspec_jax.json"
@@ -49,45 +54,13 @@ CONFIG_NAME = "config.json"
 FORMAT = "deepspec_jax.checkpoint"
 FORMAT_VERSION = 1
 
-DTYPES: dict[str, np.dtype] = {
-    "float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
-    "float16": np.dtype(np.float16), "float64": np.dtype(np.float64),
-}
-# Aliases HF configs use for the same dtypes.
-_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16",
-                  "float": "float32"}
-
 # Files of an HF directory that are weights (re-written from params) or pickles (never read).
 _WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|pkl|pickle|ckpt|h5|msgpack|gguf)$")
 _HF_INDEX = re.compile(r".*\.safetensors\.index\.json$")
 
 
-def dtype_name(dt) -> str:
-    dt = np.dtype(dt)
-    for name, d in DTYPES.items():
-        if d == dt:
-            return name
-    return dt.name
-
-
-def _np_dtype(name: str) -> np.dtype:
-    return DTYPES[name] if name in DTYPES else np.dtype(name)
-
-
-def parse_dtype(dtype, what: str = "dtype") -> np.dtype | None:
-    """``None``/"keep" -> None (keep stored dtypes); a name or numpy/jax dtype -> np.dtype."""
-    if dtype is None or (isinstance(dtype, str) and dtype == "keep"):
-        return None
-    if isinstance(dtype, str):
-        name = _DTYPE_ALIASES.get(dtype, dtype)
-        if name not in DTYPES:
-            raise ValueError(f"{what} must be 'keep' or one of {sorted(DTYPES)}, got {dtype!r}.")
-        return DTYPES[name]
-    return np.dtype(dtype)
-
-
 # ---------------------------------------------------------------------------
-# model resolution: config dict -> what to build and how its weights are named
+# what to build and how its weights are named
 # ---------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -97,7 +70,7 @@ class ModelSpec:
     ``rules`` is the single name map used in both directions (HF -> ours on load,
     ours -> HF on export)."""
 
-    kind: str                      # "target" | "draft"
+    role: str                      # "target" | "draft" (the manifest's "kind" field)
     architecture: str              # HF architectures[0] (or model_type for targets without it)
     config: Any                    # TargetConfig or the draft family's config dataclass
     raw: dict                      # the HF config dict, unchanged
@@ -105,51 +78,13 @@ class ModelSpec:
     num_layers: int
     ignorable: tuple[re.Pattern, ...]
     build_fn: Callable             # (config, *, dtype, param_dtype, rngs) -> nnx.Module
-    draft_arch: Any = None         # registry.DraftArch for drafts
+    family: Any = None             # drafts.common.DraftFamily for drafts
 
     def abstract(self, dtype=jnp.float32):
         """(graphdef, abstract state) of the model: shapes and logical axes, no memory."""
         model = nnx.eval_shape(lambda: self.build_fn(self.config, dtype=dtype, param_dtype=dtype,
                                                      rngs=nnx.Rngs(0)))
         return nnx.split(model)
-
-
-def _build_target(config, *, dtype, param_dtype, rngs):
-    from deepspec_jax.models.transformer import CausalLM
-
-    return CausalLM(config, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-
-
-def _is_target_arch(archs: list) -> bool:
-    return not archs or (len(archs) == 1 and str(archs[0]).endswith("ForCausalLM"))
-
-
-def resolve_spec(raw: dict, source: str) -> ModelSpec:
-    """Decide from a config dict whether it describes a target or a draft and return
-    its ModelSpec. ``source`` (the config file) is named in errors."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}.")
-    archs = raw.get("architectures") or []
-    if not isinstance(archs, list):
-        raise ConfigError(f"{source}: field 'architectures' must be a list of strings, got {archs!r}.")
-    if _is_target_arch(archs):
-        cfg = target_config_from_dict(raw, source)
-        return ModelSpec("target", archs[0] if archs else cfg.model_type, cfg, dict(raw),
-                         tuple(target_rules(cfg)), cfg.num_hidden_layers,
-                         tuple(target_ignorable(cfg)), _build_target)
-    from deepspec_jax.drafts.registry import DRAFT_ARCHS, arch_for
-
-    try:
-        arch = arch_for(raw, source)
-    except ConfigError:
-        raise ConfigError(
-            f"{source}: field 'architectures' = {archs!r} is not a known architecture; "
-            f"drafts: {sorted(DRAFT_ARCHS)}, targets: '<Family>ForCausalLM' (model_type "
-            "llama/qwen3). Fix the field, or register the draft family in "
-            "deepspec_jax/drafts/registry.py.") from None
-    cfg = arch.config_from_dict(raw, source)
-    return ModelSpec("draft", arch.architecture, cfg, dict(raw), tuple(arch.rules(cfg)),
-                     int(arch.num_layers(cfg)), tuple(TARGET_IGNORABLE), arch.build, arch)
 
 
 def read_config(root: str) -> tuple[dict, str]:
@@ -189,15 +124,13 @@ class Loaded:
     dropped: list[str]             # HF tensors that no parameter uses (ignorable buffers)
 
 
-def load_hf_dir(root: str, dtype=None, mesh: Mesh | None = None, want_kind: str | None = None,
-                spec: ModelSpec | None = None) -> Loaded:
-    """Stream an HF checkpoint into sharded parameters. ``dtype=None`` keeps every
-    tensor's stored dtype (no cast, so a bf16 release stays bf16 bit for bit)."""
+def load_hf_dir(root: str, spec: ModelSpec, dtype=None, mesh: Mesh | None = None,
+                want_role: str | None = None) -> Loaded:
+    """Stream the HF checkpoint ``spec`` describes (resolved from ``root``'s config.json)
+    into sharded parameters. ``dtype=None`` keeps every tensor's stored dtype (no cast,
+    so a bf16 release stays bf16 bit for bit)."""
     mesh = mesh if mesh is not None else make_mesh()
-    if spec is None:
-        raw, cfg_path = read_config(root)
-        spec = resolve_spec(raw, cfg_path)
-    _check_kind(spec, want_kind, root)
+    _check_role(spec, want_role, root)
     source = TensorSource.from_dir(root)
     cast = parse_dtype(dtype)
     # Stored dtype of each parameter (a stack of layers takes the widest of its tensors).
@@ -212,7 +145,7 @@ def load_hf_dir(root: str, dtype=None, mesh: Mesh | None = None, want_kind: str 
                 _set_abstract_dtype(var, stored[path])
     hf_dtypes = {k: dtype_name(source.info(k)[1] if cast is None else cast)
                  for p in variables for k in keys_of.get(p, [])}
-    what = f"{spec.kind} checkpoint ({spec.architecture})"
+    what = f"{spec.role} checkpoint ({spec.architecture})"
     model = stream_params(graphdef, abstract_state, spec.rules, source, spec.num_layers, mesh,
                           None, spec.ignorable, what)
     graphdef, state = nnx.split(model)
@@ -224,12 +157,12 @@ def load_hf_dir(root: str, dtype=None, mesh: Mesh | None = None, want_kind: str 
     return Loaded(spec, graphdef, state, np.dtype(compute), hf_dtypes, metadata, dropped)
 
 
-def _check_kind(spec: ModelSpec, want_kind: str | None, root: str) -> None:
-    if want_kind and spec.kind != want_kind:
-        hint = "deepspec_jax.load_target" if spec.kind == "target" else "deepspec_jax.load_draft"
+def _check_role(spec: ModelSpec, want_role: str | None, root: str) -> None:
+    if want_role and spec.role != want_role:
+        hint = "deepspec_jax.load_target" if spec.role == "target" else "deepspec_jax.load_draft"
         raise ConfigError(
             f"{os.path.join(root, CONFIG_NAME)}: field 'architectures' = "
-            f"{spec.raw.get('architectures')!r} describes a {spec.kind}, not a {want_kind}; "
+            f"{spec.raw.get('architectures')!r} describes a {spec.role}, not a {want_role}; "
             f"load it with {hint}.")
 
 
@@ -324,8 +257,6 @@ def read_manifest(root: str) -> dict:
 
 def save_params(directory: str, flat: Mapping[str, Any]) -> None:
     """Write a flat {dotted path: array} tree as an orbax checkpoint (replacing any)."""
-    import orbax.checkpoint as ocp
-
     ckptr = ocp.StandardCheckpointer()
     ckptr.save(os.path.abspath(directory), _nest(flat), force=True)
     ckptr.wait_until_finished()
@@ -333,8 +264,6 @@ def save_params(directory: str, flat: Mapping[str, Any]) -> None:
 
 def params_metadata(directory: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """{dotted path: (shape, dtype)} of an orbax parameter checkpoint, without reading data."""
-    import orbax.checkpoint as ocp
-
     try:
         meta = ocp.StandardCheckpointer().metadata(os.path.abspath(directory))
         item = getattr(meta, "item_metadata", meta)
@@ -351,8 +280,6 @@ def params_metadata(directory: str) -> dict[str, tuple[tuple[int, ...], np.dtype
 def restore_params(directory: str, abstract: Mapping[str, jax.ShapeDtypeStruct]) -> dict[str, jax.Array]:
     """Restore a flat tree straight into the shardings/dtypes of ``abstract``
     (each device reads only its shard; a dtype differing from the stored one casts)."""
-    import orbax.checkpoint as ocp
-
     try:
         tree = ocp.StandardCheckpointer().restore(os.path.abspath(directory), _nest(abstract))
     except Exception as e:
@@ -415,10 +342,8 @@ def save_jax_dir(dst: str, spec: ModelSpec, state: nnx.State, hf_dtypes: Mapping
         if os.path.isdir(extra_dir):
             shutil.rmtree(extra_dir)
         extra = copy_extra_files(extra_from, extra_dir) if extra_from else []
-    from deepspec_jax import __version__
-
     manifest = {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": spec.kind,
+        "format": FORMAT, "format_version": FORMAT_VERSION, "kind": spec.role,
         "architecture": spec.architecture, "deepspec_jax_version": __version__,
         "source": source, "params": params,
         "hf": {"tensors": dict(sorted(hf.items())), "metadata": dict(hf_metadata or {"format": "pt"})},
@@ -431,21 +356,23 @@ def save_jax_dir(dst: str, spec: ModelSpec, state: nnx.State, hf_dtypes: Mapping
     return manifest
 
 
-def load_jax_dir(root: str, dtype=None, mesh: Mesh | None = None, want_kind: str | None = None,
-                 host: bool = False, shared: Mapping[str, Any] | None = None) -> tuple[Loaded, dict]:
+def load_jax_dir(root: str, resolve: Callable[[dict, str], ModelSpec], dtype=None,
+                 mesh: Mesh | None = None, want_role: str | None = None, host: bool = False,
+                 shared: Mapping[str, Any] | None = None) -> tuple[Loaded, dict]:
     """Restore a JAX dir into the shardings of its abstract model (``host=True``: onto one
-    CPU device, for exports). ``dtype=None`` keeps the stored dtypes. Checks the
-    stored tree against the tree config.json implies, naming any mismatch."""
+    CPU device, for exports); ``resolve(raw config, source)`` gives its ModelSpec.
+    ``dtype=None`` keeps the stored dtypes. Checks the stored tree against the tree
+    config.json implies, naming any mismatch."""
     manifest = read_manifest(root)
     raw, cfg_path = read_config(root)
-    spec = resolve_spec(raw, cfg_path)
-    if spec.kind != manifest["kind"] or spec.architecture != manifest["architecture"]:
+    spec = resolve(raw, cfg_path)
+    if spec.role != manifest["kind"] or spec.architecture != manifest["architecture"]:
         raise CheckpointError(
             f"{os.path.join(root, MANIFEST_NAME)}: kind/architecture "
             f"{manifest['kind']}/{manifest['architecture']} disagree with {cfg_path} "
-            f"({spec.kind}/{spec.architecture}); config.json was edited after the "
+            f"({spec.role}/{spec.architecture}); config.json was edited after the "
             "conversion -- restore it or re-convert.")
-    _check_kind(spec, want_kind, root)
+    _check_role(spec, want_role, root)
     cast = parse_dtype(dtype)
     params_dir = os.path.join(root, PARAMS_DIR)
     if not os.path.isdir(params_dir):
@@ -518,5 +445,5 @@ def params_to_hf(spec: ModelSpec, state: nnx.State, hf_dtypes: Mapping[str, str]
         for key, a in parts:
             want = (hf_dtypes or {}).get(key)
             a = rule.to_hf(a)
-            out[key] = a if want is None else a.astype(_np_dtype(want), copy=False)
+            out[key] = a if want is None else a.astype(np_dtype(want), copy=False)
     return out

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 
+import jax
+
 DEFAULT_DIR = os.path.join(os.path.expanduser("~"), ".cache", "deepspec_jax", "xla")
 
 
@@ -17,8 +19,6 @@ def enable(path: str | None = DEFAULT_DIR) -> str | None:
     """Cache every compilation under ``path`` ("" or None: leave jax's setting alone)."""
     if not path:
         return None
-    import jax
-
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)

@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 from deepspec_jax.errors import ConfigError
+from deepspec_jax.models.registry import family_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,8 +99,6 @@ def _parse_rope_scaling(raw: dict, source: str) -> tuple[RopeScaling, float]:
 
 def target_config_from_dict(raw: dict, source: str = "config.json") -> TargetConfig:
     """Build a TargetConfig from an HF config dict; ``source`` names the file in errors."""
-    from deepspec_jax.models.registry import family_for  # local: registry imports config
-
     model_type = raw.get("model_type")
     if model_type is None:
         raise ConfigError(f"{source}: missing field 'model_type'; add e.g. \"model_type\": \"llama\".")

@@ -24,44 +24,58 @@ import dataclasses
 import os
 import sys
 import time
+from typing import Sequence
 
-from absl import app, flags
+from absl import flags, logging
+
+from deepspec_jax import cli, compile_cache
+from deepspec_jax.drafts import load_draft
+from deepspec_jax.errors import ConfigError, DeepSpecError
+from deepspec_jax.evaluation import datasets, report, runner
+from deepspec_jax.spec_decode import check_compatible, parse_tree
+from deepspec_jax.target import DEFAULT_TARGET, load_target
 
 QUICK_MAX_SAMPLES = 2
 QUICK_MAX_NEW_TOKENS = 64
 DEFAULT_DRAFT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
                                  "default_draft")
 
-FLAGS = flags.FLAGS
+FLAGS = flags.FlagValues()
 flags.DEFINE_string("target", None, "Target model: HF directory, .gguf file or 'smollm2-135m' "
-                    "(default: the embedded SmolLM2-135M-Instruct).")
+                    "(default: the embedded SmolLM2-135M-Instruct).", flag_values=FLAGS)
 flags.DEFINE_string("draft", None, "Draft model directory (HF or JAX dir; default: the "
-                    "project's default draft under deepspec_jax/assets/default_draft/).")
+                    "project's default draft under deepspec_jax/assets/default_draft/).",
+                    flag_values=FLAGS)
 flags.DEFINE_string("datasets", None,
                     "Comma-separated dataset names (or .jsonl paths). Default: the reference "
                     "list gsm8k,math500,aime25,humaneval,mbpp,livecodebench,mt-bench,alpaca,"
                     "arena-hard-v2 (alpaca is not available and is skipped); quick demo: "
-                    "gsm8k,humaneval,mt-bench.")
+                    "gsm8k,humaneval,mt-bench.", flag_values=FLAGS)
 flags.DEFINE_integer("max_samples", None, "Samples per dataset, drawn with --seed (default: "
-                     f"the reference's count per dataset; quick demo: {QUICK_MAX_SAMPLES}).")
+                     f"the reference's count per dataset; quick demo: {QUICK_MAX_SAMPLES}).",
+                     flag_values=FLAGS)
 flags.DEFINE_integer("max_new_tokens", 2048, "New tokens per sample (quick demo: "
-                     f"{QUICK_MAX_NEW_TOKENS} unless given).")
-flags.DEFINE_float("temperature", 1.0, "Sampling temperature (< 1e-5 means greedy).")
+                     f"{QUICK_MAX_NEW_TOKENS} unless given).", flag_values=FLAGS)
+flags.DEFINE_float("temperature", 1.0, "Sampling temperature (< 1e-5 means greedy).",
+                   flag_values=FLAGS)
 flags.DEFINE_float("confidence_threshold", 0.0, "DSpark early stop: propose only the prefix "
                    "before the first position whose confidence is below this (0 = off; "
-                   "calibration metrics are collected only at 0).")
+                   "calibration metrics are collected only at 0).", flag_values=FLAGS)
 flags.DEFINE_integer("seed", 980406, "Seed of sample selection and decoding (sample i uses "
-                     "seed + i).")
-flags.DEFINE_string("output_dir", "eval_results", "Directory for results.json and PNGs.")
-flags.DEFINE_integer("batch_size", 1, "Prompts per decoding call (the reference uses 1).")
+                     "seed + i).", flag_values=FLAGS)
+flags.DEFINE_string("output_dir", "eval_results", "Directory for results.json and PNGs.",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 1, "Prompts per decoding call (the reference uses 1).",
+                     flag_values=FLAGS)
 flags.DEFINE_string("compilation_cache_dir", None, "Persistent XLA compilation cache (default "
-                    "~/.cache/deepspec_jax/xla; '' disables): later runs skip recompiling.")
+                    "~/.cache/deepspec_jax/xla; '' disables): later runs skip recompiling.",
+                    flag_values=FLAGS)
 flags.DEFINE_string("tree", None, "Also decode with draft trees, 'topk,nodes' (e.g. 4,16): "
                     "EAGLE-2 style trees of the draft's top-k (T=0) / sampled (T>0) children, "
                     "the best `nodes` verified in one target pass; tau, tokens/s and speedup "
-                    "are reported in a row next to the chain's.")
+                    "are reported in a row next to the chain's.", flag_values=FLAGS)
 flags.DEFINE_boolean("autoregressive", True, "Also time plain autoregressive decoding of the "
-                     "target for the speedup (--noautoregressive skips it).")
+                     "target for the speedup (--noautoregressive skips it).", flag_values=FLAGS)
 
 
 class UsageError(Exception):
@@ -75,14 +89,6 @@ class SetupError(Exception):
 def _fail(msg: str, code: int) -> int:
     print(f"error: {msg}", file=sys.stderr, flush=True)
     return code
-
-
-def _parse_flags(argv):
-    """absl parsing with one-line errors and exit code 2 (absl's default is two lines + 1)."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        sys.exit(_fail(str(e), 2))
 
 
 def _validate_numbers() -> None:
@@ -104,8 +110,6 @@ def _tree_setting() -> tuple[int, int] | None:
     """--tree parsed to (topk, num_nodes); UsageError naming the flag when malformed."""
     if FLAGS.tree is None:
         return None
-    from deepspec_jax.spec_decode import parse_tree
-
     try:
         return parse_tree(FLAGS.tree)
     except ValueError as e:
@@ -114,57 +118,19 @@ def _tree_setting() -> tuple[int, int] | None:
 
 def _resolve_paths() -> tuple[str | None, str]:
     """(target path or None for the embedded one, draft path); fails fast before loading."""
-    from deepspec_jax.target import DEFAULT_TARGET
-
     target = FLAGS.target
     if target is not None and target != DEFAULT_TARGET and not os.path.exists(target):
         raise SetupError(f"--target: {target}: no such file or directory (pass an HF model "
                          f"directory, a .gguf file, or {DEFAULT_TARGET!r}).")
-    draft = FLAGS.draft
-    if draft is None:
-        if not os.path.isdir(DEFAULT_DRAFT_DIR):
-            raise SetupError(
-                "no default draft is shipped yet (deepspec_jax/assets/default_draft/ is "
-                "absent); pass --draft=PATH to a DSpark/DFlash/Eagle3 draft directory "
-                "trained for the target, e.g. python -m deepspec_jax.eval --draft=PATH")
-        draft = DEFAULT_DRAFT_DIR
-    elif not os.path.isdir(draft):
+    draft = FLAGS.draft if FLAGS.draft is not None else DEFAULT_DRAFT_DIR
+    if not os.path.isdir(draft):
         raise SetupError(f"--draft: {draft}: no such directory (pass a draft checkpoint "
                          "directory: HF config.json + model.safetensors, or a JAX dir).")
     return target, draft
 
 
-def check_compatible(target, draft) -> None:
-    """The draft must have been built for this target: same vocabulary, same depth, and
-    feature layers that exist in it."""
-    tv, dv = int(target.config.vocab_size), int(draft.config.vocab_size)
-    if tv != dv:
-        raise SetupError(f"draft/target vocab mismatch: the draft ({draft.source}) has "
-                         f"vocab_size {dv} but the target ({target.source}) has {tv}; use a "
-                         "draft trained for this target.")
-    n = int(target.config.num_hidden_layers)
-    dn = getattr(draft.config, "num_target_layers", None)
-    if dn is not None and int(dn) != n:
-        raise SetupError(f"draft/target depth mismatch: the draft ({draft.source}) expects "
-                         f"num_target_layers={dn} but the target has {n} decoder layers; use "
-                         "a draft trained for this target.")
-    try:
-        target.validate_layer_ids(getattr(draft.config, "target_layer_ids", ()))
-    except ValueError as e:
-        raise SetupError(f"draft {draft.source}: target_layer_ids: {e}") from None
-    try:  # the engine's own checks (hidden size, feature layers), before any decoding
-        from deepspec_jax.spec_decode import check_compatible as engine_check
-    except ImportError:
-        return
-    try:
-        engine_check(target, draft)
-    except ValueError as e:
-        raise SetupError(str(e)) from None
-
-
 def _load(target_path, draft_path):
-    from deepspec_jax import load_draft, load_target
-
+    """Load both models and refuse a draft not built for the target (before decoding)."""
     try:
         target = load_target(target_path)
     except Exception as e:
@@ -173,35 +139,17 @@ def _load(target_path, draft_path):
         draft = load_draft(draft_path, dtype=target.dtype, target=target)
     except Exception as e:  # one clear line for any unreadable checkpoint
         raise SetupError(f"cannot load draft {draft_path}: {e}") from None
-    check_compatible(target, draft)
+    try:
+        check_compatible(target, draft)
+    except ConfigError as e:
+        raise SetupError(str(e)) from None
     return target, draft
 
 
-def _engine():
-    try:
-        from deepspec_jax import speculative_generate
-    except ImportError:
-        try:
-            from deepspec_jax.spec_decode import speculative_generate
-        except ImportError:
-            raise SetupError("this install has no speculative decoding engine "
-                             "(deepspec_jax.speculative_generate); update deepspec_jax."
-                             ) from None
-    return speculative_generate
-
-
-def run(argv) -> int:
-    """The CLI body; returns the exit code."""
-    from absl import logging
-
-    if not FLAGS["verbosity"].present:  # keep library INFO logs (jax, orbax) off the console
-        logging.set_verbosity(logging.WARNING)
-    from deepspec_jax.errors import DeepSpecError
-    from deepspec_jax.evaluation import datasets, report, runner
-
-    if len(argv) > 1:
-        return _fail(f"unexpected positional arguments {argv[1:]}; every option is a "
-                     "--flag (see --help).", 2)
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI: parses ``argv`` (without the program name) and returns the exit code."""
+    cli.parse(FLAGS, argv, __doc__)
+    logging.set_verbosity(logging.WARNING)  # keep library INFO logs (jax, orbax) off the console
     quick = not FLAGS["target"].present and not FLAGS["draft"].present
     try:
         _validate_numbers()
@@ -218,7 +166,6 @@ def run(argv) -> int:
             max_new = QUICK_MAX_NEW_TOKENS
     try:
         target_path, draft_path = _resolve_paths()
-        spec_fn = _engine()
     except SetupError as e:
         return _fail(str(e), 1)
     for note in notes:
@@ -227,8 +174,6 @@ def run(argv) -> int:
         print(f"quick demo: SmolLM2-135M-Instruct + default draft, {max_samples} samples of "
               f"{', '.join(names)}, max_new_tokens={max_new} (pass --target/--draft for the "
               "reference protocol)", flush=True)
-
-    from deepspec_jax import compile_cache
 
     compile_cache.enable(compile_cache.DEFAULT_DIR if FLAGS.compilation_cache_dir is None
                          else FLAGS.compilation_cache_dir)
@@ -264,7 +209,7 @@ def run(argv) -> int:
                 names, target, settings))
         except DeepSpecError as e:
             return _fail(str(e), 1)
-    decoders = runner.Decoders(target, draft, settings, spec_fn)
+    decoders = runner.Decoders(target, draft, settings)
     rows = []
     for i, name in enumerate(names):
         print(f"[{i + 1}/{len(names)}] {datasets.dataset_label(name)}", flush=True)
@@ -294,9 +239,5 @@ def run(argv) -> int:
     return 0
 
 
-def main(argv) -> int:
-    return run(argv)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    sys.exit(main())

@@ -8,26 +8,30 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Sequence
 
-from absl import app, flags
+from absl import flags
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("target", None, "HF model dir, .gguf file or 'smollm2-135m' (default: embedded SmolLM2).")
+from deepspec_jax import cli
+from deepspec_jax.target import load_target
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("target", None, "HF model dir, .gguf file or 'smollm2-135m' (default: embedded SmolLM2).",
+                    flag_values=FLAGS)
 flags.DEFINE_multi_string("prompt", ["What is the capital of France? Answer in one sentence.",
-                                     "Write a haiku about the sea."], "User message(s); one chat prompt each.")
-flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.")
-flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-flags.DEFINE_integer("top_k", 0, "0 = off.")
-flags.DEFINE_float("top_p", 1.0, "1 = off.")
-flags.DEFINE_integer("seed", 0, "PRNG seed for sampling.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute/parameter dtype.")
+                                     "Write a haiku about the sea."], "User message(s); one chat prompt each.",
+                          flag_values=FLAGS)
+flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate per prompt.", flag_values=FLAGS)
+flags.DEFINE_float("temperature", 0.0, "0 = greedy.", flag_values=FLAGS)
+flags.DEFINE_integer("top_k", 0, "0 = off.", flag_values=FLAGS)
+flags.DEFINE_float("top_p", 1.0, "1 = off.", flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "PRNG seed for sampling.", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute/parameter dtype.",
+                  flag_values=FLAGS)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; pass prompts with --prompt.")
-    from deepspec_jax import load_target
-
+def main(argv: Sequence[str] | None = None) -> int:
+    cli.parse(FLAGS, argv, __doc__)
     t0 = time.perf_counter()
     target = load_target(FLAGS.target, dtype=FLAGS.dtype)
     print(f"loaded {target.source} ({target.config.model_type}, {target.config.num_hidden_layers} layers) "
@@ -41,7 +45,8 @@ def main(argv):
         print(f"### {p}\n{target.tokenizer.decode(o, skip_special_tokens=True)}\n")
     n = sum(len(o) for o in outs)
     print(f"{n} tokens in {dt:.1f}s including compilation", file=sys.stderr)
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

@@ -38,11 +38,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deepspec_jax.drafts.registry import family_for_kind
 from deepspec_jax.errors import ConfigError
+from deepspec_jax.kernels.tree_attention import ancestor_bits
 from deepspec_jax.models.transformer import init_cache as target_init_cache
 from deepspec_jax.sampling import SamplingParams, probs as sampling_probs, sample as sampling_sample
 from deepspec_jax.target import (NonFiniteLogitsError, Target, nonfinite_rows, pad_prompts,
                                  raise_if_nonfinite, round_up)
+from deepspec_jax.tree import compact_kv_cache, gather_path, path_slots, verify_tree
 from deepspec_jax.tree.build import tree_size
 from deepspec_jax.tree.verify import TREE_RULES as _TREE_RULES
 
@@ -81,47 +84,30 @@ class SpecResult:
 
 
 # ---------------------------------------------------------------------------
-# draft adapters: one interface (init / propose / commit) over both families
+# draft adapters: every family's decode interface (drafts.common.DraftFamily), looked
+# up by the draft's kind (a static argument of the compiled loops)
 # ---------------------------------------------------------------------------
 
 def _proposal_width(kind: str, cfg) -> int:
-    return int(cfg.block_size if kind == "dspark" else cfg.ttt_length)
+    return family_for_kind(kind).width(cfg)
 
 
 def _draft_init(kind, dmodel, batch, cache_len, prompt, prompt_len, first, feats):
     """Draft state after prefill: the prompt's target features are committed."""
-    if kind == "dspark":
-        cache = dmodel.init_cache(batch, cache_len)
-        return dmodel.extend_context(cache, feats, prompt_len)
-    from deepspec_jax.drafts import eagle3
-
-    st = eagle3.init_state(dmodel.cfg, batch, cache_len, dmodel.dtype)
-    # The feature at position i pairs with token i+1: the prompt shifted left by one,
-    # with the first generated token after each row's last prompt token.
-    toks = jnp.roll(prompt, -1, axis=1).at[jnp.arange(batch), prompt_len - 1].set(first)
-    return eagle3.extend(dmodel, st, toks, feats, prompt_len)
+    return family_for_kind(kind).init(dmodel, batch, cache_len, prompt, prompt_len, first, feats)
 
 
-def _draft_propose(kind, dmodel, dstate, current, key, sp: SamplingParams, width: int):
+def _draft_propose(kind, dmodel, dstate, current, key, sp: SamplingParams):
     """(tokens [B,W], dists [B,W,V], confidence logits [B,W], state for commit)."""
-    if kind == "dspark":
-        prop = dmodel.propose(dstate, current, key, sp)
-        return prop.tokens, prop.probs, prop.confidence_logits, dstate
-    from deepspec_jax.drafts import eagle3
-
-    prop, st = eagle3.propose(dmodel, dstate, width, key, sp)
-    return prop.tokens, prop.dists, jnp.zeros(prop.tokens.shape, jnp.float32), st
+    prop, st = family_for_kind(kind).propose(dmodel, dstate, current, key, sp)
+    return prop.tokens, prop.dists, prop.confidence_logits, st
 
 
 def _draft_commit(kind, dmodel, dstate, feats, committed, num_new):
     """Commit ``num_new[b]`` verified positions: target features of [current, accepted
-    drafts] (``feats`` [B,W+1,F]); Eagle3 pairs them with the tokens that follow
-    (``committed`` = accepted drafts then the new current token)."""
-    if kind == "dspark":
-        return dmodel.extend_context(dstate, feats, num_new)
-    from deepspec_jax.drafts import eagle3
-
-    return eagle3.extend(dmodel, dstate, committed, feats, num_new)
+    drafts] (``feats`` [B,W+1,F]) and ``committed`` (accepted drafts then the new
+    current token)."""
+    return family_for_kind(kind).commit(dmodel, dstate, feats, committed, num_new)
 
 
 # ---------------------------------------------------------------------------
@@ -287,7 +273,7 @@ def _spec_generate(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prompt_le
     target = nnx.merge(tgraphdef, tstate)
     draft = nnx.merge(dgraphdef, dstate)
     width = _proposal_width(kind, draft.cfg)
-    has_conf = kind == "dspark" and bool(draft.cfg.enable_confidence_head)
+    has_conf = family_for_kind(kind).has_confidence(draft.cfg)
     b = prompt.shape[0]
     rows = jnp.arange(b)
 
@@ -305,7 +291,7 @@ def _spec_generate(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prompt_le
         active = ~c["done"]
         pos, cur = c["pos"], c["cur"]
         k_draft, k_verify = jax.random.split(jax.random.fold_in(key, c["i"]))
-        drafts, p_d, conf, dstate = _draft_propose(kind, draft, c["dstate"], cur, k_draft, sp, width)
+        drafts, p_d, conf, dstate = _draft_propose(kind, draft, c["dstate"], cur, k_draft, sp)
         n_prop = jnp.full((b,), width, jnp.int32)
         if has_conf:
             sure = (jax.nn.sigmoid(conf) >= threshold).astype(jnp.int32)
@@ -350,11 +336,8 @@ def _tree_depth(kind: str, cfg) -> int:
 
 
 def _draft_tree(kind, dmodel, dstate, current, key, sp, topk, num_nodes, threshold):
-    if kind == "dspark":
-        return dmodel.tree_propose(dstate, current, key, sp, topk, num_nodes, threshold)
-    from deepspec_jax.drafts import eagle3
-
-    return eagle3.tree_propose(dmodel, dstate, key, sp, topk, num_nodes)
+    return family_for_kind(kind).tree(dmodel, dstate, current, key, sp, topk, num_nodes,
+                                      threshold)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 4, 9, 10, 11, 12, 13, 15, 16))
@@ -364,9 +347,6 @@ def _spec_generate_tree(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prom
     pass over the flattened tree (``CausalLM.extend_tree``), lossless tree verification
     (``tree.verify``), then the target cache is compacted to the accepted path and the
     draft is extended with the path's target features."""
-    from deepspec_jax.kernels.tree_attention import ancestor_bits
-    from deepspec_jax.tree import compact_kv_cache, gather_path, path_slots, verify_tree
-
     target = nnx.merge(tgraphdef, tstate)
     draft = nnx.merge(dgraphdef, dstate)
     depth_max = _tree_depth(kind, draft.cfg)
@@ -431,12 +411,12 @@ def _spec_generate_tree(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prom
 # ---------------------------------------------------------------------------
 
 def check_compatible(target: Target, draft: Any) -> tuple[int, ...]:
-    """Raise ConfigError when ``draft`` cannot run on ``target``; return its layer ids."""
+    """The one target/draft compatibility check (``speculative_generate`` and the eval
+    CLI call it): ConfigError naming the mismatch when ``draft`` was not built for
+    ``target``; returns the draft's feature layer ids."""
     cfg, tcfg = draft.config, target.config
-    name = getattr(draft, "source", "") or "draft"
-    if draft.kind not in ("dspark", "eagle3"):
-        raise ConfigError(f"{name}: draft kind {draft.kind!r} has no decode loop; "
-                          "expected 'dspark' or 'eagle3'.")
+    name = draft.source or "draft"
+    family = family_for_kind(draft.kind, name)
     if cfg.vocab_size != tcfg.vocab_size:
         raise ConfigError(f"{name}: draft vocab_size {cfg.vocab_size} != target vocab_size "
                           f"{tcfg.vocab_size}; a draft only works with the target (tokenizer) "
@@ -446,8 +426,12 @@ def check_compatible(target: Target, draft: Any) -> tuple[int, ...]:
                           f"{tcfg.hidden_size}; the draft's fc reads target features of that "
                           "width, so it was trained for a different target.")
     n = tcfg.num_hidden_layers
+    if cfg.num_target_layers != n:
+        raise ConfigError(f"{name}: draft num_target_layers {cfg.num_target_layers} != the "
+                          f"target's {n} decoder layers; the draft was trained for a different "
+                          "target.")
     ids = tuple(int(i) for i in cfg.target_layer_ids)
-    lowest = -1 if draft.kind == "dspark" else 0
+    lowest = family.lowest_layer_id
     bad = [i for i in ids if not lowest <= i < n - 1]
     if bad:
         raise ConfigError(f"{name}: draft target_layer_ids {list(ids)} contain {bad}, out of "
@@ -484,7 +468,8 @@ def speculative_generate(target: Target, draft: Any, prompt_ids: Sequence[Sequen
                          cache_bucket: int = 256, tree: tuple[int, int] | None = None,
                          _rule: str = "exact") -> list[SpecResult]:
     """Speculative decoding of a batch of prompts with ``draft`` (a ``load_draft`` result,
-    or any object with ``config``, ``kind``, ``graphdef``, ``state``) against ``target``.
+    or any object with ``config``, ``kind``, ``source``, ``graphdef``, ``state``) against
+    ``target``.
 
     Same contract as ``Target.generate`` for the tokens (greedy output is identical;
     sampled output has the target's distribution), plus per-round statistics. Rows
@@ -539,8 +524,7 @@ def speculative_generate(target: Target, draft: Any, prompt_ids: Sequence[Sequen
         conf = None
     raise_if_nonfinite("speculative_generate" + ("" if tree is None else f"(tree={tree})"),
                        bad_tok, target, bad_round)
-    has_conf = (tree is None and draft.kind == "dspark"
-                and bool(draft.config.enable_confidence_head))
+    has_conf = tree is None and family_for_kind(draft.kind).has_confidence(draft.config)
     stops = set(int(s) for s in stop)
     results = []
     for r in range(len(prompt_ids)):

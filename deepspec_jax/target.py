@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from deepspec_jax.config import TargetConfig, load_config_json, target_config_from_dict
+from deepspec_jax.dtypes import COMPUTE_DTYPES, DTYPES
 from deepspec_jax.errors import ConfigError, DeepSpecError
 from deepspec_jax.models.transformer import CausalLM, ForwardOut, KVCache, init_cache
 from deepspec_jax.sampling import SamplingParams, sample
@@ -33,7 +34,7 @@ from deepspec_jax.weights.safetensors_io import TensorSource
 
 DEFAULT_TARGET = "smollm2-135m"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_DTYPES = {n: DTYPES[n] for n in COMPUTE_DTYPES}   # the names load_target accepts
 
 
 def smollm2_gguf_path() -> str:

@@ -230,7 +230,7 @@ def test_first_round_proposal(fixture_set, name):
         prop, st2 = _draft_propose(graphdef, cfg.ttt_length, state, st)
         assert int(st2.lengths[0]) == n  # proposing commits nothing
         ours = np.asarray(prop.tokens)[0]
-        np.testing.assert_array_equal(np.asarray(prop.probs), 1.0)  # greedy: one-hot
+        np.testing.assert_array_equal(np.asarray(prop.token_probs), 1.0)  # greedy: one-hot
         theirs = ref[f"proposed_ids_{i}"][0, 1:1 + ref[f"proposal_lengths_{i}"][0]]
         for j, t in enumerate(theirs):
             if ours[j] != t:
@@ -364,7 +364,7 @@ def test_propose_sampling_distributions(fixture_set, name):
     assert dists.shape == (1, cfg.ttt_length, cfg.vocab_size)
     np.testing.assert_allclose(dists.sum(-1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(np.take_along_axis(dists, np.asarray(prop.tokens)[..., None], -1)[..., 0],
-                               prop.probs, rtol=1e-6)
+                               prop.token_probs, rtol=1e-6)
     assert int(st2.lengths[0]) == n
     # re-proposing from the returned state (scratch keys past `lengths`) is unchanged
     again, _ = sampled(state, st2, jax.random.key(3))

@@ -274,22 +274,32 @@ def test_confidence_table_and_strict_json(tmp_path):
 
 
 def test_compatibility_errors_name_the_mismatch():
-    from deepspec_jax.eval import SetupError, check_compatible
+    """The one target/draft check (the engine and the eval CLI call it)."""
+    from deepspec_jax.errors import ConfigError
+    from deepspec_jax.spec_decode import check_compatible
 
-    def target(vocab, layers):
-        t = types.SimpleNamespace(config=types.SimpleNamespace(
-            vocab_size=vocab, num_hidden_layers=layers, hidden_size=64), source="T")
-        t.validate_layer_ids = lambda ids: tuple(ids)
-        return t
+    def target(vocab, layers, hidden=64):
+        return types.SimpleNamespace(config=types.SimpleNamespace(
+            vocab_size=vocab, num_hidden_layers=layers, hidden_size=hidden), source="T")
 
-    draft = types.SimpleNamespace(config=types.SimpleNamespace(
-        vocab_size=512, num_target_layers=6, target_layer_ids=(0, 2), hidden_size=64),
-        source="D", kind="dspark")
-    check_compatible(target(512, 6), draft)
-    with pytest.raises(SetupError, match="vocab mismatch.*512.*49152"):
-        check_compatible(target(49152, 6), draft)
-    with pytest.raises(SetupError, match="num_target_layers=6 but the target has 30"):
-        check_compatible(target(512, 30), draft)
+    def draft(kind="dspark", ids=(-1, 2)):
+        return types.SimpleNamespace(config=types.SimpleNamespace(
+            vocab_size=512, num_target_layers=6, target_layer_ids=ids, hidden_size=64),
+            source="D", kind=kind)
+
+    assert check_compatible(target(512, 6), draft()) == (-1, 2)
+    with pytest.raises(ConfigError, match="D: draft vocab_size 512 != target vocab_size 49152"):
+        check_compatible(target(49152, 6), draft())
+    with pytest.raises(ConfigError, match="hidden_size 64 != target hidden_size 32"):
+        check_compatible(target(512, 6, hidden=32), draft())
+    with pytest.raises(ConfigError, match="num_target_layers 6 != the target's 30"):
+        check_compatible(target(512, 30), draft())
+    with pytest.raises(ConfigError, match=r"contain \[-1\].*allowed: 0\.\.4"):
+        check_compatible(target(512, 6), draft("eagle3"))   # eagle3 never reads embeddings
+    with pytest.raises(ConfigError, match=r"contain \[5\]"):
+        check_compatible(target(512, 6), draft(ids=(1, 5)))  # the last layer is no feature
+    with pytest.raises(ConfigError, match="draft kind 'medusa' is unknown"):
+        check_compatible(target(512, 6), draft("medusa"))
 
 
 # ---------------------------------------------------------------------------
@@ -305,7 +315,8 @@ def test_runner_with_synthetic_rounds(tmp_path):
     per_prompt = {(1, 2): ROUNDS[:3], (3,): []}
     calls = []
 
-    def fake_spec(target, draft, ids, max_new_tokens, temperature, seed, confidence_threshold):
+    def fake_spec(target, draft, ids, max_new_tokens, temperature, seed, confidence_threshold,
+                  prompt_bucket):
         calls.append(("spec", seed, len(ids)))
         out = []
         for p in ids:
@@ -319,7 +330,7 @@ def test_runner_with_synthetic_rounds(tmp_path):
 
     target = types.SimpleNamespace(
         source="/m/fake-target", tokenizer=None,
-        generate=lambda ids, max_new_tokens, temperature, seed: (
+        generate=lambda ids, max_new_tokens, temperature, seed, prompt_bucket: (
             calls.append(("ar", seed, len(ids))) or [[7] * 5 for _ in ids]))
     draft = types.SimpleNamespace(kind="dspark", source="/d/fake-draft", config=types.SimpleNamespace(
         block_size=4, enable_confidence_head=True))

@@ -281,7 +281,7 @@ def test_compiles_once_per_bucket(tmp_path, store, target):
     res = _build(store, target, tmp_path / "b", batch_size=3)
     # sorted lengths 1 3 5 | 9 12 17 | 22 32 -> padded to 8, 24 (17 <= 24), 32
     assert res.padded_lengths == (8, 24, 32)
-    fn = bf._features_fn()
+    fn = bf._features
     before = fn._cache_size()
     res = _build(store, target, tmp_path / "c", batch_size=4)  # a new batch shape
     # 1 3 5 9 | 12 17 22 32 -> 12, 32: two batches, two compilations, then none

@@ -50,8 +50,11 @@ def test_hf_and_jax_dir_load_identically(src, tmp_path):
     raw = read_config(src)
     for d in (a, b):
         assert isinstance(d, Draft)
-        assert d.architecture == raw["architectures"][0] == d.arch.architecture
-        assert d.kind == ("eagle3" if "Eagle3" in raw["architectures"][0] else "dspark")
+        assert d.family.architecture == raw["architectures"][0]
+        heads = raw.get("markov_rank", 0) > 0 or raw.get("enable_confidence_head", False)
+        assert d.kind == ("eagle3" if "Eagle3" in raw["architectures"][0]
+                          else "dspark" if heads else "dflash")
+        assert d.kind in d.family.kinds
         assert d.dtype == "float32"
         _assert_config_matches_raw(d.config, raw)
         assert d.raw_config == raw

@@ -26,7 +26,7 @@ from conftest import fixture_sets, load_manifest
 from deepspec_jax import load_draft, load_target
 from deepspec_jax.config import target_config_from_dict
 from deepspec_jax.drafts import Draft
-from deepspec_jax.drafts.registry import arch_for
+from deepspec_jax.drafts.registry import family_for
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.models.transformer import CausalLM
 from deepspec_jax.sharding import make_mesh
@@ -125,18 +125,18 @@ def test_incompatible_draft_errors():
     target = _target(fs)
     draft = load_draft(os.path.join(fs, "dspark_vanilla"))
     cfg = draft.config
-    bad_vocab = Draft(_replace_layer(cfg, vocab_size=cfg.vocab_size + 1), draft.arch,
+    bad_vocab = Draft(_replace_layer(cfg, vocab_size=cfg.vocab_size + 1), draft.family,
                       draft.graphdef, draft.state, draft.mesh, draft.spec)
     with pytest.raises(ConfigError, match="vocab_size"):
         speculative_generate(target, bad_vocab, [[1, 2, 3]], max_new_tokens=4)
-    bad_hidden = Draft(_replace_layer(cfg, hidden_size=cfg.hidden_size * 2), draft.arch,
+    bad_hidden = Draft(_replace_layer(cfg, hidden_size=cfg.hidden_size * 2), draft.family,
                        draft.graphdef, draft.state, draft.mesh, draft.spec)
     with pytest.raises(ConfigError, match="hidden_size"):
         speculative_generate(target, bad_hidden, [[1, 2, 3]], max_new_tokens=4)
     import dataclasses
 
     n = target.config.num_hidden_layers
-    bad_ids = Draft(dataclasses.replace(cfg, target_layer_ids=(0, n + 3)), draft.arch,
+    bad_ids = Draft(dataclasses.replace(cfg, target_layer_ids=(0, n + 3)), draft.family,
                     draft.graphdef, draft.state, draft.mesh, draft.spec)
     with pytest.raises(ConfigError, match="target_layer_ids"):
         speculative_generate(target, bad_ids, [[1, 2, 3]], max_new_tokens=4)
@@ -180,13 +180,13 @@ def _tiny_pair(kind: str, vocab: int = VOCAB, target_scale: float = 40.0,
     else:
         draw = dict(raw, num_hidden_layers=1, num_target_layers=6, target_layer_ids=[0, 1, 2, 3, 4],
                     ttt_length=3, architectures=["Qwen3Eagle3Model"])
-    arch = arch_for(draw, "tiny draft")
-    dcfg = arch.config_from_dict(draw, "tiny draft")
-    dmodel = arch.build(dcfg, rngs=nnx.Rngs(1))
+    family = family_for(draw, "tiny draft")
+    dcfg = family.config_from_dict(draw, "tiny draft")
+    dmodel = family.build(dcfg, rngs=nnx.Rngs(1))
     dmodel.embed.set_value(model.embed.get_value())
     dmodel.lm_head.set_value(model.lm_head.get_value() * draft_scale)
     dgraph, dstate = nnx.split(dmodel)
-    return target, Draft(dcfg, arch, dgraph, dstate, target.mesh, None)
+    return target, Draft(dcfg, family, dgraph, dstate, target.mesh, None)
 
 
 PROMPT = [3, 7, 1, 12, 5]

@@ -61,7 +61,7 @@ def test_tree_greedy_matches_target(name, tree):
     ref = target.generate(prompts, max_new_tokens=MAX_NEW)
     res = speculative_generate(target, draft, prompts, max_new_tokens=MAX_NEW, tree=tree)
     assert [r.tokens for r in res] == ref
-    width = draft.config.block_size if draft.kind == "dspark" else draft.config.ttt_length
+    width = draft.family.width(draft.config)
     _check_rounds(res, tree[1], width)
     if name.endswith("distilled"):
         assert any(a > 1 for r in res for a in r.accepted_lengths)
@@ -88,7 +88,7 @@ def test_tree_topk1_is_the_chain(name):
     fs = _fixture()
     target = _target(fs)
     draft = load_draft(os.path.join(fs, name))
-    width = draft.config.block_size if draft.kind == "dspark" else draft.config.ttt_length
+    width = draft.family.width(draft.config)
     prompts = _prompts(target.config.vocab_size, LENGTHS, seed=5)
     chain = speculative_generate(target, draft, prompts, max_new_tokens=MAX_NEW)
     tree = speculative_generate(target, draft, prompts, max_new_tokens=MAX_NEW, tree=(1, width))

@@ -16,7 +16,7 @@ def _fake_engine(calls):
     """Chain: rounds (accepted drafts, proposed) = (1,4),(0,4); tree: (2,3),(3,3) with 7 and
     9 nodes; every call returns one result per prompt."""
     def spec(target, draft, ids, max_new_tokens, temperature, seed, confidence_threshold,
-             tree=None):
+             prompt_bucket, tree=None):
         calls.append(("tree" if tree else "spec", seed, tree))
         out = []
         for _ in ids:
@@ -41,7 +41,7 @@ def test_runner_tree_block_and_table(tmp_path):
     calls = []
     target = types.SimpleNamespace(
         source="/m/fake-target", tokenizer=None,
-        generate=lambda ids, max_new_tokens, temperature, seed: [[5] * 4 for _ in ids])
+        generate=lambda ids, max_new_tokens, temperature, seed, prompt_bucket: [[5] * 4 for _ in ids])
     draft = types.SimpleNamespace(kind="eagle3", source="/d/fake-draft",
                                   config=types.SimpleNamespace(ttt_length=4))
     settings = runner.Settings(max_new_tokens=32, seed=3, output_dir=str(tmp_path / "out"),

@@ -19,7 +19,6 @@ Pass negative layer ids with ``=`` (``--layer_ids=-1,1,9``). Exit codes: 0 succe
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import os
@@ -27,13 +26,23 @@ import shutil
 import sys
 from typing import Sequence
 
+import gguf
+import jax
 import numpy as np
+from absl import flags
+from flax import nnx
+from tqdm.auto import tqdm
 
+from deepspec_jax import cli
+from deepspec_jax.config import load_config_json, target_config_from_dict
 from deepspec_jax.data.feature_cache import (DTYPES, COMPRESSIONS, FeatureCacheWriter, SizeEstimate,
                                              estimate_bytes, format_bytes, target_name,
                                              token_store_fingerprint)
 from deepspec_jax.data.jsonl import DataError
-from deepspec_jax.errors import DeepSpecError
+from deepspec_jax.data.token_store import TokenStore
+from deepspec_jax.errors import ConfigError, DeepSpecError
+from deepspec_jax.sharding import batch_sharding
+from deepspec_jax.target import DEFAULT_TARGET, load_target, smollm2_gguf_path
 
 
 # ---------------------------------------------------------------------------
@@ -79,17 +88,11 @@ def plan_batches(lengths: np.ndarray, todo: np.ndarray, batch_size: int,
 # the target forward (features only; XLA drops the unused logits)
 # ---------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _features_fn():
-    import jax
-    from flax import nnx
-
-    @functools.partial(jax.jit, static_argnums=(0, 3, 4))
-    def features(graphdef, state, input_ids, layer_ids, out_dtype):
-        out = nnx.merge(graphdef, state)(input_ids, layer_ids)
-        return out.features.astype(out_dtype), out.last_hidden.astype(out_dtype)
-
-    return features
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _features(graphdef, state, input_ids, layer_ids, out_dtype):
+    """Features and last hidden state of one padded batch, in the stored dtype."""
+    out = nnx.merge(graphdef, state)(input_ids, layer_ids)
+    return out.features.astype(out_dtype), out.last_hidden.astype(out_dtype)
 
 
 @dataclasses.dataclass
@@ -124,11 +127,6 @@ def build_feature_cache(store, target, layer_ids: Sequence[int], output: str, *,
     """Write (or resume) the feature cache of ``store`` (a ``TokenStore``) for ``target``
     (a loaded ``Target``). ``name``: the target name recorded (default: derived from
     ``target.source``). ``max_batches``: stop after that many batches (resume later)."""
-    import jax
-    from tqdm.auto import tqdm
-
-    from deepspec_jax.sharding import batch_sharding
-
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}.")
     if compression not in COMPRESSIONS:
@@ -185,7 +183,7 @@ def build_feature_cache(store, target, layer_ids: Sequence[int], output: str, *,
     batches = plan_batches(store_lengths, todo, batch_size, length_buckets(max_length, smallest_bucket))
     if max_batches:
         batches = batches[:max_batches]
-    fn = _features_fn()
+    fn = _features
     out_dtype = DTYPES[dtype]
     sharding = None
     written_now, seen = 0, set()
@@ -230,30 +228,14 @@ def build_feature_cache(store, target, layer_ids: Sequence[int], output: str, *,
 # CLI
 # ---------------------------------------------------------------------------
 
-def _parse_layer_ids(s: str) -> tuple[int, ...]:
-    try:
-        ids = tuple(int(x) for x in s.split(",") if x.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layer_ids must be comma-separated ints, got {s!r}") from None
-    if not ids:
-        raise argparse.ArgumentTypeError("--layer_ids is empty")
-    return ids
-
-
 def _target_dims(target: str) -> tuple[int, int]:
     """(hidden_size, num_hidden_layers) of a target without loading its weights."""
-    from deepspec_jax.config import load_config_json, target_config_from_dict
-    from deepspec_jax.errors import ConfigError
-    from deepspec_jax.target import DEFAULT_TARGET, smollm2_gguf_path
-
     path = smollm2_gguf_path() if target in (None, DEFAULT_TARGET) else target
     if os.path.isdir(path):
         cfg_path = os.path.join(path, "config.json")
         cfg = target_config_from_dict(load_config_json(cfg_path), cfg_path)
         return cfg.hidden_size, cfg.num_hidden_layers
     if path.endswith(".gguf") and os.path.exists(path):
-        import gguf
-
         fields = gguf.GGUFReader(path).fields
         return (int(fields["llama.embedding_length"].contents()),
                 int(fields["llama.block_count"].contents()))
@@ -261,86 +243,87 @@ def _target_dims(target: str) -> tuple[int, int]:
                       f"{DEFAULT_TARGET!r}; for --estimate_only you may pass --hidden_size instead.")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m deepspec_jax.data.build_features",
-                                description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", help="Token store directory (from the tokeniser).")
-    p.add_argument("--target", default="smollm2-135m",
-                   help="Target: HF dir, .gguf file or 'smollm2-135m'.")
-    p.add_argument("--target_dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="Dtype the target computes in (bfloat16 on accelerators).")
-    p.add_argument("--layer_ids", type=_parse_layer_ids, required=True,
-                   help="Target layers whose outputs are the features, e.g. 1,9,17 (-1 = embeddings; "
-                        "write --layer_ids=-1,... with '=').")
-    p.add_argument("--output", help="Cache directory (created, or resumed if it exists).")
-    p.add_argument("--batch_size", type=int, default=8, help="Samples per target forward.")
-    p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="Stored dtype.")
-    p.add_argument("--compression", default="zstd", choices=COMPRESSIONS, help="Chunk codec.")
-    p.add_argument("--smallest_bucket", type=int, default=64, help="Smallest padded length.")
-    p.add_argument("--max_batches", type=int, default=0,
-                   help="Stop after this many batches (0 = all); rerun to resume.")
-    p.add_argument("--repair", action="store_true",
-                   help="Re-read every written sample and recompute unreadable ones.")
-    p.add_argument("--estimate_only", action="store_true",
-                   help="Print the bytes the cache will need and exit.")
-    p.add_argument("--num_samples", type=int, help="--estimate_only without --tokens.")
-    p.add_argument("--total_tokens", type=int, help="--estimate_only without --tokens.")
-    p.add_argument("--max_length", type=int, help="--estimate_only without --tokens.")
-    p.add_argument("--hidden_size", type=int, help="--estimate_only without a readable --target.")
-    p.add_argument("--no_progress", action="store_true", help="No progress bar.")
-    return p
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("tokens", None, "Token store directory (from the tokeniser).", flag_values=FLAGS)
+flags.DEFINE_string("target", DEFAULT_TARGET, "Target: HF dir, .gguf file or 'smollm2-135m'.",
+                    flag_values=FLAGS)
+flags.DEFINE_enum("target_dtype", "float32", ["float32", "bfloat16"],
+                  "Dtype the target computes in (bfloat16 on accelerators).", flag_values=FLAGS)
+flags.DEFINE_list("layer_ids", None, "Target layers whose outputs are the features, e.g. 1,9,17 "
+                  "(-1 = embeddings; write --layer_ids=-1,... with '=').", flag_values=FLAGS,
+                  required=True)
+flags.DEFINE_string("output", None, "Cache directory (created, or resumed if it exists).",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 8, "Samples per target forward.", flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "bfloat16", sorted(DTYPES), "Stored dtype.", flag_values=FLAGS)
+flags.DEFINE_enum("compression", "zstd", list(COMPRESSIONS), "Chunk codec.", flag_values=FLAGS)
+flags.DEFINE_integer("smallest_bucket", 64, "Smallest padded length.", flag_values=FLAGS)
+flags.DEFINE_integer("max_batches", 0, "Stop after this many batches (0 = all); rerun to resume.",
+                     flag_values=FLAGS)
+flags.DEFINE_boolean("repair", False, "Re-read every written sample and recompute unreadable "
+                     "ones.", flag_values=FLAGS)
+flags.DEFINE_boolean("estimate_only", False, "Print the bytes the cache will need and exit.",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("num_samples", None, "--estimate_only without --tokens.", flag_values=FLAGS)
+flags.DEFINE_integer("total_tokens", None, "--estimate_only without --tokens.", flag_values=FLAGS)
+flags.DEFINE_integer("max_length", None, "--estimate_only without --tokens.", flag_values=FLAGS)
+flags.DEFINE_integer("hidden_size", None, "--estimate_only without a readable --target.",
+                     flag_values=FLAGS)
+flags.DEFINE_boolean("no_progress", False, "No progress bar.", flag_values=FLAGS)
 
 
-def _open_store(path: str):
-    from deepspec_jax.data.token_store import TokenStore
-
-    return TokenStore(path)
+def _layer_ids() -> tuple[int, ...]:
+    try:
+        ids = tuple(int(x) for x in FLAGS.layer_ids if x.strip())
+    except ValueError:
+        cli.usage_error(f"--layer_ids must be comma-separated ints, got {FLAGS.layer_ids!r}")
+    if not ids:
+        cli.usage_error("--layer_ids is empty")
+    return ids
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    a = cli.parse(FLAGS, argv, __doc__)
+    layer_ids = _layer_ids()
     try:
-        if args.estimate_only:
-            if args.tokens:
-                store = _open_store(args.tokens)
+        if a.estimate_only:
+            if a.tokens:
+                store = TokenStore(a.tokens)
                 lengths = np.asarray(store.lengths, np.int64)
                 n, tokens = len(store), lengths
-                max_length = args.max_length or int(store.manifest.get("max_length") or lengths.max())
-            elif None in (args.num_samples, args.total_tokens, args.max_length):
-                parser.error("--estimate_only needs --tokens, or all of --num_samples, "
-                             "--total_tokens and --max_length.")
+                max_length = a.max_length or int(store.manifest.get("max_length") or lengths.max())
+            elif None in (a.num_samples, a.total_tokens, a.max_length):
+                cli.usage_error("--estimate_only needs --tokens, or all of --num_samples, "
+                                "--total_tokens and --max_length.")
             else:
-                n, tokens, max_length = args.num_samples, args.total_tokens, args.max_length
-            if args.hidden_size:
-                hidden = args.hidden_size
+                n, tokens, max_length = a.num_samples, a.total_tokens, a.max_length
+            if a.hidden_size:
+                hidden = a.hidden_size
             else:
-                hidden, num_layers = _target_dims(args.target)
-                bad = [i for i in args.layer_ids if not -1 <= i < num_layers]
+                hidden, num_layers = _target_dims(a.target)
+                bad = [i for i in layer_ids if not -1 <= i < num_layers]
                 if bad:
-                    parser.error(f"--layer_ids {bad} out of range for a target with {num_layers} "
-                                 f"layers (use -1..{num_layers - 1}).")
-            est = estimate_bytes(n, tokens, max_length, len(args.layer_ids), hidden,
-                                 args.dtype, args.compression)
+                    cli.usage_error(f"--layer_ids {bad} out of range for a target with "
+                                    f"{num_layers} layers (use -1..{num_layers - 1}).")
+            est = estimate_bytes(n, tokens, max_length, len(layer_ids), hidden, a.dtype,
+                                 a.compression)
             print(est.describe())
             return 0
-        if not args.tokens or not args.output:
-            parser.error("--tokens and --output are required (or use --estimate_only).")
-        from deepspec_jax.target import load_target
-
-        store = _open_store(args.tokens)
-        target = load_target(args.target, dtype=args.target_dtype)
+        if not a.tokens or not a.output:
+            cli.usage_error("--tokens and --output are required (or use --estimate_only).")
+        store = TokenStore(a.tokens)
+        target = load_target(a.target, dtype=a.target_dtype)
         try:
-            target.validate_layer_ids(args.layer_ids)
+            target.validate_layer_ids(layer_ids)
         except ValueError as e:
-            parser.error(str(e))
-        res = build_feature_cache(store, target, args.layer_ids, args.output,
-                                  name=target_name(args.target), batch_size=args.batch_size,
-                                  dtype=args.dtype, compression=args.compression,
-                                  smallest_bucket=args.smallest_bucket,
-                                  max_batches=args.max_batches or None, repair=args.repair,
-                                  progress=not args.no_progress)
-        return 0 if res.complete or args.max_batches else 1
+            cli.usage_error(str(e))
+        res = build_feature_cache(store, target, layer_ids, a.output,
+                                  name=target_name(a.target), batch_size=a.batch_size,
+                                  dtype=a.dtype, compression=a.compression,
+                                  smallest_bucket=a.smallest_bucket,
+                                  max_batches=a.max_batches or None, repair=a.repair,
+                                  progress=not a.no_progress)
+        return 0 if res.complete or a.max_batches else 1
     except (DeepSpecError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

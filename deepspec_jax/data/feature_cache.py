@@ -30,15 +30,16 @@ import math
 import os
 from typing import Any, Sequence
 
-import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
 from deepspec_jax.data.jsonl import DataError
+from deepspec_jax.dtypes import DTYPES as _ALL_DTYPES, dtype_name
+from deepspec_jax.target import DEFAULT_TARGET, smollm2_gguf_path
 
 FORMAT = "deepspec_jax.feature_cache"
 FORMAT_VERSION = 1
-DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
+DTYPES = {n: _ALL_DTYPES[n] for n in ("bfloat16", "float32")}   # the dtypes a cache stores
 COMPRESSIONS = ("zstd", "blosc", "none")
 ARRAYS = ("features", "target_last_hidden")
 MARK_CHUNK = 16384          # samples per chunk of the small `lengths` / `written` arrays
@@ -156,8 +157,6 @@ def token_store_fingerprint(store) -> str:
 def target_name(target: str | None) -> str:
     """The name a cache records for its target: the embedded default's name, else the
     checkpoint's directory/file name (paths differ between machines, names do not)."""
-    from deepspec_jax.target import DEFAULT_TARGET, smollm2_gguf_path
-
     if target is None or target == DEFAULT_TARGET:
         return DEFAULT_TARGET
     s = os.fspath(target)
@@ -167,13 +166,6 @@ def target_name(target: str | None) -> str:
     except FileNotFoundError:
         pass
     return os.path.basename(os.path.normpath(s))
-
-
-def dtype_name(dtype: Any) -> str:
-    try:
-        return np.dtype(dtype).name
-    except TypeError:
-        return str(dtype)
 
 
 # ---------------------------------------------------------------------------

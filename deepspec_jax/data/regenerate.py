@@ -18,34 +18,47 @@ import os
 import sys
 import urllib.request
 import zlib
+from typing import Sequence
 
-from absl import app, flags
+from absl import flags
 from tqdm import tqdm
 
+from deepspec_jax import cli
 from deepspec_jax.data.jsonl import append_jsonl, read_conversations
+from deepspec_jax.target import DEFAULT_TARGET, load_target
 
-FLAGS = flags.FLAGS
-flags.DEFINE_list("prompts", None, "Prompt JSONL files ({'conversations': [...]} per line).")
-flags.DEFINE_string("output", None, "Output JSONL (appended; resumable).")
-flags.DEFINE_string("errors", None, "Errors JSONL (default: <output>.errors.jsonl).")
-flags.DEFINE_string("target", "smollm2-135m", "Target: HF dir, .gguf file or 'smollm2-135m'.")
-flags.DEFINE_string("dtype", "float32", "Target compute dtype.")
-flags.DEFINE_integer("batch_size", 16, "Prompts generated together.")
-flags.DEFINE_integer("max_new_tokens", 512, "Answer length limit (tokens).")
-flags.DEFINE_integer("max_prompt_tokens", 1024, "Longer prompts are written to the errors file.")
+FLAGS = flags.FlagValues()
+flags.DEFINE_list("prompts", None, "Prompt JSONL files ({'conversations': [...]} per line).",
+                  flag_values=FLAGS, required=True)
+flags.DEFINE_string("output", None, "Output JSONL (appended; resumable).",
+                    flag_values=FLAGS, required=True)
+flags.DEFINE_string("errors", None, "Errors JSONL (default: <output>.errors.jsonl).",
+                    flag_values=FLAGS)
+flags.DEFINE_string("target", DEFAULT_TARGET, "Target: HF dir, .gguf file or 'smollm2-135m'.",
+                    flag_values=FLAGS)
+flags.DEFINE_string("dtype", "float32", "Target compute dtype.", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 16, "Prompts generated together.", flag_values=FLAGS)
+flags.DEFINE_integer("max_new_tokens", 512, "Answer length limit (tokens).", flag_values=FLAGS)
+flags.DEFINE_integer("max_prompt_tokens", 1024, "Longer prompts are written to the errors file.",
+                     flag_values=FLAGS)
 flags.DEFINE_float("temperature", 0.0, "Sampling temperature; use the target's recommended value "
-                   "(SmolLM2: 0.2, Qwen3 thinking: 0.6, non-thinking: 0.7).")
-flags.DEFINE_float("top_p", 1.0, "Nucleus sampling (SmolLM2: 0.9, Qwen3: 0.95 / 0.8).")
-flags.DEFINE_integer("top_k", 0, "Top-k sampling, 0 = off (Qwen3: 20).")
-flags.DEFINE_boolean("thinking", False, "Pass enable_thinking to the chat template.")
-flags.DEFINE_integer("max_samples", 0, "Stop after this many prompts per file (0 = all).")
-flags.DEFINE_integer("seed", 0, "Sampling seed (each batch derives its own).")
-flags.DEFINE_enum("on_error", "skip", ["skip", "raise"], "Malformed prompt lines: report and skip, or stop.")
+                   "(SmolLM2: 0.2, Qwen3 thinking: 0.6, non-thinking: 0.7).", flag_values=FLAGS)
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling (SmolLM2: 0.9, Qwen3: 0.95 / 0.8).",
+                   flag_values=FLAGS)
+flags.DEFINE_integer("top_k", 0, "Top-k sampling, 0 = off (Qwen3: 20).", flag_values=FLAGS)
+flags.DEFINE_boolean("thinking", False, "Pass enable_thinking to the chat template.",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("max_samples", 0, "Stop after this many prompts per file (0 = all).",
+                     flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "Sampling seed (each batch derives its own).", flag_values=FLAGS)
+flags.DEFINE_enum("on_error", "skip", ["skip", "raise"], "Malformed prompt lines: report and skip, or stop.",
+                  flag_values=FLAGS)
 flags.DEFINE_string("endpoint", None, "OpenAI-compatible base URL (e.g. http://host:8000/v1); "
-                    "if set, the JAX target is not loaded.")
-flags.DEFINE_string("model_name", None, "Model name sent to --endpoint.")
-flags.DEFINE_string("api_key_env", "OPENAI_API_KEY", "Environment variable holding the endpoint key.")
-flags.DEFINE_integer("concurrency", 8, "Parallel requests to --endpoint.")
+                    "if set, the JAX target is not loaded.", flag_values=FLAGS)
+flags.DEFINE_string("model_name", None, "Model name sent to --endpoint.", flag_values=FLAGS)
+flags.DEFINE_string("api_key_env", "OPENAI_API_KEY", "Environment variable holding the endpoint key.",
+                    flag_values=FLAGS)
+flags.DEFINE_integer("concurrency", 8, "Parallel requests to --endpoint.", flag_values=FLAGS)
 
 
 def prompt_messages(conv: list[dict]) -> list[dict]:
@@ -153,10 +166,8 @@ class EndpointGenerator:
             return list(ex.map(lambda a: self.one(a[1][1], seed + a[0]), enumerate(batch)))
 
 
-def main(argv):
-    del argv
-    if not FLAGS.prompts or not FLAGS.output:
-        sys.exit("regenerate: pass --prompts=FILE[,FILE...] and --output=FILE.")
+def main(argv: Sequence[str] | None = None) -> int:
+    cli.parse(FLAGS, argv, __doc__)
     errors = FLAGS.errors or FLAGS.output + ".errors.jsonl"
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
     skip = done_ids(FLAGS.output, errors)
@@ -164,11 +175,10 @@ def main(argv):
     items = list(pending_items(FLAGS.prompts, skip, FLAGS.max_samples, FLAGS.on_error, report))
     print(f"regenerate: {len(skip)} already done, {len(items)} to go -> {FLAGS.output}", flush=True)
     if not items:
-        return
+        return 0
     if FLAGS.endpoint:
         gen = EndpointGenerator(FLAGS.endpoint, FLAGS.model_name, os.environ.get(FLAGS.api_key_env))
     else:
-        from deepspec_jax.target import load_target
         gen = JaxGenerator(load_target(FLAGS.target, dtype=FLAGS.dtype))
     bs = FLAGS.batch_size
     with open(FLAGS.output, "a", encoding="utf-8") as out, open(errors, "a", encoding="utf-8") as err, \
@@ -191,7 +201,8 @@ def main(argv):
                                    "finish_reason": finish, "num_tokens": n})
             bar.update(len(batch))
             bar.set_postfix(tokens=ntok)
+    return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    sys.exit(main())

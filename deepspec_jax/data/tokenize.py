@@ -26,12 +26,39 @@ import bisect
 import json
 import os
 import sys
+from typing import Sequence
 
 import numpy as np
+from absl import flags
+from tqdm import tqdm
 
+from deepspec_jax import cli
 from deepspec_jax.data.chat_templates import ChatTemplate, resolve_template
 from deepspec_jax.data.jsonl import DataError, read_conversations
+from deepspec_jax.data.token_store import TokenStoreWriter
 from deepspec_jax.errors import ConfigError
+from deepspec_jax.target import DEFAULT_TARGET, smollm2_gguf_path
+from deepspec_jax.weights.gguf_loader import gguf_tokenizer
+
+FLAGS = flags.FlagValues()
+flags.DEFINE_list("input", None, "Answer JSONL files ({'conversations': [...]} per line).",
+                  flag_values=FLAGS, required=True)
+flags.DEFINE_string("output", None, "Token store directory (written atomically).",
+                    flag_values=FLAGS, required=True)
+flags.DEFINE_string("target", DEFAULT_TARGET, "Tokenizer source: 'smollm2-135m', a .gguf file "
+                    "or an HF model directory (weights are not loaded).", flag_values=FLAGS)
+flags.DEFINE_integer("max_length", 2048, "Samples are truncated to this many tokens.",
+                     flag_values=FLAGS)
+flags.DEFINE_string("chat_template", "", "Empty: the tokenizer's own; or one of chatml, smollm2, "
+                    "qwen3, gemma, gemma4, llama3; or a .jinja file.", flag_values=FLAGS)
+flags.DEFINE_boolean("thinking", False, "Pass enable_thinking=True to the chat template.",
+                     flag_values=FLAGS)
+flags.DEFINE_enum("on_error", "skip", ["skip", "raise"], "Malformed lines / unrenderable "
+                  "samples: report with file:line and skip, or stop.", flag_values=FLAGS)
+flags.DEFINE_integer("min_loss_tokens", 1, "Drop samples with fewer supervised tokens.",
+                     flag_values=FLAGS)
+flags.DEFINE_boolean("overwrite", False, "Replace an existing token store at --output.",
+                     flag_values=FLAGS)
 
 _THOUGHT_ENDS = ("</think>", "<channel|>")
 
@@ -185,15 +212,11 @@ def tokenize_conversation(tokenizer, conversation: list[dict], *, max_length: in
 def load_tokenizer(target: str | None):
     """The target's tokenizer without loading its weights: ``smollm2-135m``/None (the
     embedded GGUF), a ``.gguf`` file, or an HF directory with tokenizer files."""
-    if target is None or target == "smollm2-135m":
-        from deepspec_jax.target import smollm2_gguf_path
-
+    if target is None or target == DEFAULT_TARGET:
         target = smollm2_gguf_path()
     if target.endswith(".gguf"):
         if not os.path.exists(target):
             raise DataError(f"{target}: GGUF file not found (--target).")
-        from deepspec_jax.weights.gguf_loader import gguf_tokenizer
-
         return gguf_tokenizer(target)
     if os.path.isdir(target):
         names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -230,10 +253,6 @@ def tokenize_files(inputs: list[str], output: str, tokenizer, *, max_length: int
     Records cut at the generation limit (``finish_reason == "length"``) keep their last
     end-of-turn token unsupervised; samples with fewer than ``min_loss_tokens``
     supervised tokens after truncation are dropped and counted."""
-    from tqdm import tqdm
-
-    from deepspec_jax.data.token_store import TokenStoreWriter
-
     report = report or (lambda msg: tqdm.write(msg, file=sys.stderr))
     chat = ChatTokenizer(tokenizer, chat_template, thinking)
     counts = {"samples": 0, "dropped_no_loss": 0, "skipped_errors": 0}
@@ -271,13 +290,8 @@ def tokenize_files(inputs: list[str], output: str, tokenizer, *, max_length: int
     return counts
 
 
-def main(argv):
-    from absl import flags
-
-    del argv
-    F = flags.FLAGS
-    if not F.input or not F.output:
-        sys.exit("tokenize: pass --input=FILE[,FILE...] and --output=DIR.")
+def main(argv: Sequence[str] | None = None) -> int:
+    F = cli.parse(FLAGS, argv, __doc__)
     try:
         tok = load_tokenizer(F.target)
         counts = tokenize_files(F.input, F.output, tok, max_length=F.max_length,
@@ -285,32 +299,14 @@ def main(argv):
                                 on_error=F.on_error, min_loss_tokens=F.min_loss_tokens,
                                 target_name=F.target, overwrite=F.overwrite)
     except ConfigError as e:  # DataError included: a clear one-line message, no traceback
-        sys.exit(f"tokenize: {e}")
+        print(f"error: tokenize: {e}", file=sys.stderr)
+        return 1
     print(f"tokenize: wrote {counts['samples']} samples ({counts['num_tokens']} tokens, "
           f"{counts['num_supervised']} supervised) to {F.output}; dropped {counts['dropped_no_loss']} "
           f"with < {max(1, F.min_loss_tokens)} supervised tokens, skipped {counts['skipped_errors']} "
           "malformed.", flush=True)
-
-
-def _define_flags():
-    from absl import flags
-
-    flags.DEFINE_list("input", None, "Answer JSONL files ({'conversations': [...]} per line).")
-    flags.DEFINE_string("output", None, "Token store directory (written atomically).")
-    flags.DEFINE_string("target", "smollm2-135m", "Tokenizer source: 'smollm2-135m', a .gguf file "
-                        "or an HF model directory (weights are not loaded).")
-    flags.DEFINE_integer("max_length", 2048, "Samples are truncated to this many tokens.")
-    flags.DEFINE_string("chat_template", "", "Empty: the tokenizer's own; or one of chatml, smollm2, "
-                        "qwen3, gemma, gemma4, llama3; or a .jinja file.")
-    flags.DEFINE_boolean("thinking", False, "Pass enable_thinking=True to the chat template.")
-    flags.DEFINE_enum("on_error", "skip", ["skip", "raise"],
-                      "Malformed lines / unrenderable samples: report with file:line and skip, or stop.")
-    flags.DEFINE_integer("min_loss_tokens", 1, "Drop samples with fewer supervised tokens.")
-    flags.DEFINE_boolean("overwrite", False, "Replace an existing token store at --output.")
+    return 0
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(main)
+    sys.exit(main())

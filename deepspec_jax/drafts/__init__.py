@@ -4,7 +4,8 @@
 DeepSpec's trainer writes it (config.json + safetensors) or a JAX dir written by
 ``convert.torch_to_jax`` / ``Draft.save`` -- and returns a ``Draft`` handle. The
 family is chosen from config.json's ``architectures`` through the registry, so this
-module never names a family.
+module never names a family. Kind, family and architecture are defined in
+``drafts.common``.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from typing import Any
 from flax import nnx
 from jax.sharding import Mesh
 
-from deepspec_jax.checkpoint import (Loaded, ModelSpec, dtype_name, is_jax_dir, load_hf_dir,
-                                     load_jax_dir, save_jax_dir)
+from deepspec_jax.checkpoint import (Loaded, ModelSpec, is_jax_dir, load_hf_dir, load_jax_dir,
+                                     read_config, save_jax_dir)
+from deepspec_jax.drafts.common import DraftFamily
+from deepspec_jax.drafts.registry import resolve_spec
+from deepspec_jax.dtypes import dtype_name
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.sharding import make_mesh
 
@@ -26,14 +30,15 @@ SHARED_WITH_TARGET = ("embed", "lm_head")
 
 @dataclasses.dataclass
 class Draft:
-    """A loaded draft: its config (the family's dataclass, reference field names), the
-    registry entry, and the NNX model split into (graphdef, state) for ``jit``.
+    """A loaded draft: its config (the family's dataclass, reference field names), its
+    family (``drafts.common.DraftFamily``), and the NNX model split into (graphdef,
+    state) for ``jit``.
 
     ``hf_dtypes`` remembers the dtype of every HF tensor of the source so that
     ``save`` -> ``convert.jax_to_hf`` reproduces the original release exactly."""
 
     config: Any
-    arch: Any                      # registry.DraftArch
+    family: DraftFamily
     graphdef: Any
     state: nnx.State
     mesh: Mesh
@@ -45,12 +50,8 @@ class Draft:
 
     @property
     def kind(self) -> str:
-        """Family: "dspark" (DFlash is DSpark without heads) or "eagle3"."""
-        return self.arch.kind
-
-    @property
-    def architecture(self) -> str:
-        return self.arch.architecture
+        """"dspark", "dflash" (a DSpark-architecture draft without heads) or "eagle3"."""
+        return self.family.kind_of(self.config)
 
     @property
     def raw_config(self) -> dict:
@@ -93,16 +94,17 @@ def load_draft(path: str, dtype=None, mesh: Mesh | None = None, target=None) -> 
                           "convert.torch_to_jax).")
     mesh = mesh if mesh is not None else make_mesh()
     if is_jax_dir(path):
-        loaded, _ = load_jax_dir(path, dtype, mesh, want_kind="draft",
+        loaded, _ = load_jax_dir(path, resolve_spec, dtype, mesh, want_role="draft",
                                  shared=None if target is None else target_shared_params(target))
     else:
-        loaded = load_hf_dir(path, dtype, mesh, want_kind="draft")
+        loaded = load_hf_dir(path, resolve_spec(*read_config(path)), dtype, mesh,
+                             want_role="draft")
     return _draft_from(loaded, mesh, path)
 
 
 def _draft_from(loaded: Loaded, mesh: Mesh, path: str) -> Draft:
     spec = loaded.spec
-    return Draft(spec.config, spec.draft_arch, loaded.graphdef, loaded.state, mesh, spec,
+    return Draft(spec.config, spec.family, loaded.graphdef, loaded.state, mesh, spec,
                  path, dtype_name(loaded.compute_dtype), loaded.hf_dtypes, loaded.hf_metadata)
 
 

@@ -25,13 +25,17 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from deepspec_jax.config import TargetConfig, load_config_json, target_config_from_dict
-from deepspec_jax.drafts.common import Frozen
-from deepspec_jax.drafts.registry import DraftArch, register
+from deepspec_jax.drafts.common import DraftFamily, Frozen, Proposal
+from deepspec_jax.dtypes import compute_dtype
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.layers import apply_rope, rms_norm, rope_inv_freq
 from deepspec_jax.models.transformer import DecoderStack, _param, layer_finish, layer_qkv
 from deepspec_jax.sampling import SamplingParams, sample_with_probs
+from deepspec_jax.sharding import make_mesh
+from deepspec_jax.tree.build import DraftTree, build_tree
+from deepspec_jax.weights.loader import stream_params
 from deepspec_jax.weights.name_map import TARGET_IGNORABLE, Rule, layer_rules
+from deepspec_jax.weights.safetensors_io import TensorSource
 
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
 ARCHITECTURE = "Qwen3DSparkModel"
@@ -239,14 +243,6 @@ class DraftCache(NamedTuple):
     lengths: jax.Array
 
 
-class Proposal(NamedTuple):
-    tokens: jax.Array             # [B, K] int32 draft tokens x_1..x_K
-    logits: jax.Array             # [B, K, V] fp32 Markov-corrected logits U_k + B_k
-    probs: jax.Array              # [B, K, V] the distributions the tokens were drawn from
-    token_probs: jax.Array        # [B, K] probs at the sampled tokens
-    confidence_logits: jax.Array  # [B, K] (zeros when there is no confidence head)
-
-
 class DSparkDraft(nnx.Module):
     """Parameters and forward passes of a DSpark/DFlash draft (see module docstring)."""
 
@@ -425,7 +421,8 @@ class DSparkDraft(nnx.Module):
 
     def propose(self, cache: DraftCache, current: jax.Array, key: jax.Array,
                 sp: SamplingParams = SamplingParams()) -> Proposal:
-        """Draft a block left to right with the Markov correction and confidences.
+        """Draft a block left to right with the Markov correction and confidences
+        (``Proposal.logits`` are the Markov-corrected ``U_k + B_k``).
 
         ``sp`` (static) is the target's sampling setting: each token is drawn from
         ``sampling.sample_with_probs`` (temperature, top-k, top-p: the same draft
@@ -478,8 +475,6 @@ class DSparkDraft(nnx.Module):
         shallower and lowered tau below the chain's, while the default prior (1)
         always keeps the chain of first draws.
         """
-        from deepspec_jax.tree.build import build_tree
-
         cfg = self.cfg
         hidden = self.propose_hidden(cache, current)                     # [B,K,d]
         base = self.logits(hidden)                                       # [B,K,V]
@@ -516,7 +511,7 @@ class DSparkDraft(nnx.Module):
 
 
 # ---------------------------------------------------------------------------
-# checkpoint names, loading, registration
+# checkpoint names and loading
 # ---------------------------------------------------------------------------
 
 def dspark_rules(cfg: DSparkConfig) -> list[Rule]:
@@ -545,9 +540,6 @@ def build_dspark(cfg: DSparkConfig, *, dtype=jnp.float32, param_dtype=jnp.float3
     return DSparkDraft(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
 def load_dspark_config(path: str) -> DSparkConfig:
     cfg_path = os.path.join(path, "config.json")
     raw = load_config_json(cfg_path)
@@ -564,15 +556,9 @@ def load_dspark_checkpoint(path: str, mesh: Mesh | None = None, dtype: str = "fl
 
     ``source`` (a TensorSource-like object) overrides the directory's tensors (tests).
     """
-    from deepspec_jax.sharding import make_mesh
-    from deepspec_jax.weights.loader import stream_params
-    from deepspec_jax.weights.safetensors_io import TensorSource
-
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
+    jdt = compute_dtype(dtype)
     cfg = load_dspark_config(path)
     mesh = mesh if mesh is not None else make_mesh()
-    jdt = _DTYPES[dtype]
     source = source if source is not None else TensorSource.from_dir(path)
     abstract = nnx.eval_shape(lambda: DSparkDraft(cfg, dtype=jdt, param_dtype=jdt, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -580,6 +566,42 @@ def load_dspark_checkpoint(path: str, mesh: Mesh | None = None, dtype: str = "fl
                          TARGET_IGNORABLE, "DSpark draft checkpoint")
 
 
-register(DraftArch(architecture=ARCHITECTURE, kind="dspark",
-                   config_from_dict=dspark_config_from_dict, build=build_dspark,
-                   rules=dspark_rules, num_layers=lambda cfg: cfg.num_layers))
+# ---------------------------------------------------------------------------
+# the family record: decode interface for the speculative-decoding loop
+# ---------------------------------------------------------------------------
+
+def dspark_kind(cfg: DSparkConfig) -> str:
+    """"dflash" for a draft without Markov and confidence heads, else "dspark"."""
+    return "dspark" if (cfg.markov_rank > 0 or cfg.enable_confidence_head) else "dflash"
+
+
+def decode_init(model: DSparkDraft, batch: int, cache_len: int, prompt, prompt_len, first,
+                feats) -> DraftCache:
+    """Draft cache after prefill: the prompt's target features are its context."""
+    return model.extend_context(model.init_cache(batch, cache_len), feats, prompt_len)
+
+
+def decode_propose(model: DSparkDraft, cache: DraftCache, current, key,
+                   sp: SamplingParams) -> tuple[Proposal, DraftCache]:
+    """A block from the current token; the cache is unchanged (proposing writes nothing)."""
+    return model.propose(cache, current, key, sp), cache
+
+
+def decode_commit(model: DSparkDraft, cache: DraftCache, feats, committed, num_new) -> DraftCache:
+    """Append the target features of [current, accepted drafts] (``committed`` unused:
+    the block's anchor is the next current token)."""
+    return model.extend_context(cache, feats, num_new)
+
+
+def decode_tree(model: DSparkDraft, cache: DraftCache, current, key, sp, topk: int,
+                num_nodes: int, threshold) -> DraftTree:
+    return model.tree_propose(cache, current, key, sp, topk, num_nodes, threshold)
+
+
+FAMILY = DraftFamily(
+    name="dspark", architecture=ARCHITECTURE, kinds=("dspark", "dflash"), kind_of=dspark_kind,
+    config_from_dict=dspark_config_from_dict, build=build_dspark, rules=dspark_rules,
+    num_layers=lambda cfg: cfg.num_layers, lowest_layer_id=-1,
+    width=lambda cfg: int(cfg.block_size),
+    has_confidence=lambda cfg: bool(cfg.enable_confidence_head),
+    init=decode_init, propose=decode_propose, commit=decode_commit, tree=decode_tree)

@@ -23,14 +23,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepspec_jax.config import TargetConfig, load_config_json, target_config_from_dict
-from deepspec_jax.drafts.common import Frozen
-from deepspec_jax.drafts.registry import DraftArch, register
+from deepspec_jax.drafts.common import DraftFamily, Frozen, Proposal
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.layers import apply_rope, masked_attention, rms_norm, rope_inv_freq, swiglu
 from deepspec_jax.layers.attention import segmented_attention
 from deepspec_jax.models.transformer import _param
 from deepspec_jax.sampling import SamplingParams, sample_with_probs
 from deepspec_jax.sharding import make_mesh
+from deepspec_jax.tree.build import DraftTree, build_tree
 from deepspec_jax.weights.loader import stream_params
 from deepspec_jax.weights.name_map import Rule, layer_rules
 from deepspec_jax.weights.safetensors_io import TensorSource
@@ -249,16 +249,6 @@ def load_eagle3(path: str, *, mesh=None, dtype=jnp.float32, source=None) -> Eagl
                          what="Eagle3 draft checkpoint")
 
 
-EAGLE3 = register(DraftArch(
-    architecture="Qwen3Eagle3Model",
-    kind="eagle3",
-    config_from_dict=eagle3_config_from_dict,
-    build=build_eagle3,
-    rules=eagle3_rules,
-    num_layers=lambda cfg: cfg.draft_num_hidden_layers,
-))
-
-
 # ---------------------------------------------------------------------------
 # decoding: draft KV cache, extend with committed tokens, propose
 # ---------------------------------------------------------------------------
@@ -324,12 +314,6 @@ def extend(model: Eagle3Draft, state: Eagle3State, tokens: jax.Array, features: 
     return Eagle3State(ck, cv, lengths, hidden)
 
 
-class Proposal(NamedTuple):
-    tokens: jax.Array  # [B, n] int32 draft tokens
-    probs: jax.Array   # [B, n] draft probability of each token (1.0 when greedy)
-    dists: jax.Array   # [B, n, V] float32 draft sampling distributions
-
-
 def propose(model: Eagle3Draft, state: Eagle3State, num_steps: int, key: jax.Array,
             sp: SamplingParams = SamplingParams()) -> tuple[Proposal, Eagle3State]:
     """Draft ``num_steps`` tokens autoregressively from the last committed position.
@@ -338,13 +322,16 @@ def propose(model: Eagle3Draft, state: Eagle3State, num_steps: int, key: jax.Arr
     previous output hidden at position lengths+j-1. That is num_steps-1 layer
     forwards (no forward after the last token). The returned state has the proposal
     keys written past ``lengths`` but the same ``lengths``: nothing is committed.
+    Eagle3 has no confidence head: ``confidence_logits`` are zeros.
     """
     keys = jax.random.split(key, num_steps)
 
     def draw(h, k):
-        return sample_with_probs(model.logits(h), k, sp)
+        logits = model.logits(h)
+        tok, dist = sample_with_probs(logits, k, sp)
+        return tok, logits, dist
 
-    tok, dist = draw(state.hidden, keys[0])
+    tok, logit, dist = draw(state.hidden, keys[0])
 
     def body(carry, xs):
         ck, cv, h, tok = carry
@@ -352,16 +339,17 @@ def propose(model: Eagle3Draft, state: Eagle3State, num_steps: int, key: jax.Arr
         st = Eagle3State(ck, cv, state.lengths, h)
         out, ck, cv = _cached_step(model, st, tok[:, None], h[:, None], state.lengths + j)
         h = out[:, 0]
-        nxt, dist = draw(h, k)
-        return (ck, cv, h, nxt), (nxt, dist)
+        nxt, logits, dist = draw(h, k)
+        return (ck, cv, h, nxt), (nxt, logits, dist)
 
     carry = (state.k, state.v, state.hidden, tok)
-    (ck, cv, _, _), (toks, dists) = jax.lax.scan(
+    (ck, cv, _, _), (toks, logits, dists) = jax.lax.scan(
         body, carry, (jnp.arange(num_steps - 1, dtype=jnp.int32), keys[1:]))
-    toks = jnp.concatenate([tok[:, None], jnp.moveaxis(toks, 0, 1)], axis=1)
-    dists = jnp.concatenate([dist[:, None], jnp.moveaxis(dists, 0, 1)], axis=1)
+    first = lambda x0, xs: jnp.concatenate([x0[:, None], jnp.moveaxis(xs, 0, 1)], axis=1)  # noqa: E731
+    toks, logits, dists = first(tok, toks), first(logit, logits), first(dist, dists)
     p = jnp.take_along_axis(dists, toks[..., None], axis=-1)[..., 0]
-    return Proposal(toks, p, dists), Eagle3State(ck, cv, state.lengths, state.hidden)
+    return (Proposal(toks, logits, dists, p, jnp.zeros(toks.shape, jnp.float32)),
+            Eagle3State(ck, cv, state.lengths, state.hidden))
 
 
 # ---------------------------------------------------------------------------
@@ -398,8 +386,6 @@ def tree_propose(model: Eagle3Draft, state: Eagle3State, key: jax.Array, sp: Sam
     runs its ``topk`` best nodes in one batched step (``tree_step``) at position
     ``lengths + depth - 1``, as the chain proposer runs its j-th token at
     ``lengths + j``. ``state`` is unchanged (scratch keys are local)."""
-    from deepspec_jax.tree.build import build_tree
-
     cfg = model.cfg
     D, k = int(cfg.ttt_length), int(topk)
     b = state.hidden.shape[0]
@@ -417,3 +403,45 @@ def tree_propose(model: Eagle3Draft, state: Eagle3State, key: jax.Array, sp: Sam
 
     return build_tree(model.logits(state.hidden), None, state.hidden, expand, scratch,
                       topk=k, num_nodes=num_nodes, max_depth=D, sp=sp, key=key)
+
+
+# ---------------------------------------------------------------------------
+# the family record: decode interface for the speculative-decoding loop
+# ---------------------------------------------------------------------------
+
+
+def decode_init(model: Eagle3Draft, batch: int, cache_len: int, prompt, prompt_len, first,
+                feats) -> Eagle3State:
+    """Draft state after prefill. The feature at position i pairs with token i+1: the
+    prompt shifted left by one, with the first generated token after each row's last
+    prompt token."""
+    st = init_state(model.cfg, batch, cache_len, model.dtype)
+    toks = jnp.roll(prompt, -1, axis=1).at[jnp.arange(batch), prompt_len - 1].set(first)
+    return extend(model, st, toks, feats, prompt_len)
+
+
+def decode_propose(model: Eagle3Draft, state: Eagle3State, current, key,
+                   sp: SamplingParams) -> tuple[Proposal, Eagle3State]:
+    """``ttt_length`` tokens from the last committed position (``current`` is implied by
+    the state: its hidden state was computed when it was committed)."""
+    return propose(model, state, int(model.cfg.ttt_length), key, sp)
+
+
+def decode_commit(model: Eagle3Draft, state: Eagle3State, feats, committed, num_new) -> Eagle3State:
+    """Target features of [current, accepted drafts] paired with the tokens that follow
+    them (``committed``: the accepted drafts, then the new current token)."""
+    return extend(model, state, committed, feats, num_new)
+
+
+def decode_tree(model: Eagle3Draft, state: Eagle3State, current, key, sp, topk: int,
+                num_nodes: int, threshold) -> DraftTree:
+    """``threshold`` is unused: Eagle3 has no confidence head."""
+    return tree_propose(model, state, key, sp, topk, num_nodes)
+
+
+FAMILY = DraftFamily(
+    name="eagle3", architecture="Qwen3Eagle3Model", kinds=("eagle3",),
+    kind_of=lambda cfg: "eagle3", config_from_dict=eagle3_config_from_dict, build=build_eagle3,
+    rules=eagle3_rules, num_layers=lambda cfg: cfg.draft_num_hidden_layers, lowest_layer_id=0,
+    width=lambda cfg: int(cfg.ttt_length), has_confidence=lambda cfg: False,
+    init=decode_init, propose=decode_propose, commit=decode_commit, tree=decode_tree)

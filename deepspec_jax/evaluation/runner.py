@@ -22,16 +22,18 @@ inside a timed call (a new prompt-length bucket) is measured through
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 import threading
 import time
 from typing import Callable, Sequence
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from deepspec_jax.evaluation import calibration, datasets, metrics, report
+from deepspec_jax.drafts.registry import family_for_kind
+from deepspec_jax.evaluation import calibration, datasets, metrics, plots, report
+from deepspec_jax.spec_decode import speculative_generate
 
 PROMPT_BUCKET = 64
 RESULTS_NAME = "results.json"
@@ -58,8 +60,6 @@ class CompileClock:
         with cls._lock:
             if cls._installed:
                 return
-            import jax
-
             def listener(event: str, duration_secs: float, **_):
                 if event in _COMPILE_EVENTS:
                     with cls._lock:
@@ -93,16 +93,11 @@ class Settings:
 
 def max_proposal_tokens(draft) -> int:
     """gamma: DSpark/DFlash propose ``block_size`` tokens per round, Eagle3 ``ttt_length``."""
-    cfg = draft.config
-    for field in ("block_size", "ttt_length"):
-        if getattr(cfg, field, None):
-            return int(getattr(cfg, field))
-    raise ValueError(f"{getattr(draft, 'source', 'draft')}: config has neither block_size "
-                     "nor ttt_length; cannot tell how many tokens it proposes per round.")
+    return family_for_kind(draft.kind, draft.source).width(draft.config)
 
 
 def has_confidence_head(draft) -> bool:
-    return bool(getattr(draft.config, "enable_confidence_head", False))
+    return family_for_kind(draft.kind, draft.source).has_confidence(draft.config)
 
 
 def encode_prompts(target, prompts: Sequence[datasets.Prompt], dataset: str) -> list[list[int]]:
@@ -140,32 +135,24 @@ def _batches(n: int, size: int) -> list[range]:
 
 
 class Decoders:
-    """The two decoders under test, each warmed up once per process before timing."""
+    """The decoders under test (speculative chain and tree, plain autoregressive), each
+    warmed up once per process before timing. ``spec_fn`` replaces
+    ``speculative_generate`` (tests use a synthetic engine with its signature)."""
 
-    def __init__(self, target, draft, settings: Settings, spec_fn: Callable | None = None):
-        if spec_fn is None:
-            from deepspec_jax import speculative_generate as spec_fn
+    def __init__(self, target, draft, settings: Settings,
+                 spec_fn: Callable = speculative_generate):
         self.target, self.draft, self.settings, self.spec_fn = target, draft, settings, spec_fn
         self._warm = {"spec": False, "ar": False, "tree": False}
         CompileClock.install()
 
-    prompt_bucket: int | None = None     # set per dataset by ``timed``
-
-    def _bucket_kw(self, fn) -> dict:
-        if self.prompt_bucket is None:
-            return {}
-        try:
-            params = inspect.signature(fn).parameters
-        except (TypeError, ValueError):
-            return {}
-        return {"prompt_bucket": self.prompt_bucket} if "prompt_bucket" in params else {}
+    prompt_bucket: int = PROMPT_BUCKET   # set per dataset by ``timed``
 
     def spec(self, ids: list[list[int]], seed: int):
         s = self.settings
         return self.spec_fn(self.target, self.draft, ids, max_new_tokens=s.max_new_tokens,
                             temperature=s.temperature, seed=seed,
                             confidence_threshold=s.confidence_threshold,
-                            **self._bucket_kw(self.spec_fn))
+                            prompt_bucket=self.prompt_bucket)
 
     def tree(self, ids: list[list[int]], seed: int):
         """Speculative decoding with draft trees (same settings as ``spec``)."""
@@ -173,7 +160,7 @@ class Decoders:
         return self.spec_fn(self.target, self.draft, ids, max_new_tokens=s.max_new_tokens,
                             temperature=s.temperature, seed=seed,
                             confidence_threshold=s.confidence_threshold, tree=tuple(s.tree),
-                            **self._bucket_kw(self.spec_fn))
+                            prompt_bucket=self.prompt_bucket)
 
     def _fn(self, kind: str):
         return {"spec": self.spec, "ar": self.ar, "tree": self.tree}[kind]
@@ -182,7 +169,7 @@ class Decoders:
         s = self.settings
         return self.target.generate(ids, max_new_tokens=s.max_new_tokens,
                                     temperature=s.temperature, seed=seed,
-                                    **self._bucket_kw(self.target.generate))
+                                    prompt_bucket=self.prompt_bucket)
 
     def warm_up(self, kind: str, ids: list[list[int]]) -> float:
         """Run ``kind`` once untimed (compilation); returns the seconds it took."""
@@ -270,9 +257,7 @@ def evaluate_dataset(name: str, decoders: Decoders, *, target_name: str,
              if has_confidence_head(draft) and s.confidence_threshold == 0.0 else None)
     samples = []
     for prompt, ids, r in zip(prompts, prompt_ids, spec_out):
-        drafts = getattr(r, "accepted_drafts", None)
-        if drafts is None:
-            drafts = [int(a) - 1 for a in r.accepted_lengths]
+        drafts = [int(a) - 1 for a in r.accepted_lengths]
         stats.add(r.accepted_lengths, r.proposal_lengths, drafts)
         if calib is not None and r.confidences is not None:
             calib.add_sample(r.confidences, drafts, r.proposal_lengths)
@@ -317,8 +302,6 @@ def evaluate_dataset(name: str, decoders: Decoders, *, target_name: str,
         row["tree"] = _tree_block(decoders, prompt_ids, label, gamma, samples, spec_tps, ar_block)
     row["config"] = dict(config or {})
     row["samples"] = samples
-
-    from deepspec_jax.evaluation import plots  # matplotlib: only once there is a figure
 
     out_dir = os.path.join(s.output_dir, label)
     row["artifacts"] = {"acceptance_png": plots.plot_acceptance(

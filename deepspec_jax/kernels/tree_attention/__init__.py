@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import jax
 
+from deepspec_jax.kernels.tree_attention import kernel
 from deepspec_jax.kernels.tree_attention.reference import (ancestor_bits, check_inputs, num_words,
                                                           tree_attention_reference,
                                                           tree_kv_from_cache, tree_mask,
@@ -65,8 +66,6 @@ def kernel_unsupported_reason(q, k_cache, v_cache=None, *, block_kv: int = 128,
                               backend: str | None = None, interpret: bool = False,
                               tree_dtypes=()) -> str | None:
     """None if the Pallas kernel supports these shapes on this backend, else why not."""
-    from deepspec_jax.kernels.tree_attention import kernel
-
     body = kernel_backend(backend, interpret)
     if body is None:
         return (f"no Pallas kernel for backend {jax.default_backend()!r} (GPU/TPU only); pass "
@@ -103,8 +102,6 @@ def tree_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, prefix_
             raise ValueError(f"deepspec_jax.kernels.tree_attention: impl='pallas' unsupported: "
                              f"{reason}")
         return reference()
-    from deepspec_jax.kernels.tree_attention import kernel
-
     return kernel.tree_attention_pallas(q, k_cache, v_cache, prefix_len, tree_bits, k_tree,
                                         v_tree, scale=scale, block_kv=block_kv,
                                         interpret=interpret,

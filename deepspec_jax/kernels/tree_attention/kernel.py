@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from deepspec_jax.kernels.tree_attention.reference import num_words
+from deepspec_jax.kernels.tree_attention.reference import num_words, tree_kv_from_cache
 
 # Finite init of the running max: exp(m_prev - m_next) stays 0 (not NaN) while every
 # logit seen so far is masked (-inf).
@@ -318,8 +318,6 @@ def tree_attention_pallas(q, k_cache, v_cache, prefix_len, tree_bits, k_tree=Non
                           backend: str = "tpu"):
     """The kernel entry (inputs already validated by tree_attention). Without
     k_tree/v_tree the tree's keys/values are gathered from the cache at prefix_len."""
-    from deepspec_jax.kernels.tree_attention.reference import tree_kv_from_cache
-
     if k_tree is None:
         k_tree, v_tree = tree_kv_from_cache(k_cache, v_cache, prefix_len, q.shape[1])
     reason = unsupported_reason(backend, q.shape, q.dtype, k_cache.shape, block_kv,
