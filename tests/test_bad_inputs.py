@@ -166,7 +166,7 @@ def test_regenerate_records_an_over_long_prompt_alone(target):
              ("a:2", [{"role": "user", "content": "500"}])]
     flags = regenerate.FLAGS
     with flagsaver.flagsaver():
-        flags(["regenerate", "--max_new_tokens=16"])
+        flags(["regenerate", "--prompts=unused.jsonl", "--output=unused.jsonl", "--max_new_tokens=16"])
         try:
             ok, bad = gen(batch, seed=0)
         finally:
