@@ -252,10 +252,10 @@ def test_kill_9_during_async_checkpoint_then_resume_continues_the_same_trajector
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     ckpts = tmp_path / "int" / "checkpoints"
-    assert sorted(os.listdir(ckpts)) == ["2", "4", "6.orbax-checkpoint-tmp"]
+    assert sorted(d for d in os.listdir(ckpts) if d.isdigit()) == ["2", "4"]
     assert (ckpts / "6.orbax-checkpoint-tmp" / "state").is_dir()  # written, never committed
     done = _losses(str(tmp_path / "int"))
-    assert max(done) == 7
+    assert max(done) in (7, 8)  # step 8 logs, then its save waits for step 6's
 
     p = _train_cli(cfg, extra=flags)
     out, _ = p.communicate(timeout=600)
