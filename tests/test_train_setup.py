@@ -102,9 +102,9 @@ def test_async_checkpoints_never_pick_up_an_uncommitted_save(store, tmp_path):
     for step in (1, 2):
         ck.save(_state(step, float(step)), {"step": step}, {"name": "t"})
     ck.close()
-    # what a kill -9 during the asynchronous save of step 3 leaves: the step's complete
-    # contents under orbax's temporary name, never renamed to "3"
-    tmp = os.path.join(ck.directory, "3.orbax-checkpoint-tmp")
+    # what a kill -9 during the asynchronous save of step 5 leaves: the step's complete
+    # contents under orbax's temporary name, never renamed to "5"
+    tmp = os.path.join(ck.directory, "5.orbax-checkpoint-tmp")
     shutil.copytree(os.path.join(ck.directory, "2"), tmp)
     ck = open_checkpoints(c)
     assert ck.latest_step() == 2
