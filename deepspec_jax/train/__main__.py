@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+import jax
+from absl import app, flags, logging
 from ml_collections import config_flags
+
+from deepspec_jax.errors import ConfigError
+from deepspec_jax.train.trainer import NonFiniteLoss, export, setup, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/<arch>/<name>.py).",
                                           lock_config=True)
@@ -29,8 +33,7 @@ FLAGS = flags.FLAGS
 
 
 def init_distributed() -> None:
-    import jax
-
+    """Join the multi-process run (before anything asks jax for its devices)."""
     if FLAGS.coordinator_address:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -44,11 +47,6 @@ def main(argv) -> int:
     if _CONFIG.value is None:
         sys.exit("train: pass --config=configs/<arch>/<name>.py (e.g. configs/dspark/dspark_smollm2_135m.py).")
     init_distributed()
-    from deepspec_jax.errors import ConfigError
-    from deepspec_jax.train.trainer import NonFiniteLoss, export, setup, train
-
-    from absl import logging
-
     if not FLAGS["verbosity"].present:  # keep orbax/jax INFO lines off the console
         logging.set_verbosity(logging.WARNING)
     c = _CONFIG.value
@@ -56,8 +54,6 @@ def main(argv) -> int:
         run = setup(c)
     except ConfigError as e:
         sys.exit(f"train: {e}")
-    import jax
-
     start = int(jax.device_get(run.state.step))
     if jax.process_index() == 0:
         print(f"train: {c.name}: step {start}/{run.total_steps}, mesh {dict(run.mesh.shape)}, "

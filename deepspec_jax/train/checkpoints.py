@@ -3,8 +3,10 @@
 A checkpoint holds the TrainState (params, optimizer, step, PRNG) and, as JSON, the
 data iterator state and the run description. Restores target the shardings of the
 CURRENT mesh, so a run resumes on a different device count (orbax reshards on read).
-A checkpoint only becomes visible after orbax's atomic finalisation, so a kill -9
-mid-save leaves the previous one as the latest.
+A checkpoint is written under ``<step>.orbax-checkpoint-tmp-*`` and only becomes visible
+after orbax's atomic rename, so a kill -9 mid-save (an asynchronous save runs in the
+background while training goes on) leaves the previous one as the latest; the next run
+deletes such leftovers when it opens the directory.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ from deepspec_jax.train.step import TrainState
 
 
 class Checkpoints:
+    """Keep-``keep`` orbax checkpoints of a run under ``directory``."""
+
     def __init__(self, directory: str, keep: int, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
             self.directory, options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
+                max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+                cleanup_tmp_directories=True))
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

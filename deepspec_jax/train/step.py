@@ -117,13 +117,13 @@ def train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: Calla
 
 
 def batch_shardings(mesh, batch: dict) -> dict:
+    """Field -> sharding of a global batch array (``batch`` values need ``.shape``, ``.ndim``)."""
     return {k: batch_sharding(mesh, v.ndim, v.shape[0]) for k, v in batch.items()}
 
 
 def compile_step(sc: StepConfig, tx, schedule, state_shardings, rest_shardings, tstate_shardings,
-                 batch_shardings_: dict, mesh):
+                 batch_shardings_: dict):
     """The jitted step with explicit in/out shardings and the state donated."""
-    del mesh
     fn = lambda state, rest, tstate, batch: train_step(sc, tx, schedule, state, rest, tstate, batch)
     return jax.jit(fn, in_shardings=(state_shardings, rest_shardings, tstate_shardings, batch_shardings_),
                    out_shardings=(state_shardings, None), donate_argnums=(0,))

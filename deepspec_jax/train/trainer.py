@@ -1,5 +1,11 @@
 """The training loop: set-up from a run config, resume, step, log, checkpoint, export.
 
+Set-up is four stages, each usable (and tested) alone: :func:`setup_target` (the frozen
+target and the draft spec derived from it), :func:`setup_data` (token stores, optional
+feature cache, the per-host batch iterator and the step counts), :func:`setup_draft`
+(the draft's parameters and optimizer state placed on the mesh) and
+:func:`open_checkpoints`; :func:`setup` chains them, compiles the step and resumes.
+
 Everything numeric happens in the jitted ``step.train_step``; this module wires the
 data pipeline, the mesh and the persistence around it. The loop never waits on the
 device except to read the previous step's finite-loss flag (one step behind, so the
@@ -10,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import time
 
@@ -18,13 +23,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
-from deepspec_jax.checkpoint import save_jax_dir
+from convert.common import jax_to_hf
+from deepspec_jax.checkpoint import ModelSpec, save_jax_dir
+from deepspec_jax.data.feature_cache import FeatureCache, target_name
+from deepspec_jax.data.pipeline import BatchIterator, make_batches
+from deepspec_jax.data.token_store import TokenStore
+from deepspec_jax.drafts import load_draft
 from deepspec_jax.drafts.dspark import DSparkLossConfig
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.sharding import make_mesh, named_sharding, replicated
+from deepspec_jax.target import Target, load_target
 from deepspec_jax.train.checkpoints import Checkpoints
+from deepspec_jax.train.config import ARCHITECTURES
 from deepspec_jax.train.draft_init import build_draft, spec_for_run
 from deepspec_jax.train.optimizer import make_optimizer
 from deepspec_jax.train.step import StepConfig, TrainState, batch_shardings, compile_step
@@ -52,12 +65,6 @@ def shardings_of(abstract_state: nnx.State, mesh) -> dict:
         axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
         node[path[-1]] = named_sharding(axes, var.shape, mesh)
     return out
-
-
-def _merge_sources(stores):
-    if len(stores) == 1:
-        return stores[0]
-    return ConcatSource(stores)
 
 
 class ConcatSource:
@@ -93,6 +100,155 @@ class WithFeatures:
         return {**self.tokens[i], **self.cache[i]}
 
 
+# ---- stage 1: the frozen target and the draft spec derived from it -------------------
+
+@dataclasses.dataclass
+class TargetSetup:
+    target: Target
+    name: str                    # recorded in feature caches and the draft config
+    spec: ModelSpec              # the draft's config, derived from the target's
+    layer_ids: tuple[int, ...]   # target layers the draft reads (validated)
+
+
+def setup_target(c, mesh) -> TargetSetup:
+    """Load the target on ``mesh`` and derive the draft spec from run config ``c``."""
+    if c.draft.architecture not in ARCHITECTURES:
+        raise ConfigError(f"config field draft.architecture = {c.draft.architecture!r}; use one of "
+                          f"{', '.join(ARCHITECTURES)}.")
+    target = load_target(c.target.path, dtype=c.target.dtype, mesh=mesh)
+    name = c.target.name or target_name(c.target.path)
+    spec = spec_for_run(c, target.config, target.tokenizer, name)
+    return TargetSetup(target, name, spec, target.validate_layer_ids(spec.config.target_layer_ids))
+
+
+# ---- stage 2: data --------------------------------------------------------------------
+
+@dataclasses.dataclass
+class DataSetup:
+    source: object              # random access samples (tokens, plus cached features if any)
+    data: BatchIterator         # this host's batches
+    lengths: np.ndarray         # token count of every sample of source
+    online: bool                # no feature cache: the target runs inside the step
+    local_batch: int            # rows per step on this host
+    num_micro: int              # micro-batches per step (gradient accumulation)
+    total_steps: int            # steps of this run (max_steps caps the data's length)
+    schedule_steps: int         # steps the learning-rate schedule spans (the whole data)
+
+
+def setup_data(c, ts: TargetSetup | None = None, *, process_index: int | None = None,
+               process_count: int | None = None) -> DataSetup:
+    """Token stores (+ feature cache) -> this host's batch iterator and the step counts.
+
+    ``ts`` is only read to check a feature cache against the target (online runs may
+    pass None); the process index/count default to jax's."""
+    if not c.data.train:
+        raise ConfigError("config field data.train is empty; list token-store directories made by "
+                          "`python -m deepspec_jax.data.tokenize`.")
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
+    online = not c.data.feature_cache
+    stores = [TokenStore(p) for p in c.data.train]
+    source = stores[0] if len(stores) == 1 else ConcatSource(stores)
+    if not online:
+        if len(stores) != 1:
+            raise ConfigError("data.feature_cache is built from ONE token store but data.train lists "
+                              f"{len(stores)}; merge them with the tokenize CLI or train online.")
+        if ts is None:
+            raise ValueError("setup_data: a run with data.feature_cache needs the TargetSetup to "
+                             "check the cache against.")
+        cache = FeatureCache.open(c.data.feature_cache, expect={
+            "layer_ids": list(ts.layer_ids), "hidden_size": ts.target.config.hidden_size,
+            "target": ts.name, "token_store": stores[0]})
+        source = WithFeatures(source, cache)
+
+    gbs = int(c.train.global_batch_size)
+    local = gbs // pc
+    mbs = int(c.train.micro_batch_size) or local
+    if gbs % pc or local % mbs:
+        raise ConfigError(f"train.global_batch_size={gbs} must split evenly over {pc} processes and "
+                          f"then into micro-batches of train.micro_batch_size={mbs}.")
+    data = make_batches(source, global_batch_size=gbs, seq_len=int(c.data.max_length),
+                        seed=int(c.data.shuffle_seed), process_index=pi, process_count=pc,
+                        bucket_boundaries=tuple(c.data.bucket_boundaries) or None,
+                        num_epochs=int(c.train.num_epochs))
+    total = len(data) if c.train.max_steps <= 0 else min(len(data), int(c.train.max_steps))
+    return DataSetup(source, data, np.asarray(source.lengths), online, local, local // mbs, total,
+                     len(data))
+
+
+# ---- stage 3: draft parameters and optimizer ------------------------------------------
+
+@dataclasses.dataclass
+class DraftSetup:
+    graphdef: object
+    state: TrainState           # step 0: params + optimizer state on the mesh, PRNG
+    rest: dict                  # non-trainable draft variables
+    rest_shardings: dict
+    tx: object                  # the optax transformation
+    schedule: object            # step -> learning rate
+
+
+def setup_draft(c, ts: TargetSetup, schedule_steps: int, mesh) -> DraftSetup:
+    """A fresh (or ``draft.init_from`` warm-started) draft and its optimizer, created by
+    one jitted init straight into the shardings its logical axes give on ``mesh``."""
+    spec = ts.spec
+    compute = _dtype(c.train.compute_dtype, "train.compute_dtype")
+    tx, schedule = make_optimizer(c.train, schedule_steps)
+
+    def init_fn(embed, lm_head_src):
+        model = build_draft(spec, compute_dtype=compute, seed=int(c.train.seed),
+                            embed=embed, lm_head=lm_head_src)
+        _, p, r = nnx.split(model, nnx.Param, ...)
+        return p.to_pure_dict(), r.to_pure_dict()
+
+    abstract = nnx.eval_shape(lambda: spec.build_fn(spec.config, dtype=compute,
+                                                    param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
+    graphdef, abs_p, abs_r = nnx.split(abstract, nnx.Param, ...)
+    p_sh, r_sh = shardings_of(abs_p, mesh), shardings_of(abs_r, mesh)
+    tmodel = ts.target.model
+    params, rest = jax.jit(init_fn, out_shardings=(p_sh, r_sh))(
+        tmodel.embed.get_value(), tmodel.lm_head_weight())
+    if c.draft.init_from:
+        params = _warm_start(c.draft.init_from, spec, params, mesh)
+    opt_state = jax.jit(tx.init)(params)
+    rng = jax.random.key_data(jax.random.key(int(c.train.seed) + 1))
+    rep = replicated(mesh)
+    on_mesh = lambda x: (x if getattr(x.sharding, "mesh", None) is not None
+                         and set(x.sharding.device_set) == set(mesh.devices.flat)
+                         else jax.device_put(x, rep))
+    state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), rep), params,
+                       jax.tree.map(on_mesh, opt_state), jax.device_put(rng, rep))
+    return DraftSetup(graphdef, state, rest, r_sh, tx, schedule)
+
+
+def _warm_start(path, spec, params, mesh):
+    d = load_draft(path, dtype="float32", mesh=mesh)
+    if d.raw_config.get("architectures") != spec.raw.get("architectures"):
+        raise ConfigError(f"draft.init_from={path}: architecture {d.raw_config.get('architectures')} "
+                          f"differs from the run's {spec.raw.get('architectures')}.")
+    _, p, _ = nnx.split(d.model, nnx.Param, ...)
+    loaded = p.to_pure_dict()
+    if jax.tree.structure(loaded) != jax.tree.structure(params):
+        raise ConfigError(f"draft.init_from={path}: its parameters do not match the run's draft "
+                          "config (layers, heads or head types differ).")
+    return jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding),
+                        loaded, params)
+
+
+# ---- stage 4: checkpoints ---------------------------------------------------------------
+
+def output_dir(c) -> str:
+    return c.output_dir or os.path.join("runs", c.name)
+
+
+def open_checkpoints(c) -> Checkpoints:
+    """The run's checkpoint manager (``<output_dir>/checkpoints``)."""
+    return Checkpoints(os.path.join(output_dir(c), "checkpoints"), int(c.train.keep_checkpoints),
+                       bool(c.train.async_checkpoint))
+
+
+# ---- the whole set-up ---------------------------------------------------------------------
+
 @dataclasses.dataclass
 class Run:
     """Everything set up for a run (also what tests poke at)."""
@@ -111,150 +267,58 @@ class Run:
     checkpoints: Checkpoints
     schedule: object
     lengths: np.ndarray       # token count of every sample of data.train
+    batch_shardings: dict     # field -> sharding of the step's global batch arrays
 
 
-def _target_name(c) -> str:
-    from deepspec_jax.data.feature_cache import target_name
+def batch_field_ndims(source, online: bool) -> dict[str, int]:
+    """Rank of each field of a step's batch (the cached feature fields follow the source)."""
+    out = {"input_ids": 2, "loss_mask": 2, "attention_mask": 2}
+    if not online:
+        sample = source[0]
+        out.update({k: 1 + np.ndim(sample[k]) for k in ("features", "target_last_hidden")})
+    return out
 
-    return c.target.name or target_name(c.target.path)
+
+def step_config(c, ts: TargetSetup, ds: DataSetup, graphdef) -> StepConfig:
+    kind = "eagle3" if c.draft.architecture == "eagle3" else "dspark"
+    return StepConfig(kind=kind, graphdef=graphdef, layer_ids=ts.layer_ids, num_micro=ds.num_micro,
+                      online=ds.online, target_graphdef=ts.target.graphdef if ds.online else None,
+                      dspark_loss=DSparkLossConfig(c.loss.ce_alpha, c.loss.l1_alpha,
+                                                   c.loss.confidence_alpha, c.loss.loss_decay_gamma)
+                      if kind == "dspark" else None,
+                      num_anchors=int(getattr(ts.spec.config, "num_anchors", 0) or 0),
+                      eagle3_corrected=bool(c.loss.eagle3_corrected))
 
 
 def setup(c, *, mesh=None, resume: bool = True) -> Run:
-    from deepspec_jax.data.pipeline import make_batches
-    from deepspec_jax.data.token_store import TokenStore
-    from deepspec_jax.target import load_target
-
-    if c.draft.architecture not in ("dspark", "dflash", "eagle3"):
-        raise ConfigError(f"config field draft.architecture = {c.draft.architecture!r}; use dspark, "
-                          "dflash or eagle3.")
-    if not c.data.train:
-        raise ConfigError("config field data.train is empty; list token-store directories made by "
-                          "`python -m deepspec_jax.data.tokenize`.")
+    """All four stages, the compiled step, and (``resume``) the latest checkpoint restored."""
     mesh = mesh or make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
-    out_dir = c.output_dir or os.path.join("runs", c.name)
-    compute = _dtype(c.train.compute_dtype, "train.compute_dtype")
-    online = not c.data.feature_cache
-    target = load_target(c.target.path, dtype=c.target.dtype, mesh=mesh)
-    tname = _target_name(c)
-    spec = spec_for_run(c, target.config, target.tokenizer, tname)
-    layer_ids = target.validate_layer_ids(spec.config.target_layer_ids)
-
-    stores = [TokenStore(p) for p in c.data.train]
-    source = _merge_sources(stores)
-    if not online:
-        from deepspec_jax.data.feature_cache import FeatureCache
-        if len(stores) != 1:
-            raise ConfigError("data.feature_cache is built from ONE token store but data.train lists "
-                              f"{len(stores)}; merge them with the tokenize CLI or train online.")
-        cache = FeatureCache.open(c.data.feature_cache, expect={
-            "layer_ids": list(layer_ids), "hidden_size": target.config.hidden_size,
-            "target": tname, "token_store": stores[0]})
-        source = WithFeatures(source, cache)
-
-    pc, pi = jax.process_count(), jax.process_index()
+    ts = setup_target(c, mesh)
+    ds = setup_data(c, ts)
+    dr = setup_draft(c, ts, ds.schedule_steps, mesh)
+    sc = step_config(c, ts, ds, dr.graphdef)
+    tstate = ts.target.state if ds.online else None
     gbs = int(c.train.global_batch_size)
-    local = gbs // pc
-    mbs = int(c.train.micro_batch_size) or local
-    if gbs % pc or local % mbs:
-        raise ConfigError(f"train.global_batch_size={gbs} must split evenly over {pc} processes and "
-                          f"then into micro-batches of train.micro_batch_size={mbs}.")
-    num_micro = local // mbs
-    data = make_batches(source, global_batch_size=gbs, seq_len=int(c.data.max_length),
-                        seed=int(c.data.shuffle_seed), process_index=pi, process_count=pc,
-                        bucket_boundaries=tuple(c.data.bucket_boundaries) or None,
-                        num_epochs=int(c.train.num_epochs))
-    total = len(data)
-    if c.train.max_steps > 0:
-        total = min(total, int(c.train.max_steps))
-    sched_steps = len(data)
-    tx, schedule = make_optimizer(c.train, sched_steps)
-
-    # draft: abstract -> shardings -> jitted init straight into the shardings
-    def init_fn(embed, lm_head_src):
-        model = build_draft(spec, compute_dtype=compute, seed=int(c.train.seed),
-                            embed=embed, lm_head=lm_head_src)
-        _, p, r = nnx.split(model, nnx.Param, ...)
-        return p.to_pure_dict(), r.to_pure_dict()
-
-    abstract = nnx.eval_shape(lambda: spec.build_fn(spec.config, dtype=compute,
-                                                    param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
-    graphdef, abs_p, abs_r = nnx.split(abstract, nnx.Param, ...)
-    p_sh, r_sh = shardings_of(abs_p, mesh), shardings_of(abs_r, mesh)
-    tmodel = target.model
-    params, rest = jax.jit(init_fn, out_shardings=(p_sh, r_sh))(
-        tmodel.embed.get_value(), tmodel.lm_head_weight())
-    if c.draft.init_from:
-        params = _warm_start(c.draft.init_from, spec, params, mesh)
-    opt_state = jax.jit(tx.init)(params)
-    rng = jax.random.key_data(jax.random.key(int(c.train.seed) + 1))
-    rep = replicated(mesh)
-    on_mesh = lambda x: (x if getattr(x.sharding, "mesh", None) is not None
-                         and set(x.sharding.device_set) == set(mesh.devices.flat)
-                         else jax.device_put(x, rep))
-    state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), rep), params,
-                       jax.tree.map(on_mesh, opt_state), jax.device_put(rng, rep))
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
-
-    kind = "eagle3" if c.draft.architecture == "eagle3" else "dspark"
-    sc = StepConfig(kind=kind, graphdef=graphdef, layer_ids=layer_ids, num_micro=num_micro,
-                    online=online, target_graphdef=target.graphdef if online else None,
-                    dspark_loss=DSparkLossConfig(c.loss.ce_alpha, c.loss.l1_alpha,
-                                                 c.loss.confidence_alpha, c.loss.loss_decay_gamma)
-                    if kind == "dspark" else None,
-                    num_anchors=int(getattr(spec.config, "num_anchors", 0) or 0),
-                    eagle3_corrected=bool(c.loss.eagle3_corrected))
-    tstate = target.state if online else None
-    tstate_sh = jax.tree.map(lambda x: x.sharding, tstate) if online else None
-    example = _example_batch(data, local, online, source)
-    b_sh = batch_shardings(mesh, _global_shapes(example, pc))
-    step_fn = compile_step(sc, tx, schedule, state_sh, r_sh, tstate_sh, b_sh, mesh)
-
-    ckpt = Checkpoints(os.path.join(out_dir, "checkpoints"), int(c.train.keep_checkpoints),
-                       bool(c.train.async_checkpoint))
-    run = Run(c, mesh, target, spec, sc, state, rest, tstate, step_fn, data, total, out_dir, ckpt,
-              schedule, np.asarray(source.lengths))
-    if resume and ckpt.latest_step() is not None:
-        run.state, data_state, _ = ckpt.restore(run.state)
-        run.data.set_state(data_state)
+    b_sh = batch_shardings(mesh, {k: jax.ShapeDtypeStruct((gbs,) + (1,) * (n - 1), jnp.float32)
+                                  for k, n in batch_field_ndims(ds.source, ds.online).items()})
+    sharding = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+    step_fn = compile_step(sc, dr.tx, dr.schedule, sharding(dr.state), dr.rest_shardings,
+                           sharding(tstate) if ds.online else None, b_sh)
+    run = Run(c, mesh, ts.target, ts.spec, sc, dr.state, dr.rest, tstate, step_fn, ds.data,
+              ds.total_steps, output_dir(c), open_checkpoints(c), dr.schedule, ds.lengths, b_sh)
+    if resume:
+        restore_latest(run)
     return run
 
 
-def _warm_start(path, spec, params, mesh):
-    from deepspec_jax.drafts import load_draft
-
-    d = load_draft(path, dtype="float32", mesh=mesh)
-    if d.raw_config.get("architectures") != spec.raw.get("architectures"):
-        raise ConfigError(f"draft.init_from={path}: architecture {d.raw_config.get('architectures')} "
-                          f"differs from the run's {spec.raw.get('architectures')}.")
-    _, p, _ = nnx.split(d.model, nnx.Param, ...)
-    loaded = p.to_pure_dict()
-    if jax.tree.structure(loaded) != jax.tree.structure(params):
-        raise ConfigError(f"draft.init_from={path}: its parameters do not match the run's draft "
-                          "config (layers, heads or head types differ).")
-    return jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding),
-                        loaded, params)
-
-
-class _Shape:
-    def __init__(self, shape, ndim):
-        self.shape, self.ndim = shape, ndim
-
-
-def _global_shapes(example: dict, pc: int) -> dict:
-    return {k: _Shape((v.shape[0] * pc,) + v.shape[1:], v.ndim) for k, v in example.items()}
-
-
-def _example_batch(data, local: int, online: bool, source) -> dict:
-    s = int(data._host.plan.buckets[-1]) if hasattr(data._host.plan, "buckets") else None
-    sample = source[0]
-    s = s or len(sample["input_ids"])
-    out = {"input_ids": np.zeros((local, s), np.int32), "loss_mask": np.zeros((local, s), np.int32),
-           "attention_mask": np.zeros((local, s), np.int32)}
-    if not online:
-        out["features"] = np.zeros((local, s) + sample["features"].shape[1:], sample["features"].dtype)
-        out["target_last_hidden"] = np.zeros((local, s) + sample["target_last_hidden"].shape[1:],
-                                             sample["target_last_hidden"].dtype)
-    return out
+def restore_latest(run: Run) -> bool:
+    """Restore the latest complete checkpoint (state placed on the run's current mesh,
+    data iterator positioned after its step); False when there is none."""
+    if run.checkpoints.latest_step() is None:
+        return False
+    run.state, data_state, _ = run.checkpoints.restore(run.state)
+    run.data.set_state(data_state)
+    return True
 
 
 def attention_mask(lengths: np.ndarray, indices: np.ndarray, seq_len: int) -> np.ndarray:
@@ -276,8 +340,7 @@ def device_batch(run: Run, batch: dict) -> tuple[dict, np.ndarray]:
     batch = dict(batch)
     indices = batch.pop("index")
     batch["attention_mask"] = attention_mask(run.lengths, indices, batch["input_ids"].shape[1])
-    pc = jax.process_count()
-    return to_global(batch, batch_shardings(run.mesh, _global_shapes(batch, pc)), pc), indices
+    return to_global(batch, run.batch_shardings, jax.process_count()), indices
 
 
 def run_info(run: Run) -> dict:
@@ -288,8 +351,6 @@ def run_info(run: Run) -> dict:
 def export(run: Run, dst: str | None = None) -> str:
     """Write the trained draft as a JAX dir (``<out>/final``) and, if configured, the
     DeepSpec HF format (``<out>/hf``)."""
-    from convert.common import jax_to_hf
-
     dst = dst or os.path.join(run.out_dir, "final")
     model = nnx.merge(run.step_config.graphdef, nnx.State(run.state.params), nnx.State(run.rest))
     save_jax_dir(dst, run.spec, nnx.state(model), source=f"trained by deepspec_jax ({run.config.name})")
@@ -315,18 +376,15 @@ def train(run: Run, *, log=print, stop_after: int | None = None) -> dict:
     main = jax.process_index() == 0
     writer = None
     if main and c.train.tensorboard:
-        from tensorboardX import SummaryWriter
         writer = SummaryWriter(os.path.join(run.out_dir, "tensorboard"))
     os.makedirs(run.out_dir, exist_ok=True)
     metrics_path = os.path.join(run.out_dir, "metrics.jsonl")
     step = int(jax.device_get(run.state.step))
     end = run.total_steps if stop_after is None else min(run.total_steps, step + stop_after)
-    b_sh = run.step_fn  # shardings live inside the jitted function; recompute for the batch
-    del b_sh
     pending = None   # (step, ok flag, batch indices) of the previous step
     last = {}
     bar = tqdm(total=end, initial=step, unit="step", desc=c.name, disable=not main)
-    t_last, tok_acc = time.perf_counter(), 0.0
+    t_last = time.perf_counter()
     try:
         while step < end:
             gb, indices = device_batch(run, next(run.data))
@@ -355,15 +413,13 @@ def train(run: Run, *, log=print, stop_after: int | None = None) -> dict:
                             writer.add_scalar(f"train/{k}", v, step)
                         writer.flush()
             if step % c.train.checkpoint_every == 0 or step == end:
-                if pending is not None:
-                    _check_finite(run, *pending)
+                _check_finite(run, *pending)  # never save past a non-finite step
                 run.checkpoints.save(run.state, run.data.get_state(), run_info(run))
         run.checkpoints.wait()
     finally:
         bar.close()
         if writer:
             writer.close()
-    del tok_acc
     return last
 
 
@@ -378,6 +434,6 @@ def _check_finite(run: Run, step: int, ok, indices) -> None:
             f"in {run.checkpoints.directory}. Lower train.lr or inspect those samples.")
 
 
-__all__ = ["setup", "train", "export", "Run", "NonFiniteLoss", "shardings_of", "to_global",
-           "ConcatSource", "WithFeatures"]
-_ = math
+__all__ = ["setup", "setup_target", "setup_data", "setup_draft", "open_checkpoints", "restore_latest",
+           "train", "export", "Run", "TargetSetup", "DataSetup", "DraftSetup", "NonFiniteLoss",
+           "shardings_of", "to_global", "ConcatSource", "WithFeatures"]
