@@ -11,8 +11,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 from flax import nnx
 
-from deepspec_jax.checkpoint import ModelSpec, resolve_spec
+from deepspec_jax.checkpoint import ModelSpec
 from deepspec_jax.config import TargetConfig
+from deepspec_jax.drafts.registry import resolve_spec
 from deepspec_jax.errors import ConfigError
 
 ARCH_NAMES = {"dspark": "Qwen3DSparkModel", "dflash": "Qwen3DSparkModel", "eagle3": "Qwen3Eagle3Model"}
