@@ -87,7 +87,7 @@ def apply_target(c: ml_collections.ConfigDict, key: str) -> ml_collections.Confi
     t = TARGETS[key]
     c.target.path = t.path
     c.draft.target_layer_ids = t.target_layer_ids
-    if c.draft.architecture in ("dspark", "dflash"):
+    if c.draft.kind in ("dspark", "dflash"):
         c.draft.mask_token_id = t.mask_token_id
     # A deepspec_jax.data.tokenize store; the reference targets' are placeholders.
     c.data.train = (t.train_tokens or f"data/{key}/tokens",)

@@ -18,7 +18,8 @@ from ml_collections import config_flags
 
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.models.registry import family_for
-from deepspec_jax.train.config import ARCHITECTURES, base_config
+from deepspec_jax.drafts.registry import KINDS as ARCHITECTURES
+from deepspec_jax.train.config import base_config
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
@@ -107,7 +108,7 @@ def test_config_matches_schema(rel):
     assert flat.keys() == base.keys(), f"configs/{rel}: fields differ from base_config"
     for key, value in flat.items():
         assert type(value) is type(base[key]), f"configs/{rel}: {key} has type {type(value)}"
-    assert c.draft.architecture == arch
+    assert c.draft.kind == arch
     assert c.name == f"{arch}_{target}"
 
 

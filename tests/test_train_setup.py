@@ -49,8 +49,8 @@ def test_setup_target_derives_the_draft_from_the_target(store, mesh1, target_sta
     with pytest.raises(ValueError, match="out of range"):
         setup_target(c, mesh1)
     c = tiny_config("dspark", store, "unused")
-    c.draft.architecture = "medusa"
-    with pytest.raises(ConfigError, match="draft.architecture"):
+    c.draft.kind = "medusa"
+    with pytest.raises(ConfigError, match="draft.kind"):
         setup_target(c, mesh1)
 
 

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import ml_collections
 
-ARCHITECTURES = ("dspark", "dflash", "eagle3")
+from deepspec_jax.drafts.registry import KINDS
 
 
-def base_config(architecture: str) -> ml_collections.ConfigDict:
-    """Defaults shared by every run; config files override what differs."""
-    if architecture not in ARCHITECTURES:
-        raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {architecture!r}.")
+def base_config(kind: str) -> ml_collections.ConfigDict:
+    """Defaults shared by every run of draft ``kind`` ("dspark", "dflash", "eagle3");
+    config files override what differs."""
+    if kind not in KINDS:
+        raise ValueError(f"draft kind must be one of {list(KINDS)}, got {kind!r}.")
     c = ml_collections.ConfigDict()
-    c.name = f"{architecture}_run"
+    c.name = f"{kind}_run"
     c.output_dir = ""             # default: runs/<name>
 
     # The frozen target: HF dir, .gguf, or "smollm2-135m".
@@ -31,7 +32,7 @@ def base_config(architecture: str) -> ml_collections.ConfigDict:
     # The draft. Fields left at -1 / "" are derived from the target (hidden size, heads,
     # vocab, rope) exactly as the reference builds its draft configs.
     c.draft = ml_collections.ConfigDict(dict(
-        architecture=architecture,
+        kind=kind,                # "dspark" | "dflash" | "eagle3" (drafts.registry.KINDS)
         init_from="",             # optional draft dir (HF or JAX) to start from
         num_hidden_layers=1,
         intermediate_size=-1,

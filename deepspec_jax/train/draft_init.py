@@ -2,7 +2,7 @@
 
 The draft's HF config is derived from the target's the way DeepSpec derives it (a
 Qwen3 layer config with the target's width, heads and rope, plus the draft fields),
-so the trained draft exports to a checkpoint DeepSpec, vLLM and SGLang can load.
+so the trained draft exports to a checkpoint in DeepSpec's HF format.
 Embeddings and lm_head are copied from the target and stay frozen.
 """
 
@@ -13,10 +13,8 @@ from flax import nnx
 
 from deepspec_jax.checkpoint import ModelSpec
 from deepspec_jax.config import TargetConfig
-from deepspec_jax.drafts.registry import resolve_spec
+from deepspec_jax.drafts.registry import family_for_kind, resolve_spec
 from deepspec_jax.errors import ConfigError
-
-ARCH_NAMES = {"dspark": "Qwen3DSparkModel", "dflash": "Qwen3DSparkModel", "eagle3": "Qwen3Eagle3Model"}
 
 
 def reserved_mask_token(tokenizer, vocab_size: int) -> int:
@@ -43,7 +41,7 @@ def reserved_mask_token(tokenizer, vocab_size: int) -> int:
 def draft_hf_config(c, tcfg: TargetConfig, tokenizer=None, target_name: str = "") -> dict:
     """The draft's HF config.json dict for run config ``c`` and target config ``tcfg``."""
     d = c.draft
-    arch = d.architecture
+    kind = d.kind
     ids = [int(i) for i in d.target_layer_ids]
     if ids == [-1]:
         raise ConfigError("config field draft.target_layer_ids is not set; list the target layers "
@@ -52,7 +50,7 @@ def draft_hf_config(c, tcfg: TargetConfig, tokenizer=None, target_name: str = ""
     rope = (tcfg.raw or {}).get("rope_parameters") or {"rope_type": "default", "rope_theta": tcfg.rope_theta}
     n_layers = int(d.num_hidden_layers)
     raw = {
-        "architectures": [ARCH_NAMES[arch]], "model_type": "qwen3",
+        "architectures": [family_for_kind(kind, "config field draft.kind").architecture], "model_type": "qwen3",
         "hidden_size": tcfg.hidden_size, "num_attention_heads": tcfg.num_attention_heads,
         "num_key_value_heads": tcfg.num_key_value_heads, "head_dim": tcfg.head_dim,
         "intermediate_size": int(d.intermediate_size) if d.intermediate_size > 0 else tcfg.intermediate_size,
@@ -67,7 +65,7 @@ def draft_hf_config(c, tcfg: TargetConfig, tokenizer=None, target_name: str = ""
         "eos_token_id": list(tcfg.eos_token_ids) if tcfg.eos_token_ids else None,
         "pad_token_id": None, "dtype": "float32",
     }
-    if arch == "eagle3":
+    if kind == "eagle3":
         raw.update(draft_num_hidden_layers=n_layers, ttt_length=int(d.ttt_length),
                    step_loss_decay=float(d.step_loss_decay),
                    target_model_name_or_path=target_name)
@@ -75,10 +73,10 @@ def draft_hf_config(c, tcfg: TargetConfig, tokenizer=None, target_name: str = ""
         mask = int(d.mask_token_id)
         if mask < 0:
             mask = reserved_mask_token(tokenizer, tcfg.vocab_size)
-        rank = 0 if arch == "dflash" else int(d.markov_rank)
+        rank = 0 if kind == "dflash" else int(d.markov_rank)
         raw.update(block_size=int(d.block_size), num_anchors=int(d.num_anchors), mask_token_id=mask,
                    markov_rank=rank, markov_head_type=(d.markov_head_type or None) if rank else None,
-                   enable_confidence_head=bool(d.enable_confidence_head) and arch == "dspark",
+                   enable_confidence_head=bool(d.enable_confidence_head) and kind == "dspark",
                    confidence_head_with_markov=bool(d.confidence_head_with_markov) and rank > 0)
     return raw
 
@@ -98,4 +96,4 @@ def spec_for_run(c, tcfg: TargetConfig, tokenizer=None, target_name: str = "") -
     return resolve_spec(raw, f"run config '{c.name}' (draft section)")
 
 
-__all__ = ["draft_hf_config", "build_draft", "spec_for_run", "reserved_mask_token", "ARCH_NAMES"]
+__all__ = ["draft_hf_config", "build_draft", "spec_for_run", "reserved_mask_token"]

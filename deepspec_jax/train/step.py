@@ -32,7 +32,7 @@ class TrainState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-    kind: str                        # "dspark" | "eagle3"
+    family: str                      # drafts.registry family: "dspark" (also DFlash) | "eagle3"
     graphdef: Any                    # draft graphdef (static)
     layer_ids: tuple[int, ...]       # target features the draft reads
     num_micro: int                   # micro-batches per step (gradient accumulation)
@@ -55,7 +55,7 @@ def micro_loss(sc: StepConfig, params, rest, mb: dict, key):
     target_last_hidden."""
     model = nnx.merge(sc.graphdef, nnx.State(params), rest)
     feats = mb["features"].astype(model.dtype)
-    if sc.kind == "dspark":
+    if sc.family == "dspark":
         anchors, keep = sample_anchors(key, mb["loss_mask"], sc.num_anchors)
         batch = DSparkBatch(mb["input_ids"], mb["loss_mask"], feats, mb["target_last_hidden"])
         res = dspark_loss(model, train_forward(model, batch, anchors, keep), sc.dspark_loss,

@@ -33,26 +33,25 @@ from deepspec_jax.data.pipeline import BatchIterator, make_batches
 from deepspec_jax.data.token_store import TokenStore
 from deepspec_jax.drafts import load_draft
 from deepspec_jax.drafts.dspark import DSparkLossConfig
+from deepspec_jax.drafts.registry import family_for_kind
+from deepspec_jax.dtypes import compute_dtype
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.sharding import make_mesh, named_sharding, replicated
 from deepspec_jax.target import Target, load_target
 from deepspec_jax.train.checkpoints import Checkpoints
-from deepspec_jax.train.config import ARCHITECTURES
 from deepspec_jax.train.draft_init import build_draft, spec_for_run
 from deepspec_jax.train.optimizer import make_optimizer
 from deepspec_jax.train.step import StepConfig, TrainState, batch_shardings, compile_step
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 class NonFiniteLoss(RuntimeError):
     """Training hit a NaN/inf loss or gradient; the last good checkpoint is kept."""
 
 
 def _dtype(name: str, field: str):
-    if name not in _DTYPES:
-        raise ConfigError(f"config field {field} = {name!r}; use one of {sorted(_DTYPES)}.")
-    return _DTYPES[name]
+    try:
+        return jnp.dtype(compute_dtype(name, f"config field {field}"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def shardings_of(abstract_state: nnx.State, mesh) -> dict:
@@ -112,9 +111,7 @@ class TargetSetup:
 
 def setup_target(c, mesh) -> TargetSetup:
     """Load the target on ``mesh`` and derive the draft spec from run config ``c``."""
-    if c.draft.architecture not in ARCHITECTURES:
-        raise ConfigError(f"config field draft.architecture = {c.draft.architecture!r}; use one of "
-                          f"{', '.join(ARCHITECTURES)}.")
+    family_for_kind(c.draft.kind, "config field draft.kind")
     target = load_target(c.target.path, dtype=c.target.dtype, mesh=mesh)
     name = c.target.name or target_name(c.target.path)
     spec = spec_for_run(c, target.config, target.tokenizer, name)
@@ -280,12 +277,12 @@ def batch_field_ndims(source, online: bool) -> dict[str, int]:
 
 
 def step_config(c, ts: TargetSetup, ds: DataSetup, graphdef) -> StepConfig:
-    kind = "eagle3" if c.draft.architecture == "eagle3" else "dspark"
-    return StepConfig(kind=kind, graphdef=graphdef, layer_ids=ts.layer_ids, num_micro=ds.num_micro,
+    family = family_for_kind(c.draft.kind).name
+    return StepConfig(family=family, graphdef=graphdef, layer_ids=ts.layer_ids, num_micro=ds.num_micro,
                       online=ds.online, target_graphdef=ts.target.graphdef if ds.online else None,
                       dspark_loss=DSparkLossConfig(c.loss.ce_alpha, c.loss.l1_alpha,
                                                    c.loss.confidence_alpha, c.loss.loss_decay_gamma)
-                      if kind == "dspark" else None,
+                      if family == "dspark" else None,
                       num_anchors=int(getattr(ts.spec.config, "num_anchors", 0) or 0),
                       eagle3_corrected=bool(c.loss.eagle3_corrected))
 
