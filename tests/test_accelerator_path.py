@@ -19,6 +19,7 @@ process with XLA_FLAGS set (one process: the compile caches are shared by all ch
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -66,9 +67,9 @@ for dtype in ("float32", "bfloat16"):
 json.dump(res, open(out, "w"))
 """
 
-# bf16 keeps 8 significant bits: a "near tie" is two logits within a few units in the
-# last place of bf16 at their magnitude.
-BF16_ULPS = 4
+# bf16 keeps 8 significant bits: a "near tie" is two logits within BF16_ULPS units in
+# the last place of bf16 at their magnitude (measured flips: 0.5-1.2 ulps).
+BF16_ULPS = 2
 
 
 @pytest.mark.slow
@@ -87,7 +88,7 @@ def test_spec_decode_on_scan_layout_tensor_sharded(tmp_path):
         assert info["per_layer"] is False, "the stacked (lax.scan) layout was not used"
         assert "tensor" in info["q_spec"] and info["q_shards"] == 8, info
         assert info["q_dtype"] == dtype
-    for key, rows in res["runs"].items():
+    for key, rows in sorted(res["runs"].items()):   # bfloat16/* first
         # rounds accepted drafts, so the verify/commit (and tree compaction) paths ran
         assert any(a > 1 for row in rows for a in row["accepted"]), f"{key}: nothing accepted"
         diverged = [row for row in rows if not row["same"]]
@@ -99,5 +100,5 @@ def test_spec_decode_on_scan_layout_tensor_sharded(tmp_path):
         for d in diverged:
             # bf16 tree verify: tree attention rounds differently from plain decoding's
             # attention, so a greedy token may flip, but only at a near-tie
-            ulp = 2.0 ** -7 * max(abs(d["logit_plain"]), abs(d["logit_spec"]))
+            ulp = 2.0 ** (math.floor(math.log2(max(abs(d["logit_plain"]), abs(d["logit_spec"])))) - 7)
             assert abs(d["logit_plain"] - d["logit_spec"]) <= BF16_ULPS * ulp, (key, d)
