@@ -42,8 +42,9 @@ class DecoderStack(nnx.Module):
     time flat in depth, but XLA:CPU materialises every slice of a stacked array that a
     matmul reads, dynamic (under scan) or static (unrolled loop), and none of the
     XLA:CPU flags tried changes that: a SmolLM2 decode step is 1.3-2x (scan) / 6-9x
-    (static slices) slower than with per-layer buffers (docs/BENCHMARKS.md, "One parameter layout?"). Both layouts
-    share one layer body (``CausalLM._run``); only the loop driver differs.
+    (static slices) slower than with per-layer buffers (docs/BENCHMARKS.md, "One
+    parameter layout?"). Both layouts share one layer body (``CausalLM._run``); only
+    the loop driver and the KV write differ.
     Linear weights are stored input-major (``x @ W``); the HF name map transposes.
     """
 
