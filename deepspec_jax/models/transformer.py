@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepspec_jax.config import TargetConfig
-from deepspec_jax.layers import apply_rope, masked_attention, rms_norm, rope_inv_freq, swiglu
+from deepspec_jax.kernels.tree_attention import tree_attention
+from deepspec_jax.layers import apply_rope, rms_norm, rope_inv_freq, swiglu
 from deepspec_jax.layers.attention import segmented_attention
 
 
@@ -38,8 +39,12 @@ class DecoderStack(nnx.Module):
     ``layers.<name>.<i>``) for unrolled execution.
 
     Why both: on accelerators a scan over stacked weights is free and keeps compile
-    time flat in depth, but XLA:CPU copies each dynamic weight slice inside the loop,
-    which costs ~25% of a memory-bound decode step; per-layer buffers avoid it.
+    time flat in depth, but XLA:CPU materialises every slice of a stacked array that a
+    matmul reads, dynamic (under scan) or static (unrolled loop), and none of the
+    XLA:CPU flags tried changes that: a SmolLM2 decode step is 1.3-2x (scan) / 6-9x
+    (static slices) slower than with per-layer buffers (docs/BENCHMARKS.md, "One
+    parameter layout?"). Both layouts share one layer body (``CausalLM._run``); only
+    the loop driver and the KV write differ.
     Linear weights are stored input-major (``x @ W``); the HF name map transposes.
     """
 
@@ -215,15 +220,19 @@ class CausalLM(nnx.Module):
                           preferred_element_type=jnp.float32)
 
     # ---- the decoder ----
-    def _run(self, input_ids, positions, layer_ids, attend, per_layer):
-        """Embed, run the decoder layers (scan, or unrolled for per-layer weights),
-        collect features.
+    def _run(self, input_ids, positions, layer_ids, attend, cache: KVCache | None):
+        """Embed, run the decoder layers, collect features; returns (ForwardOut, cache).
 
-        ``attend(q, k, v, layer_in)`` returns ``(attn_out, layer_out)``; ``per_layer`` is a
-        tuple of per-layer sequences (stacked arrays or tuples) and layer l gets
-        ``tuple(part[l] for part in per_layer)`` as ``layer_in``,
-        and the layer outputs come back stacked (scan) or as a tuple (unrolled). It is
-        the only difference between the full-sequence and the cached paths."""
+        ``attend(q, kt, vt, ck, cv)`` -> attention output, given the layer's new keys
+        ``kt`` [B,K,D,T] / values ``vt`` [B,K,T,D] and its cache buffers (None without
+        a cache); it is the only difference between the full-sequence and the cached
+        paths. With a cache, the new keys/values go to slots ``lengths[b] + j``.
+
+        One layer body; the loop driver follows the storage (see ``DecoderStack``):
+        stacked weights/cache run under ``lax.scan`` (the cache is a read-only scan
+        input, the new entries are scattered once afterwards); per-layer buffers run
+        unrolled, each layer's new entries written into its buffer in place after the
+        attention read (``write_kv_after``)."""
         cfg = self.cfg
         layer_ids = tuple(layer_ids)
         for lid in layer_ids:
@@ -240,30 +249,52 @@ class CausalLM(nnx.Module):
         feats = feats.at[:, :, emb_slot].set(h)
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
 
-        def body(carry, xs):
-            h, feats = carry
-            p, slot, layer_in = xs
+        def layer(h, feats, p, slot, ck, cv):
             p = {k: v.astype(self.dtype) for k, v in p.items()}
             x = rms_norm(h, p["input_norm"], cfg.rms_norm_eps)
             q, k, v = layer_qkv(cfg, p, x, positions, inv_freq)
-            attn, layer_out = attend(q, k, v, layer_in)
+            kt, vt = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B,K,D,T], [B,K,T,D]
+            attn = attend(q, kt, vt, ck, cv)
             h = layer_finish(cfg, p, h, attn)
             feats = jax.lax.dynamic_update_index_in_dim(feats, h, slot, axis=2)
-            return (h, feats), layer_out
+            return h, feats, attn, kt, vt
 
+        start = None if cache is None else cache.lengths
         if self.per_layer:
-            outs = []
+            ks, vs = [], []
             for l in range(cfg.num_hidden_layers):
-                layer_in = None if per_layer is None else tuple(part[l] for part in per_layer)
-                (h, feats), o = body((h, feats), (self.layers.layer(l), slots[l], layer_in))
-                outs.append(o)
-            extra = tuple(outs)
+                ck, cv = (None, None) if cache is None else (cache.k[l], cache.v[l])
+                h, feats, attn, kt, vt = layer(h, feats, self.layers.layer(l), slots[l], ck, cv)
+                if cache is not None:
+                    ck, cv = write_kv_after(ck, cv, kt, vt, start, attn)
+                    ks.append(ck)
+                    vs.append(cv)
+            if cache is not None:
+                cache = KVCache(tuple(ks), tuple(vs), cache.lengths)
         else:
-            xs = (self.layers.stacked(), jnp.asarray(slots, jnp.int32), per_layer)
-            (h, feats), extra = jax.lax.scan(body, (h, feats), xs)
+            def body(carry, xs):
+                h, feats = carry
+                p, slot, ck, cv = xs
+                h, feats, _, kt, vt = layer(h, feats, p, slot, ck, cv)
+                return (h, feats), (None if ck is None else (kt, vt))
+
+            xs = (self.layers.stacked(), jnp.asarray(slots, jnp.int32),
+                  None if cache is None else cache.k, None if cache is None else cache.v)
+            (h, feats), new = jax.lax.scan(body, (h, feats), xs)
+            if cache is not None:
+                # New entries go to cache[:, b, :, (:,) start[b] + j]; the indexed views
+                # are [B, T, L, K, D] (numpy advanced-indexing order puts index dims first).
+                kt, vt = new                                            # [L,B,K,D,T], [L,B,K,T,D]
+                slots_bt = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+                rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
+                cache = cache._replace(
+                    k=cache.k.at[:, rows, :, :, slots_bt].set(
+                        kt.transpose(1, 4, 0, 2, 3).astype(cache.k.dtype), mode="drop"),
+                    v=cache.v.at[:, rows, :, slots_bt].set(
+                        vt.transpose(1, 3, 0, 2, 4).astype(cache.v.dtype), mode="drop"))
         last = rms_norm(h, self.final_norm.get_value().astype(self.dtype), cfg.rms_norm_eps)
         out = ForwardOut(self.logits(last), feats[:, :, :n].reshape(b, t, n * d), last)
-        return out, extra
+        return out, cache
 
     def __call__(self, input_ids: jax.Array, layer_ids: Sequence[int] = ()) -> ForwardOut:
         """Full causal forward over right-padded ``input_ids`` [B, S] (no cache)."""
@@ -271,8 +302,8 @@ class CausalLM(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
         causal = jnp.tril(jnp.ones((s, s), bool))[None]
 
-        def attend(q, k, v, layer_in):
-            return masked_attention(q, k, v, causal), None
+        def attend(q, kt, vt, ck, cv):
+            return segmented_attention(q, [(kt, vt, causal)])
 
         out, _ = self._run(input_ids, positions, layer_ids, attend, None)
         return out
@@ -294,37 +325,17 @@ class CausalLM(nnx.Module):
         old_mask = jnp.arange(s_max, dtype=jnp.int32)[None, None, :] < start[:, None, None]
         new_mask = jnp.tril(jnp.ones((t, t), bool))[None]
 
-        # Attention reads the old cache and the new keys/values as separate segments.
-        # Per-layer buffers (CPU default): the new entries are then written into the
-        # layer's buffer in place (one dynamic_update_slice per row on the donated
-        # buffer). The write is made to depend on the attention output, so XLA orders
-        # the read before the in-place update; without that dependency XLA:CPU copied
-        # every layer's whole cache (2-4 times) per call, ~55 of 80 ms of a SmolLM2
-        # decode step. Stacked buffers: the cache is a read-only scan input; the new
-        # entries come out of the scan and are scattered once afterwards.
-        def attend(q, k, v, layer_in):
-            ck, cv = layer_in
-            k, v = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B,K,D,T], [B,K,T,D]
-            segments = [(k, v, new_mask)]
+        # Attention reads the old cache and the new keys/values as separate segments,
+        # so the cache is read before the new entries are written (in place, by _run).
+        def attend(q, kt, vt, ck, cv):
+            segments = [(kt, vt, new_mask)]
             if not fresh:
                 segments.insert(0, (ck.astype(q.dtype), cv.astype(q.dtype), old_mask))
-            out = segmented_attention(q, segments)
-            if self.per_layer:
-                return out, write_kv_after(ck, cv, k, v, start, out)
-            return out, (k.astype(ck.dtype), v.astype(cv.dtype))
+            return segmented_attention(q, segments)
 
-        out, extra = self._run(input_ids, positions, layer_ids, attend, (cache.k, cache.v))
-        if self.per_layer:
-            ck, cv = (tuple(x) for x in zip(*extra))
-        else:
-            # New entries go to cache[:, b, :, (:,) positions[b, t]]; the indexed views
-            # are [B, T, L, K, D] (numpy advanced-indexing order puts index dims first).
-            rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-            k_new, v_new = extra
-            ck = cache.k.at[:, rows, :, :, positions].set(k_new.transpose(1, 4, 0, 2, 3), mode="drop")
-            cv = cache.v.at[:, rows, :, positions].set(v_new.transpose(1, 3, 0, 2, 4), mode="drop")
+        out, cache = self._run(input_ids, positions, layer_ids, attend, cache)
         new_len = jnp.minimum(start + num_new.astype(jnp.int32), s_max)
-        return out, KVCache(ck, cv, new_len)
+        return out, cache._replace(lengths=new_len)
 
     def extend_tree(self, cache: KVCache, input_ids: jax.Array, depths: jax.Array,
                     tree_bits: jax.Array, layer_ids: Sequence[int] = (),
@@ -340,32 +351,13 @@ class CausalLM(nnx.Module):
         ``lengths`` is NOT advanced: the caller keeps the accepted path with
         ``deepspec_jax.tree.compact_kv_cache``.
         """
-        from deepspec_jax.kernels.tree_attention import tree_attention
-
-        b, t = input_ids.shape
         start = cache.lengths
         positions = start[:, None] + depths.astype(jnp.int32)
-        slots = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
-        rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
 
         # The tree's own keys/values go to the kernel as ``k_tree``/``v_tree``, so it
-        # reads only the committed prefix from the cache. Per-layer buffers: they are
-        # then written at slots lengths + i in place, after the read (as in ``extend``).
-        # Stacked: they come out of the scan and are scattered once afterwards.
-        def attend(q, k, v, layer_in):
-            ck, cv = layer_in
-            kt, vt = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B,K,D,T], [B,K,T,D]
-            out = tree_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), start, tree_bits,
-                                 k_tree=kt, v_tree=vt, impl=attn_impl)
-            if self.per_layer:
-                return out, write_kv_after(ck, cv, kt, vt, start, out)
-            return out, (k.astype(ck.dtype), v.astype(cv.dtype))
+        # reads only the committed prefix from the cache (written after, by _run).
+        def attend(q, kt, vt, ck, cv):
+            return tree_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), start, tree_bits,
+                                  k_tree=kt, v_tree=vt, impl=attn_impl)
 
-        out, extra = self._run(input_ids, positions, layer_ids, attend, (cache.k, cache.v))
-        if self.per_layer:
-            ck, cv = (tuple(x) for x in zip(*extra))
-        else:
-            k_new, v_new = extra                                        # [L,B,T,K,D]
-            ck = cache.k.at[:, rows, :, :, slots].set(k_new.transpose(1, 2, 0, 3, 4), mode="drop")
-            cv = cache.v.at[:, rows, :, slots].set(v_new.transpose(1, 2, 0, 3, 4), mode="drop")
-        return out, KVCache(ck, cv, start)
+        return self._run(input_ids, positions, layer_ids, attend, cache)
