@@ -28,6 +28,7 @@ from deepspec_jax.errors import ConfigError, DeepSpecError
 from deepspec_jax.models.transformer import CausalLM, ForwardOut, KVCache, init_cache
 from deepspec_jax.sampling import SamplingParams, sample
 from deepspec_jax.sharding import batch_sharding, make_mesh
+from deepspec_jax.weights.gguf_loader import gguf_tokenizer, read_gguf
 from deepspec_jax.weights.loader import DictSource, stream_params
 from deepspec_jax.weights.name_map import target_ignorable, target_rules
 from deepspec_jax.weights.safetensors_io import TensorSource
@@ -390,8 +391,6 @@ def load_target(path: str | None = None, dtype: str = "float32", mesh: Mesh | No
         path = smollm2_gguf_path()
     path = os.fspath(path)
     if path.endswith(".gguf"):
-        from deepspec_jax.weights.gguf_loader import gguf_tokenizer, read_gguf
-
         raw, tensors = read_gguf(path)
         config = target_config_from_dict(raw, path)
         source = DictSource(tensors, path)
