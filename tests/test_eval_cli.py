@@ -225,7 +225,6 @@ def build_random_smollm2_draft(path: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.heavy  # the no-flag demo below runs the same path with the shipped draft
 def test_cli_smollm2_random_dspark(tmp_path):
     draft = str(tmp_path / "draft")
     build_random_smollm2_draft(draft)

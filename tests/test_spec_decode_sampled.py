@@ -217,17 +217,16 @@ def _check_coverage(first_round: np.ndarray):
     assert share.min() >= 0.03, f"first-round accepted-length shares {share.round(3)}"
 
 
-# CI covers every temperature and both filters in four compiles; the rest is heavy.
+# Every temperature and both filters, on both draft families (all in CI).
 SETTINGS = [
     pytest.param("dspark", SamplingParams(0.6), id="dspark-T0.6"),
     pytest.param("dspark", SamplingParams(1.0, top_k=3), id="dspark-T1-topk3"),
     pytest.param("dspark", SamplingParams(1.5, top_p=0.7), id="dspark-T1.5-topp0.7"),
     pytest.param("eagle3", SamplingParams(0.6, top_k=5, top_p=0.9), id="eagle3-T0.6-topk5-topp0.9"),
-    pytest.param("dspark", SamplingParams(1.0), id="dspark-T1", marks=pytest.mark.heavy),
-    pytest.param("dspark", SamplingParams(1.5), id="dspark-T1.5", marks=pytest.mark.heavy),
-    pytest.param("eagle3", SamplingParams(1.0), id="eagle3-T1", marks=pytest.mark.heavy),
-    pytest.param("eagle3", SamplingParams(1.5, top_p=0.7), id="eagle3-T1.5-topp0.7",
-                 marks=pytest.mark.heavy),
+    pytest.param("dspark", SamplingParams(1.0), id="dspark-T1"),
+    pytest.param("dspark", SamplingParams(1.5), id="dspark-T1.5"),
+    pytest.param("eagle3", SamplingParams(1.0), id="eagle3-T1"),
+    pytest.param("eagle3", SamplingParams(1.5, top_p=0.7), id="eagle3-T1.5-topp0.7"),
 ]
 
 
@@ -249,8 +248,7 @@ def _assert_target_joint(kind, sp, seqs, first_round=None):
 TREE_SETTINGS = [
     pytest.param("dspark", SamplingParams(0.6, top_k=5, top_p=0.9), (2, 4),
                  id="dspark-T0.6-topk5-topp0.9-tree2,4"),
-    pytest.param("eagle3", SamplingParams(1.5, top_k=3), (3, 6), id="eagle3-T1.5-topk3-tree3,6",
-                 marks=pytest.mark.heavy),
+    pytest.param("eagle3", SamplingParams(1.5, top_k=3), (3, 6), id="eagle3-T1.5-topk3-tree3,6"),
 ]
 
 
@@ -263,7 +261,6 @@ def test_tree_sampling_has_target_joint_distribution(kind, sp, tree):
 
 
 @pytest.mark.slow
-@pytest.mark.heavy
 def test_reference_matches_plain_target_sampling():
     """The exact reference is the distribution ``Target.generate`` samples from."""
     sp = SamplingParams(1.5, top_p=0.7)
@@ -289,8 +286,8 @@ RULE_CASES = [
     pytest.param("draft_no_temperature", id="draft_no_temperature"),
     pytest.param("target_no_temperature", id="target_no_temperature"),
     pytest.param("residual_unnormalised", id="residual_unnormalised"),
-    pytest.param("residual_no_subtract", id="residual_no_subtract", marks=pytest.mark.heavy),
-    pytest.param("always_accept", id="always_accept", marks=pytest.mark.heavy),
+    pytest.param("residual_no_subtract", id="residual_no_subtract"),
+    pytest.param("always_accept", id="always_accept"),
 ]
 
 

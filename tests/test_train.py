@@ -146,7 +146,7 @@ json.dump(out, open(tmp + "/mesh.json", "w"))
 """
 
 
-@pytest.fixture(scope="module", params=["dspark", pytest.param("eagle3", marks=pytest.mark.heavy)])
+@pytest.fixture(scope="module", params=["dspark", pytest.param("eagle3")])
 def mesh_runs(request, tmp_path_factory):
     """One 8-CPU-device child: the run on 1 device, on data=2 x fsdp=2 x tensor=2, and the
     latter restarted from its step-3 checkpoint on 4 other devices (fsdp=4)."""

@@ -73,7 +73,7 @@ def _run(graphdef, state, prefill, lens, ids, depths, parents, slots, num_keep, 
     return out, tcache.lengths, ccache.lengths, out2
 
 
-@pytest.mark.parametrize("per_layer", [True, pytest.param(False, marks=[pytest.mark.slow, pytest.mark.heavy])])
+@pytest.mark.parametrize("per_layer", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_tree_pass_and_compaction_match_fresh_forward(per_layer):
     fs = fixture_sets()[0]
     target = load_target(os.path.join(fs, load_manifest(fs)["global"]["target_dir"]),

@@ -50,8 +50,8 @@ def _check_rounds(res, n_nodes: int, width: int):
     ("dspark_rnn_distilled", (3, 10)),
     pytest.param("dflash_distilled", (2, 7), marks=pytest.mark.slow),
     pytest.param("dspark_gated_distilled", (4, 24), marks=pytest.mark.slow),
-    pytest.param("dspark_vanilla", (2, 5), marks=[pytest.mark.slow, pytest.mark.heavy]),
-    pytest.param("eagle3", (4, 6), marks=[pytest.mark.slow, pytest.mark.heavy]),
+    pytest.param("dspark_vanilla", (2, 5), marks=pytest.mark.slow),
+    pytest.param("eagle3", (4, 6), marks=pytest.mark.slow),
 ])
 def test_tree_greedy_matches_target(name, tree):
     fs = _fixture()
@@ -82,7 +82,7 @@ def test_tree_greedy_matches_target(name, tree):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["dspark_gated_distilled", pytest.param("eagle3_distilled", marks=pytest.mark.heavy)])
+@pytest.mark.parametrize("name", ["dspark_gated_distilled", "eagle3_distilled"])
 def test_tree_topk1_is_the_chain(name):
     """k=1 with the chain's width: same tokens and the same per-round statistics."""
     fs = _fixture()
@@ -249,7 +249,6 @@ def _tree_samples(kind: str, tree, rule: str):
 
 
 @pytest.mark.slow
-@pytest.mark.heavy  # CI keeps the model-free lossless tests in tests/test_tree_verify.py
 @pytest.mark.parametrize("kind,tree", [("dspark", (3, 6)), ("eagle3", (2, 5))])
 def test_tree_sampling_matches_target_distribution(kind, tree):
     ref, ours, res = _tree_samples(kind, tree, "exact")
@@ -263,7 +262,6 @@ def test_tree_sampling_matches_target_distribution(kind, tree):
 
 
 @pytest.mark.slow
-@pytest.mark.heavy  # the model-free tests/test_tree_verify.py detects the same rule fast
 def test_tree_wrong_residual_is_detected():
     ref, ours, _ = _tree_samples("dspark", (3, 6), "residual_no_subtract")
     worst = min(_chi2_p(_counts(ref, pos), _counts(ours, pos)) for pos in range(K_TOKENS))

@@ -83,7 +83,6 @@ def test_cli_rejects_bad_tree_flag():
 
 
 @pytest.mark.slow
-@pytest.mark.heavy  # test_runner_tree_block_and_table covers the rows; this adds the CLI wrapper
 def test_cli_tree_end_to_end(ids_dataset, tmp_path):  # noqa: F811
     out = tmp_path / "out"
     proc = run_cli(f"--target={TARGET}", f"--draft={DSPARK}", f"--datasets={ids_dataset}",

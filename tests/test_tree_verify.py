@@ -95,9 +95,9 @@ def _gof_p(t1, t2, exact) -> float:
 
 @pytest.mark.parametrize("topk,num_nodes", [
     (3, 9),
-    pytest.param(1, 3, marks=[pytest.mark.slow, pytest.mark.heavy]),     # the chain
-    pytest.param(2, 5, marks=[pytest.mark.slow, pytest.mark.heavy]),
-    pytest.param(4, 40, marks=[pytest.mark.slow, pytest.mark.heavy]),    # every candidate kept
+    pytest.param(1, 3, marks=pytest.mark.slow),     # the chain
+    pytest.param(2, 5, marks=pytest.mark.slow),
+    pytest.param(4, 40, marks=pytest.mark.slow),    # every candidate kept
 ])
 def test_sampled_tree_is_lossless(topk, num_nodes):
     tree, acc, t1, t2, exact = _two_tokens(topk, num_nodes, "exact")
@@ -111,9 +111,9 @@ def test_sampled_tree_is_lossless(topk, num_nodes):
 
 @pytest.mark.parametrize("rule", ["residual_no_subtract",
                                   # p not renormalised between siblings: the next ratio is off
-                                  pytest.param("residual_unnormalised", marks=[pytest.mark.slow, pytest.mark.heavy]),
-                                  pytest.param("q_no_exclude", marks=[pytest.mark.slow, pytest.mark.heavy]),
-                                  pytest.param("always_accept", marks=[pytest.mark.slow, pytest.mark.heavy])])
+                                  pytest.param("residual_unnormalised", marks=pytest.mark.slow),
+                                  pytest.param("q_no_exclude", marks=pytest.mark.slow),
+                                  pytest.param("always_accept", marks=pytest.mark.slow)])
 def test_wrong_tree_rules_are_detected(rule):
     _, _, t1, t2, exact = _two_tokens(3, 9, rule)
     p = _gof_p(t1, t2, exact)
