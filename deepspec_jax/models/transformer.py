@@ -15,7 +15,6 @@ those names onto a ``Mesh`` (fsdp/tensor), so the model code never names mesh ax
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple, Sequence
 
 import jax
@@ -96,9 +95,9 @@ class KVCache(NamedTuple):
 
     ``k``: L buffers [B, K, D, S_max] and ``v``: L buffers [B, K, S_max, D] -- the
     layouts in which the two attention matmuls read them without a transpose copy;
-    ``lengths``: int32 [B]. Entries at positions
-    >= ``lengths[b]`` are ignored by attention, so rolling back is just lowering
-    ``lengths`` (speculative decoding's rejected tail).
+    ``lengths``: int32 [B]. Entries at positions >= ``lengths[b]`` are ignored by
+    attention, so rolling back is just lowering ``lengths`` (speculative decoding's
+    rejected tail).
     """
 
     k: tuple[jax.Array, ...]
