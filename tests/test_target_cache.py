@@ -13,8 +13,8 @@ from deepspec_jax import load_target
 from deepspec_jax import target as target_mod
 
 
-def _fixture_target(fs, per_layer=None):
-    return load_target(os.path.join(fs, load_manifest(fs)["global"]["target_dir"]), per_layer=per_layer)
+def _fixture_target(fs):
+    return load_target(os.path.join(fs, load_manifest(fs)["global"]["target_dir"]))
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +22,9 @@ def fixture_set():
     return fixture_sets()[0]
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["stacked_scan", "per_layer"])
-def tiny(fixture_set, request):
-    """Both weight layouts: stacked under lax.scan (accelerators) and per-layer (CPU)."""
-    target = _fixture_target(fixture_set, per_layer=request.param)
-    assert target.per_layer == request.param
-    return target
+@pytest.fixture(scope="module")
+def tiny(fixture_set):
+    return _fixture_target(fixture_set)
 
 
 def test_cached_decode_matches_full_forward(tiny):
@@ -139,11 +136,11 @@ def _whole_cache_copies(hlo: str, cache) -> list[str]:
 
 
 @pytest.mark.parametrize("batch,new", [(1, 1), (1, 5), (3, 5)])
-def test_per_layer_extend_updates_cache_in_place(fixture_set, batch, new):
+def test_extend_updates_cache_in_place(fixture_set, batch, new):
     """The compiled decode/verify step never copies a whole KV buffer: reading the cache
     and then scattering into it made XLA:CPU copy every layer's buffer 2-4 times per
     call (~70% of a SmolLM2 decode step)."""
-    target = _fixture_target(fixture_set, per_layer=True)
+    target = _fixture_target(fixture_set)
     cache = target.init_cache(batch, 64)
     ids = jnp.zeros((batch, new), jnp.int32)
     compiled = target_mod._extend.lower(target.graphdef, target.state, cache, ids,
@@ -152,13 +149,13 @@ def test_per_layer_extend_updates_cache_in_place(fixture_set, batch, new):
     assert not copies, f"{len(copies)} whole-cache copies, e.g. {copies[:2]}"
 
 
-def test_per_layer_extend_tree_updates_cache_in_place(fixture_set):
+def test_extend_tree_updates_cache_in_place(fixture_set):
     """Same for the tree verify pass (the tree's K/V go to the attention separately)."""
     from flax import nnx
 
     from deepspec_jax.kernels.tree_attention import ancestor_bits
 
-    target = _fixture_target(fixture_set, per_layer=True)
+    target = _fixture_target(fixture_set)
     cache = target.init_cache(2, 64)
     parents = jnp.asarray([[-1, 0, 0, 1, 2], [-1, 0, 1, 2, 3]], jnp.int32)
     depths = jnp.asarray([[0, 1, 1, 2, 2], [0, 1, 2, 3, 4]], jnp.int32)
@@ -170,3 +167,29 @@ def test_per_layer_extend_tree_updates_cache_in_place(fixture_set):
         target.state, cache, jnp.zeros((2, 5), jnp.int32), depths, ancestor_bits(parents)).compile()
     copies = _whole_cache_copies(compiled.as_text(), cache)
     assert not copies, f"{len(copies)} whole-cache copies, e.g. {copies[:2]}"
+
+
+def test_nan_in_one_row_does_not_reach_other_rows(tiny):
+    """A non-finite value in row 0's cache (so row 0's attention output is NaN) must not
+    change row 1: the in-place KV write's read-before-write dependency must stay an
+    exact zero (``0 * NaN`` added to every row's new entries poisoned them all)."""
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, tiny.config.vocab_size - 1, size=(2, 8)).astype(np.int32)
+    lens = np.array([6, 6], np.int32)
+    step = ids[:, 6:7]
+
+    def decode(poison: bool):
+        _, cache = tiny.extend(tiny.init_cache(2, 32), ids[:, :6], lens)
+        if poison:
+            cache = cache._replace(k=(cache.k[0].at[0].set(jnp.nan),) + cache.k[1:])
+        out1, cache = tiny.extend(cache, step, np.ones(2, np.int32))
+        out2, cache = tiny.extend(cache, ids[:, 7:8], np.ones(2, np.int32))
+        return np.asarray(out1.logits), np.asarray(out2.logits), cache
+
+    clean1, clean2, clean_cache = decode(False)
+    bad1, bad2, bad_cache = decode(True)
+    assert np.isnan(bad1[0]).all(), "the poisoned row should produce NaN logits"
+    np.testing.assert_array_equal(bad1[1], clean1[1])
+    np.testing.assert_array_equal(bad2[1], clean2[1])
+    for c, b in zip(clean_cache.k + clean_cache.v, bad_cache.k + bad_cache.v):
+        np.testing.assert_array_equal(np.asarray(b)[1], np.asarray(c)[1])

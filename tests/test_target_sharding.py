@@ -1,5 +1,4 @@
-"""An 8-device CPU mesh (fsdp x tensor) gives the same logits as one device, with
-both weight layouts (stacked/scan and per-layer)."""
+"""An 8-device CPU mesh (fsdp x tensor) gives the same logits as one device."""
 
 import json
 import os
@@ -22,7 +21,7 @@ ids = np.random.default_rng(0).integers(0, 500, size=(4, 24)).astype(np.int32)
 res = {}
 for name, (d, f, t) in {"single": (1, 1, 1), "fsdp4_tp2": (1, 4, 2), "dp2_fsdp2_tp2": (2, 2, 2)}.items():
     devs = jax.devices()[: d * f * t]
-    target = load_target(path, mesh=make_mesh(d, f, t, devices=devs), per_layer=(name != "fsdp4_tp2"))
+    target = load_target(path, mesh=make_mesh(d, f, t, devices=devs))
     leaves = jax.tree.leaves(target.state)
     res[name + "_q_shards"] = max(len({str(s.index) for s in x.addressable_shards}) for x in leaves)
     o = target.forward(ids, layer_ids=(0, 2))

@@ -1,8 +1,6 @@
 """The tree verify pass and cache compaction against fresh full forwards.
 
-On the tiny fixture target (both KV-cache layouts: per-layer buffers, the CPU default,
-and stacked, the accelerator default -- the latter marked slow):
-prefill two prompts of different lengths, run a random tree through
+On the tiny fixture target: prefill two prompts of different lengths, run a random tree through
 ``CausalLM.extend_tree``, and check that every node's logits and features equal a
 plain causal forward over prefix + the node's root path; then compact the cache to
 one root path and check that the next token's logits equal a fresh forward over
@@ -65,7 +63,7 @@ def _run(graphdef, state, prefill, lens, ids, depths, parents, slots, num_keep, 
     """prefill -> tree pass -> compaction -> one more token, in one compiled call."""
     model = nnx.merge(graphdef, state)
     b = prefill.shape[0]
-    cache = init_cache(model.cfg, b, 64, model.dtype, model.per_layer)
+    cache = init_cache(model.cfg, b, 64, model.dtype)
     _, cache = model.extend(cache, prefill, lens, LAYERS)
     out, tcache = model.extend_tree(cache, ids, depths, ancestor_bits(parents), LAYERS)
     ccache = compact_kv_cache(tcache, tcache.lengths, slots, num_keep)
@@ -73,11 +71,9 @@ def _run(graphdef, state, prefill, lens, ids, depths, parents, slots, num_keep, 
     return out, tcache.lengths, ccache.lengths, out2
 
 
-@pytest.mark.parametrize("per_layer", [True, pytest.param(False, marks=pytest.mark.slow)])
-def test_tree_pass_and_compaction_match_fresh_forward(per_layer):
+def test_tree_pass_and_compaction_match_fresh_forward():
     fs = fixture_sets()[0]
-    target = load_target(os.path.join(fs, load_manifest(fs)["global"]["target_dir"]),
-                         per_layer=per_layer)
+    target = load_target(os.path.join(fs, load_manifest(fs)["global"]["target_dir"]))
     vocab = target.config.vocab_size
     rng = np.random.default_rng(3)
     lens = [7, 12]

@@ -1,8 +1,13 @@
 """Decoder-only target LM (Llama, Qwen3) as a Flax NNX module.
 
-Layer parameters are either stacked on a leading ``layers`` axis with the decoder run
-as a ``lax.scan`` (accelerators: compile time flat in depth), or kept per layer with
-the decoder unrolled (CPU default: every layer's KV buffer is then updated in place).
+One parameter layout on every backend: one weight buffer per layer (``TargetLayers``)
+and one KV buffer per layer, the decoder an unrolled Python loop that writes each
+layer's new keys/values into its buffer in place (as vllm-project/tpu-inference runs
+its models: a list of layers, no scan). The target is frozen (forward only), so the
+unrolled loop costs accelerators only compile time, while a stacked ``[L, ...]``
+layout is 1.6-7.6x slower per decode step on XLA:CPU (docs/BENCHMARKS.md, "One
+parameter layout?"). ``DecoderStack`` (stacked, for ``lax.scan``) remains for the
+trained DSpark draft.
 
 Every parameter carries ``logical_axes`` metadata; ``deepspec_jax.sharding`` maps
 those names onto a ``Mesh`` (fsdp/tensor), so the model code never names mesh axes.
@@ -10,7 +15,6 @@ those names onto a ``Mesh`` (fsdp/tensor), so the model code never names mesh ax
 
 from __future__ import annotations
 
-import dataclasses
 from typing import NamedTuple, Sequence
 
 import jax
@@ -33,114 +37,110 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Para
     return nnx.Param(value, logical_axes=tuple(axes))
 
 
-class DecoderStack(nnx.Module):
-    """All decoder layers' weights: stacked on a leading layer axis (for ``lax.scan``),
-    or with ``per_layer=True`` one array per layer (an ``nnx.List``, path
-    ``layers.<name>.<i>``) for unrolled execution.
+def _layer_params(cfg: TargetConfig) -> list[tuple[str, tuple, tuple, str]]:
+    """(name, shape, logical axes, init) of one decoder layer's parameters.
+    Linear weights are stored input-major (``x @ W``); the HF name map transposes."""
+    d, H, K, D, I = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                     cfg.head_dim, cfg.intermediate_size)
+    out = [("input_norm", (d,), ("norm",), "ones"),
+           ("post_attn_norm", (d,), ("norm",), "ones"),
+           ("q_proj", (d, H * D), ("embed", "heads"), "normal"),
+           ("k_proj", (d, K * D), ("embed", "kv_heads"), "normal"),
+           ("v_proj", (d, K * D), ("embed", "kv_heads"), "normal"),
+           ("o_proj", (H * D, d), ("heads", "embed"), "normal")]
+    if cfg.attention_bias:
+        out += [("q_bias", (H * D,), ("heads",), "zeros"),
+                ("k_bias", (K * D,), ("kv_heads",), "zeros"),
+                ("v_bias", (K * D,), ("kv_heads",), "zeros")]
+    if cfg.qk_norm:
+        out += [("q_norm", (D,), ("norm",), "ones"), ("k_norm", (D,), ("norm",), "ones")]
+    return out + [("gate_proj", (d, I), ("embed", "mlp"), "normal"),
+                  ("up_proj", (d, I), ("embed", "mlp"), "normal"),
+                  ("down_proj", (I, d), ("mlp", "embed"), "normal")]
 
-    Why both: on accelerators a scan over stacked weights is free and keeps compile
-    time flat in depth, but XLA:CPU materialises every slice of a stacked array that a
-    matmul reads, dynamic (under scan) or static (unrolled loop), and none of the
-    XLA:CPU flags tried changes that: a SmolLM2 decode step is 1.3-2x (scan) / 6-9x
-    (static slices) slower than with per-layer buffers (docs/BENCHMARKS.md, "One
-    parameter layout?"). Both layouts share one layer body (``CausalLM._run``); only
-    the loop driver and the KV write differ.
-    Linear weights are stored input-major (``x @ W``); the HF name map transposes.
-    """
 
-    def __init__(self, cfg: TargetConfig, *, param_dtype, rngs: nnx.Rngs, per_layer: bool = False):
-        L, d, H, K, D, I = (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
-                            cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size)
-        self.per_layer = per_layer
+class TargetLayers(nnx.Module):
+    """The target's decoder weights, one array per layer: ``self.<name>`` is an
+    ``nnx.List`` (parameter path ``layers.<name>.<i>``). XLA:CPU copies every slice of
+    a stacked array that a matmul reads, so per-layer buffers are the one layout that
+    is read once per step on every backend (see the module docstring)."""
 
-        def p(shape, axes, init="normal"):
-            if not per_layer:
-                return _param(rngs, shape, axes, param_dtype, init)
-            return nnx.List([_param(rngs, shape[1:], axes[1:], param_dtype, init) for _ in range(L)])
-
-        self.input_norm = p((L, d), ("layers", "norm"), "ones")
-        self.post_attn_norm = p((L, d), ("layers", "norm"), "ones")
-        self.q_proj = p((L, d, H * D), ("layers", "embed", "heads"))
-        self.k_proj = p((L, d, K * D), ("layers", "embed", "kv_heads"))
-        self.v_proj = p((L, d, K * D), ("layers", "embed", "kv_heads"))
-        self.o_proj = p((L, H * D, d), ("layers", "heads", "embed"))
-        if cfg.attention_bias:
-            self.q_bias = p((L, H * D), ("layers", "heads"), "zeros")
-            self.k_bias = p((L, K * D), ("layers", "kv_heads"), "zeros")
-            self.v_bias = p((L, K * D), ("layers", "kv_heads"), "zeros")
-        if cfg.qk_norm:
-            self.q_norm = p((L, D), ("layers", "norm"), "ones")
-            self.k_norm = p((L, D), ("layers", "norm"), "ones")
-        self.gate_proj = p((L, d, I), ("layers", "embed", "mlp"))
-        self.up_proj = p((L, d, I), ("layers", "embed", "mlp"))
-        self.down_proj = p((L, I, d), ("layers", "mlp", "embed"))
-
-    def _names(self) -> list[str]:
-        return [k for k, v in vars(self).items() if isinstance(v, (nnx.Param, nnx.List))]
-
-    def stacked(self) -> dict[str, jax.Array]:
-        """name -> [L, ...] array (stacked storage only)."""
-        if self.per_layer:
-            raise ValueError("stacked() needs stacked storage (per_layer=False).")
-        return {k: getattr(self, k).get_value() for k in self._names()}
+    def __init__(self, cfg: TargetConfig, *, param_dtype, rngs: nnx.Rngs):
+        for name, shape, axes, init in _layer_params(cfg):
+            setattr(self, name, nnx.List([_param(rngs, shape, axes, param_dtype, init)
+                                          for _ in range(cfg.num_hidden_layers)]))
 
     def layer(self, i: int) -> dict[str, jax.Array]:
-        """name -> layer ``i``'s array (a view of a stacked array, or its own buffer)."""
-        if self.per_layer:
-            return {k: getattr(self, k)[i].get_value() for k in self._names()}
-        return {k: v[i] for k, v in self.stacked().items()}
+        """name -> layer ``i``'s array."""
+        return {k: v[i].get_value() for k, v in vars(self).items() if isinstance(v, nnx.List)}
+
+
+class DecoderStack(nnx.Module):
+    """Decoder weights stacked on a leading ``layers`` axis, for a ``lax.scan`` over
+    layers: the DSpark draft's layout (trained, so the scan keeps compile time and the
+    rematerialised backward flat in depth). The target uses ``TargetLayers``."""
+
+    def __init__(self, cfg: TargetConfig, *, param_dtype, rngs: nnx.Rngs):
+        L = cfg.num_hidden_layers
+        for name, shape, axes, init in _layer_params(cfg):
+            setattr(self, name, _param(rngs, (L,) + shape, ("layers",) + axes, param_dtype, init))
+
+    def stacked(self) -> dict[str, jax.Array]:
+        """name -> [L, ...] array."""
+        return {k: v.get_value() for k, v in vars(self).items() if isinstance(v, nnx.Param)}
 
 
 class KVCache(NamedTuple):
     """Preallocated per-layer keys/values and the number of valid positions per row.
 
-    ``k``: [L, B, K, D, S_max] and ``v``: [L, B, K, S_max, D] -- the layouts in which
-    the two attention matmuls read them without a transpose copy; ``lengths``: int32 [B]. Entries at positions
-    >= ``lengths[b]`` are ignored by attention, so rolling back is just lowering
-    ``lengths`` (speculative decoding's rejected tail).
+    ``k``: L buffers [B, K, D, S_max] and ``v``: L buffers [B, K, S_max, D] -- the
+    layouts in which the two attention matmuls read them without a transpose copy;
+    ``lengths``: int32 [B]. Entries at positions >= ``lengths[b]`` are ignored by
+    attention, so rolling back is just lowering ``lengths`` (speculative decoding's
+    rejected tail).
     """
 
-    k: jax.Array | tuple
-    v: jax.Array | tuple
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
     lengths: jax.Array
 
     @property
     def max_len(self) -> int:
-        return (self.v[0] if isinstance(self.v, tuple) else self.v).shape[-2]
+        return self.v[0].shape[-2]
 
 
-def init_cache(cfg: TargetConfig, batch: int, max_len: int, dtype=jnp.float32,
-               per_layer: bool = False) -> KVCache:
-    """Empty cache; ``per_layer`` gives tuples of per-layer buffers (matches a model
-    built with per-layer weights), else stacked [L, ...] arrays."""
+def init_cache(cfg: TargetConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    """Empty cache: a tuple of per-layer key buffers and one of value buffers."""
     L, K, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-    k_shape, v_shape = (batch, K, D, max_len), (batch, K, max_len, D)
-    lengths = jnp.zeros((batch,), jnp.int32)
-    if per_layer:
-        return KVCache(tuple(jnp.zeros(k_shape, dtype) for _ in range(L)),
-                       tuple(jnp.zeros(v_shape, dtype) for _ in range(L)), lengths)
-    return KVCache(jnp.zeros((L,) + k_shape, dtype), jnp.zeros((L,) + v_shape, dtype), lengths)
+    return KVCache(tuple(jnp.zeros((batch, K, D, max_len), dtype) for _ in range(L)),
+                   tuple(jnp.zeros((batch, K, max_len, D), dtype) for _ in range(L)),
+                   jnp.zeros((batch,), jnp.int32))
 
 
 def write_rows(buf: jax.Array, new: jax.Array, start: jax.Array, axis: int) -> jax.Array:
     """``buf[b, ..., start[b] : start[b] + T, ...] = new[b]`` along ``axis`` for every row.
 
-    One ``dynamic_update_slice`` per row, which XLA performs in place on a donated
-    buffer (a scatter with out-of-range dropping is not in place on CPU). Callers size
-    caches so that ``start + T <= max_len``: dynamic_update_slice clamps the start
-    otherwise (every decode loop here allocates that slack)."""
-    for i in range(buf.shape[0]):
-        idx = [jnp.int32(i)] + [jnp.int32(0)] * (buf.ndim - 1)
-        idx[axis] = start[i].astype(jnp.int32)
-        buf = jax.lax.dynamic_update_slice(buf, new[i:i + 1].astype(buf.dtype), idx)
-    return buf
+    One scatter with ``promise_in_bounds``, which XLA performs in place on a donated
+    buffer (with out-of-range dropping it is not in place on CPU), and one op whatever
+    the batch (one ``dynamic_update_slice`` per row unrolled B ops per layer: 16k-row
+    batches then never finished compiling). Callers size caches so that
+    ``start + T <= max_len`` (every decode loop here allocates that slack): an
+    out-of-range write is undefined."""
+    pos = start.astype(jnp.int32)[:, None] + jnp.arange(new.shape[axis], dtype=jnp.int32)[None]
+    idx = (jnp.arange(buf.shape[0])[:, None],) + (slice(None),) * (axis - 1) + (pos,)
+    return buf.at[idx].set(jnp.moveaxis(new, axis, 1).astype(buf.dtype), mode="promise_in_bounds")
 
 
 def read_before_write(read: jax.Array) -> jax.Array:
     """A zero that depends on ``read``: adding it to the values written into a buffer
     that ``read`` was computed from makes XLA schedule the read first and update the
-    buffer in place, instead of copying the buffer to keep its old contents alive."""
-    return jnp.zeros((), read.dtype) * read.reshape(-1)[0]
+    buffer in place, instead of copying the buffer to keep its old contents alive.
+
+    An exact zero even when the element read is NaN/inf (non-finite values are
+    selected away before the multiply), so a non-finite row cannot leak into every
+    other row's cache entries."""
+    x = read.reshape(-1)[0]
+    return jnp.where(jnp.isfinite(x), x, jnp.zeros((), read.dtype)) * jnp.zeros((), read.dtype)
 
 
 def write_kv_after(ck: jax.Array, cv: jax.Array, kt: jax.Array, vt: jax.Array,
@@ -191,12 +191,11 @@ def feature_slots(layer_ids: Sequence[int], num_layers: int) -> tuple[tuple[int,
 
 class CausalLM(nnx.Module):
     def __init__(self, cfg: TargetConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs, per_layer: bool = False):
+                 rngs: nnx.Rngs):
         self.cfg = cfg
         self.dtype = dtype
-        self.per_layer = per_layer
         self.embed = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
-        self.layers = DecoderStack(cfg, param_dtype=param_dtype, rngs=rngs, per_layer=per_layer)
+        self.layers = TargetLayers(cfg, param_dtype=param_dtype, rngs=rngs)
         self.final_norm = _param(rngs, (cfg.hidden_size,), ("norm",), param_dtype, "ones")
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
@@ -228,11 +227,9 @@ class CausalLM(nnx.Module):
         a cache); it is the only difference between the full-sequence and the cached
         paths. With a cache, the new keys/values go to slots ``lengths[b] + j``.
 
-        One layer body; the loop driver follows the storage (see ``DecoderStack``):
-        stacked weights/cache run under ``lax.scan`` (the cache is a read-only scan
-        input, the new entries are scattered once afterwards); per-layer buffers run
-        unrolled, each layer's new entries written into its buffer in place after the
-        attention read (``write_kv_after``)."""
+        The layers run unrolled over per-layer buffers; each layer's new entries are
+        written into its cache buffer in place after the attention read
+        (``write_kv_after``)."""
         cfg = self.cfg
         layer_ids = tuple(layer_ids)
         for lid in layer_ids:
@@ -249,49 +246,23 @@ class CausalLM(nnx.Module):
         feats = feats.at[:, :, emb_slot].set(h)
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
 
-        def layer(h, feats, p, slot, ck, cv):
-            p = {k: v.astype(self.dtype) for k, v in p.items()}
+        start = None if cache is None else cache.lengths
+        ks, vs = [], []
+        for l in range(cfg.num_hidden_layers):
+            p = {k: v.astype(self.dtype) for k, v in self.layers.layer(l).items()}
             x = rms_norm(h, p["input_norm"], cfg.rms_norm_eps)
             q, k, v = layer_qkv(cfg, p, x, positions, inv_freq)
             kt, vt = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B,K,D,T], [B,K,T,D]
+            ck, cv = (None, None) if cache is None else (cache.k[l], cache.v[l])
             attn = attend(q, kt, vt, ck, cv)
             h = layer_finish(cfg, p, h, attn)
-            feats = jax.lax.dynamic_update_index_in_dim(feats, h, slot, axis=2)
-            return h, feats, attn, kt, vt
-
-        start = None if cache is None else cache.lengths
-        if self.per_layer:
-            ks, vs = [], []
-            for l in range(cfg.num_hidden_layers):
-                ck, cv = (None, None) if cache is None else (cache.k[l], cache.v[l])
-                h, feats, attn, kt, vt = layer(h, feats, self.layers.layer(l), slots[l], ck, cv)
-                if cache is not None:
-                    ck, cv = write_kv_after(ck, cv, kt, vt, start, attn)
-                    ks.append(ck)
-                    vs.append(cv)
+            feats = jax.lax.dynamic_update_index_in_dim(feats, h, slots[l], axis=2)
             if cache is not None:
-                cache = KVCache(tuple(ks), tuple(vs), cache.lengths)
-        else:
-            def body(carry, xs):
-                h, feats = carry
-                p, slot, ck, cv = xs
-                h, feats, _, kt, vt = layer(h, feats, p, slot, ck, cv)
-                return (h, feats), (None if ck is None else (kt, vt))
-
-            xs = (self.layers.stacked(), jnp.asarray(slots, jnp.int32),
-                  None if cache is None else cache.k, None if cache is None else cache.v)
-            (h, feats), new = jax.lax.scan(body, (h, feats), xs)
-            if cache is not None:
-                # New entries go to cache[:, b, :, (:,) start[b] + j]; the indexed views
-                # are [B, T, L, K, D] (numpy advanced-indexing order puts index dims first).
-                kt, vt = new                                            # [L,B,K,D,T], [L,B,K,T,D]
-                slots_bt = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
-                rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))
-                cache = cache._replace(
-                    k=cache.k.at[:, rows, :, :, slots_bt].set(
-                        kt.transpose(1, 4, 0, 2, 3).astype(cache.k.dtype), mode="drop"),
-                    v=cache.v.at[:, rows, :, slots_bt].set(
-                        vt.transpose(1, 3, 0, 2, 4).astype(cache.v.dtype), mode="drop"))
+                ck, cv = write_kv_after(ck, cv, kt, vt, start, attn)
+                ks.append(ck)
+                vs.append(cv)
+        if cache is not None:
+            cache = KVCache(tuple(ks), tuple(vs), cache.lengths)
         last = rms_norm(h, self.final_norm.get_value().astype(self.dtype), cfg.rms_norm_eps)
         out = ForwardOut(self.logits(last), feats[:, :, :n].reshape(b, t, n * d), last)
         return out, cache

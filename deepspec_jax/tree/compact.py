@@ -43,24 +43,16 @@ def _move(buf: jax.Array, slot_axis: int, src: jax.Array, dst: jax.Array) -> jax
 def compact_kv_cache(cache: KVCache, start: jax.Array, slots: jax.Array,
                      num_keep: jax.Array) -> KVCache:
     """Move tree slots ``start + slots[b, j]`` to ``start + j`` for ``j < num_keep[b]``
-    and set ``lengths = start + num_keep``. Works on stacked ``[L,B,...]`` and
-    per-layer (tuple) target caches (k [..,B,K,D,S], v [..,B,K,S,D])."""
+    and set ``lengths = start + num_keep`` in every layer's buffers (k [B,K,D,S],
+    v [B,K,S,D])."""
     start = start.astype(jnp.int32)
     s_max = cache.max_len
     j = jnp.arange(slots.shape[1], dtype=jnp.int32)[None]
     src = jnp.minimum(start[:, None] + slots, s_max - 1)
     dst = jnp.where(j < num_keep[:, None], start[:, None] + j, s_max)   # s_max -> dropped
 
-    def k_fn(c):
-        return _move(c, 3, src, dst)
-
-    def v_fn(c):
-        return _move(c, 2, src, dst)
-
-    if isinstance(cache.k, tuple):
-        ck, cv = tuple(k_fn(c) for c in cache.k), tuple(v_fn(c) for c in cache.v)
-    else:
-        ck, cv = jax.vmap(k_fn)(cache.k), jax.vmap(v_fn)(cache.v)
+    ck = tuple(_move(c, 3, src, dst) for c in cache.k)
+    cv = tuple(_move(c, 2, src, dst) for c in cache.v)
     return KVCache(ck, cv, jnp.minimum(start + num_keep.astype(jnp.int32), s_max))
 
 
