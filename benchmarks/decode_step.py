@@ -16,7 +16,6 @@ measurement of the stacked layouts that were removed (commit a400675 / d8680dc).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -24,6 +23,14 @@ import platform
 import re
 import sys
 import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+
+from deepspec_jax import cli, load_target
+from deepspec_jax import target as target_mod
 
 _SHAPE = re.compile(r"^\s*(?:ROOT )?%\S+ = (\w+)\[([\d,]*)\]\{[^}]*\} (\w[\w-]*)\(")
 _BYTES = {"f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4}
@@ -62,24 +69,19 @@ def materialised_copies(hlo: str) -> dict[str, float]:
     return {"copy_mb": round(copy_mb, 2), "slice_fusion_mb": round(slice_mb, 2)}
 
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("target", None, "Target (default: embedded SmolLM2-135M).", flag_values=FLAGS)
+flags.DEFINE_integer("context", 256, "Tokens already in the cache.", flag_values=FLAGS)
+flags.DEFINE_integer("cache_len", 1024, "KV cache capacity.", flag_values=FLAGS)
+flags.DEFINE_integer("rounds", 15, "Timed rounds.", flag_values=FLAGS)
+flags.DEFINE_integer("calls", 5, "Timed calls per round.", flag_values=FLAGS)
+flags.DEFINE_string("json", None, "Also write the results here.", flag_values=FLAGS)
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--target", default=None, help="target (default: embedded SmolLM2-135M)")
-    ap.add_argument("--context", type=int, default=256, help="tokens already in the cache")
-    ap.add_argument("--cache_len", type=int, default=1024, help="KV cache capacity")
-    ap.add_argument("--rounds", type=int, default=15, help="timed rounds")
-    ap.add_argument("--calls", type=int, default=5, help="timed calls per round")
-    ap.add_argument("--json", default=None, help="also write the results here")
-    args = ap.parse_args(argv)
+    args = cli.parse(FLAGS, argv, __doc__)
     if args.context + 1 > args.cache_len:
-        raise SystemExit(f"--cache_len ({args.cache_len}) must exceed --context ({args.context}).")
-
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-
-    from deepspec_jax import load_target
-    from deepspec_jax import target as target_mod
+        cli.usage_error(f"--cache_len ({args.cache_len}) must exceed --context ({args.context}).")
 
     rng = np.random.default_rng(0)
     target = load_target(args.target)
