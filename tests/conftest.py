@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 
+import jax
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,3 +53,15 @@ def fixture_set_dirs() -> list[str]:
         raise RuntimeError(f"no fixture set (a directory with manifest.json) under {FIXTURES_ROOT}; "
                            "set DEEPSPEC_FIXTURES to the fixtures directory.")
     return sets
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop JAX's compiled executables after each test module. The suite compiles
+    thousands of programs in one process; XLA:CPU keeps each one's JIT-mapped code
+    alive while cached, and a full run once aborted inside a late compile (SIGABRT in
+    backend_compile) after the process had accumulated them. Modules share few
+    programs, so clearing costs little recompilation."""
+    yield
+    jax.clear_caches()
+    gc.collect()
