@@ -1,0 +1,72 @@
+"""Attention for training and prefill, in one place, with explicit mask kinds.
+
+The mask of every long attention in this project is a *span* per query: key j is
+visible to query t iff ``start[b, t] <= j < stop[b, t]``.
+
+* causal over a right-padded batch: ``causal_span(lengths, T)`` (stop = t + 1, or 0
+  past the row's length);
+* a DSpark/DFlash block over the target context: stop = the block's anchor (dummy
+  blocks: 0);
+* Eagle3 training-time test: causal over the step-0 keys (its diagonal keys are a
+  short ``dense_attention`` merged in);
+* a sliding window: start = t - window + 1.
+
+Short key sets with arbitrary masks (a DSpark block's own keys, Eagle3's diagonal
+keys, the tokens of one decode step) go through ``dense_attention``; pieces are
+combined into one softmax by ``merge_attention`` from their log-sum-exps. Tree
+verification has its own kernel (``deepspec_jax.kernels.tree_attention``).
+
+Public API (all return ``(out [B,T,H,D] float32, lse [B,T,H] float32)``):
+
+* ``span_attention(q, k, v, start, stop, *, scale=None, impl="auto", block_q=512,
+  block_kv=512, interpret=False)``: q [B,T,H,D], k/v [B,S,K,D], start/stop int32 [B,T].
+* ``dense_attention(q, k, v, mask, scale=None)``; ``merge_attention(parts)``.
+* ``span_attention_reference``: the pure-jnp oracle (query-blocked, rematerialised:
+  memory O(block_q x S)); ``span_mask``, ``causal_span``.
+
+``impl``: "reference" is the jnp path (CPU, and GPU through XLA); "pallas" the Pallas
+TPU kernel (``interpret=True`` runs it on CPU); "auto" = the kernel on TPU, the
+reference elsewhere.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from deepspec_jax.kernels.attention.reference import (dense_attention, merge_attention,
+                                                      span_attention_reference, span_mask)
+
+__all__ = ["span_attention", "span_attention_reference", "dense_attention", "merge_attention",
+           "span_mask", "causal_span"]
+
+_IMPLS = ("auto", "pallas", "reference")
+
+
+def causal_span(lengths: jax.Array, t: int, offset: int = 0) -> tuple[jax.Array, jax.Array]:
+    """(start, stop) [B,T] of causal attention over a right-padded batch: query t sees
+    keys 0..t+offset; rows past ``lengths[b]`` see nothing."""
+    pos = jnp.arange(t, dtype=jnp.int32)[None] + offset
+    stop = jnp.where(pos < lengths[:, None].astype(jnp.int32), pos + 1, 0)
+    return jnp.zeros_like(stop), stop
+
+
+def span_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, stop: jax.Array,
+                   *, scale: float | None = None, impl: str = "auto", block_q: int = 512,
+                   block_kv: int = 512, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Attention of q [B,T,H,D] over k/v [B,S,K,D] where query t sees keys
+    ``start[b,t] <= j < stop[b,t]``; see the module docstring."""
+    if impl not in _IMPLS:
+        raise ValueError(f"deepspec_jax.kernels.attention: impl={impl!r}; use one of {_IMPLS}")
+    b, t, h, d = q.shape
+    if k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or h % k.shape[2]:
+        raise ValueError(f"deepspec_jax.kernels.attention: q {q.shape} / k {k.shape} / v {v.shape}"
+                         " must be [B,T,H,D] / [B,S,K,D] / [B,S,K,D] with H a multiple of K")
+    if start.shape != (b, t) or stop.shape != (b, t):
+        raise ValueError(f"deepspec_jax.kernels.attention: start {start.shape} / stop "
+                         f"{stop.shape} must both be [B,T] = {(b, t)}")
+    start, stop = start.astype(jnp.int32), stop.astype(jnp.int32)
+    use_kernel = impl == "pallas" or (impl == "auto" and jax.default_backend() == "tpu")
+    if not use_kernel:
+        return span_attention_reference(q, k, v, start, stop, scale, block_q)
+    raise NotImplementedError("the Pallas span-attention kernel is being written (issue 12)")
