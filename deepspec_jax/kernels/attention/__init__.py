@@ -34,11 +34,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from deepspec_jax.kernels.attention.flash_tpu import span_attention_pallas, span_flops
 from deepspec_jax.kernels.attention.reference import (dense_attention, merge_attention,
                                                       span_attention_reference, span_mask)
 
 __all__ = ["span_attention", "span_attention_reference", "dense_attention", "merge_attention",
-           "span_mask", "causal_span"]
+           "span_mask", "causal_span", "span_flops"]
 
 _IMPLS = ("auto", "pallas", "reference")
 
@@ -69,4 +70,5 @@ def span_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, s
     use_kernel = impl == "pallas" or (impl == "auto" and jax.default_backend() == "tpu")
     if not use_kernel:
         return span_attention_reference(q, k, v, start, stop, scale, block_q)
-    raise NotImplementedError("the Pallas span-attention kernel is being written (issue 12)")
+    return span_attention_pallas(q, k, v, start, stop, scale=scale, block_q=block_q,
+                                 block_kv=block_kv, interpret=interpret)
