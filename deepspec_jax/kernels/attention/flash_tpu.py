@@ -93,8 +93,10 @@ def block_useful(lo: jax.Array, hi: jax.Array, j, bk: int):
 
 def _kv_block(j, lo, hi, bk: int):
     """Key block to hold at step j: j clamped to the useful range [lo//bk, cdiv(hi,bk)-1]
-    (an unchanged block index is not fetched again)."""
-    first = lo // bk
+    (an unchanged block index is not fetched again). lax.div, not //: both operands are
+    >= 0, and floor division lowers through sign, which Mosaic lowers only when it
+    knows the TPU generation (not when compiling outside a mesh on a CPU host)."""
+    first = lax.div(lo, bk)
     last = jnp.maximum(lax.div(hi + (bk - 1), bk) - 1, first)
     return jnp.minimum(jnp.maximum(j, first), last)
 
@@ -214,7 +216,7 @@ def _fwd(c: _Cfg, q, k, v, start, stop):
     lo, hi = lo.reshape(-1), hi.reshape(-1)
 
     def kv_index(bi, hh, i, j, lo_r, hi_r):
-        return bi, hh // g, _kv_block(j, lo_r[bi * nq + i], hi_r[bi * nq + i], bk)
+        return bi, lax.div(hh, g), _kv_block(j, lo_r[bi * nq + i], hi_r[bi * nq + i], bk)
 
     q_index = lambda bi, hh, i, j, lo_r, hi_r: (bi, hh, i)  # noqa: E731
     col = pl.BlockSpec((None, bq, 1), lambda bi, hh, i, j, lo_r, hi_r: (bi, i, 0))
@@ -326,7 +328,7 @@ def _bwd(c: _Cfg, q, k, v, start, stop, out, lse, dout, dlse):
 
     # dQ: grid (B, H, nq, nk), key blocks innermost, as in the forward.
     def kv_index(bi, hh, i, j, lo_r, hi_r):
-        return bi, hh // g, _kv_block(j, lo_r[bi * nq + i], hi_r[bi * nq + i], bk)
+        return bi, lax.div(hh, g), _kv_block(j, lo_r[bi * nq + i], hi_r[bi * nq + i], bk)
 
     q_index = lambda bi, hh, i, j, lo_r, hi_r: (bi, hh, i)  # noqa: E731
     col = pl.BlockSpec((None, bq, 1), lambda bi, hh, i, j, lo_r, hi_r: (bi, i, 0))
