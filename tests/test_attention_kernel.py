@@ -49,16 +49,22 @@ def window_case():
     return qkv(2, 1, 260, 260, 2, 2, 128, jnp.float32), jnp.maximum(t - 99, 0), t + 1
 
 
-def merged_loss(attn, start, stop, extra_mask):
-    """A loss through out and lse: the span piece merged with a dense piece over the
-    first 8 keys (``extra_mask`` [B,T,8]; rows False everywhere stay fully masked)."""
+def with_grads(attn, start, stop, extra_mask):
+    """(out, lse, dq, dk, dv) of the span piece, the gradients of a loss through out and
+    lse: the span piece merged with a dense piece over the first 8 keys (``extra_mask``
+    [B,T,8]; rows False everywhere stay fully masked). One jit: one kernel trace."""
     def loss(q, k, v):
         span = attn(q, k, v, start, stop)
         dense = dense_attention(q, k[:, :8], v[:, :8], extra_mask)
         out, lse = merge_attention([span, dense])
         w = jnp.cos(jnp.arange(out.size, dtype=jnp.float32).reshape(out.shape))
-        return jnp.sum(out * w) + 0.1 * jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
-    return loss
+        return jnp.sum(out * w) + 0.1 * jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0)), span
+
+    def f(q, k, v):
+        (_, (out, lse)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(
+            q, k, v)
+        return (out, lse) + grads
+    return jax.jit(f)
 
 
 def rel_err(a, b):
@@ -78,44 +84,46 @@ def test_kernel_matches_reference(case):
     # [out 4e-4; grads 3e-3, as far from an fp32 computation as the reference's own bf16
     # gradients are]. lse is a sum of fp32 exps of the same fp32 logits in both [7e-7].
     f32 = q.dtype == jnp.float32
-    out, lse = jax.jit(kernel)(q, k, v, start, stop)
-    out_r, lse_r = jax.jit(ref)(q, k, v, start, stop)
+    rng = np.random.default_rng(5)
+    extra = jnp.asarray(rng.random((q.shape[0], q.shape[1], 8)) < 0.5)
+    extra = extra.at[:, :80].set(False).at[:, -30:].set(False)  # dense piece empty too
+    out, lse, *grads = with_grads(kernel, start, stop, extra)(q, k, v)
+    out_r, lse_r, *grads_r = with_grads(ref, start, stop, extra)(q, k, v)
     empty = np.asarray(start >= stop)                                  # [B,T]
     assert rel_err(out, out_r) < (1e-5 if f32 else 2e-3)
     np.testing.assert_array_equal(np.isfinite(lse), ~empty[..., None].repeat(q.shape[2], -1))
     np.testing.assert_allclose(np.where(empty[..., None], 0, lse),
                                np.where(empty[..., None], 0, lse_r), atol=1e-5, rtol=0)
     assert np.all(np.asarray(out)[empty] == 0.0)                      # exactly 0, not ~0
-
-    rng = np.random.default_rng(5)
-    extra = jnp.asarray(rng.random((q.shape[0], q.shape[1], 8)) < 0.5)
-    extra = extra.at[:, :80].set(False).at[:, -30:].set(False)  # dense piece empty too
-    grads = jax.jit(jax.grad(merged_loss(kernel, start, stop, extra), argnums=(0, 1, 2)))
-    grads_r = jax.jit(jax.grad(merged_loss(ref, start, stop, extra), argnums=(0, 1, 2)))
-    for name, g, g_r in zip("qkv", grads(q, k, v), grads_r(q, k, v)):
+    for name, g, g_r in zip("qkv", grads, grads_r):
         assert np.all(np.isfinite(np.asarray(g, np.float32))), name
         assert rel_err(g, g_r) < (1e-5 if f32 else 1e-2), name
     if empty.any():  # a fully masked row (in both pieces) gets no gradient
         rows = empty & ~np.asarray(extra).any(-1)
         assert rows.any()
-        assert np.all(np.asarray(grads(q, k, v)[0], np.float32)[rows] == 0.0)
+        assert np.all(np.asarray(grads[0], np.float32)[rows] == 0.0)
 
 
 def test_skipped_blocks_are_not_read():
-    """Key blocks outside every span of a query block are neither computed nor used:
-    NaN there leaves the output and all gradients finite and unchanged."""
-    (q, k, v) = qkv(3, 1, 256, 512, 2, 1, 128, jnp.float32)
+    """Key blocks outside the span range of a (batch, query block) are neither computed
+    nor used: NaN there leaves the output and all gradients unchanged (and finite). A
+    fully masked query block reads no key at all."""
+    (q, k, v) = qkv(3, 2, 256, 512, 2, 1, 128, jnp.float32)
     t = jnp.arange(256, dtype=jnp.int32)[None]
-    # query block 0 sees keys in [128, 200) (key block 1); block 1 sees [300, 384) (block 2)
-    start = jnp.where(t < 128, 128, 300)
-    stop = jnp.where(t < 128, 129 + t % 64, 301 + t % 83)
-    keep = ((jnp.arange(512) >= 128) & (jnp.arange(512) < 384))[None, :, None, None]
+    # batch 0: query block 0 sees keys within [128, 200) (key block 1), query block 1
+    # within [300, 384) (key block 2); batch 1: query block 0 sees nothing, query block 1
+    # sees [384, 400) (key block 3).
+    start = jnp.concatenate([jnp.where(t < 128, 128, 300), jnp.where(t < 128, 0, 384)])
+    stop = jnp.concatenate([jnp.where(t < 128, 129 + t % 64, 301 + t % 83),
+                            jnp.where(t < 128, 0, 385 + t % 16)])
+    key = jnp.arange(512)
+    keep = jnp.stack([(key >= 128) & (key < 384), key >= 384])[:, :, None, None]
     kp, vp = jnp.where(keep, k, jnp.nan), jnp.where(keep, v, jnp.nan)
 
     def loss(q, k, v):
         out, lse = span_attention(q, k, v, start, stop, impl="pallas", block_q=BLOCK,
                                   block_kv=BLOCK, interpret=True)
-        return jnp.sum(out * out) + jnp.sum(lse), (out, lse)
+        return jnp.sum(out * out) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0)), (out, lse)
 
     f = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
     (_, (out, lse)), grads = f(q, k, v)
@@ -124,6 +132,8 @@ def test_skipped_blocks_are_not_read():
     np.testing.assert_array_equal(np.asarray(lse_p), np.asarray(lse))
     for g, g_p in zip(grads, grads_p):
         np.testing.assert_array_equal(np.asarray(g_p), np.asarray(g))
+    assert np.all(np.isfinite(np.asarray(out_p))) and np.all(np.asarray(out_p)[1, :128] == 0)
+    assert np.all(np.asarray(lse_p)[1, :128] == -np.inf)
 
 
 def test_span_flops_counts_computed_tiles():
