@@ -149,6 +149,11 @@ def test_span_flops_counts_computed_tiles():
     dense, done = span_flops(jnp.zeros_like(stop), stop, num_heads=1, head_dim=128,
                              num_keys=1024, block_q=256, block_kv=256)
     assert done == dense * 2 / 8
+    # block-diagonal (segments of 256 aligned with the tiles): only the 4 diagonal tiles.
+    t = jnp.arange(1024)[None]
+    dense, done = span_flops(t - t % 256, t + 1, num_heads=1, head_dim=128, num_keys=1024,
+                             block_q=256, block_kv=256)
+    assert done == dense * 4 / 16
 
 
 def tpu_kernel_calls(compiled) -> int:
