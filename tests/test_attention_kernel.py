@@ -30,9 +30,10 @@ def qkv(seed, b, t, s, h, kh, d, dtype):
 
 def causal_case():
     """Causal over a right-padded batch (ragged lengths), GQA G=2, D=64 (head-major
-    layout), T = S = 200 (not a block multiple)."""
-    start, stop = causal_span(jnp.array([200, 131], jnp.int32), 200)
-    return qkv(0, 2, 200, 200, 4, 2, 64, jnp.float32), start, stop
+    layout), T = S = 300 (not a block multiple; tiles below the diagonal take the
+    unmasked path)."""
+    start, stop = causal_span(jnp.array([300, 131], jnp.int32), 300)
+    return qkv(0, 2, 300, 300, 4, 2, 64, jnp.float32), start, stop
 
 
 def dspark_case():

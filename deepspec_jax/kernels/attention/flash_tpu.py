@@ -74,21 +74,47 @@ def unsupported_reason(q_shape, k_shape, dtypes, block_q: int, block_kv: int) ->
     return None
 
 
-def block_ranges(start: jax.Array, stop: jax.Array, bq: int) -> tuple[jax.Array, jax.Array]:
-    """(lo, hi) [B, T/bq]: min start / max stop over each query block's non-empty rows
-    (lo = hi = 0 when every row of the block is empty). T must be a multiple of bq."""
+def block_ranges(start: jax.Array, stop: jax.Array, bq: int) -> jax.Array:
+    """[B, T/bq, 4] int32 per query block: (lo, hi) = min start / max stop over its
+    non-empty rows (0, 0 when every row is empty): key tiles outside [lo, hi) are
+    skipped; (full_lo, full_hi) = max start / min stop over all its rows: key tiles
+    inside [full_lo, full_hi) are visible to every row and need no mask (an empty row
+    makes full_hi <= full_lo). T must be a multiple of bq; start >= 0."""
     b, t = start.shape
     nonempty = start < stop
-    st = jnp.where(nonempty, start, jnp.iinfo(jnp.int32).max).reshape(b, t // bq, bq)
-    sp = jnp.where(nonempty, stop, 0).reshape(b, t // bq, bq)
-    hi = jnp.max(sp, axis=-1)
-    lo = jnp.where(hi > 0, jnp.min(st, axis=-1), 0)
-    return lo.astype(jnp.int32), hi.astype(jnp.int32)
+    blocks = lambda x: x.reshape(b, t // bq, bq)  # noqa: E731
+    hi = jnp.max(blocks(jnp.where(nonempty, stop, 0)), axis=-1)
+    lo = jnp.where(hi > 0, jnp.min(blocks(jnp.where(nonempty, start, jnp.iinfo(jnp.int32).max)),
+                                   axis=-1), 0)
+    full_lo, full_hi = jnp.max(blocks(start), axis=-1), jnp.min(blocks(stop), axis=-1)
+    return jnp.stack([lo, hi, full_lo, full_hi], axis=-1).astype(jnp.int32)
 
 
 def block_useful(lo: jax.Array, hi: jax.Array, j, bk: int):
     """Key block j intersects [lo, hi)."""
     return (j * bk < hi) & ((j + 1) * bk > lo)
+
+
+def _tile(rng_ref, b, i, j, nq: int, bk: int):
+    """(useful, unmasked) of tile (batch b, query block i, key block j), from the
+    flattened block_ranges in SMEM."""
+    base = (b * nq + i) * 4
+    lo, hi, full_lo, full_hi = (rng_ref[base + n] for n in range(4))
+    useful = block_useful(lo, hi, j, bk)
+    return useful, useful & (full_lo <= j * bk) & ((j + 1) * bk <= full_hi)
+
+
+def _when_tile(useful, unmasked, body):
+    """Run body(masked) on a useful tile: without the mask when every pair is visible."""
+    pl.when(unmasked)(functools.partial(body, False))
+    pl.when(useful & jnp.logical_not(unmasked))(functools.partial(body, True))
+
+
+def _kv_index(bi, hh, i, j, rng_r, *, nq: int, g: int, bk: int):
+    """K/V index map of the forward and dQ kernels (grid (B, H, nq, nk)): KV head
+    hh // G, key block clamped to the useful range."""
+    base = (bi * nq + i) * 4
+    return bi, lax.div(hh, g), _kv_block(j, rng_r[base], rng_r[base + 1], bk)
 
 
 def _kv_block(j, lo, hi, bk: int):
@@ -101,10 +127,11 @@ def _kv_block(j, lo, hi, bk: int):
     return jnp.minimum(jnp.maximum(j, first), last)
 
 
-def _q_block_table(lo: jax.Array, hi: jax.Array, nk: int, bk: int) -> jax.Array:
+def _q_block_table(ranges: jax.Array, nk: int, bk: int) -> jax.Array:
     """[B, nk, nq] int32: the query block the dK/dV kernel holds at (key block j, query
     step i): i if tile (i, j) is useful, else the last useful one before i, else the
     first after, else 0 (no fetch for skipped tiles)."""
+    lo, hi = ranges[..., 0], ranges[..., 1]
     nq = lo.shape[1]
     j = jnp.arange(nk, dtype=jnp.int32)[None, :, None]
     u = block_useful(lo[:, None, :], hi[:, None, :], j, bk)          # [B, nk, nq]
@@ -159,21 +186,24 @@ class _Cfg:
 
 # ------------------------------------------------------------------------------ forward
 
-def _masked_logits(q, k, start, stop, col0, scale, precision, transposed: bool):
-    """Scaled fp32 logits with hidden pairs at -inf. Normal: q [bq,D], k [bk,D], start/
-    stop [bq,1] -> [bq,bk]. Transposed: q is the key tile [bk,D], k the query tile,
-    start/stop [1,bq] -> [bk,bq]."""
+def _masked_logits(q, k, start, stop, col0, scale, precision, transposed: bool,
+                   masked: bool = True):
+    """Scaled fp32 logits with hidden pairs at -inf (``masked=False``: a tile every row
+    sees whole). Normal: q [bq,D], k [bk,D], start/stop [bq,1] -> [bq,bk]. Transposed:
+    q is the key tile [bk,D], k the query tile, start/stop [1,bq] -> [bk,bq]."""
     s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32, precision=precision)
     s = s * scale
+    if not masked:
+        return s
     axis = 0 if transposed else 1
     key = col0 + lax.broadcasted_iota(jnp.int32, s.shape, axis)
     return jnp.where((key >= start) & (key < stop), s, -jnp.inf)
 
 
-def _fwd_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, st_ref, sp_ref, o_ref, lse_ref,
+def _fwd_kernel(rng_ref, q_ref, k_ref, v_ref, st_ref, sp_ref, o_ref, lse_ref,
                 m_scr, l_scr, acc_scr, *, nq: int, nk: int, bk: int, scale: float, precision):
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    lo, hi = lo_ref[b * nq + i], hi_ref[b * nq + i]
+    useful, unmasked = _tile(rng_ref, b, i, j, nq, bk)
 
     @pl.when(j == 0)
     def _init():
@@ -181,10 +211,9 @@ def _fwd_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, st_ref, sp_ref, o_ref, lse_
         l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
         acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
-    @pl.when(block_useful(lo, hi, j, bk))
-    def _step():
+    def _step(masked: bool):
         s = _masked_logits(q_ref[...], k_ref[...], st_ref[...], sp_ref[...], j * bk, scale,
-                           precision, transposed=False)
+                           precision, transposed=False, masked=masked)
         m_prev, l_prev = m_scr[:, 0:1], l_scr[:, 0:1]
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
         alpha = jnp.exp(m_prev - m_next)
@@ -196,6 +225,8 @@ def _fwd_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, st_ref, sp_ref, o_ref, lse_
         acc_scr[...] = alpha * acc_scr[...] + pv
         m_scr[...] = jnp.broadcast_to(m_next, m_scr.shape)
         l_scr[...] = jnp.broadcast_to(l_next, l_scr.shape)
+
+    _when_tile(useful, unmasked, _step)
 
     @pl.when(j == nk - 1)
     def _finish():
@@ -212,22 +243,19 @@ def _fwd(c: _Cfg, q, k, v, start, stop):
     b, tp = start.shape
     h, bq, bk, lay = c.h, c.bq, c.bk, c
     nq, nk, g = tp // bq, c.seq_len(k) // bk, c.h // c.kh
-    lo, hi = block_ranges(start, stop, bq)
-    lo, hi = lo.reshape(-1), hi.reshape(-1)
+    rng = block_ranges(start, stop, bq).reshape(-1)
+    kv_index = functools.partial(_kv_index, nq=nq, g=g, bk=bk)
 
-    def kv_index(bi, hh, i, j, lo_r, hi_r):
-        return bi, lax.div(hh, g), _kv_block(j, lo_r[bi * nq + i], hi_r[bi * nq + i], bk)
-
-    q_index = lambda bi, hh, i, j, lo_r, hi_r: (bi, hh, i)  # noqa: E731
-    col = pl.BlockSpec((None, bq, 1), lambda bi, hh, i, j, lo_r, hi_r: (bi, i, 0))
+    q_index = lambda bi, hh, i, j, rng_r: (bi, hh, i)  # noqa: E731
+    col = pl.BlockSpec((None, bq, 1), lambda bi, hh, i, j, rng_r: (bi, i, 0))
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2,
+        num_scalar_prefetch=1,
         grid=(b, h, nq, nk),
         in_specs=[lay.spec(bq, q_index), lay.spec(bk, kv_index), lay.spec(bk, kv_index),
                   col, col],
         out_specs=[lay.spec(bq, q_index),
                    pl.BlockSpec((None, None, bq, 1),
-                                lambda bi, hh, i, j, lo_r, hi_r: (bi, hh, i, 0))],
+                                lambda bi, hh, i, j, rng_r: (bi, hh, i, 0))],
         scratch_shapes=[pltpu.VMEM((bq, _LANES), jnp.float32),
                         pltpu.VMEM((bq, _LANES), jnp.float32),
                         pltpu.VMEM((bq, lay.d), jnp.float32)],
@@ -241,25 +269,24 @@ def _fwd(c: _Cfg, q, k, v, start, stop):
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=c.interpret, name="span_attention_fwd",
-    )(lo, hi, q, k, v, start[..., None], stop[..., None])
+    )(rng, q, k, v, start[..., None], stop[..., None])
 
 
 # ----------------------------------------------------------------------------- backward
 
-def _dq_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, st_ref, sp_ref, lse_ref, dl_ref, do_ref,
+def _dq_kernel(rng_ref, q_ref, k_ref, v_ref, st_ref, sp_ref, lse_ref, dl_ref, do_ref,
                dq_ref, acc_scr, *, nq: int, nk: int, bk: int, scale: float, precision):
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
-    lo, hi = lo_ref[b * nq + i], hi_ref[b * nq + i]
+    useful, unmasked = _tile(rng_ref, b, i, j, nq, bk)
 
     @pl.when(j == 0)
     def _init():
         acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
-    @pl.when(block_useful(lo, hi, j, bk))
-    def _step():
+    def _step(masked: bool):
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
         s = _masked_logits(q, k, st_ref[...], sp_ref[...], j * bk, scale, precision,
-                           transposed=False)
+                           transposed=False, masked=masked)
         p = jnp.exp(s - lse_ref[...])                        # [bq, bk]; hidden: 0
         do = do_ref[...].astype(v.dtype)
         dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32,
@@ -268,27 +295,28 @@ def _dq_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, st_ref, sp_ref, lse_ref, dl_
         acc_scr[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32,
                                 precision=precision)
 
+    _when_tile(useful, unmasked, _step)
+
     @pl.when(j == nk - 1)
     def _finish():
         dq_ref[...] = (acc_scr[...] * scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(lo_ref, hi_ref, tab_ref, q_ref, k_ref, v_ref, st_ref, sp_ref, lse_ref, dl_ref,
+def _dkv_kernel(rng_ref, tab_ref, q_ref, k_ref, v_ref, st_ref, sp_ref, lse_ref, dl_ref,
                 do_ref, dk_ref, dv_ref, dk_scr, dv_scr, *, nq: int, nk: int, g: int, bk: int,
                 scale: float, precision):
     b, j, gi, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
-    lo, hi = lo_ref[b * nq + i], hi_ref[b * nq + i]
+    useful, unmasked = _tile(rng_ref, b, i, j, nq, bk)
 
     @pl.when((gi == 0) & (i == 0))
     def _init():
         dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
         dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
 
-    @pl.when(block_useful(lo, hi, j, bk))
-    def _step():
+    def _step(masked: bool):
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
         st = _masked_logits(k, q, st_ref[...], sp_ref[...], j * bk, scale, precision,
-                            transposed=True)                 # [bk, bq]
+                            transposed=True, masked=masked)  # [bk, bq]
         pt = jnp.exp(st - lse_ref[...])
         do = do_ref[...].astype(v.dtype)
         dv_scr[...] += jnp.dot(pt.astype(v.dtype), do, preferred_element_type=jnp.float32,
@@ -298,6 +326,8 @@ def _dkv_kernel(lo_ref, hi_ref, tab_ref, q_ref, k_ref, v_ref, st_ref, sp_ref, ls
         dst = pt * (dpt - dl_ref[...])
         dk_scr[...] += jnp.dot(dst.astype(q.dtype), q, preferred_element_type=jnp.float32,
                                precision=precision)
+
+    _when_tile(useful, unmasked, _step)
 
     @pl.when((gi == g - 1) & (i == nq - 1))
     def _finish():
@@ -310,9 +340,9 @@ def _bwd(c: _Cfg, q, k, v, start, stop, out, lse, dout, dlse):
     b, tp = start.shape
     h, kh, bq, bk, lay, scale, interpret = c.h, c.kh, c.bq, c.bk, c, c.scale, c.interpret
     nq, nk, g = tp // bq, c.seq_len(k) // bk, h // kh
-    lo, hi = block_ranges(start, stop, bq)
-    tab = _q_block_table(lo, hi, nk, bk).reshape(-1)
-    lo, hi = lo.reshape(-1), hi.reshape(-1)
+    ranges = block_ranges(start, stop, bq)
+    tab = _q_block_table(ranges, nk, bk).reshape(-1)
+    rng = ranges.reshape(-1)
     # delta = rowsum(dO * O) - dlse, as [B,H,Tp]; fully masked rows: lse -inf -> 0 (their
     # logits are all -inf, so P = exp(-inf - 0) = 0).
     d = lay.d
@@ -327,23 +357,22 @@ def _bwd(c: _Cfg, q, k, v, start, stop, out, lse, dout, dlse):
         dimension_semantics=("parallel",) * (n - 1) + ("arbitrary",))
 
     # dQ: grid (B, H, nq, nk), key blocks innermost, as in the forward.
-    def kv_index(bi, hh, i, j, lo_r, hi_r):
-        return bi, lax.div(hh, g), _kv_block(j, lo_r[bi * nq + i], hi_r[bi * nq + i], bk)
+    kv_index = functools.partial(_kv_index, nq=nq, g=g, bk=bk)
 
-    q_index = lambda bi, hh, i, j, lo_r, hi_r: (bi, hh, i)  # noqa: E731
-    col = pl.BlockSpec((None, bq, 1), lambda bi, hh, i, j, lo_r, hi_r: (bi, i, 0))
-    hcol = pl.BlockSpec((None, None, bq, 1), lambda bi, hh, i, j, lo_r, hi_r: (bi, hh, i, 0))
+    q_index = lambda bi, hh, i, j, rng_r: (bi, hh, i)  # noqa: E731
+    col = pl.BlockSpec((None, bq, 1), lambda bi, hh, i, j, rng_r: (bi, i, 0))
+    hcol = pl.BlockSpec((None, None, bq, 1), lambda bi, hh, i, j, rng_r: (bi, hh, i, 0))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, nq=nq, nk=nk, bk=bk, scale=scale, precision=precision),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=2, grid=(b, h, nq, nk),
+            num_scalar_prefetch=1, grid=(b, h, nq, nk),
             in_specs=[lay.spec(bq, q_index), lay.spec(bk, kv_index), lay.spec(bk, kv_index),
                       col, col, hcol, hcol, lay.spec(bq, q_index)],
             out_specs=lay.spec(bq, q_index),
             scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=cparams(4), interpret=interpret, name="span_attention_dq",
-    )(lo, hi, q, k, v, start[..., None], stop[..., None], lse[..., None], delta[..., None],
+    )(rng, q, k, v, start[..., None], stop[..., None], lse[..., None], delta[..., None],
       dout)
 
     # dK/dV: grid (B, K, nk, G, nq); the G query heads of a KV head and the query blocks
@@ -351,19 +380,19 @@ def _bwd(c: _Cfg, q, k, v, start, stop, out, lse, dout, dlse):
     def qb(bi, j, i, tab_r):
         return tab_r[(bi * nk + j) * nq + i]
 
-    def qh_index(bi, kk, j, gi, i, lo_r, hi_r, tab_r):
+    def qh_index(bi, kk, j, gi, i, rng_r, tab_r):
         return bi, kk * g + gi, qb(bi, j, i, tab_r)
 
-    k_index = lambda bi, kk, j, gi, i, lo_r, hi_r, tab_r: (bi, kk, j)  # noqa: E731
+    k_index = lambda bi, kk, j, gi, i, rng_r, tab_r: (bi, kk, j)  # noqa: E731
     row = pl.BlockSpec((None, 1, bq),
-                       lambda bi, kk, j, gi, i, lo_r, hi_r, tab_r: (bi, 0, qb(bi, j, i, tab_r)))
-    hrow = pl.BlockSpec((None, None, 1, bq), lambda bi, kk, j, gi, i, lo_r, hi_r, tab_r: (
+                       lambda bi, kk, j, gi, i, rng_r, tab_r: (bi, 0, qb(bi, j, i, tab_r)))
+    hrow = pl.BlockSpec((None, None, 1, bq), lambda bi, kk, j, gi, i, rng_r, tab_r: (
         bi, kk * g + gi, 0, qb(bi, j, i, tab_r)))
     dk, dv = pl.pallas_call(
         functools.partial(_dkv_kernel, nq=nq, nk=nk, g=g, bk=bk, scale=scale,
                           precision=precision),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3, grid=(b, kh, nk, g, nq),
+            num_scalar_prefetch=2, grid=(b, kh, nk, g, nq),
             in_specs=[lay.spec(bq, qh_index), lay.spec(bk, k_index), lay.spec(bk, k_index),
                       row, row, hrow, hrow, lay.spec(bq, qh_index)],
             out_specs=[lay.spec(bk, k_index), lay.spec(bk, k_index)],
@@ -372,7 +401,7 @@ def _bwd(c: _Cfg, q, k, v, start, stop, out, lse, dout, dlse):
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")),
         interpret=interpret, name="span_attention_dkv",
-    )(lo, hi, tab, q, k, v, start[:, None, :], stop[:, None, :], lse[:, :, None, :],
+    )(rng, tab, q, k, v, start[:, None, :], stop[:, None, :], lse[:, :, None, :],
       delta[:, :, None, :], dout)
     return dq, dk, dv
 
@@ -420,7 +449,7 @@ def span_attention_pallas(q, k, v, start, stop, *, scale: float | None = None,
     pad_s = ((0, 0), (0, sp - s), (0, 0), (0, 0))
     # padded queries see nothing (start = stop = 0); padded keys are never visible
     # because stop <= S.
-    start = jnp.pad(start.astype(jnp.int32), ((0, 0), (0, tp - t)))
+    start = jnp.pad(jnp.maximum(start.astype(jnp.int32), 0), ((0, 0), (0, tp - t)))
     stop = jnp.pad(jnp.minimum(stop.astype(jnp.int32), s), ((0, 0), (0, tp - t)))
     c = _Cfg(d=d, packed=d % _LANES == 0 and not head_major, h=h, kh=kh, bq=bq, bk=bk,
              scale=scale, interpret=interpret)
@@ -436,14 +465,15 @@ def span_flops(start, stop, *, num_heads: int, head_dim: int, num_keys: int,
     [T, S] grid; computed = the (query block, key block) tiles the kernel does not skip
     (the backward skips the same tiles). ``1 - computed / dense`` is the fraction the
     mask saves."""
-    start = jnp.asarray(start, jnp.int32)
+    start = jnp.maximum(jnp.asarray(start, jnp.int32), 0)
     stop = jnp.minimum(jnp.asarray(stop, jnp.int32), num_keys)
     b, t = start.shape
     bq, bk = block_sizes(t, num_keys, block_q, block_kv)
     tp = _round_up(t, bq)
     nk = _round_up(num_keys, bk) // bk
-    lo, hi = block_ranges(jnp.pad(start, ((0, 0), (0, tp - t))),
+    ranges = block_ranges(jnp.pad(start, ((0, 0), (0, tp - t))),
                           jnp.pad(stop, ((0, 0), (0, tp - t))), bq)
+    lo, hi = ranges[..., 0], ranges[..., 1]
     j = jnp.arange(nk)[None, None, :]
     tiles = int(jnp.sum(block_useful(lo[..., None], hi[..., None], j, bk)))
     per_pair = 4.0 * head_dim * num_heads
