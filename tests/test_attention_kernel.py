@@ -170,7 +170,8 @@ def test_compiles_for_tpu_in_shard_map():
     mesh = Mesh(np.array(devices).reshape(2, 2), ("data", "model"))
     b, t, h, kh, d = 2, 4096, 32, 8, 128
     hs, rs = P("data", None, "model", None), P("data", None)
-    attn = jax.shard_map(lambda *a: span_attention(*a, impl="pallas"), mesh=mesh,
+    # impl="auto" picks the kernel: the shard_map's mesh says the target is a TPU
+    attn = jax.shard_map(lambda *a: span_attention(*a, impl="auto"), mesh=mesh,
                          in_specs=(hs, hs, hs, rs, rs), out_specs=(hs, P("data", None, "model")),
                          check_vma=False)
 
