@@ -19,9 +19,10 @@ Layouts (no K/V repeat for GQA: index maps pick KV head h // G):
 * D % 128 == 0: q/out [B,T,H*D], k/v [B,S,K*D] -- free reshapes of the caller's
   [B,T,H,D]; a head is a 128-lane-aligned column block.
 * otherwise: head-major [B,H,T,D] / [B,K,S,D] (transposed in the wrapper), D a full dim.
-Per-row values (start, stop, lse, delta) are [.., T, 1] columns in the forward and dQ
-kernels and [.., 1, T] rows in the dK/dV kernel (which computes transposed [bk, bq]
-tiles); both are free reshapes of the same [.., T] array.
+Per-row values (start, stop, lse, delta) live lane-dense as [.., 1, T] rows in HBM (a
+[.., T, 1] column would be padded to 128 lanes); the forward and dQ kernels compute
+[bq, bk] tiles and turn them into VMEM columns once per query block, the dK/dV kernel
+computes transposed [bk, bq] tiles and uses the rows as they are.
 
 Gradients (``jax.custom_vjp``): residuals are q, k, v, out, lse (no [T, S] tensor);
 the cotangent of lse enters as ``delta = rowsum(dO * O) - dlse`` and
@@ -200,20 +201,34 @@ def _masked_logits(q, k, start, stop, col0, scale, precision, transposed: bool,
     return jnp.where((key >= start) & (key < stop), s, -jnp.inf)
 
 
+def _row_to_col(row):
+    """[1, n] -> [n, 128] lane-replicated column (one transpose per query block: per-row
+    values live lane-dense in HBM, a [n, 1] array would be padded to 128 lanes)."""
+    return jnp.broadcast_to(row, (_LANES, row.shape[1])).T
+
+
+def _col_to_row(col):
+    """[n, 1] -> [1, n]."""
+    return jnp.broadcast_to(col, (col.shape[0], _LANES)).T[0:1, :]
+
+
 def _fwd_kernel(rng_ref, q_ref, k_ref, v_ref, st_ref, sp_ref, o_ref, lse_ref,
-                m_scr, l_scr, acc_scr, *, nq: int, nk: int, bk: int, scale: float, precision):
+                m_scr, l_scr, acc_scr, st_scr, sp_scr, *, nq: int, nk: int, bk: int,
+                scale: float, precision):
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     useful, unmasked = _tile(rng_ref, b, i, j, nq, bk)
 
     @pl.when(j == 0)
     def _init():
+        st_scr[...] = _row_to_col(st_ref[...])
+        sp_scr[...] = _row_to_col(sp_ref[...])
         m_scr[...] = jnp.full(m_scr.shape, _M_INIT, jnp.float32)
         l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
         acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
     def _step(masked: bool):
-        s = _masked_logits(q_ref[...], k_ref[...], st_ref[...], sp_ref[...], j * bk, scale,
-                           precision, transposed=False, masked=masked)
+        s = _masked_logits(q_ref[...], k_ref[...], st_scr[:, 0:1], sp_scr[:, 0:1], j * bk,
+                           scale, precision, transposed=False, masked=masked)
         m_prev, l_prev = m_scr[:, 0:1], l_scr[:, 0:1]
         m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
         alpha = jnp.exp(m_prev - m_next)
@@ -234,12 +249,12 @@ def _fwd_kernel(rng_ref, q_ref, k_ref, v_ref, st_ref, sp_ref, o_ref, lse_ref,
         has = l > 0
         safe = jnp.where(has, l, 1.0)
         o_ref[...] = jnp.where(has, acc_scr[...] / safe, 0.0).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(has, m_scr[:, 0:1] + jnp.log(safe), -jnp.inf)
+        lse_ref[...] = _col_to_row(jnp.where(has, m_scr[:, 0:1] + jnp.log(safe), -jnp.inf))
 
 
 def _fwd(c: _Cfg, q, k, v, start, stop):
     """Kernel-layout q/k/v, padded start/stop [B,Tp] -> (out fp32 kernel layout,
-    lse [B,H,Tp,1])."""
+    lse [B,H,1,Tp])."""
     b, tp = start.shape
     h, bq, bk, lay = c.h, c.bq, c.bk, c
     nq, nk, g = tp // bq, c.seq_len(k) // bk, c.h // c.kh
@@ -247,51 +262,57 @@ def _fwd(c: _Cfg, q, k, v, start, stop):
     kv_index = functools.partial(_kv_index, nq=nq, g=g, bk=bk)
 
     q_index = lambda bi, hh, i, j, rng_r: (bi, hh, i)  # noqa: E731
-    col = pl.BlockSpec((None, bq, 1), lambda bi, hh, i, j, rng_r: (bi, i, 0))
+    row = pl.BlockSpec((None, 1, bq), lambda bi, hh, i, j, rng_r: (bi, 0, i))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,
         grid=(b, h, nq, nk),
         in_specs=[lay.spec(bq, q_index), lay.spec(bk, kv_index), lay.spec(bk, kv_index),
-                  col, col],
+                  row, row],
         out_specs=[lay.spec(bq, q_index),
-                   pl.BlockSpec((None, None, bq, 1),
-                                lambda bi, hh, i, j, rng_r: (bi, hh, i, 0))],
+                   pl.BlockSpec((None, None, 1, bq),
+                                lambda bi, hh, i, j, rng_r: (bi, hh, 0, i))],
         scratch_shapes=[pltpu.VMEM((bq, _LANES), jnp.float32),
                         pltpu.VMEM((bq, _LANES), jnp.float32),
-                        pltpu.VMEM((bq, lay.d), jnp.float32)],
+                        pltpu.VMEM((bq, lay.d), jnp.float32),
+                        pltpu.VMEM((bq, _LANES), jnp.int32),
+                        pltpu.VMEM((bq, _LANES), jnp.int32)],
     )
     kernel = functools.partial(_fwd_kernel, nq=nq, nk=nk, bk=bk, scale=c.scale,
                                precision=_precision(q.dtype))
     out_shape = [jax.ShapeDtypeStruct(q.shape, jnp.float32),
-                 jax.ShapeDtypeStruct((b, h, tp, 1), jnp.float32)]
+                 jax.ShapeDtypeStruct((b, h, 1, tp), jnp.float32)]
     return pl.pallas_call(
         kernel, grid_spec=grid_spec, out_shape=out_shape,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=c.interpret, name="span_attention_fwd",
-    )(rng, q, k, v, start[..., None], stop[..., None])
+    )(rng, q, k, v, start[:, None, :], stop[:, None, :])
 
 
 # ----------------------------------------------------------------------------- backward
 
 def _dq_kernel(rng_ref, q_ref, k_ref, v_ref, st_ref, sp_ref, lse_ref, dl_ref, do_ref,
-               dq_ref, acc_scr, *, nq: int, nk: int, bk: int, scale: float, precision):
+               dq_ref, acc_scr, st_scr, sp_scr, lse_scr, dl_scr, *, nq: int, nk: int, bk: int,
+               scale: float, precision):
     b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
     useful, unmasked = _tile(rng_ref, b, i, j, nq, bk)
 
     @pl.when(j == 0)
     def _init():
         acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
+        for src, dst in ((st_ref, st_scr), (sp_ref, sp_scr), (lse_ref, lse_scr),
+                         (dl_ref, dl_scr)):
+            dst[...] = _row_to_col(src[...])
 
     def _step(masked: bool):
         q, k, v = q_ref[...], k_ref[...], v_ref[...]
-        s = _masked_logits(q, k, st_ref[...], sp_ref[...], j * bk, scale, precision,
+        s = _masked_logits(q, k, st_scr[:, 0:1], sp_scr[:, 0:1], j * bk, scale, precision,
                            transposed=False, masked=masked)
-        p = jnp.exp(s - lse_ref[...])                        # [bq, bk]; hidden: 0
+        p = jnp.exp(s - lse_scr[:, 0:1])                     # [bq, bk]; hidden: 0
         do = do_ref[...].astype(v.dtype)
         dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32,
                              precision=precision)
-        ds = p * (dp - dl_ref[...])
+        ds = p * (dp - dl_scr[:, 0:1])
         acc_scr[...] += jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32,
                                 precision=precision)
 
@@ -360,20 +381,22 @@ def _bwd(c: _Cfg, q, k, v, start, stop, out, lse, dout, dlse):
     kv_index = functools.partial(_kv_index, nq=nq, g=g, bk=bk)
 
     q_index = lambda bi, hh, i, j, rng_r: (bi, hh, i)  # noqa: E731
-    col = pl.BlockSpec((None, bq, 1), lambda bi, hh, i, j, rng_r: (bi, i, 0))
-    hcol = pl.BlockSpec((None, None, bq, 1), lambda bi, hh, i, j, rng_r: (bi, hh, i, 0))
+    qrow = pl.BlockSpec((None, 1, bq), lambda bi, hh, i, j, rng_r: (bi, 0, i))
+    hqrow = pl.BlockSpec((None, None, 1, bq), lambda bi, hh, i, j, rng_r: (bi, hh, 0, i))
     dq = pl.pallas_call(
         functools.partial(_dq_kernel, nq=nq, nk=nk, bk=bk, scale=scale, precision=precision),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1, grid=(b, h, nq, nk),
             in_specs=[lay.spec(bq, q_index), lay.spec(bk, kv_index), lay.spec(bk, kv_index),
-                      col, col, hcol, hcol, lay.spec(bq, q_index)],
+                      qrow, qrow, hqrow, hqrow, lay.spec(bq, q_index)],
             out_specs=lay.spec(bq, q_index),
-            scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)]),
+            scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)]
+            + [pltpu.VMEM((bq, _LANES), dt) for dt in (jnp.int32, jnp.int32, jnp.float32,
+                                                       jnp.float32)]),
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
         compiler_params=cparams(4), interpret=interpret, name="span_attention_dq",
-    )(rng, q, k, v, start[..., None], stop[..., None], lse[..., None], delta[..., None],
-      dout)
+    )(rng, q, k, v, start[:, None, :], stop[:, None, :], lse[:, :, None, :],
+      delta[:, :, None, :], dout)
 
     # dK/dV: grid (B, K, nk, G, nq); the G query heads of a KV head and the query blocks
     # are the (innermost, "arbitrary") reduction.
@@ -411,12 +434,12 @@ def _bwd(c: _Cfg, q, k, v, start, stop, out, lse, dout, dlse):
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _core(q, k, v, start, stop, cfg):
     out, lse = _fwd(cfg, q, k, v, start, stop)
-    return out, lse[..., 0]
+    return out, lse[:, :, 0, :]
 
 
 def _core_fwd(q, k, v, start, stop, cfg):
     out, lse = _fwd(cfg, q, k, v, start, stop)
-    lse = lse[..., 0]
+    lse = lse[:, :, 0, :]
     return (out, lse), (q, k, v, start, stop, out, lse)
 
 
