@@ -164,8 +164,10 @@ def tpu_kernel_calls(compiled) -> int:
 def test_compiles_for_tpu_in_shard_map():
     """Mosaic lowers the forward and backward kernels for v5e inside shard_map (batch
     over "data", heads over "model") at T = S = 4096, H = 32, K = 8, D = 128, bf16. The
-    temporaries stay O(T * H * D): the jnp reference needs [H, block_q, S] fp32 logits
-    per query block (128 MiB per device here; 128 / 149 MiB measured fwd / fwd+bwd)."""
+    kernel needs no [T, S]-sized temporaries (0 bytes measured, fwd and fwd+bwd), while
+    the jnp reference needs [H, block_q, S] fp32 logits per query block (128 MiB per
+    device here; 128 / 149 MiB measured fwd / fwd+bwd). Bound: 1/16 of that, which also
+    catches per-row values stored as [.., T, 1] columns (padded to 128 lanes: 19 MiB)."""
     devices = compile_only_devices("v5e-4")
     mesh = Mesh(np.array(devices).reshape(2, 2), ("data", "model"))
     b, t, h, kh, d = 2, 4096, 32, 8, 128
@@ -192,7 +194,7 @@ def test_compiles_for_tpu_in_shard_map():
     for f, kernels in ((attn, 1), (loss(attn), 3)):          # fwd; fwd + dq + dk/dv
         compiled = jax.jit(f).lower(*args).compile()
         assert tpu_kernel_calls(compiled) == kernels
-        assert compiled.memory_analysis().temp_size_in_bytes < logits_bytes // 4
+        assert compiled.memory_analysis().temp_size_in_bytes < logits_bytes // 16
     # Outside shard_map on one device, head-major layout (D = 64), fp32, GQA: Mosaic
     # must not need the chip generation (that happens only inside a mesh context).
     one = Mesh(np.array(devices[:1]), ("x",))
