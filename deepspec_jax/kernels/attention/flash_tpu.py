@@ -2,7 +2,7 @@
 
 Why a kernel: the jnp reference builds [block_q, S] logits per query block and its
 backward rematerialises them; for a span mask (causal, DSpark anchors, sliding window)
-most (query block, key block) tiles are entirely hidden. Here the logits exist only as
+many (query block, key block) tiles are entirely hidden. Here the logits exist only as
 [block_q, block_kv] tiles in VMEM, and a tile outside every row's span costs neither
 compute nor DMA.
 
@@ -13,11 +13,14 @@ as scalar-prefetch operands. Key block j is computed iff ``j*bk < hi`` and
 re-uses the block it already holds instead of fetching a skipped one. In the dK/dV
 kernel (key block outer, query blocks inner) the useful query blocks need not be
 contiguous, so a per-(batch, key block, query block) table names the query block to
-hold at each step (the nearest useful one).
+hold at each step (the nearest useful one). Tiles inside [max start, min stop) of the
+block are seen whole by every row and skip the mask.
 
 Layouts (no K/V repeat for GQA: index maps pick KV head h // G):
-* D % 128 == 0: q/out [B,T,H*D], k/v [B,S,K*D] -- free reshapes of the caller's
-  [B,T,H,D]; a head is a 128-lane-aligned column block.
+* D % 128 == 0: q/out [B,T,H*D], k/v [B,S,K*D] -- reshapes of the caller's
+  [B,T,H,D] (no transpose in the program; XLA on TPU may still relayout them, as it
+  tiles the two minor dims); a head is a 128-lane-aligned column block. Mosaic cannot
+  block [B,T,H,D] directly (a squeezed head dim in the second-minor position).
 * otherwise: head-major [B,H,T,D] / [B,K,S,D] (transposed in the wrapper), D a full dim.
 Per-row values (start, stop, lse, delta) live lane-dense as [.., 1, T] rows in HBM (a
 [.., T, 1] column would be padded to 128 lanes); the forward and dQ kernels compute
@@ -147,8 +150,8 @@ def _q_block_table(ranges: jax.Array, nk: int, bk: int) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class _Cfg:
     """Static configuration (hashable: the custom_vjp's non-differentiable argument).
-    ``packed``: q/out [B,T,H*D], k/v [B,S,K*D] (free reshapes; needs D % 128 == 0);
-    else head-major [B,H,T,D] / [B,K,S,D]."""
+    ``packed``: q/out [B,T,H*D], k/v [B,S,K*D] (reshapes; needs D % 128 == 0); else
+    head-major [B,H,T,D] / [B,K,S,D]."""
     d: int
     packed: bool
     h: int
@@ -256,7 +259,7 @@ def _fwd(c: _Cfg, q, k, v, start, stop):
     """Kernel-layout q/k/v, padded start/stop [B,Tp] -> (out fp32 kernel layout,
     lse [B,H,1,Tp])."""
     b, tp = start.shape
-    h, bq, bk, lay = c.h, c.bq, c.bk, c
+    h, bq, bk = c.h, c.bq, c.bk
     nq, nk, g = tp // bq, c.seq_len(k) // bk, c.h // c.kh
     rng = block_ranges(start, stop, bq).reshape(-1)
     kv_index = functools.partial(_kv_index, nq=nq, g=g, bk=bk)
@@ -266,14 +269,14 @@ def _fwd(c: _Cfg, q, k, v, start, stop):
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,
         grid=(b, h, nq, nk),
-        in_specs=[lay.spec(bq, q_index), lay.spec(bk, kv_index), lay.spec(bk, kv_index),
+        in_specs=[c.spec(bq, q_index), c.spec(bk, kv_index), c.spec(bk, kv_index),
                   row, row],
-        out_specs=[lay.spec(bq, q_index),
+        out_specs=[c.spec(bq, q_index),
                    pl.BlockSpec((None, None, 1, bq),
                                 lambda bi, hh, i, j, rng_r: (bi, hh, 0, i))],
         scratch_shapes=[pltpu.VMEM((bq, _LANES), jnp.float32),
                         pltpu.VMEM((bq, _LANES), jnp.float32),
-                        pltpu.VMEM((bq, lay.d), jnp.float32),
+                        pltpu.VMEM((bq, c.d), jnp.float32),
                         pltpu.VMEM((bq, _LANES), jnp.int32),
                         pltpu.VMEM((bq, _LANES), jnp.int32)],
     )
@@ -359,15 +362,15 @@ def _dkv_kernel(rng_ref, tab_ref, q_ref, k_ref, v_ref, st_ref, sp_ref, lse_ref, 
 def _bwd(c: _Cfg, q, k, v, start, stop, out, lse, dout, dlse):
     """(dq, dk, dv) in the kernel layout, from the residuals and (dout, dlse)."""
     b, tp = start.shape
-    h, kh, bq, bk, lay, scale, interpret = c.h, c.kh, c.bq, c.bk, c, c.scale, c.interpret
+    h, kh, bq, bk, scale, interpret = c.h, c.kh, c.bq, c.bk, c.scale, c.interpret
     nq, nk, g = tp // bq, c.seq_len(k) // bk, h // kh
     ranges = block_ranges(start, stop, bq)
     tab = _q_block_table(ranges, nk, bk).reshape(-1)
     rng = ranges.reshape(-1)
     # delta = rowsum(dO * O) - dlse, as [B,H,Tp]; fully masked rows: lse -inf -> 0 (their
     # logits are all -inf, so P = exp(-inf - 0) = 0).
-    d = lay.d
-    if lay.packed:
+    d = c.d
+    if c.packed:
         rows = jnp.sum((dout * out).reshape(b, tp, h, d), axis=-1).transpose(0, 2, 1)
     else:
         rows = jnp.sum(dout * out, axis=-1)
@@ -387,9 +390,9 @@ def _bwd(c: _Cfg, q, k, v, start, stop, out, lse, dout, dlse):
         functools.partial(_dq_kernel, nq=nq, nk=nk, bk=bk, scale=scale, precision=precision),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1, grid=(b, h, nq, nk),
-            in_specs=[lay.spec(bq, q_index), lay.spec(bk, kv_index), lay.spec(bk, kv_index),
-                      qrow, qrow, hqrow, hqrow, lay.spec(bq, q_index)],
-            out_specs=lay.spec(bq, q_index),
+            in_specs=[c.spec(bq, q_index), c.spec(bk, kv_index), c.spec(bk, kv_index),
+                      qrow, qrow, hqrow, hqrow, c.spec(bq, q_index)],
+            out_specs=c.spec(bq, q_index),
             scratch_shapes=[pltpu.VMEM((bq, d), jnp.float32)]
             + [pltpu.VMEM((bq, _LANES), dt) for dt in (jnp.int32, jnp.int32, jnp.float32,
                                                        jnp.float32)]),
@@ -416,9 +419,9 @@ def _bwd(c: _Cfg, q, k, v, start, stop, out, lse, dout, dlse):
                           precision=precision),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=2, grid=(b, kh, nk, g, nq),
-            in_specs=[lay.spec(bq, qh_index), lay.spec(bk, k_index), lay.spec(bk, k_index),
-                      row, row, hrow, hrow, lay.spec(bq, qh_index)],
-            out_specs=[lay.spec(bk, k_index), lay.spec(bk, k_index)],
+            in_specs=[c.spec(bq, qh_index), c.spec(bk, k_index), c.spec(bk, k_index),
+                      row, row, hrow, hrow, c.spec(bq, qh_index)],
+            out_specs=[c.spec(bk, k_index), c.spec(bk, k_index)],
             scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)]),
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=pltpu.CompilerParams(
