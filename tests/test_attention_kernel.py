@@ -159,6 +159,21 @@ def test_span_flops_counts_computed_tiles():
     assert done == dense * 4 / 16
 
 
+@pytest.mark.parametrize("change,match", [
+    (dict(block_q=192), "multiples of 128"),
+    (dict(k_dtype=jnp.bfloat16), "dtypes .* differ"),
+    (dict(dtype=jnp.float16), "float32/bfloat16"),
+])
+def test_unsupported_inputs_raise(change, match):
+    dtype = change.pop("dtype", jnp.float32)
+    (q, k, v) = qkv(4, 1, 8, 8, 2, 1, 64, dtype)
+    k = k.astype(change.pop("k_dtype", dtype))
+    stop = jnp.full((1, 8), 8, jnp.int32)
+    with pytest.raises(ValueError, match=match):
+        span_attention(q, k, v, jnp.zeros_like(stop), stop, impl="pallas", interpret=True,
+                       **change)
+
+
 def tpu_kernel_calls(compiled) -> int:
     return compiled.as_text().count('custom_call_target="tpu_custom_call"')
 
