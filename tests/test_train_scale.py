@@ -4,6 +4,9 @@ the target and the draft's frozen embed/lm_head are split over fsdp/tensor, the 
 pair is stored in the compute dtype, and a micro-batch that does not split over the
 batch mesh axes is refused with the fields to change.
 
+The target's fsdp all-gathers stay inside the micro-batch loop (per layer and
+micro-batch), not hoisted out of it for the whole step.
+
 The devices must exist before jax is imported, so the checks run in one child process.
 """
 
@@ -46,9 +49,16 @@ for G in (4, 16):  # micro-batches of 2: 2 and 8 of them
     batch = {k: jax.ShapeDtypeStruct((G, S), jnp.int32) for k in ("input_ids", "loss_mask", "attention_mask")}
     fn = compile_step(sc, dr.tx, dr.schedule, shard(dr.state), dr.rest_shardings, shard(ts.target.state),
                       batch_shardings(mesh, batch))
-    mem = fn.lower(dr.state, dr.rest, ts.target.state, batch).compile().memory_analysis()
+    compiled = fn.lower(dr.state, dr.rest, ts.target.state, batch).compile()
+    mem = compiled.memory_analysis()
     temp[G], batch_bytes[G] = mem.temp_size_in_bytes, 3 * G * S * 4 // 2  # per device (fsdp=2)
 out.update(temp=temp, batch_bytes=batch_bytes)
+# the target's all-gathers (op names under target_forward): inside the micro-batch loop
+hlo = compiled.as_text()
+entry = hlo[hlo.index("\nENTRY"):]
+entry = entry[:entry.index("\n}\n")]
+gathers = lambda text: [l for l in text.splitlines() if " all-gather(" in l and "target_forward" in l]
+out["target_gathers"] = {"all": len(gathers(hlo)), "entry": len(gathers(entry))}
 try:
     check_micro_batch(mesh, 8, 8)
     out["error"] = None
@@ -81,6 +91,13 @@ def test_frozen_embed_and_lm_head_are_compute_dtype_and_sharded(scale):
     # every 2-D target weight is split over both model axes (no replica of the target)
     specs = scale["target_specs"]
     assert specs and all(sorted(s) == ["fsdp", "tensor"] for s in specs), specs
+
+
+def test_target_weights_are_gathered_per_micro_batch_not_for_the_whole_step(scale):
+    # the fsdp all-gathers of the target's layers stay inside the micro-batch loop; none is
+    # hoisted out of it (that would hold a gathered copy of the whole target all step)
+    g = scale["target_gathers"]
+    assert g["all"] > 0 and g["entry"] == 0, g
 
 
 def test_micro_batch_not_split_over_the_mesh_is_refused(scale):

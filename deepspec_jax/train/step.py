@@ -79,7 +79,8 @@ def micro_split(sc: StepConfig, x: jax.Array) -> jax.Array:
 def _target_features(sc: StepConfig, tstate, input_ids):
     """The frozen target's (features, last hidden) of one micro-batch, no gradient."""
     model = nnx.merge(sc.target_graphdef, tstate)
-    out = model(input_ids, sc.layer_ids)   # logits are unused: XLA drops the lm_head
+    with jax.named_scope("target_forward"):  # names its ops in the HLO (tests, profiles)
+        out = model(input_ids, sc.layer_ids)   # logits are unused: XLA drops the lm_head
     sh = batch_sharding(sc.mesh, 3, input_ids.shape[0])
     fix = lambda x: jax.lax.with_sharding_constraint(jax.lax.stop_gradient(x), sh)
     return fix(out.features), fix(out.last_hidden)
@@ -90,7 +91,11 @@ def with_target_features(sc: StepConfig, tstate, mb: dict) -> dict:
     (from the feature cache) otherwise."""
     if not sc.online:
         return mb
-    feats, last = _target_features(sc, tstate, mb["input_ids"])
+    # tie the target's weights to this micro-batch: their per-layer all-gathers (fsdp) then
+    # stay inside the loop instead of being hoisted out of it as loop invariants, which
+    # would hold a gathered copy of the whole target for the whole step
+    tstate, ids = jax.lax.optimization_barrier((tstate, mb["input_ids"]))
+    feats, last = _target_features(sc, tstate, ids)
     return dict(mb, features=feats, target_last_hidden=last)
 
 
