@@ -13,6 +13,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -80,5 +81,23 @@ def batch_sharding(mesh: Mesh, ndim: int, batch_size: int) -> NamedSharding:
     return named_sharding(("batch",) + (None,) * (ndim - 1), (batch_size,) + (1,) * (ndim - 1), mesh)
 
 
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) a batch dimension is split over."""
+    return tuple(a for a in LOGICAL_RULES["batch"] if mesh.shape[a] > 1)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
+
+
+def shardings_of(state: nnx.State, mesh: Mesh) -> dict:
+    """Pure-dict tree of NamedShardings from each variable's logical axes (``state`` may
+    be abstract or hold tracers: only shapes and metadata are read)."""
+    out: dict = {}
+    for path, var in nnx.to_flat_state(state):
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
+        node[path[-1]] = named_sharding(axes, var.shape, mesh)
+    return out

@@ -84,16 +84,24 @@ def test_online_and_cached_features_give_identical_losses(tmp_path, arch):
     layers = tuple(tiny_config(arch, store, "x").draft.target_layer_ids)
     build_feature_cache(TokenStore(store), target, layers, str(tmp_path / "cache"), dtype="float32",
                         compression="none", smallest_bucket=64, progress=False, log=lambda *_: None)
-    losses = {}
+    losses, params, rows = {}, {}, {}
     for mode in ("online", "cached"):
         c = tiny_config(arch, store, str(tmp_path / mode), max_steps=2)
         if mode == "cached":
             c.data.feature_cache = str(tmp_path / "cache")
-        train(setup(c))
+        run = setup(c)
+        assert run.step_config.num_micro == 2 and run.step_config.online == (mode == "online")
+        train(run)
         losses[mode] = _losses(str(tmp_path / mode))
+        params[mode] = jax.tree.leaves(run.state.params)
+        rows[mode] = [json.loads(line) for line in open(tmp_path / mode / "metrics.jsonl")]
     assert losses["online"].keys() == losses["cached"].keys() == {1, 2}
     for s in (1, 2):
         assert abs(losses["online"][s] - losses["cached"][s]) <= 1e-6 * abs(losses["online"][s])
+    # the gradients (norm before clipping) and the parameters after both steps agree too
+    _assert_same_steps(rows["online"], rows["cached"], rtol=1e-6)
+    for a, b in zip(params["online"], params["cached"], strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
 def test_cache_for_other_layers_is_refused(tmp_path):

@@ -83,11 +83,12 @@ def draft_hf_config(c, tcfg: TargetConfig, tokenizer=None, target_name: str = ""
 
 def build_draft(spec: ModelSpec, *, compute_dtype, seed: int, embed, lm_head):
     """A randomly initialised draft (fp32 master weights) whose frozen embed [V, d] and
-    lm_head [d, V] are the target's."""
+    lm_head [d, V] are the target's, stored in ``compute_dtype``: the draft casts them
+    to it at every use, so a float32 copy would only double their memory."""
     model = spec.build_fn(spec.config, dtype=compute_dtype, param_dtype=jnp.float32,
                           rngs=nnx.Rngs(seed))
-    model.embed.set_value(jnp.asarray(embed, jnp.float32))
-    model.lm_head.set_value(jnp.asarray(lm_head, jnp.float32))
+    model.embed.set_value(jnp.asarray(embed, compute_dtype))
+    model.lm_head.set_value(jnp.asarray(lm_head, compute_dtype))
     return model
 
 

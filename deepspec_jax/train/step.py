@@ -1,26 +1,34 @@
 """The train step: one pure function, jitted over a Mesh with explicit shardings.
 
-``state -> state'`` for one global batch: optional online target forward (frozen,
-no gradient), gradient accumulation over micro-batches with ``lax.scan``, global-norm
-clipping + AdamW, and a finite-loss guard: a step whose loss or gradient norm is not
-finite leaves the parameters and optimizer untouched and reports ``ok = 0``, so the
-host can stop with the last good state intact. The state buffers are donated.
+``state -> state'`` for one global batch: gradient accumulation over micro-batches with
+``lax.scan`` (in online mode the frozen target runs inside the scan body, on one
+micro-batch at a time, so peak memory follows the micro-batch, not the global batch),
+global-norm clipping + AdamW, and a finite-loss guard: a step whose loss or gradient
+norm is not finite leaves the parameters and optimizer untouched and reports ``ok = 0``,
+so the host can stop with the last good state intact. The state buffers are donated.
+
+Sharding: the batch is split over the mesh's batch axes (``data``, ``fsdp``); every
+micro-batch stays split over them (``micro_split``) and the gradient accumulator keeps
+the parameters' shardings (their logical axes on ``StepConfig.mesh``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from deepspec_jax.drafts.dspark import DSparkLossConfig
 from deepspec_jax.drafts.dspark_train import DSparkBatch, dspark_loss, sample_anchors, train_forward
 from deepspec_jax.drafts.eagle3_train import eagle3_loss
-from deepspec_jax.sharding import batch_sharding
+from deepspec_jax.errors import ConfigError
+from deepspec_jax.sharding import batch_axes, batch_sharding, shardings_of
 
 
 class TrainState(NamedTuple):
@@ -37,6 +45,7 @@ class StepConfig:
     layer_ids: tuple[int, ...]       # target features the draft reads
     num_micro: int                   # micro-batches per step (gradient accumulation)
     online: bool                     # target forward inside the step
+    mesh: Mesh                       # the step's mesh: micro-batch and gradient shardings
     target_graphdef: Any = None
     dspark_loss: DSparkLossConfig | None = None
     num_anchors: int = 0
@@ -44,10 +53,57 @@ class StepConfig:
     anchor_chunk: int = 64
 
 
+def check_micro_batch(mesh: Mesh, global_batch: int, num_micro: int) -> None:
+    """Raise unless every micro-batch splits evenly over the batch mesh axes."""
+    axes = batch_axes(mesh)
+    n = math.prod(mesh.shape[a] for a in axes)
+    if global_batch % num_micro or (global_batch // num_micro) % n:
+        raise ConfigError(
+            f"train step: a global batch of {global_batch} sequences (train.global_batch_size) in "
+            f"{num_micro} micro-batches (train.micro_batch_size per host x processes) gives "
+            f"micro-batches of {global_batch / num_micro:g} sequences, which must be a multiple "
+            f"of the batch mesh axes {' x '.join(axes) or 'data x fsdp'} = {n} "
+            f"(mesh {dict(mesh.shape)}); raise train.micro_batch_size or change "
+            "--config.mesh.data/fsdp.")
+
+
+def micro_split(sc: StepConfig, x: jax.Array) -> jax.Array:
+    """[G, ...] -> [a, G/a, ...], micro-batch j = rows j, j+a, j+2a, ...: every device's
+    rows of the batch-sharded input divide evenly over the micro-batches, so the split
+    moves no data, and each micro-batch stays sharded over the batch axes."""
+    a = sc.num_micro
+    y = x.reshape((x.shape[0] // a, a) + x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(y, NamedSharding(sc.mesh, P(None, batch_axes(sc.mesh) or None)))
+
+
 def _target_features(sc: StepConfig, tstate, input_ids):
+    """The frozen target's (features, last hidden) of one micro-batch, no gradient."""
     model = nnx.merge(sc.target_graphdef, tstate)
-    out = model(input_ids, sc.layer_ids)   # logits are unused: XLA drops the lm_head
-    return jax.lax.stop_gradient(out.features), jax.lax.stop_gradient(out.last_hidden)
+    with jax.named_scope("target_forward"):  # names its ops in the HLO (tests, profiles)
+        out = model(input_ids, sc.layer_ids)   # logits are unused: XLA drops the lm_head
+    sh = batch_sharding(sc.mesh, 3, input_ids.shape[0])
+    fix = lambda x: jax.lax.with_sharding_constraint(jax.lax.stop_gradient(x), sh)
+    return fix(out.features), fix(out.last_hidden)
+
+
+def with_target_features(sc: StepConfig, tstate, mb: dict) -> dict:
+    """``mb`` with the target's features: computed here in online mode, read as given
+    (from the feature cache) otherwise."""
+    if not sc.online:
+        return mb
+    # tie the target's weights to this micro-batch: their per-layer all-gathers (fsdp) then
+    # stay inside the loop instead of being hoisted out of it as loop invariants, which
+    # would hold a gathered copy of the whole target for the whole step
+    tstate, ids = jax.lax.optimization_barrier((tstate, mb["input_ids"]))
+    feats, last = _target_features(sc, tstate, ids)
+    return dict(mb, features=feats, target_last_hidden=last)
+
+
+def grad_shardings(sc: StepConfig, params: dict, rest) -> dict:
+    """The trainable parameters' shardings (their logical axes on ``sc.mesh``), the
+    layout the gradient accumulator keeps."""
+    _, p, _ = nnx.split(nnx.merge(sc.graphdef, nnx.State(params), rest), nnx.Param, ...)
+    return shardings_of(p, sc.mesh)
 
 
 def micro_loss(sc: StepConfig, params, rest, mb: dict, key):
@@ -80,26 +136,29 @@ def micro_loss(sc: StepConfig, params, rest, mb: dict, key):
 def train_step(sc: StepConfig, tx: optax.GradientTransformation, schedule: Callable,
                state: TrainState, rest, tstate, batch: dict):
     """One optimizer step over ``batch`` (global arrays, leading dim = global batch)."""
-    key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
-    if sc.online:
-        feats, last = _target_features(sc, tstate, batch["input_ids"])
-        batch = dict(batch, features=feats, target_last_hidden=last)
-    fields = ("input_ids", "loss_mask", "attention_mask", "features", "target_last_hidden")
     a = sc.num_micro
-    micro = {k: batch[k].reshape((a, batch[k].shape[0] // a) + batch[k].shape[1:]) for k in fields}
+    check_micro_batch(sc.mesh, batch["input_ids"].shape[0], a)
+    key, step_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+    fields = ("input_ids", "loss_mask", "attention_mask")
+    if not sc.online:
+        fields += ("features", "target_last_hidden")
+    micro = {k: micro_split(sc, batch[k]) for k in fields}
     keys = jax.random.split(step_key, a)
+    g_sh = grad_shardings(sc, state.params, rest)
+    keep_sharded = lambda g: jax.lax.with_sharding_constraint(g, g_sh)
     grad_fn = jax.value_and_grad(lambda p, mb, k: micro_loss(sc, p, rest, mb, k), has_aux=True)
 
     def body(acc, xs):
         mb, k = xs
-        (loss, metrics), g = grad_fn(state.params, mb, k)
+        (loss, metrics), g = grad_fn(state.params, with_target_features(sc, tstate, mb), k)
         acc_g, acc_m = acc
-        return (jax.tree.map(jnp.add, acc_g, g),
+        return (keep_sharded(jax.tree.map(jnp.add, acc_g, g)),
                 jax.tree.map(jnp.add, acc_m, dict(metrics, total_loss=loss))), None
 
-    zeros_g = jax.tree.map(jnp.zeros_like, state.params)
+    zeros_g = keep_sharded(jax.tree.map(jnp.zeros_like, state.params))
+    first = jax.tree.map(lambda x: x[0], micro)
     m_shape = jax.eval_shape(lambda: micro_loss(sc, state.params, rest,
-                                                jax.tree.map(lambda x: x[0], micro), keys[0]))[1]
+                                                with_target_features(sc, tstate, first), keys[0]))[1]
     zeros_m = {k: jnp.zeros((), jnp.float32) for k in list(m_shape) + ["total_loss"]}
     (grads, msum), _ = jax.lax.scan(body, (zeros_g, zeros_m), (micro, keys))
     grads = jax.tree.map(lambda g: g / a, grads)

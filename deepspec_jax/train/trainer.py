@@ -36,12 +36,13 @@ from deepspec_jax.drafts.dspark import DSparkLossConfig
 from deepspec_jax.drafts.registry import family_for_kind
 from deepspec_jax.dtypes import compute_dtype
 from deepspec_jax.errors import ConfigError
-from deepspec_jax.sharding import make_mesh, named_sharding, replicated
+from deepspec_jax.sharding import make_mesh, replicated, shardings_of
 from deepspec_jax.target import Target, load_target
 from deepspec_jax.train.checkpoints import Checkpoints
 from deepspec_jax.train.draft_init import build_draft, spec_for_run
 from deepspec_jax.train.optimizer import make_optimizer
-from deepspec_jax.train.step import StepConfig, TrainState, batch_shardings, compile_step
+from deepspec_jax.train.step import (StepConfig, TrainState, batch_shardings, check_micro_batch,
+                                    compile_step)
 
 class NonFiniteLoss(RuntimeError):
     """Training hit a NaN/inf loss or gradient; the last good checkpoint is kept."""
@@ -52,18 +53,6 @@ def _dtype(name: str, field: str):
         return jnp.dtype(compute_dtype(name, f"config field {field}"))
     except ValueError as e:
         raise ConfigError(str(e)) from None
-
-
-def shardings_of(abstract_state: nnx.State, mesh) -> dict:
-    """Pure-dict tree of NamedShardings from each variable's logical axes."""
-    out: dict = {}
-    for path, var in nnx.to_flat_state(abstract_state):
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        axes = var.get_metadata().get("logical_axes") or (None,) * len(var.shape)
-        node[path[-1]] = named_sharding(axes, var.shape, mesh)
-    return out
 
 
 class ConcatSource:
@@ -276,10 +265,11 @@ def batch_field_ndims(source, online: bool) -> dict[str, int]:
     return out
 
 
-def step_config(c, ts: TargetSetup, ds: DataSetup, graphdef) -> StepConfig:
+def step_config(c, ts: TargetSetup, ds: DataSetup, graphdef, mesh) -> StepConfig:
     family = family_for_kind(c.draft.kind).name
     return StepConfig(family=family, graphdef=graphdef, layer_ids=ts.layer_ids, num_micro=ds.num_micro,
-                      online=ds.online, target_graphdef=ts.target.graphdef if ds.online else None,
+                      online=ds.online, mesh=mesh,
+                      target_graphdef=ts.target.graphdef if ds.online else None,
                       dspark_loss=DSparkLossConfig(c.loss.ce_alpha, c.loss.l1_alpha,
                                                    c.loss.confidence_alpha, c.loss.loss_decay_gamma)
                       if family == "dspark" else None,
@@ -292,10 +282,11 @@ def setup(c, *, mesh=None, resume: bool = True) -> Run:
     mesh = mesh or make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     ts = setup_target(c, mesh)
     ds = setup_data(c, ts)
-    dr = setup_draft(c, ts, ds.schedule_steps, mesh)
-    sc = step_config(c, ts, ds, dr.graphdef)
-    tstate = ts.target.state if ds.online else None
     gbs = int(c.train.global_batch_size)
+    check_micro_batch(mesh, gbs, ds.num_micro)
+    dr = setup_draft(c, ts, ds.schedule_steps, mesh)
+    sc = step_config(c, ts, ds, dr.graphdef, mesh)
+    tstate = ts.target.state if ds.online else None
     b_sh = batch_shardings(mesh, {k: jax.ShapeDtypeStruct((gbs,) + (1,) * (n - 1), jnp.float32)
                                   for k, n in batch_field_ndims(ds.source, ds.online).items()})
     sharding = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
@@ -349,7 +340,11 @@ def export(run: Run, dst: str | None = None) -> str:
     """Write the trained draft as a JAX dir (``<out>/final``) and, if configured, the
     DeepSpec HF format (``<out>/hf``)."""
     dst = dst or os.path.join(run.out_dir, "final")
-    model = nnx.merge(run.step_config.graphdef, nnx.State(run.state.params), nnx.State(run.rest))
+    # the frozen embed/lm_head live in the compute dtype during training; the export is
+    # float32 throughout, as the draft's config.json ("dtype") says
+    rest = jax.tree.map(lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        run.rest)
+    model = nnx.merge(run.step_config.graphdef, nnx.State(run.state.params), nnx.State(rest))
     save_jax_dir(dst, run.spec, nnx.state(model), source=f"trained by deepspec_jax ({run.config.name})")
     if run.config.train.export_hf and jax.process_index() == 0:
         jax_to_hf(dst, os.path.join(run.out_dir, "hf"))
