@@ -188,6 +188,13 @@ def context_kv(lc: TargetConfig, p: dict, ctx: jax.Array, positions: jax.Array, 
     return apply_rope(k, positions, inv_freq), v.reshape(b, s, K, D)
 
 
+# Query rows per block of the context span: the jnp path holds a few [block, S] logits
+# per head at a time (tests/test_attention_memory.py). At S=2048, 512 anchors x 7 the
+# tiny fixture draft's backbone (fwd+bwd) plans 96 MiB of temporaries with 256, 125
+# with 512 (and 506 with the dense logits this replaced); 256 is whole TPU tiles.
+CONTEXT_BLOCK_Q = 256
+
+
 def block_attention(q, kb, vb, kc, vc, anchors, keep):
     """Attention of each block to the context before its anchor and to itself.
 
@@ -203,12 +210,19 @@ def block_attention(q, kb, vb, kc, vc, anchors, keep):
     B, N, K, H, D = q.shape
     Kh = kb.shape[3]
     stop = jnp.repeat(jnp.where(keep, anchors, 0).astype(jnp.int32), K, axis=1)   # [B,N*K]
-    ctx = span_attention(q.reshape(B, N * K, H, D), kc, vc, jnp.zeros_like(stop), stop)
+    ctx = span_attention(q.reshape(B, N * K, H, D), kc, vc, jnp.zeros_like(stop), stop,
+                         block_q=CONTEXT_BLOCK_Q)
     own_out, own_lse = dense_attention(q.reshape(B * N, K, H, D), kb.reshape(B * N, K, Kh, D),
                                        vb.reshape(B * N, K, Kh, D), keep.reshape(B * N, 1, 1))
     out, _ = merge_attention([ctx, (own_out.reshape(B, N * K, H, D),
                                     own_lse.reshape(B, N * K, H))])
     return out.reshape(B, N, K, H, D).astype(q.dtype)
+
+
+# Rematerialised as a whole inside the layer scan: otherwise the scan's backward keeps
+# the context mask of every query block (it depends only on the anchors), and XLA plans
+# ~25% more temporaries for a DSpark train step (S=2048, 512 anchors x 7).
+_block_attention_remat = jax.checkpoint(block_attention)
 
 
 # ---------------------------------------------------------------------------
@@ -355,9 +369,9 @@ class DSparkDraft(nnx.Module):
             x = rms_norm(h, p["input_norm"], lc.rms_norm_eps)
             q, kb, vb = layer_qkv(lc, p, x, pos, inv_freq)
             kc, vc = ctx_kv_fn(p, xs_l)
-            attn = block_attention(q.reshape(B, N, K, H, D), kb.reshape(B, N, K, Kh, D),
-                                   vb.reshape(B, N, K, Kh, D), kc.astype(q.dtype),
-                                   vc.astype(q.dtype), anchors, keep)
+            attn = _block_attention_remat(q.reshape(B, N, K, H, D),
+                                          kb.reshape(B, N, K, Kh, D), vb.reshape(B, N, K, Kh, D),
+                                          kc.astype(q.dtype), vc.astype(q.dtype), anchors, keep)
             return layer_finish(lc, p, h, attn.reshape(B, N * K, H, D)), None
 
         h, _ = jax.lax.scan(body, h, (params, ctx_xs))
