@@ -3,8 +3,8 @@
 Times one verify-pass attention (N tree queries over a KV cache of S slots, prefix
 lengths differing per row) with
   * kernel: deepspec_jax.kernels.tree_attention (Pallas, Triton on GPU / Mosaic on TPU),
-  * xla_dense: the engine's XLA path, deepspec_jax.layers.attention
-    .segmented_attention over the whole cache (mask slot < prefix_len) plus the tree
+  * xla_dense: the engine's XLA path, deepspec_jax.kernels.attention
+    .segment_attention over the whole cache (mask slot < prefix_len) plus the tree
     segment (mask from the same ancestor bits), in the cache dtype,
 both taking the tree's keys/values as separate arrays (``k_tree``/``v_tree``: no cache
 write or copy before attending),
@@ -31,10 +31,10 @@ from absl import flags
 
 from deepspec_jax import cli
 
+from deepspec_jax.kernels.attention import segment_attention
 from deepspec_jax.kernels.tree_attention import (ancestor_bits, kernel_backend,
                                                  kernel_unsupported_reason, tree_attention,
                                                  tree_attention_reference, tree_visibility)
-from deepspec_jax.layers.attention import segmented_attention
 
 # Approximate peak HBM bandwidth (bytes/s) by device-kind substring, for a %-of-peak
 # column only; unknown devices print no percentage.
@@ -98,7 +98,7 @@ def run_case(args, s, interpret, body):
     @jax.jit
     def dense(q, k, v, prefix, bits, kt, vt):
         committed = jnp.arange(s)[None, None, :] < prefix[:, None, None]
-        return segmented_attention(q, [(k, v, committed), (kt, vt, tree_visibility(bits))])
+        return segment_attention(q, [(k, v, committed), (kt, vt, tree_visibility(bits))])[0]
 
     item = dtype.itemsize
     bk = args.block_kv

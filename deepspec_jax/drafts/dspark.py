@@ -28,6 +28,7 @@ from deepspec_jax.config import TargetConfig, load_config_json, target_config_fr
 from deepspec_jax.drafts.common import DraftFamily, Frozen, Proposal
 from deepspec_jax.dtypes import compute_dtype
 from deepspec_jax.errors import ConfigError
+from deepspec_jax.kernels.attention import dense_attention, merge_attention, span_attention
 from deepspec_jax.layers import apply_rope, rms_norm, rope_inv_freq
 from deepspec_jax.models.transformer import DecoderStack, _param, layer_finish, layer_qkv
 from deepspec_jax.sampling import SamplingParams, sample_with_probs
@@ -187,39 +188,40 @@ def context_kv(lc: TargetConfig, p: dict, ctx: jax.Array, positions: jax.Array, 
     return apply_rope(k, positions, inv_freq), v.reshape(b, s, K, D)
 
 
+# Query rows per block of the context span: the jnp path holds a few [block, S] logits
+# per head at a time (tests/test_attention_memory.py). At S=2048, 512 anchors x 7 the
+# tiny fixture draft's backbone (fwd+bwd) plans 96 MiB of temporaries with 256, 125
+# with 512 (and 506 with the dense logits this replaced); 256 is whole TPU tiles.
+CONTEXT_BLOCK_Q = 256
+
+
 def block_attention(q, kb, vb, kc, vc, anchors, keep):
     """Attention of each block to the context before its anchor and to itself.
 
     q [B,N,K,H,D]; kb/vb [B,N,K,Kh,D] (the block's own keys); kc/vc [B,S,Kh,D] (context);
     anchors [B,N] (context position j is visible iff j < anchor); keep [B,N] bool.
-    The two logit pieces share one max and one normaliser (a log-sum-exp merge), so
-    the result equals a softmax over the concatenated keys. Rows with no visible key
-    (dummy blocks) output zero, as the reference's flex-attention does.
+    Two pieces merged into one softmax (``merge_attention``): the context is a span
+    (key 0..anchor-1, nothing for a dummy block) over all N*K queries at once, through
+    ``span_attention`` (the flash kernel on TPU, query blocks in jnp: never the whole
+    [N*K, S] logits, forward or backward); the block's own K keys are a dense piece
+    (bidirectional, N folded into the batch). Rows with no visible key (dummy blocks)
+    output zero, as the reference's flex-attention does.
     """
     B, N, K, H, D = q.shape
-    S, Kh = kc.shape[1], kc.shape[2]
-    G = H // Kh
-    scale = D ** -0.5
-    qg = q.reshape(B, N, K, Kh, G, D)
-    lc = jnp.einsum("bnqkgd,bskd->bnkgqs", qg, kc, preferred_element_type=jnp.float32) * scale
-    lb = jnp.einsum("bnqkgd,bnpkd->bnkgqp", qg, kb, preferred_element_type=jnp.float32) * scale
-    visible = (jnp.arange(S, dtype=jnp.int32)[None, None, :] < anchors[:, :, None]) & keep[:, :, None]
-    lc = jnp.where(visible[:, :, None, None, None, :], lc, -jnp.inf)
-    lb = jnp.where(keep[:, :, None, None, None, None], lb, -jnp.inf)
-    m = jnp.maximum(jnp.max(lc, axis=-1), jnp.max(lb, axis=-1))
-    m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))[..., None]
-    pc, pb = jnp.exp(lc - m), jnp.exp(lb - m)
-    den = jnp.sum(pc, axis=-1) + jnp.sum(pb, axis=-1)                      # [B,N,Kh,G,K]
-    out = (jnp.einsum("bnkgqs,bskd->bnqkgd", pc.astype(vc.dtype), vc,
-                      preferred_element_type=jnp.float32)
-           + jnp.einsum("bnkgqp,bnpkd->bnqkgd", pb.astype(vb.dtype), vb,
-                        preferred_element_type=jnp.float32))
-    den = jnp.transpose(jnp.where(den > 0, den, 1.0), (0, 1, 4, 2, 3))[..., None]
-    return (out / den).reshape(B, N, K, H, D).astype(q.dtype)
+    Kh = kb.shape[3]
+    stop = jnp.repeat(jnp.where(keep, anchors, 0).astype(jnp.int32), K, axis=1)   # [B,N*K]
+    ctx = span_attention(q.reshape(B, N * K, H, D), kc, vc, jnp.zeros_like(stop), stop,
+                         block_q=CONTEXT_BLOCK_Q)
+    own_out, own_lse = dense_attention(q.reshape(B * N, K, H, D), kb.reshape(B * N, K, Kh, D),
+                                       vb.reshape(B * N, K, Kh, D), keep.reshape(B * N, 1, 1))
+    out, _ = merge_attention([ctx, (own_out.reshape(B, N * K, H, D),
+                                    own_lse.reshape(B, N * K, H))])
+    return out.reshape(B, N, K, H, D).astype(q.dtype)
 
 
-# The [queries, context] logits are the largest activations of a training step; the
-# backward recomputes them from q/k/v instead of keeping them for every layer.
+# Rematerialised as a whole inside the layer scan: otherwise the scan's backward keeps
+# the context mask of every query block (it depends only on the anchors), and XLA plans
+# ~25% more temporaries for a DSpark train step (S=2048, 512 anchors x 7).
 _block_attention_remat = jax.checkpoint(block_attention)
 
 
@@ -367,9 +369,9 @@ class DSparkDraft(nnx.Module):
             x = rms_norm(h, p["input_norm"], lc.rms_norm_eps)
             q, kb, vb = layer_qkv(lc, p, x, pos, inv_freq)
             kc, vc = ctx_kv_fn(p, xs_l)
-            attn = _block_attention_remat(q.reshape(B, N, K, H, D), kb.reshape(B, N, K, Kh, D),
-                                   vb.reshape(B, N, K, Kh, D), kc.astype(q.dtype),
-                                   vc.astype(q.dtype), anchors, keep)
+            attn = _block_attention_remat(q.reshape(B, N, K, H, D),
+                                          kb.reshape(B, N, K, Kh, D), vb.reshape(B, N, K, Kh, D),
+                                          kc.astype(q.dtype), vc.astype(q.dtype), anchors, keep)
             return layer_finish(lc, p, h, attn.reshape(B, N * K, H, D)), None
 
         h, _ = jax.lax.scan(body, h, (params, ctx_xs))

@@ -25,8 +25,8 @@ from flax import nnx
 from deepspec_jax.config import TargetConfig, load_config_json, target_config_from_dict
 from deepspec_jax.drafts.common import DraftFamily, Frozen, Proposal
 from deepspec_jax.errors import ConfigError
-from deepspec_jax.layers import apply_rope, masked_attention, rms_norm, rope_inv_freq, swiglu
-from deepspec_jax.layers.attention import segmented_attention
+from deepspec_jax.kernels.attention import dense_attention, merge_attention
+from deepspec_jax.layers import apply_rope, rms_norm, rope_inv_freq, swiglu
 from deepspec_jax.models.transformer import _param
 from deepspec_jax.sampling import SamplingParams, sample_with_probs
 from deepspec_jax.sharding import make_mesh
@@ -289,8 +289,8 @@ def _cached_step(model: Eagle3Draft, state: Eagle3State, ids: jax.Array, h: jax.
     cv = state.v.at[rows, positions].set(v.astype(state.v.dtype), mode="drop")
     kv_pos = jnp.arange(state.max_len, dtype=jnp.int32)
     mask = kv_pos[None, None, :] <= positions[:, :, None]
-    attn = masked_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask)
-    return model.finish(h, attn), ck, cv
+    attn, _ = dense_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask)
+    return model.finish(h, attn.astype(q.dtype)), ck, cv
 
 
 def extend(model: Eagle3Draft, state: Eagle3State, tokens: jax.Array, features: jax.Array,
@@ -373,10 +373,10 @@ def tree_step(model: Eagle3Draft, state: Eagle3State, tokens: jax.Array, h_in: j
     sv = sv.at[:, slots].set(v.astype(sv.dtype))
     kv_pos = jnp.arange(state.max_len, dtype=jnp.int32)
     committed = kv_pos[None, None, :] < state.lengths[:, None, None]
-    t = lambda x: x.astype(q.dtype).transpose(0, 2, 3, 1)  # noqa: E731  [B,S,K,D] -> [B,K,D,S]
-    u = lambda x: x.astype(q.dtype).transpose(0, 2, 1, 3)  # noqa: E731  [B,S,K,D] -> [B,K,S,D]
-    attn = segmented_attention(q, [(t(state.k), u(state.v), committed), (t(sk), u(sv), visible)])
-    return model.finish(h_in, attn), (sk, sv)
+    c = lambda x: x.astype(q.dtype)  # noqa: E731
+    attn, _ = merge_attention([dense_attention(q, c(state.k), c(state.v), committed),
+                               dense_attention(q, c(sk), c(sv), visible)])
+    return model.finish(h_in, attn.astype(q.dtype)), (sk, sv)
 
 
 def tree_propose(model: Eagle3Draft, state: Eagle3State, key: jax.Array, sp: SamplingParams,

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from deepspec_jax.drafts.eagle3 import Eagle3Draft
+from deepspec_jax.kernels.attention import merge_attention, span_attention
 
 NEG_INF = -jnp.inf
 
@@ -33,60 +34,34 @@ NEG_INF = -jnp.inf
 # ---------------------------------------------------------------------------
 
 
-def _causal_block(q, k, v, q_offset):
-    """Causal attention of the query block ``q`` [B,C,K,G,D] (global positions
-    q_offset..q_offset+C-1) over all keys [B,S,K,D]; returns (out fp32, lse)."""
-    d = q.shape[-1]
-    s = jnp.einsum("bckgd,bskd->bkgcs", q, k, preferred_element_type=jnp.float32) * d ** -0.5
-    qpos = q_offset + jnp.arange(q.shape[1])
-    s = jnp.where(jnp.arange(k.shape[1])[None, :] <= qpos[:, None], s, NEG_INF)
-    lse = jax.nn.logsumexp(s, axis=-1)  # finite: every query sees its own position
-    p = jnp.exp(s - lse[..., None])
-    out = jnp.einsum("bkgcs,bskd->bckgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out, lse
-
-
-def causal_attention_lse(q, k, v, q_chunk: int = 512):
-    """Causal GQA attention with its log-sum-exp. q [B,T,K,G,D], k/v [B,T,K,D].
-
-    Long sequences run in rematerialised query blocks, so training memory is
-    O(T * q_chunk) per head instead of O(T^2). Returns out [B,T,K,G,D] fp32 and
-    lse [B,K,G,T]. (A flash kernel that returns the LSE can replace this.)
-    """
-    B, T = q.shape[:2]
-    if T <= q_chunk:
-        return _causal_block(q, k, v, 0)
-    n = -(-T // q_chunk)
-    qp = jnp.pad(q, [(0, 0), (0, n * q_chunk - T)] + [(0, 0)] * (q.ndim - 2))  # extra rows dropped
-    qb = jnp.moveaxis(qp.reshape(B, n, q_chunk, *q.shape[2:]), 1, 0)
-    block = jax.checkpoint(lambda args: _causal_block(args[0], k, v, args[1] * q_chunk))
-    out, lse = jax.lax.map(block, (qb, jnp.arange(n)))
-    out = jnp.moveaxis(out, 0, 1).reshape(B, n * q_chunk, *q.shape[2:])[:, :T]
-    lse = jnp.moveaxis(lse, 0, -2).reshape(*lse.shape[1:-1], n * q_chunk)[..., :T]
-    return out, lse
+def diagonal_attention(q, diag_k, diag_v):
+    """Query t of q [B,T,H,D] over exactly one key per earlier TTT step, the key at its
+    own position: diag_k/diag_v [n,B,T,K,D] (n >= 1). Elementwise over t (no [T, n*T]
+    logits), as ``(out [B,T,H,D] fp32, lse [B,T,H])`` of that piece, for
+    ``merge_attention``."""
+    B, T, H, D = q.shape
+    K = diag_k.shape[3]
+    qg = q.reshape(B, T, K, H // K, D)
+    ds = jnp.einsum("btkgd,nbtkd->nbtkg", qg, diag_k,
+                    preferred_element_type=jnp.float32) * D ** -0.5
+    lse = jax.nn.logsumexp(ds, axis=0)                                      # [B,T,K,G]
+    out = jnp.einsum("nbtkg,nbtkd->btkgd", jnp.exp(ds - lse), diag_v.astype(jnp.float32))
+    return out.reshape(B, T, H, D), lse.reshape(B, T, H)
 
 
 def ttt_attention(q, k0, v0, diag_k, diag_v, valid_q):
     """One TTT step's attention. q [B,T,H,D]; k0/v0 [B,T,K,D] are the step-0 keys;
     diag_k/diag_v [n,B,T,K,D] the keys of steps 1..s (n = s, may be 0); valid_q [B,T]
-    bool. Invalid queries get a zero output (the reference's fully masked rows)."""
-    B, T, H, D = q.shape
-    K = k0.shape[2]
-    qg = q.reshape(B, T, K, H // K, D)
-    out0, lse0 = causal_attention_lse(qg, k0, v0)
+    bool. A causal span over the step-0 keys (``span_attention``: query-blocked, or the
+    flash kernel on TPU) merged with the diagonal keys into one softmax. Invalid
+    queries get a zero output (the reference's fully masked rows)."""
+    T = q.shape[1]
+    stop = jnp.where(valid_q, jnp.arange(1, T + 1, dtype=jnp.int32)[None], 0)
+    out, lse = span_attention(q, k0, v0, jnp.zeros_like(stop), stop)
     if diag_k.shape[0]:
-        ds = jnp.einsum("btkgd,nbtkd->nbkgt", qg, diag_k,
-                        preferred_element_type=jnp.float32) * D ** -0.5
-        m = jnp.maximum(lse0, jnp.max(ds, axis=0))
-        w0 = jnp.exp(lse0 - m)            # [B,K,G,T]
-        wd = jnp.exp(ds - m)              # [n,B,K,G,T]
-        num = (out0 * jnp.moveaxis(w0, -1, 1)[..., None]
-               + jnp.einsum("nbkgt,nbtkd->btkgd", wd, diag_v.astype(jnp.float32)))
-        out = num / jnp.moveaxis(w0 + jnp.sum(wd, axis=0), -1, 1)[..., None]
-    else:
-        out = out0
-    out = jnp.where(valid_q[:, :, None, None, None], out, 0.0)
-    return out.reshape(B, T, H, D).astype(q.dtype)
+        out, _ = merge_attention([(out, lse), diagonal_attention(q, diag_k, diag_v)])
+    out = jnp.where(valid_q[:, :, None, None], out, 0.0)
+    return out.astype(q.dtype)
 
 
 # ---------------------------------------------------------------------------

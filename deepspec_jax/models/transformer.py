@@ -22,9 +22,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepspec_jax.config import TargetConfig
+from deepspec_jax.kernels.attention import causal_span, segment_attention, span_attention
 from deepspec_jax.kernels.tree_attention import tree_attention
 from deepspec_jax.layers import apply_rope, rms_norm, rope_inv_freq, swiglu
-from deepspec_jax.layers.attention import segmented_attention
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Param:
@@ -152,6 +152,20 @@ def write_kv_after(ck: jax.Array, cv: jax.Array, kt: jax.Array, vt: jax.Array,
     return write_rows(ck, kt + after, start, 3), write_rows(cv, vt + after, start, 2)
 
 
+def _causal_attend(b: int, t: int):
+    """``attend`` of a causal forward over T tokens with no cache (full forward, fresh
+    prefill): ``span_attention`` (the flash kernel on TPU; O(block_q x T) memory in the
+    jnp path) instead of [T,T] logits. Every row sees its causal prefix, padding
+    included, as the cache-segment path does."""
+    start, stop = causal_span(jnp.full((b,), t, jnp.int32), t)
+
+    def attend(q, kt, vt, ck, cv):
+        k, v = kt.transpose(0, 3, 1, 2), vt.transpose(0, 2, 1, 3)  # back to [B,T,K,D]
+        return span_attention(q, k, v, start, stop)[0].astype(q.dtype)
+
+    return attend
+
+
 class ForwardOut(NamedTuple):
     logits: jax.Array        # [B, T, V] float32
     features: jax.Array      # [B, T, len(layer_ids) * d] raw layer outputs (id -1 = embeddings)
@@ -271,12 +285,7 @@ class CausalLM(nnx.Module):
         """Full causal forward over right-padded ``input_ids`` [B, S] (no cache)."""
         b, s = input_ids.shape
         positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-        causal = jnp.tril(jnp.ones((s, s), bool))[None]
-
-        def attend(q, kt, vt, ck, cv):
-            return segmented_attention(q, [(kt, vt, causal)])
-
-        out, _ = self._run(input_ids, positions, layer_ids, attend, None)
+        out, _ = self._run(input_ids, positions, layer_ids, _causal_attend(b, s), None)
         return out
 
     def extend(self, cache: KVCache, input_ids: jax.Array, num_new: jax.Array,
@@ -298,13 +307,13 @@ class CausalLM(nnx.Module):
 
         # Attention reads the old cache and the new keys/values as separate segments,
         # so the cache is read before the new entries are written (in place, by _run).
+        # A fresh prefill (long T) is a causal span over the new tokens alone.
         def attend(q, kt, vt, ck, cv):
-            segments = [(kt, vt, new_mask)]
-            if not fresh:
-                segments.insert(0, (ck.astype(q.dtype), cv.astype(q.dtype), old_mask))
-            return segmented_attention(q, segments)
+            segments = [(ck.astype(q.dtype), cv.astype(q.dtype), old_mask), (kt, vt, new_mask)]
+            return segment_attention(q, segments)[0].astype(q.dtype)
 
-        out, cache = self._run(input_ids, positions, layer_ids, attend, cache)
+        out, cache = self._run(input_ids, positions, layer_ids,
+                               _causal_attend(b, t) if fresh else attend, cache)
         new_len = jnp.minimum(start + num_new.astype(jnp.int32), s_max)
         return out, cache._replace(lengths=new_len)
 

@@ -23,6 +23,9 @@ Public API (all return ``(out [B,T,H,D] float32, lse [B,T,H] float32)``):
 * ``dense_attention(q, k, v, mask, scale=None)``; ``merge_attention(parts)``.
 * ``span_attention_reference``: the pure-jnp oracle (query-blocked, rematerialised:
   memory O(block_q x S)); ``span_mask``, ``causal_span``.
+* ``segment_attention(q, [(kt, v, mask), ...])``: dense attention over segments in the
+  KV-cache layout (kt [B,K,D,S], v [B,K,S,D]) with one softmax: decode and verify
+  steps read the cache in place, without a transpose or concatenation copy.
 
 ``impl``: "reference" is the jnp path (CPU, and GPU through XLA); "pallas" the Pallas
 TPU kernel (``interpret=True`` runs it on CPU); "auto" = the kernel on TPU, the
@@ -47,9 +50,10 @@ import jax.numpy as jnp
 from deepspec_jax.kernels.attention.flash_tpu import span_attention_pallas, span_flops
 from deepspec_jax.kernels.attention.reference import (dense_attention, merge_attention,
                                                       span_attention_reference, span_mask)
+from deepspec_jax.kernels.attention.segments import segment_attention
 
 __all__ = ["span_attention", "span_attention_reference", "dense_attention", "merge_attention",
-           "span_mask", "causal_span", "span_flops", "target_platform"]
+           "span_mask", "causal_span", "segment_attention", "span_flops", "target_platform"]
 
 _IMPLS = ("auto", "pallas", "reference")
 

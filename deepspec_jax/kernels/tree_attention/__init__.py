@@ -8,7 +8,7 @@ Public API (inference only: no custom_vjp, nothing here is differentiated):
 * ``tree_attention_reference(...)``: pure ``jnp``, the oracle and the CPU path.
 * ``ancestor_bits(parents)``: parent-index arrays -> the packed ancestor bitmask.
 
-Layouts are the project's KV-cache layouts (deepspec_jax/layers/attention.py):
+Layouts are the project's KV-cache layouts (deepspec_jax/kernels/attention/segments.py):
 q [B,N,H,D]; k_cache [B,K,D,S] (keys transposed); v_cache [B,K,S,D]; H = K*G and query
 head h reads KV head h // G. Node i's own key/value is in the cache at slot
 prefix_len[b] + i, unless ``k_tree`` [B,K,D,N] / ``v_tree`` [B,K,N,D] are given: then

@@ -11,8 +11,9 @@ than a dense [B,N,S] mask so kernels read N*W words instead of N*S booleans.
 
 Both the reference and the kernel see the problem as two segments: the committed
 prefix (cache, mask slot < prefix_len) and the tree (N slots, mask = ancestor bits).
-The reference materialises [B,H,N,S] logits: it is the CPU path and the test oracle,
-not the fast path.
+The reference materialises [B,H,N,S] logits (``kernels.attention.segment_attention``
+over the two segments, in fp32): it is the CPU path and the test oracle, not the fast
+path.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from deepspec_jax.kernels.attention.segments import segment_attention
 
 
 def num_words(n: int) -> int:
@@ -153,26 +156,13 @@ def tree_attention_reference(q: jax.Array, k_cache: jax.Array, v_cache: jax.Arra
 
 @jax.jit
 def _reference(q, k_cache, v_cache, prefix_len, tree_bits, k_tree, v_tree, scale):
-    b, n, h, d = q.shape
-    kh, s = k_cache.shape[1], k_cache.shape[3]
-    g = h // kh
-    hi = jax.lax.Precision.HIGHEST
+    s = k_cache.shape[3]
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    qg = f32(q.reshape(b, n, kh, g, d).transpose(0, 2, 3, 1, 4))  # [B,K,G,N,D]
-    committed = (jnp.arange(s)[None, :] < prefix_len[:, None])[:, None, None, None, :]
-    own = tree_visibility(tree_bits)[:, None, None]  # [B,1,1,N,N]
-    lc = jnp.einsum("bkgnd,bkds->bkgns", qg, f32(k_cache), precision=hi) * scale
-    lt = jnp.einsum("bkgnd,bkdj->bkgnj", qg, f32(k_tree), precision=hi) * scale
-    lc = jnp.where(committed, lc, -jnp.inf)
-    lt = jnp.where(own, lt, -jnp.inf)
-    row_max = jnp.maximum(jnp.max(lc, axis=-1, keepdims=True), jnp.max(lt, axis=-1, keepdims=True))
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    pc, pt = jnp.exp(lc - row_max), jnp.exp(lt - row_max)
-    denom = jnp.sum(pc, axis=-1, keepdims=True) + jnp.sum(pt, axis=-1, keepdims=True)
-    inv = 1.0 / jnp.where(denom > 0, denom, 1.0)
+    committed = (jnp.arange(s)[None, :] < prefix_len[:, None])[:, None, :]  # [B,1,S]
     # Slots the mask hides may hold anything (stale or never-written cache): zero them
     # so 0 * inf/NaN cannot leak into the value sum.
-    vc = jnp.where(committed[:, :, 0, 0, :, None], f32(v_cache), 0.0)
-    out = (jnp.einsum("bkgns,bksd->bkgnd", pc * inv, vc, precision=hi)
-           + jnp.einsum("bkgnj,bkjd->bkgnd", pt * inv, f32(v_tree), precision=hi))
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, n, h, d).astype(q.dtype)
+    vc = jnp.where(committed[:, 0, None, :, None], f32(v_cache), 0.0)
+    out, _ = segment_attention(f32(q), [(f32(k_cache), vc, committed),
+                                        (f32(k_tree), f32(v_tree), tree_visibility(tree_bits))],
+                               scale, precision=jax.lax.Precision.HIGHEST)
+    return out.astype(q.dtype)
