@@ -140,7 +140,8 @@ def _knobs(row: Row, c, topology: str) -> str:
     return "; ".join(knobs)
 
 
-def _print_table(rows: list[Row], out=sys.stdout) -> None:
+def _print_table(rows: list[Row], out=None) -> None:
+    out = out or sys.stdout
     head = (f"{'program':8} {'mode':13} {'micro':>5} {'seq/dev':>7} {'args GiB':>8} {'temp GiB':>8} "
             f"{'peak GiB':>8} {'cap GiB':>7} {'fits':>4} {'GFLOP/dev':>9} {'largest':>7} "
             f"{'compile s':>9}")
@@ -153,7 +154,8 @@ def _print_table(rows: list[Row], out=sys.stdout) -> None:
                    "none" if r.largest_micro_batch is None else str(r.largest_micro_batch))
         print(f"{r.program:8} {r.mode:13} {'-' if r.micro_batch_size is None else r.micro_batch_size:>5} "
               f"{'-' if r.seqs_per_device is None else f'{r.seqs_per_device:g}':>7} "
-              f"{g(m.argument_bytes):>8} {g(m.temp_bytes):>8} {g(m.peak_bytes):>8} "
+              f"{g(m.argument_bytes):>8} {g(m.temp_bytes):>8} "
+              f"{('>=' if m.error and m.peak_bytes else '') + g(m.peak_bytes):>8} "
               f"{g(m.capacity_bytes):>7} {'yes' if m.fits else 'NO':>4} "
               f"{'-' if m.flops is None else f'{m.flops / 1e9:.1f}':>9} {largest:>7} "
               f"{m.compile_s:9.1f}", file=out)
@@ -236,7 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         notes.insert(0, f"{a.topology}: memory is XLA:CPU's plan for {len(devices)} host CPU devices "
                         f"against --hbm_gb={a.hbm_gb}: an ESTIMATE for a GPU machine (a GPU compile "
                         "needs a GPU; GPU kernels, fusion and memory layout differ).")
-    notes.append("GiB per device; peak = arguments + outputs + temporaries - donated (aliased); "
+    notes.append("GiB per device; peak = arguments + outputs + temporaries - donated (aliased), "
+                 ">= when the compile ran out of memory (the compiler's temporaries + the inputs); "
                  "GFLOP/dev = matmul FLOPs of one step on one device, loops x trip count; micro and "
                  "largest = train.micro_batch_size (per host).")
     for r in rows:

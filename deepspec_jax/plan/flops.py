@@ -56,19 +56,70 @@ def _operands(text: str) -> list[str]:
     return re.findall(r"%([\w.\-]+)", text[:end])
 
 
+def _constant(lines: list[str], name: str) -> int | None:
+    """Integer value of instruction ``name`` if it is a scalar constant (through copies)."""
+    for line in lines:
+        m = _INSTR_RE.match(line)
+        if m and m.group(1) == name:
+            c = re.search(r"\bconstant\((-?\d+)\)", m.group(2))
+            if c:
+                return int(c.group(1))
+            cp = re.search(r"\bcopy\(%([\w.\-]+)\)", m.group(2))
+            return _constant(lines, cp.group(1)) if cp else None
+    return None
+
+
+def _counted_trips(cond: list[str], while_operands: list[str], caller: list[str]) -> int | None:
+    """Trip count of a counted loop whose HLO carries no ``known_trip_count`` (XLA:TPU
+    drops it): the condition's ROOT is ``compare(get-tuple-element(param, k), constant N)``
+    with LT/LE; the counter starts at element k of the loop's initial tuple (a constant)
+    and steps by one, as ``lax.scan``/``fori_loop`` counters do."""
+    root = next((ln for ln in cond if ln.lstrip().startswith("ROOT")), "")
+    m = re.search(r"compare\(%([\w.\-]+), %([\w.\-]+)\), direction=(LT|LE)", root)
+    if m is None:
+        return None
+    limit = _constant(cond, m.group(2))
+    gte = next((ln for ln in cond if re.match(rf"\s*%{re.escape(m.group(1))} = ", ln)), "")
+    k = re.search(r"get-tuple-element\(.*\), index=(\d+)", gte)
+    if limit is None or k is None or not while_operands:
+        return None
+    tup = next((ln for ln in caller if re.match(rf"\s*%{re.escape(while_operands[0])} = ", ln)), "")
+    ops = _operands(tup.split(" tuple(", 1)[1]) if " tuple(" in tup else []
+    start = _constant(caller, ops[int(k.group(1))]) if int(k.group(1)) < len(ops) else None
+    if start is None:
+        return None
+    return max(0, limit - start + (m.group(3) == "LE"))
+
+
+def _conv_flops(shape: str, tail: str, shapes: dict[str, str]) -> float | None:
+    """2 * output elements * kernel elements per output (every rhs dim but its output
+    feature dim ``o``). XLA:TPU writes most matmuls as such convolutions
+    (``dim_labels=0bf_io0->0bf``, window size 1)."""
+    out = _dims(shape)
+    ops = _operands(tail[len("convolution") + 1:])
+    rhs = _dims(shapes.get(ops[1], "")) if len(ops) > 1 else None
+    m = re.search(r"dim_labels=[^_]+_([^-]+)->", tail)
+    if out is None or rhs is None or m is None or len(m.group(1)) != len(rhs):
+        return None
+    k = math.prod(d for label, d in zip(m.group(1), rhs) if label != "o")
+    return 2.0 * math.prod(out) * k
+
+
 @dataclasses.dataclass
 class HloFlops:
     flops: float                   # matmul FLOPs, loop bodies x trip count
-    dots: int                      # dot instructions seen (static count)
+    dots: int                      # dot / convolution instructions seen (static count)
     loops: int                     # while loops seen (static count)
     unknown_trip_loops: int        # while loops without known_trip_count (counted once)
     conditionals: int              # conditionals (the costliest branch is counted)
-    unhandled: tuple[str, ...]     # convolutions / matmul-like custom-calls: NOT counted
+    unhandled: tuple[str, ...]     # unreadable dots/convolutions, matmul-like custom-calls: NOT counted
     custom_calls: tuple[str, ...]  # other custom-calls (TopK, ...): no matmul FLOPs
+    inferred_trip_loops: int = 0   # loops whose trip count was read off their condition
 
 
 def hlo_matmul_flops(hlo_text: str) -> HloFlops:
-    """2*M*N*K of every ``dot`` reachable from ENTRY in an optimized HLO module text,
+    """2*M*N*K of every ``dot`` and ``convolution`` reachable from ENTRY in an optimized HLO
+    module text,
     each computation weighted by how often it runs (while bodies x known_trip_count,
     fusions/calls x1, conditionals: the costliest branch)."""
     comps: dict[str, list[str]] = {}
@@ -89,7 +140,7 @@ def hlo_matmul_flops(hlo_text: str) -> HloFlops:
     if entry is None:
         raise ValueError("no ENTRY computation in the HLO text.")
 
-    stats = dict(dots=0, loops=0, unknown=0, conds=0)
+    stats = dict(dots=0, loops=0, unknown=0, conds=0, inferred=0)
     unhandled: list[str] = []
     custom: list[str] = []
     memo: dict[str, float] = {}
@@ -121,7 +172,12 @@ def hlo_matmul_flops(hlo_text: str) -> HloFlops:
                 k = math.prod(lhs[int(i)] for i in cm.group(1).split(",") if i)
                 total += 2.0 * math.prod(out) * k
             elif op == "convolution":
-                unhandled.append(f"convolution {iname}")
+                stats["dots"] += 1
+                conv = _conv_flops(shape, tail, shapes)
+                if conv is None:
+                    unhandled.append(f"convolution {iname} (shapes unreadable)")
+                else:
+                    total += conv
             elif op == "custom-call":
                 tgt = re.search(r'custom_call_target="([^"]+)"', tail)
                 tname = tgt.group(1) if tgt else iname
@@ -131,9 +187,14 @@ def hlo_matmul_flops(hlo_text: str) -> HloFlops:
             if op == "while":
                 stats["loops"] += 1
                 t = _TRIP_RE.search(tail)
-                if t is None:
+                trips = int(t.group(1)) if t else _counted_trips(
+                    comps.get(refs.get("condition", ""), []), _operands(tail[len(op) + 1:]),
+                    comps[name])
+                if t is None and trips is not None:
+                    stats["inferred"] += 1
+                if trips is None:
                     stats["unknown"] += 1
-                trips = int(t.group(1)) if t else 1
+                    trips = 1
                 total += trips * cost(refs.get("body", ""), stack + (name,))
                 total += (trips + 1) * cost(refs.get("condition", ""), stack + (name,))
                 continue
@@ -152,7 +213,7 @@ def hlo_matmul_flops(hlo_text: str) -> HloFlops:
 
     flops = cost(entry)
     return HloFlops(flops, stats["dots"], stats["loops"], stats["unknown"], stats["conds"],
-                    tuple(sorted(set(unhandled))), tuple(sorted(set(custom))))
+                    tuple(sorted(set(unhandled))), tuple(sorted(set(custom))), stats["inferred"])
 
 
 __all__ = ["HloFlops", "hlo_matmul_flops"]

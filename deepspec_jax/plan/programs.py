@@ -23,9 +23,10 @@ import ml_collections
 from jax.sharding import Mesh
 
 from deepspec_jax.dtypes import DTYPES
+from deepspec_jax.plan.report import per_device_bytes
+from deepspec_jax.plan.targets import TargetArch, abstract_target
 from deepspec_jax.train.trainer import (DataSetup, batch_split, setup_draft, setup_target,
                                         step_for)
-from deepspec_jax.plan.targets import TargetArch, abstract_target
 
 TRAIN_MODES = ("cached", "online")
 # The learning-rate schedule's length only sets constants inside the step.
@@ -95,7 +96,13 @@ def train_step_thunk(ctx: PlanContext, mode: str, micro_batch_size: int | None =
     batch = batch_struct(c, ts, online, ctx.cache_dtype)
     _, tstate, b_sh, step_fn = step_for(c, mesh, ts, ds, dr, {k: v.ndim for k, v in batch.items()})
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=b_sh[k]) for k, v in batch.items()}
-    return lambda: step_fn.lower(dr.state, dr.rest, tstate, batch).compile()
+    args = (dr.state, dr.rest, tstate, batch)
+
+    def thunk() -> jax.stages.Compiled:
+        return step_fn.lower(*args).compile()
+
+    thunk.argument_bytes = per_device_bytes(args)   # reported when the compile runs out of memory
+    return thunk
 
 
 def train_programs(ctx: PlanContext) -> dict[str, Thunk]:

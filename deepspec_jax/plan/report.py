@@ -13,9 +13,12 @@ trip counts applied (:mod:`deepspec_jax.plan.flops`), next to XLA's cost analysi
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import time
 from typing import Callable
+
+import jax
 
 from deepspec_jax.plan.flops import hlo_matmul_flops
 
@@ -35,7 +38,7 @@ class Measurement:
     output_bytes: int | None = None
     temp_bytes: int | None = None
     alias_bytes: int | None = None
-    peak_bytes: int | None = None        # arg + out + temp - alias (or the compiler's "required")
+    peak_bytes: int | None = None        # arg + out + temp - alias; did not compile: >= arg + temp
     capacity_bytes: int | None = None
     flops: float | None = None           # per device, loops x trip count
     xla_flops: float | None = None       # per device, XLA cost analysis (loop bodies once)
@@ -64,6 +67,15 @@ def parse_oom(msg: str) -> dict:
     return out
 
 
+def per_device_bytes(tree) -> int:
+    """Bytes of the largest device's shards of a tree of sharded ShapeDtypeStructs."""
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shard = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
+        total += math.prod(shard) * x.dtype.itemsize
+    return total
+
+
 def is_oom(err: Exception) -> bool:
     return "RESOURCE_EXHAUSTED" in str(err) or "Ran out of memory" in str(err)
 
@@ -78,9 +90,15 @@ def measure(thunk: Callable, capacity: int) -> Measurement:
         if not is_oom(e):
             raise
         figures = parse_oom(str(e))
-        return Measurement(False, time.perf_counter() - t0, peak_bytes=figures.get("required"),
-                           capacity_bytes=figures.get("available", capacity),
-                           error=str(e).strip().splitlines()[0][:400])
+        r = Measurement(False, time.perf_counter() - t0, peak_bytes=figures.get("required"),
+                        capacity_bytes=figures.get("available", capacity),
+                        argument_bytes=getattr(thunk, "argument_bytes", None),
+                        error=str(e).strip().splitlines()[0][:400])
+        if "temporaries" in figures.get("what", "") and r.peak_bytes is not None:
+            # the compiler names the temporaries alone: peak >= arguments + temporaries
+            r.temp_bytes = r.peak_bytes
+            r.peak_bytes += r.argument_bytes or 0
+        return r
     dt = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     r = Measurement(True, dt, capacity_bytes=capacity)
@@ -155,4 +173,4 @@ def gb(x: int | None) -> str:
     return "-" if x is None else f"{x / 1e9:.2f}"
 
 
-__all__ = ["Measurement", "measure", "parse_oom", "is_oom", "largest_fitting", "gb"]
+__all__ = ["Measurement", "measure", "parse_oom", "is_oom", "largest_fitting", "gb", "per_device_bytes"]

@@ -99,7 +99,7 @@ def _grid(chips: int, dims: int) -> tuple[int, ...]:
 
 def parse_slice(name: str) -> Slice:
     """``v5e-8`` -> Slice(v5e, 8 chips, 2x4). Raises ValueError naming the accepted forms."""
-    m = re.fullmatch(r"\s*([a-z0-9]+?)(?:litepod)?-(\d+)\s*", name.lower())
+    m = re.fullmatch(r"\s*([a-z0-9]+)-(\d+)\s*", name.lower())
     gen_key = _ALIASES.get(m.group(1), m.group(1)) if m else None
     if m is None or gen_key not in GENERATIONS:
         raise ValueError(f"--topology={name!r}: use <generation>-<size> with generation one of "
