@@ -90,7 +90,8 @@ def test_oom_message_and_search():
 
 def test_tiny_run_compiles_for_v5e_8_in_both_modes(tiny_args, tmp_path, capsys):
     out = tmp_path / "plan.json"
-    assert plan_main(tiny_args + ["--topology=v5e-8", f"--json={out}"]) == 0
+    args = [a for a in tiny_args if a != "--nosearch"]   # one more compile per mode: micro 16
+    assert plan_main(args + ["--topology=v5e-8", f"--json={out}"]) == 0
     rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"cached", "online"}
     for r in rows.values():
@@ -99,6 +100,7 @@ def test_tiny_run_compiles_for_v5e_8_in_both_modes(tiny_args, tmp_path, capsys):
                                    - r["alias_bytes"])
         assert 0 < r["peak_bytes"] < r["capacity_bytes"] and r["flops"] > 0
         assert (r["micro_batch_size"], r["num_micro"], r["seqs_per_device"]) == (8, 2, 1)
+        assert r["searched"] and r["largest_micro_batch"] == 16   # the whole host batch fits
     # online also runs the target's forward (more FLOPs) and takes its bf16 weights as
     # inputs (replicated: fsdp=1); cached takes the global batch's features instead
     assert rows["online"]["flops"] > rows["cached"]["flops"]
@@ -111,15 +113,19 @@ def test_tiny_run_compiles_for_v5e_8_in_both_modes(tiny_args, tmp_path, capsys):
     assert "train    cached" in capsys.readouterr().out
 
 
-def test_a_micro_batch_too_large_exits_nonzero_naming_the_knob(tiny_args, capsys):
+def test_a_micro_batch_too_large_exits_nonzero_naming_the_knob(tiny_args, tmp_path, capsys):
     args = [a for a in tiny_args if "batch_size" not in a and "max_length" not in a]
     rc = plan_main(args + ["--topology=v5e-8", "--mode=cached", "--config.data.max_length=128",
                            "--config.train.global_batch_size=262144",
-                           "--config.train.micro_batch_size=262144"])
+                           "--config.train.micro_batch_size=262144", f"--json={tmp_path / 'p.json'}"])
     err = capsys.readouterr().err
     assert rc == 1
     assert "train/cached of dspark_qwen3_4b does not fit on v5e-8" in err
-    assert "train.micro_batch_size" in err
+    assert "Turn: train.micro_batch_size" in err
+    (row,) = json.loads((tmp_path / "p.json").read_text())["rows"]
+    # the compiler's RESOURCE_EXHAUSTED figures: its temporaries + the step's inputs
+    assert not row["fits"] and row["temp_bytes"] > row["capacity_bytes"]
+    assert row["peak_bytes"] == row["temp_bytes"] + row["argument_bytes"]
 
 
 def test_cpu_8_reports_an_estimate_against_the_budget(tiny_args, tmp_path):
