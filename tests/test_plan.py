@@ -65,11 +65,14 @@ def test_flops_count_tpu_matmuls_and_loop_trips():
     dev = compile_only_devices("v5e-4")[0]
     sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=SingleDeviceSharding(dev))
 
-    # a scan of 4 matmuls: XLA's cost analysis counts the loop body once, we count it 4x
-    g = lambda x, w: jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), c), x, None, length=4)[1]
-    hlo = jax.jit(g).lower(sds(128, 256), sds(256, 256)).compile().as_text()
+    # a scan of 4 x 2 matmuls (one square, one not): XLA's cost analysis counts the loop
+    # body once, we count it 4x
+    def g(x, w, v):
+        return jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), c @ v), x, None, length=4)[1]
+
+    hlo = jax.jit(g).lower(sds(128, 256), sds(256, 256), sds(256, 384)).compile().as_text()
     got = hlo_matmul_flops(hlo)
-    assert got.flops == 4 * 2 * 128 * 256 * 256, got
+    assert got.flops == 4 * 2 * 128 * 256 * (256 + 384), got
     assert not got.unhandled
 
 
