@@ -73,6 +73,10 @@ def test_flops_count_tpu_matmuls_and_loop_trips():
     hlo = jax.jit(g).lower(sds(128, 256), sds(256, 256), sds(256, 384)).compile().as_text()
     got = hlo_matmul_flops(hlo)
     assert got.flops == 4 * 2 * 128 * 256 * (256 + 384), got
+    # batched dot_generals become convolutions with the batch as dilated spatial dims
+    att = lambda q, k: jnp.einsum("bhqd,bkhd->bhqk", q, k)
+    hlo = jax.jit(att).lower(sds(4, 2, 64, 32), sds(4, 128, 2, 32)).compile().as_text()
+    assert hlo_matmul_flops(hlo).flops == 2 * 4 * 2 * 64 * 128 * 32
     assert not got.unhandled
 
 

@@ -16,6 +16,8 @@ import dataclasses
 import math
 import re
 
+import numpy as np
+
 _COMP_RE = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
 _INSTR_RE = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
 _ARRAY_RE = re.compile(r"^[a-z]\w*\[([0-9,]*)\]")
@@ -91,18 +93,56 @@ def _counted_trips(cond: list[str], while_operands: list[str], caller: list[str]
     return max(0, limit - start + (m.group(3) == "LE"))
 
 
+def _window_field(window: str, key: str, n: int, default: int) -> list:
+    m = re.search(rf"\b{key}=(\S+)", window)
+    if m is None:
+        return [default] * n
+    return [tuple(int(v) for v in part.split("_")) if "_" in part else int(part)
+            for part in m.group(1).split("x")]
+
+
+def _taps(size_in: int, k: int, out: int, stride: int, lo: int, lhs_dil: int, rhs_dil: int) -> int:
+    """(output position, kernel tap) pairs of one spatial dim that land on an input
+    element (not padding, not a hole of the lhs dilation)."""
+    o = np.arange(out) * stride - lo
+    last = (size_in - 1) * lhs_dil
+    total = 0
+    for t in range(k):
+        p = o + t * rhs_dil
+        total += int(np.count_nonzero((p >= 0) & (p <= last) & (p % lhs_dil == 0)))
+    return total
+
+
 def _conv_flops(shape: str, tail: str, shapes: dict[str, str]) -> float | None:
-    """2 * output elements * kernel elements per output (every rhs dim but its output
-    feature dim ``o``). XLA:TPU writes most matmuls as such convolutions
-    (``dim_labels=0bf_io0->0bf``, window size 1)."""
+    """2 x the multiply-adds of an HLO convolution: output batch x output features x
+    input features (per group) x, per spatial dim, the (output, tap) pairs that hit an
+    input element. XLA:TPU writes matmuls and batched dot_generals as convolutions whose
+    batch dims are spatial dims with lhs dilation and padding (one tap per output), so
+    counting every kernel element would overcount them by their size."""
     out = _dims(shape)
     ops = _operands(tail[len("convolution") + 1:])
+    lhs = _dims(shapes.get(ops[0], "")) if ops else None
     rhs = _dims(shapes.get(ops[1], "")) if len(ops) > 1 else None
-    m = re.search(r"dim_labels=[^_]+_([^-]+)->", tail)
-    if out is None or rhs is None or m is None or len(m.group(1)) != len(rhs):
+    m = re.search(r"dim_labels=([^_]+)_([^-]+)->(\w+)", tail)
+    if out is None or lhs is None or rhs is None or m is None:
         return None
-    k = math.prod(d for label, d in zip(m.group(1), rhs) if label != "o")
-    return 2.0 * math.prod(out) * k
+    ll, rl, ol = m.groups()
+    if (len(ll), len(rl), len(ol)) != (len(lhs), len(rhs), len(out)):
+        return None
+    spatial = sorted(ch for ch in ol if ch.isdigit())
+    w = re.search(r"window=\{([^}]*)\}", tail)
+    window = w.group(1) if w else ""
+    n = len(spatial)
+    size = _window_field(window, "size", n, 1)
+    stride = _window_field(window, "stride", n, 1)
+    pad = _window_field(window, "pad", n, (0, 0))
+    ldil = _window_field(window, "lhs_dilate", n, 1)
+    rdil = _window_field(window, "rhs_dilate", n, 1)
+    macs = out[ol.index("b")] * out[ol.index("f")] * rhs[rl.index("i")]
+    for d, ch in enumerate(spatial):
+        macs *= _taps(lhs[ll.index(ch)], size[d], out[ol.index(ch)], stride[d], pad[d][0],
+                      ldil[d], rdil[d])
+    return 2.0 * macs
 
 
 @dataclasses.dataclass
