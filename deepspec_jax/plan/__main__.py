@@ -168,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         a = cli.parse(fv, argv, __doc__)
         c = cfg_flag.value
     except (ValueError, KeyError, AttributeError, TypeError) as e:   # a bad --config.x override
-        cli.usage_error(f"--config override: {e}")
+        cli.usage_error(f"--config override: {e.args[0] if e.args else e}")
     if c is None:
         cli.usage_error("pass --config=configs/<arch>/<name>.py (a training run config).")
     if not a.topology:

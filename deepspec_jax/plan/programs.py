@@ -9,6 +9,14 @@ and batch shardings exactly as ``deepspec_jax.train.trainer.setup`` gives them) 
 
 * ``cached``: the target's features are batch inputs (as read from a feature cache);
 * ``online``: the frozen target runs inside the step (its weights are step inputs).
+
+Plugging in another family (e.g. the eval's decode programs)::
+
+    def decode_programs(ctx: PlanContext) -> dict[str, Thunk]:
+        return {"prefill": lambda: ..., "chain_verify": ..., "tree_verify": ...}
+    PROGRAMS["decode"] = decode_programs       # then --programs=train,decode
+
+A thunk may carry ``argument_bytes`` (per device), reported when it runs out of memory.
 """
 
 from __future__ import annotations
