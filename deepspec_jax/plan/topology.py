@@ -21,7 +21,6 @@ needs a GPU).
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 
