@@ -58,7 +58,6 @@ import math
 import os
 import pathlib
 import platform
-import re
 import resource
 import statistics
 import subprocess
@@ -69,152 +68,11 @@ import types
 
 import numpy as np
 
+from deepspec_jax.plan.flops import hlo_matmul_flops
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ARCHS = ("dspark", "dflash", "eagle3")
 MODES = ("online", "cached")
-
-
-# ---------------------------------------------------------------------------
-# FLOPs of a compiled program: matmuls in the optimized HLO, loops x trip count
-# ---------------------------------------------------------------------------
-
-_COMP_RE = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
-_INSTR_RE = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
-_ARRAY_RE = re.compile(r"^[a-z]\w*\[([0-9,]*)\]")
-_REF_RE = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%([\w.\-]+)")
-_BRANCHES_RE = re.compile(r"branch_computations=\{([^}]*)\}")
-_TRIP_RE = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
-
-
-def _split_shape(rest: str) -> tuple[str, str]:
-    """``'f32[2,3]{1,0} dot(...)...'`` -> (shape text, remainder); tuple shapes nest."""
-    if rest.startswith("("):
-        depth = 0
-        for i, ch in enumerate(rest):
-            depth += ch == "("
-            depth -= ch == ")"
-            if depth == 0:
-                return rest[:i + 1], rest[i + 1:].lstrip()
-    head, _, tail = rest.partition(" ")
-    return head, tail
-
-
-def _dims(shape: str) -> tuple[int, ...] | None:
-    m = _ARRAY_RE.match(shape)
-    if m is None:
-        return None
-    return tuple(int(d) for d in m.group(1).split(",") if d)
-
-
-def _operands(text: str) -> list[str]:
-    """Names of the operands in ``op(...)`` (with or without inline operand shapes)."""
-    depth, end = 0, len(text)
-    for i, ch in enumerate(text):
-        depth += ch == "("
-        depth -= ch == ")"
-        if depth == 0 and ch == ")":
-            end = i
-            break
-    return re.findall(r"%([\w.\-]+)", text[:end])
-
-
-@dataclasses.dataclass
-class HloFlops:
-    flops: float                   # matmul FLOPs, loop bodies x trip count
-    dots: int                      # dot instructions seen (static count)
-    loops: int                     # while loops seen (static count)
-    unknown_trip_loops: int        # while loops without known_trip_count (counted once)
-    conditionals: int              # conditionals (the costliest branch is counted)
-    unhandled: tuple[str, ...]     # convolutions / matmul-like custom-calls: NOT counted
-    custom_calls: tuple[str, ...]  # other custom-calls (TopK, ...): no matmul FLOPs
-
-
-def hlo_matmul_flops(hlo_text: str) -> HloFlops:
-    """2*M*N*K of every ``dot`` reachable from ENTRY in an optimized HLO module text,
-    each computation weighted by how often it runs (while bodies x known_trip_count,
-    fusions/calls x1, conditionals: the costliest branch)."""
-    comps: dict[str, list[str]] = {}
-    entry, cur = None, None
-    for line in hlo_text.splitlines():
-        if cur is None:
-            m = _COMP_RE.match(line)
-            if m and "->" in line:
-                cur = m.group(2)
-                comps[cur] = []
-                if m.group(1):
-                    entry = cur
-            continue
-        if line.strip() == "}":
-            cur = None
-            continue
-        comps[cur].append(line)
-    if entry is None:
-        raise ValueError("no ENTRY computation in the HLO text.")
-
-    stats = dict(dots=0, loops=0, unknown=0, conds=0)
-    unhandled: list[str] = []
-    custom: list[str] = []
-    memo: dict[str, float] = {}
-
-    def cost(name: str, stack: tuple = ()) -> float:
-        if name in memo:
-            return memo[name]
-        if name in stack or name not in comps:
-            return 0.0
-        shapes: dict[str, str] = {}
-        total = 0.0
-        for line in comps[name]:
-            m = _INSTR_RE.match(line)
-            if m is None:
-                continue
-            iname, rest = m.group(1), m.group(2)
-            shape, tail = _split_shape(rest)
-            shapes[iname] = shape
-            op = tail.split("(", 1)[0].strip()
-            if op == "dot":
-                stats["dots"] += 1
-                out = _dims(shape)
-                ops = _operands(tail[len(op) + 1:])
-                lhs = _dims(shapes.get(ops[0], "")) if ops else None
-                cm = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", tail)
-                if out is None or lhs is None or cm is None:
-                    unhandled.append(f"dot {iname} (shapes unreadable)")
-                    continue
-                k = math.prod(lhs[int(i)] for i in cm.group(1).split(",") if i)
-                total += 2.0 * math.prod(out) * k
-            elif op == "convolution":
-                unhandled.append(f"convolution {iname}")
-            elif op == "custom-call":
-                tgt = re.search(r'custom_call_target="([^"]+)"', tail)
-                tname = tgt.group(1) if tgt else iname
-                matmul_like = re.search(r"matmul|gemm|dot|conv|einsum", tname, re.IGNORECASE)
-                (unhandled if matmul_like else custom).append(f"custom-call {tname}")
-            refs = dict((k, v) for k, v in _REF_RE.findall(tail))
-            if op == "while":
-                stats["loops"] += 1
-                t = _TRIP_RE.search(tail)
-                if t is None:
-                    stats["unknown"] += 1
-                trips = int(t.group(1)) if t else 1
-                total += trips * cost(refs.get("body", ""), stack + (name,))
-                total += (trips + 1) * cost(refs.get("condition", ""), stack + (name,))
-                continue
-            if op == "conditional":
-                stats["conds"] += 1
-                b = _BRANCHES_RE.search(tail)
-                names = (re.findall(r"%([\w.\-]+)", b.group(1)) if b else
-                         [refs[k] for k in ("true_computation", "false_computation") if k in refs])
-                total += max((cost(n, stack + (name,)) for n in names), default=0.0)
-                continue
-            for key in ("calls", "to_apply"):
-                if key in refs:
-                    total += cost(refs[key], stack + (name,))
-        memo[name] = total
-        return total
-
-    flops = cost(entry)
-    return HloFlops(flops, stats["dots"], stats["loops"], stats["unknown"], stats["conds"],
-                    tuple(sorted(set(unhandled))), tuple(sorted(set(custom))))
 
 
 # ---------------------------------------------------------------------------

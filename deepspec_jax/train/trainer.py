@@ -22,6 +22,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
@@ -98,10 +99,11 @@ class TargetSetup:
     layer_ids: tuple[int, ...]   # target layers the draft reads (validated)
 
 
-def setup_target(c, mesh) -> TargetSetup:
-    """Load the target on ``mesh`` and derive the draft spec from run config ``c``."""
+def setup_target(c, mesh, *, target: Target | None = None) -> TargetSetup:
+    """Load the target on ``mesh`` and derive the draft spec from run config ``c``
+    (``target``: one built already, e.g. the plan's abstract one)."""
     family_for_kind(c.draft.kind, "config field draft.kind")
-    target = load_target(c.target.path, dtype=c.target.dtype, mesh=mesh)
+    target = target or load_target(c.target.path, dtype=c.target.dtype, mesh=mesh)
     name = c.target.name or target_name(c.target.path)
     spec = spec_for_run(c, target.config, target.tokenizer, name)
     return TargetSetup(target, name, spec, target.validate_layer_ids(spec.config.target_layer_ids))
@@ -148,18 +150,26 @@ def setup_data(c, ts: TargetSetup | None = None, *, process_index: int | None = 
         source = WithFeatures(source, cache)
 
     gbs = int(c.train.global_batch_size)
-    local = gbs // pc
-    mbs = int(c.train.micro_batch_size) or local
-    if gbs % pc or local % mbs:
-        raise ConfigError(f"train.global_batch_size={gbs} must split evenly over {pc} processes and "
-                          f"then into micro-batches of train.micro_batch_size={mbs}.")
+    local, num_micro = batch_split(c, pc)
     data = make_batches(source, global_batch_size=gbs, seq_len=int(c.data.max_length),
                         seed=int(c.data.shuffle_seed), process_index=pi, process_count=pc,
                         bucket_boundaries=tuple(c.data.bucket_boundaries) or None,
                         num_epochs=int(c.train.num_epochs))
     total = len(data) if c.train.max_steps <= 0 else min(len(data), int(c.train.max_steps))
-    return DataSetup(source, data, np.asarray(source.lengths), online, local, local // mbs, total,
+    return DataSetup(source, data, np.asarray(source.lengths), online, local, num_micro, total,
                      len(data))
+
+
+def batch_split(c, process_count: int) -> tuple[int, int]:
+    """(rows per step on each host, micro-batches per step): train.global_batch_size is
+    split over the processes, each host's share into train.micro_batch_size rows."""
+    gbs = int(c.train.global_batch_size)
+    local = gbs // process_count
+    mbs = int(c.train.micro_batch_size) or local
+    if gbs % process_count or mbs <= 0 or local % mbs:
+        raise ConfigError(f"train.global_batch_size={gbs} must split evenly over {process_count} "
+                          f"processes and then into micro-batches of train.micro_batch_size={mbs}.")
+    return local, local // mbs
 
 
 # ---- stage 3: draft parameters and optimizer ------------------------------------------
@@ -174,9 +184,11 @@ class DraftSetup:
     schedule: object            # step -> learning rate
 
 
-def setup_draft(c, ts: TargetSetup, schedule_steps: int, mesh) -> DraftSetup:
+def setup_draft(c, ts: TargetSetup, schedule_steps: int, mesh, *, shapes_only: bool = False) -> DraftSetup:
     """A fresh (or ``draft.init_from`` warm-started) draft and its optimizer, created by
-    one jitted init straight into the shardings its logical axes give on ``mesh``."""
+    one jitted init straight into the shardings its logical axes give on ``mesh``.
+    ``shapes_only``: the same state as ShapeDtypeStructs carrying those shardings, nothing
+    allocated (what ``python -m deepspec_jax.plan`` compiles the step against)."""
     spec = ts.spec
     compute = _dtype(c.train.compute_dtype, "train.compute_dtype")
     tx, schedule = make_optimizer(c.train, schedule_steps)
@@ -191,19 +203,43 @@ def setup_draft(c, ts: TargetSetup, schedule_steps: int, mesh) -> DraftSetup:
                                                     param_dtype=jnp.float32, rngs=nnx.Rngs(0)))
     graphdef, abs_p, abs_r = nnx.split(abstract, nnx.Param, ...)
     p_sh, r_sh = shardings_of(abs_p, mesh), shardings_of(abs_r, mesh)
-    tmodel = ts.target.model
-    params, rest = jax.jit(init_fn, out_shardings=(p_sh, r_sh))(
-        tmodel.embed.get_value(), tmodel.lm_head_weight())
+
+    def init_from_target(tstate):
+        tmodel = nnx.merge(ts.target.graphdef, tstate)
+        return init_fn(tmodel.embed.get_value(), tmodel.lm_head_weight())
+
+    init = jax.jit(init_from_target, out_shardings=(p_sh, r_sh))
+    if shapes_only:   # warm starting keeps shapes, dtypes and shardings: nothing to add
+        return _abstract_draft(init.eval_shape(ts.target.state), graphdef, r_sh, tx, schedule, mesh)
+    params, rest = init(ts.target.state)
     if c.draft.init_from:
         params = _warm_start(c.draft.init_from, spec, params, mesh)
-    opt_state = jax.jit(tx.init)(params)
+    opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
     rng = jax.random.key_data(jax.random.key(int(c.train.seed) + 1))
     rep = replicated(mesh)
-    on_mesh = lambda x: (x if getattr(x.sharding, "mesh", None) is not None
-                         and set(x.sharding.device_set) == set(mesh.devices.flat)
-                         else jax.device_put(x, rep))
-    state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), rep), params,
-                       jax.tree.map(on_mesh, opt_state), jax.device_put(rng, rep))
+    state = TrainState(jax.device_put(jnp.zeros((), jnp.int32), rep), params, opt_state,
+                       jax.device_put(rng, rep))
+    return DraftSetup(graphdef, state, rest, r_sh, tx, schedule)
+
+
+def opt_state_shardings(tx, params, mesh):
+    """The optimizer state's shardings: every copy of the parameter tree in it (Adam's
+    moments) sharded like the parameters, the rest (step counts) replicated. Without
+    them ``jit(tx.init)`` leaves the moments on one device (its only input is unused)
+    and they end up replicated: two fp32 copies of the draft on every device."""
+    rep = replicated(mesh)
+    return optax.tree_map_params(tx, lambda _, p: p.sharding, jax.eval_shape(tx.init, params),
+                                 params, transform_non_params=lambda _: rep)
+
+
+def _abstract_draft(params_rest, graphdef, r_sh, tx, schedule, mesh) -> DraftSetup:
+    """setup_draft's DraftSetup with ShapeDtypeStructs (with shardings) for arrays."""
+    params, rest = params_rest
+    rep = replicated(mesh)
+    sds = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    opt = jax.tree.map(sds, jax.eval_shape(tx.init, params), opt_state_shardings(tx, params, mesh))
+    rng = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    state = TrainState(sds(jax.ShapeDtypeStruct((), jnp.int32), rep), params, opt, sds(rng, rep))
     return DraftSetup(graphdef, state, rest, r_sh, tx, schedule)
 
 
@@ -277,21 +313,29 @@ def step_config(c, ts: TargetSetup, ds: DataSetup, graphdef, mesh) -> StepConfig
                       eagle3_corrected=bool(c.loss.eagle3_corrected))
 
 
+def step_for(c, mesh, ts: TargetSetup, ds: DataSetup, dr: DraftSetup, field_ndims: dict):
+    """(StepConfig, the target state the step reads or None, the batch shardings, the
+    jitted step) of a run; ``field_ndims``: rank of each batch field. setup and
+    ``python -m deepspec_jax.plan`` (abstract state) build the step here."""
+    sc = step_config(c, ts, ds, dr.graphdef, mesh)
+    tstate = ts.target.state if ds.online else None
+    gbs = int(c.train.global_batch_size)
+    b_sh = batch_shardings(mesh, {k: jax.ShapeDtypeStruct((gbs,) + (1,) * (n - 1), jnp.float32)
+                                  for k, n in field_ndims.items()})
+    sharding = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+    step_fn = compile_step(sc, dr.tx, dr.schedule, sharding(dr.state), dr.rest_shardings,
+                           sharding(tstate) if ds.online else None, b_sh)
+    return sc, tstate, b_sh, step_fn
+
+
 def setup(c, *, mesh=None, resume: bool = True) -> Run:
     """All four stages, the compiled step, and (``resume``) the latest checkpoint restored."""
     mesh = mesh or make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     ts = setup_target(c, mesh)
     ds = setup_data(c, ts)
-    gbs = int(c.train.global_batch_size)
-    check_micro_batch(mesh, gbs, ds.num_micro)
+    check_micro_batch(mesh, int(c.train.global_batch_size), ds.num_micro)
     dr = setup_draft(c, ts, ds.schedule_steps, mesh)
-    sc = step_config(c, ts, ds, dr.graphdef, mesh)
-    tstate = ts.target.state if ds.online else None
-    b_sh = batch_shardings(mesh, {k: jax.ShapeDtypeStruct((gbs,) + (1,) * (n - 1), jnp.float32)
-                                  for k, n in batch_field_ndims(ds.source, ds.online).items()})
-    sharding = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
-    step_fn = compile_step(sc, dr.tx, dr.schedule, sharding(dr.state), dr.rest_shardings,
-                           sharding(tstate) if ds.online else None, b_sh)
+    sc, tstate, b_sh, step_fn = step_for(c, mesh, ts, ds, dr, batch_field_ndims(ds.source, ds.online))
     run = Run(c, mesh, ts.target, ts.spec, sc, dr.state, dr.rest, tstate, step_fn, ds.data,
               ds.total_steps, output_dir(c), open_checkpoints(c), dr.schedule, ds.lengths, b_sh)
     if resume:
@@ -428,4 +472,5 @@ def _check_finite(run: Run, step: int, ok, indices) -> None:
 
 __all__ = ["setup", "setup_target", "setup_data", "setup_draft", "open_checkpoints", "restore_latest",
            "train", "export", "Run", "TargetSetup", "DataSetup", "DraftSetup", "NonFiniteLoss",
-           "shardings_of", "to_global", "ConcatSource", "WithFeatures"]
+           "shardings_of", "to_global", "ConcatSource", "WithFeatures", "batch_split",
+           "opt_state_shardings", "step_config", "step_for", "batch_field_ndims"]

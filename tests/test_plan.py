@@ -1,0 +1,182 @@
+"""``python -m deepspec_jax.plan``: slice names, FLOP counting of TPU programs, and the
+train step of a tiny run compiled for a TPU slice (libtpu, compile only) and for cpu-8.
+
+The tiny run is the Qwen3-4B DSpark reference config with a 4-layer, 128-wide target
+architecture (--target_config) and short sequences: every code path of the reference
+plan, compiled in seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import SingleDeviceSharding
+
+from deepspec_jax.config import target_config_from_dict
+from deepspec_jax.plan.__main__ import main as plan_main
+from deepspec_jax.plan.flops import hlo_matmul_flops
+from deepspec_jax.plan.programs import with_fields
+from deepspec_jax.plan.report import largest_fitting, parse_oom
+from deepspec_jax.plan.targets import TargetArch, abstract_target
+from deepspec_jax.plan.topology import GIB, compile_only_devices, cpu_device_count, parse_slice
+from deepspec_jax.sharding import make_mesh
+from deepspec_jax.train.trainer import setup_draft, setup_target
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_TARGET = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": 128,
+    "intermediate_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 1024, "tie_word_embeddings": True,
+    "rope_theta": 1000000, "rms_norm_eps": 1e-6, "max_position_embeddings": 4096,
+    "bos_token_id": 1, "eos_token_id": 2}
+
+
+@pytest.fixture(scope="module")
+def tiny_args(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plan") / "config.json"
+    path.write_text(json.dumps(TINY_TARGET))
+    return ["--config=" + os.path.join(REPO, "configs/dspark/dspark_qwen3_4b.py"),
+            f"--target_config={path}", "--config.draft.target_layer_ids=(0,1,2)",
+            "--config.draft.mask_token_id=1000", "--config.data.max_length=128",
+            "--config.draft.num_anchors=8", "--config.train.global_batch_size=16",
+            "--config.train.micro_batch_size=8", "--nosearch"]
+
+
+def test_slice_names_map_to_libtpu_topologies():
+    cases = {"v5e-8": ("v5e:2x4", 1), "v5e-16": ("v5e:4x4", 4), "v6e-4": ("v6e:2x2", 1),
+             "v5p-8": ("v5:2x2x1", 1), "v5p-32": ("v5:2x2x4", 4), "v4-8": ("v4:2x2x1", 1),
+             "v5litepod-8": ("v5e:2x4", 1)}
+    for name, (topo, hosts) in cases.items():
+        sl = parse_slice(name)
+        assert (sl.topology_name, sl.hosts) == (topo, hosts), name
+    for bad, why in [("v5e", "use <generation>-<size>"), ("v7-8", "use <generation>-<size>"),
+                     ("v5p-7", "multiple of 2"), ("v5e-12", "power-of-two"), ("cpu-0", "N >= 1")]:
+        with pytest.raises(ValueError, match=why):
+            cpu_device_count(bad) if bad.startswith("cpu") else parse_slice(bad)
+    assert cpu_device_count("cpu-8") == 8 and cpu_device_count("v5e-8") is None
+    # v4 runs megacore on TPU VMs: one device per chip with the chip's 32 GiB
+    v4 = compile_only_devices("v4-8")
+    assert len(v4) == 4 and v4[0].num_cores == 2
+    assert len({d.process_index for d in compile_only_devices("v5e-16")}) == 4
+
+
+def test_flops_count_tpu_matmuls_and_loop_trips():
+    dev = compile_only_devices("v5e-4")[0]
+    sds = lambda *s: jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=SingleDeviceSharding(dev))
+
+    # a scan of 4 x 2 matmuls (one square, one not): XLA's cost analysis counts the loop
+    # body once, we count it 4x
+    def g(x, w, v):
+        return jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), c @ v), x, None, length=4)[1]
+
+    hlo = jax.jit(g).lower(sds(128, 256), sds(256, 256), sds(256, 384)).compile().as_text()
+    got = hlo_matmul_flops(hlo)
+    assert got.flops == 4 * 2 * 128 * 256 * (256 + 384), got
+    # batched dot_generals become convolutions with the batch as dilated spatial dims
+    att = lambda q, k: jnp.einsum("bhqd,bkhd->bhqk", q, k)
+    hlo = jax.jit(att).lower(sds(4, 2, 64, 32), sds(4, 128, 2, 32)).compile().as_text()
+    assert hlo_matmul_flops(hlo).flops == 2 * 4 * 2 * 64 * 128 * 32
+    assert not got.unhandled
+
+
+def test_oom_message_and_search():
+    msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+           "temporaries (77.26G) exceeds available HBM (15.75G).")
+    got = parse_oom(msg)
+    assert got["what"] == "HLO temporaries"
+    assert got["required"] == int(77.26 * GIB) and got["available"] == int(15.75 * GIB)
+    calls = []
+    fits = lambda m: calls.append(m) or m <= 24
+    cands = [1, 2, 4, 8, 16, 32, 48, 64, 128]
+    assert largest_fitting(cands, fits, 2) == 16 and len(calls) <= 5
+    assert largest_fitting(cands, lambda m: m <= 6, 64) == 4
+    assert largest_fitting(cands, lambda m: False, 8) is None
+    assert largest_fitting(cands, lambda m: True, 8) == 128
+
+
+def test_tiny_run_compiles_for_v5e_8_in_both_modes(tiny_args, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    args = [a for a in tiny_args if a != "--nosearch"]   # one more compile per mode: micro 16
+    assert plan_main(args + ["--topology=v5e-8", f"--json={out}"]) == 0
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"cached", "online"}
+    for r in rows.values():
+        assert r["fits"] and r["capacity_bytes"] == int(15.75 * GIB)
+        assert r["peak_bytes"] == (r["argument_bytes"] + r["output_bytes"] + r["temp_bytes"]
+                                   - r["alias_bytes"])
+        assert 0 < r["peak_bytes"] < r["capacity_bytes"] and r["flops"] > 0
+        assert (r["micro_batch_size"], r["num_micro"], r["seqs_per_device"]) == (8, 2, 1)
+        assert r["searched"] and r["largest_micro_batch"] == 16   # the whole host batch fits
+    # online also runs the target's forward (more FLOPs) and takes its bf16 weights as
+    # inputs (replicated: fsdp=1); cached takes the global batch's features instead
+    assert rows["online"]["flops"] > rows["cached"]["flops"]
+    d, i, v, n = 128, 256, 1024, 4
+    layer = 2 * d * d + 2 * d * 64 + 3 * d * i + 2 * d + 2 * 32
+    target = 2 * (v * d + n * layer + d)
+    feats = 2 * (16 // 8) * 128 * (3 * d + d)   # [B, S, (3 layers + last hidden) x d] per device
+    diff = rows["online"]["argument_bytes"] - rows["cached"]["argument_bytes"]
+    assert diff == pytest.approx(target - feats, rel=0.02)   # TPU tiles pad small arrays
+    assert "train    cached" in capsys.readouterr().out
+
+
+def test_a_micro_batch_too_large_exits_nonzero_naming_the_knob(tiny_args, tmp_path, capsys):
+    args = [a for a in tiny_args if "batch_size" not in a and "max_length" not in a]
+    rc = plan_main(args + ["--topology=v5e-8", "--mode=cached", "--config.data.max_length=128",
+                           "--config.train.global_batch_size=262144",
+                           "--config.train.micro_batch_size=262144", f"--json={tmp_path / 'p.json'}"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "train/cached of dspark_qwen3_4b does not fit on v5e-8" in err
+    assert "Turn: train.micro_batch_size" in err
+    (row,) = json.loads((tmp_path / "p.json").read_text())["rows"]
+    # the compiler's RESOURCE_EXHAUSTED figures: its temporaries + the step's inputs
+    assert not row["fits"] and row["temp_bytes"] > row["capacity_bytes"]
+    assert row["peak_bytes"] == row["temp_bytes"] + row["argument_bytes"]
+
+
+def test_cpu_8_reports_an_estimate_against_the_budget(tiny_args, tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)   # the CLI itself starts the CPU backend with 8 devices
+    out = tmp_path / "cpu.json"
+    cmd = [sys.executable, "-m", "deepspec_jax.plan", "--topology=cpu-8", "--mode=cached",
+           *tiny_args]
+    ok = subprocess.run(cmd + ["--hbm_gb=80", f"--json={out}"], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=600)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "ESTIMATE" in ok.stdout and "8 devices" in ok.stdout
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["estimate"] and row["devices"] == 8 and row["capacity_bytes"] == 80 * GIB
+    assert 0 < row["peak_bytes"] < row["capacity_bytes"] and row["fits"]
+    bad = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "--hbm_gb" in bad.stderr
+
+
+def test_abstract_draft_state_shards_adam_moments_like_the_params(tiny_args):
+    """The plan's abstract state is the trainer's: on an fsdp mesh the optimizer's
+    moments are sharded like the parameters (not replicated fp32 copies)."""
+    cfg = json.loads(json.dumps(TINY_TARGET))
+    arch = TargetArch(target_config_from_dict(cfg, "tiny"), "tiny")
+    mesh = make_mesh(1, 8, 1, devices=compile_only_devices("v5e-8"))
+    spec = importlib.util.spec_from_file_location(
+        "_plan_cfg", os.path.join(REPO, "configs/dspark/dspark_qwen3_4b.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config()
+    c = with_fields(c, draft__target_layer_ids=(0, 1, 2), draft__mask_token_id=1000)
+    ts = setup_target(c, mesh, target=abstract_target(arch, "bfloat16", mesh))
+    dr = setup_draft(c, ts, 10, mesh, shapes_only=True)
+    params = dr.state.params
+    mu = [s for s in jax.tree.leaves(dr.state.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
+          if hasattr(s, "mu")][0]
+    sharded = 0
+    for p, m, v in zip(jax.tree.leaves(params), jax.tree.leaves(mu.mu), jax.tree.leaves(mu.nu)):
+        assert m.sharding == p.sharding and v.sharding == p.sharding
+        sharded += "fsdp" in str(p.sharding.spec)
+    assert sharded > 0   # the check means something: some parameters are fsdp-sharded
