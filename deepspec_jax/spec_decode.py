@@ -212,6 +212,17 @@ def loop_cache_len(prompt_width: int, max_new: int, depth: int, written: int,
     return round_up(prompt_width + max_new + depth + written, bucket)
 
 
+def spec_cache_len(kind: str, cfg, prompt_width: int, max_new: int,
+                   tree: tuple[int, int] | None, bucket: int) -> int:
+    """The cache length ``speculative_generate`` allocates (``loop_cache_len`` of the
+    chain, or of the ``tree=(topk, num_nodes)`` loop), for compiling its loops ahead."""
+    if tree is None:
+        width = _proposal_width(kind, cfg)
+        return loop_cache_len(prompt_width, max_new, width, width + 1, bucket)
+    depth = _tree_depth(kind, cfg)
+    return loop_cache_len(prompt_width, max_new, depth, tree_size(*tree, depth) + 1, bucket)
+
+
 def _commit_tokens(gen, active, pos, prompt_len, drafts, acc, nxt, stopped):
     """A round's committed tokens [B,W+1] (the ``acc`` accepted drafts, then the next
     token unless a stop token was accepted) and ``gen`` with them written at each active
@@ -498,7 +509,6 @@ def speculative_generate(target: Target, draft: Any, prompt_ids: Sequence[Sequen
     if _rule not in rules:
         raise ValueError(f"_rule must be one of {rules}, got {_rule!r}.")
     layer_ids = check_compatible(target, draft)
-    width = _proposal_width(draft.kind, draft.config)
     prompt, lens = pad_prompts(prompt_ids, prompt_bucket)
     target._check_ids(prompt, "prompt_ids")
     target.check_context(lens, max_new_tokens)
@@ -506,22 +516,19 @@ def speculative_generate(target: Target, draft: Any, prompt_ids: Sequence[Sequen
     args = (target.graphdef, target.state, draft.graphdef, draft.state, draft.kind,
             target._put(prompt), target._put(lens), jnp.asarray(stop),
             jnp.float32(confidence_threshold), int(max_new_tokens))
-    nodes = None
-    if tree is None:
-        cache_len = loop_cache_len(prompt.shape[1], max_new_tokens, width, width + 1,
-                                   cache_bucket)
-        gen, n_out, rounds, acc, prop, conf, bad_tok, bad_round = jax.device_get(_spec_generate(
-            *args, cache_len, sp, layer_ids, _rule, jax.random.key(seed)))
-    else:
-        topk, num_nodes = parse_tree(tree, draft.config.vocab_size)
-        depth = _tree_depth(draft.kind, draft.config)
-        n_tree = tree_size(topk, num_nodes, depth)
-        cache_len = loop_cache_len(prompt.shape[1], max_new_tokens, depth, n_tree + 1,
-                                   cache_bucket)
-        gen, n_out, rounds, acc, prop, nodes, bad_tok, bad_round = jax.device_get(
-            _spec_generate_tree(*args, cache_len, sp, layer_ids, _rule, jax.random.key(seed),
-                                topk, num_nodes))
-        conf = None
+    shape = None if tree is None else parse_tree(tree, draft.config.vocab_size)
+    cache_len = spec_cache_len(draft.kind, draft.config, prompt.shape[1], max_new_tokens, shape,
+                               cache_bucket)
+    # Traced under the target's mesh: Pallas kernels (tree attention) run per device
+    # inside shard_map on it (XLA cannot partition them).
+    with jax.set_mesh(target.mesh):
+        if shape is None:
+            out = _spec_generate(*args, cache_len, sp, layer_ids, _rule, jax.random.key(seed))
+        else:
+            out = _spec_generate_tree(*args, cache_len, sp, layer_ids, _rule,
+                                      jax.random.key(seed), *shape)
+    gen, n_out, rounds, acc, prop, extra, bad_tok, bad_round = jax.device_get(out)
+    conf, nodes = (extra, None) if shape is None else (None, extra)
     raise_if_nonfinite("speculative_generate" + ("" if tree is None else f"(tree={tree})"),
                        bad_tok, target, bad_round)
     has_conf = tree is None and family_for_kind(draft.kind).has_confidence(draft.config)
@@ -541,4 +548,4 @@ def speculative_generate(target: Target, draft: Any, prompt_ids: Sequence[Sequen
 
 
 __all__ = ["SpecResult", "speculative_generate", "check_compatible", "verify", "parse_tree",
-           "NonFiniteLogitsError"]
+           "spec_cache_len", "NonFiniteLogitsError"]

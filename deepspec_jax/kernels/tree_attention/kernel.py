@@ -68,6 +68,8 @@ def unsupported_reason(backend: str, q_shape, dtype, k_shape, block_kv: int,
                 f"{[jnp.dtype(t).name for t in kv_dtypes]} must equal q's "
                 f"{jnp.dtype(dtype).name}; cast q or the cache")
     if backend == "tpu":
+        if jnp.dtype(dtype) == jnp.float16:  # Mosaic: "Invalid vector type for load"
+            return "float16 is not supported by Mosaic on TPU; use bfloat16 or float32"
         bk = _tpu_block_kv(block_kv, s)
         if bk != s and bk % 128:
             return (f"block_kv={block_kv} must be a multiple of 128 on TPU (the key block's "
