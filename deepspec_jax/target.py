@@ -57,7 +57,9 @@ def round_up(n: int, multiple: int) -> int:
 
 
 # ---------------------------------------------------------------------------
-# compiled functions (module level: jax caches them on graphdef + static args)
+# compiled functions (module level: jax caches them on graphdef + static args). Callers
+# trace them under ``jax.set_mesh(target.mesh)``: the attention kernels run per device
+# inside shard_map on a mesh (deepspec_jax/kernels/sharded.py).
 # ---------------------------------------------------------------------------
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
@@ -197,7 +199,9 @@ class Target:
         if ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {ids.shape}.")
         self._check_ids(ids, "input_ids")
-        return _forward(self.graphdef, self.state, self._put(ids), self.validate_layer_ids(layer_ids))
+        with jax.set_mesh(self.mesh):
+            return _forward(self.graphdef, self.state, self._put(ids),
+                            self.validate_layer_ids(layer_ids))
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         cache = init_cache(self.config, batch, max_len, _DTYPES[self.dtype])
@@ -237,8 +241,9 @@ class Target:
                 + (f" ({over.size} rows affected)" if over.size > 1 else "")
                 + f". Allocate a larger cache with init_cache(batch, max_len>="
                 f"{int(lengths.max()) + t}) or roll rows back first.")
-        return _extend(self.graphdef, self.state, cache, ids, jnp.asarray(n, jnp.int32),
-                       self.validate_layer_ids(layer_ids))
+        with jax.set_mesh(self.mesh):
+            return _extend(self.graphdef, self.state, cache, ids, jnp.asarray(n, jnp.int32),
+                           self.validate_layer_ids(layer_ids))
 
     def check_context(self, prompt_lens: Sequence[int], max_new_tokens: int,
                       names: Sequence[str] | None = None) -> None:
@@ -292,10 +297,11 @@ class Target:
         self._check_ids(prompt, "prompt_ids")
         self.check_context(lens, max_new_tokens)
         cache_len = round_up(prompt.shape[1] + max_new_tokens, cache_bucket)
-        tokens, first_bad = jax.device_get(_generate(
-            self.graphdef, self.state, self._put(prompt), self._put(lens),
-            jnp.asarray(self.resolve_stop_ids(stop_token_ids)), int(max_new_tokens), cache_len,
-            sp, jax.random.key(seed)))
+        with jax.set_mesh(self.mesh):
+            out = _generate(self.graphdef, self.state, self._put(prompt), self._put(lens),
+                            jnp.asarray(self.resolve_stop_ids(stop_token_ids)),
+                            int(max_new_tokens), cache_len, sp, jax.random.key(seed))
+        tokens, first_bad = jax.device_get(out)
         raise_if_nonfinite("Target.generate", first_bad, self)
         return [[int(t) for t in row if t >= 0] for row in tokens]
 

@@ -4,7 +4,7 @@ the reference elsewhere; tests run the kernels with ``interpret=True`` on CPU.
 
 * ``tree_attention``: verify-pass attention of a flattened draft tree over the KV-cache
   prefix plus each node's ancestors (packed ancestor bitmask); on a device mesh it runs
-  inside ``shard_map`` (``tree_attention/sharded.py``). See
+  inside ``shard_map`` (``sharded.py``). See
   ``deepspec_jax/kernels/tree_attention/__init__.py``; benchmark:
   ``benchmarks/tree_attention.py``.
 """

@@ -3,7 +3,10 @@
 Compiles a training run's programs for a TPU slice before you rent it: no TPU, no
 weights, no data (everything is abstract shapes; libtpu compiles for the slice's
 chips: ``pip install 'jax[tpu]==0.10.2'``, scripts/setup.sh does it). For each
-program (the train step in ``cached`` and ``online`` feature mode) it prints per-device
+program (the train step in ``cached`` and ``online`` feature mode; with
+``--programs=train,decode`` also the eval's decode programs -- prefill, chain and tree
+verify loops, autoregressive baseline -- on ``--decode_mesh``, by default the target
+tensor-sharded over every device) it prints per-device
 HBM (arguments, temporaries, peak = arguments + outputs + temporaries - donated, vs
 the chip's capacity), whether it fits, matmul GFLOP per step per device (loops counted
 with their trip counts), the largest ``train.micro_batch_size`` that fits and the
@@ -32,6 +35,7 @@ from ml_collections import config_flags
 
 from deepspec_jax import cli
 from deepspec_jax.errors import ConfigError
+from deepspec_jax.plan.decode import PROGRAMS as DECODE_PROGRAMS, DecodeSettings
 from deepspec_jax.plan.programs import PROGRAMS, TRAIN_MODES, PlanContext, train_step_thunk
 from deepspec_jax.plan.report import Measurement, gb, largest_fitting, measure
 from deepspec_jax.plan.targets import resolve_target_arch
@@ -66,6 +70,20 @@ def _flags(argv: Sequence[str]) -> tuple[flags.FlagValues, flags.FlagHolder]:
     flags.DEFINE_enum("cache_dtype", "bfloat16", ["bfloat16", "float32"], "dtype of the cached "
                       "features (python -m deepspec_jax.data.build_features --dtype).", flag_values=fv)
     flags.DEFINE_string("json", "", "Also write the rows here.", flag_values=fv)
+    d = DecodeSettings()
+    flags.DEFINE_list("decode_mesh", ["1", "1", "-1"], "--programs=decode: data,fsdp,tensor mesh "
+                      "of the eval (default: the target tensor-sharded over every device).",
+                      flag_values=fv)
+    flags.DEFINE_list("decode_programs", ["prefill", "chain", "tree"], "--programs=decode: which "
+                      f"of {list(DECODE_PROGRAMS)}.", flag_values=fv)
+    flags.DEFINE_integer("decode_batch", d.batch_size, "--programs=decode: prompts per call.",
+                         flag_values=fv)
+    flags.DEFINE_integer("decode_prompt_len", d.prompt_len, "--programs=decode: padded prompt "
+                         "width.", flag_values=fv)
+    flags.DEFINE_integer("decode_max_new", d.max_new_tokens, "--programs=decode: new tokens.",
+                         flag_values=fv)
+    flags.DEFINE_string("decode_tree", ",".join(map(str, d.tree)), "--programs=decode: the tree "
+                        "program's topk,num_nodes.", flag_values=fv)
     return fv, cfg
 
 
@@ -196,7 +214,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         local, num_micro = batch_split(c, processes)
     except ConfigError as e:
         cli.usage_error(str(e))
-    ctx = PlanContext(c, arch, mesh, processes, tuple(a.mode), a.cache_dtype)
+    try:
+        sizes = [int(x) for x in a.decode_mesh]
+        if len(sizes) != 3:
+            raise ValueError("give three sizes")
+        decode_mesh = make_mesh(*sizes, devices=devices)
+        tree = tuple(int(x) for x in a.decode_tree.split(","))
+        decode = DecodeSettings(batch_size=a.decode_batch, prompt_len=a.decode_prompt_len,
+                                max_new_tokens=a.decode_max_new, tree=tree,
+                                programs=tuple(a.decode_programs)).validate()
+    except (ValueError, ConfigError) as e:
+        cli.usage_error(f"--decode_mesh={','.join(a.decode_mesh)} / --decode_*: {e}")
+    ctx = PlanContext(c, arch, mesh, processes, tuple(a.mode), a.cache_dtype, decode=decode,
+                      decode_mesh=decode_mesh)
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     mbs = local // num_micro
     print(f"plan: {c.name} on {a.topology}: {len(devices)} devices "
@@ -212,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             cli.usage_error(str(e))
         for mode, thunk in thunks.items():
             m = measure(thunk, capacity)
-            row = Row(prog, mode, a.topology, len(devices), processes, dict(mesh.shape), m,
+            row_mesh = ctx.decode_mesh if prog == "decode" else mesh
+            row = Row(prog, mode, a.topology, len(devices), processes, dict(row_mesh.shape), m,
                       estimate=estimate)
             if prog == "train":
                 row.micro_batch_size, row.num_micro = mbs, num_micro

@@ -13,7 +13,7 @@ context), compiled separately to attribute its activations.
 
 Mesh: the programs are traced under ``jax.set_mesh(mesh)``, as ``speculative_generate``
 traces them, so the tree-attention kernel runs per device inside ``shard_map``
-(deepspec_jax/kernels/tree_attention/sharded.py).
+(deepspec_jax/kernels/sharded.py).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from deepspec_jax.sharding import batch_sharding, replicated
 from deepspec_jax.spec_decode import (_prefill, _spec_generate, _spec_generate_tree,
                                       check_compatible, parse_tree, spec_cache_len)
 from deepspec_jax.target import Target, _generate, round_up
-from deepspec_jax.train.trainer import shardings_of
+from deepspec_jax.plan.targets import abstract_model
 
 PROGRAMS = ("prefill", "chain", "tree", "autoregressive")
 Thunk = Callable[[], jax.stages.Compiled]
@@ -74,16 +74,6 @@ class DecodeSettings:
             if getattr(self, f) < 1:
                 raise ConfigError(f"decode setting {f}={getattr(self, f)} must be >= 1.")
         return self
-
-
-def abstract_model(build: Callable[[], nnx.Module], mesh: Mesh):
-    """(graphdef, state) of ``build()`` holding ShapeDtypeStructs, each parameter with
-    the NamedSharding of its logical axes on ``mesh`` (as the loaders place weights)."""
-    graphdef, state = nnx.split(nnx.eval_shape(build))
-    values = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          state.to_pure_dict(), shardings_of(state, mesh))
-    nnx.replace_by_pure_dict(state, values)
-    return graphdef, state
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 4, 7, 8, 9, 11))

@@ -1,6 +1,6 @@
 """The programs a plan compiles, built by the trainer's own code from abstract state.
 
-A program family (``train``; ``decode`` where deepspec_jax/plan/decode.py is plugged in)
+A program family (``train``; ``decode``: the eval's programs, deepspec_jax/plan/decode.py)
 is a callable ``(PlanContext) -> {mode: Callable[[], jax.stages.Compiled]}``
 registered in :data:`PROGRAMS`; the plan times each thunk's compile and reads its
 memory and FLOPs. ``train`` compiles the real ``train/step.py`` step (state, optimizer
@@ -10,11 +10,7 @@ and batch shardings exactly as ``deepspec_jax.train.trainer.setup`` gives them) 
 * ``cached``: the target's features are batch inputs (as read from a feature cache);
 * ``online``: the frozen target runs inside the step (its weights are step inputs).
 
-Plugging in another family (e.g. the eval's decode programs)::
-
-    def decode_programs(ctx: PlanContext) -> dict[str, Thunk]:
-        return {"prefill": lambda: ..., "chain_verify": ..., "tree_verify": ...}
-    PROGRAMS["decode"] = decode_programs       # then --programs=train,decode
+Another family is a ``(PlanContext) -> {name: thunk}`` callable added to ``PROGRAMS``.
 
 A thunk may carry ``argument_bytes`` (per device), reported when it runs out of memory.
 """
@@ -31,8 +27,10 @@ import ml_collections
 from jax.sharding import Mesh
 
 from deepspec_jax.dtypes import DTYPES
+from deepspec_jax.plan.decode import DecodeSettings, decode_thunks
 from deepspec_jax.plan.report import per_device_bytes
 from deepspec_jax.plan.targets import TargetArch, abstract_target
+from deepspec_jax.train.draft_init import spec_for_run
 from deepspec_jax.train.trainer import (DataSetup, batch_split, setup_draft, setup_target,
                                         step_for)
 
@@ -49,6 +47,8 @@ class PlanContext:
     processes: int                      # hosts of the slice (per-host batch semantics)
     modes: tuple[str, ...]              # train modes asked for
     cache_dtype: str = "bfloat16"       # dtype of cached features (cached mode)
+    decode: DecodeSettings = DecodeSettings()   # shapes of the decode programs
+    decode_mesh: Mesh | None = None     # the eval's mesh (None: ``mesh``)
     notes: list[str] = dataclasses.field(default_factory=list)   # printed under the table
 
 
@@ -81,6 +81,19 @@ def batch_struct(c, ts, online: bool, cache_dtype: str) -> dict[str, jax.ShapeDt
     return out
 
 
+def _with_mask_token(ctx: PlanContext, c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``c`` with a concrete draft.mask_token_id: -1 means the trainer picks one from the
+    tokenizer, which a plan does not load; the id changes no shape, memory or FLOPs."""
+    if c.draft.kind == "eagle3" or int(c.draft.mask_token_id) >= 0:
+        return c
+    c = with_fields(c, draft__mask_token_id=ctx.arch.config.vocab_size - 1)
+    note = ("draft.mask_token_id=-1 (chosen from the tokenizer by the trainer): the plan "
+            "uses the last vocabulary id; the id changes no shape, memory or FLOPs.")
+    if note not in ctx.notes:
+        ctx.notes.append(note)
+    return c
+
+
 def train_step_thunk(ctx: PlanContext, mode: str, micro_batch_size: int | None = None) -> Thunk:
     """Compile thunk of the train step in ``mode`` (``micro_batch_size``: override
     train.micro_batch_size, per host as in the config)."""
@@ -88,14 +101,7 @@ def train_step_thunk(ctx: PlanContext, mode: str, micro_batch_size: int | None =
     fields = {"data__feature_cache": "" if online else "<plan: abstract feature cache>"}
     if micro_batch_size is not None:
         fields["train__micro_batch_size"] = int(micro_batch_size)
-    c = with_fields(ctx.config, **fields)
-    if c.draft.kind != "eagle3" and int(c.draft.mask_token_id) < 0:
-        # the mask token's id changes no shape; the trainer picks it from the tokenizer
-        c.draft.mask_token_id = ctx.arch.config.vocab_size - 1
-        note = ("draft.mask_token_id=-1 (chosen from the tokenizer by the trainer): the plan "
-                "uses the last vocabulary id; the id changes no shape, memory or FLOPs.")
-        if note not in ctx.notes:
-            ctx.notes.append(note)
+    c = _with_mask_token(ctx, with_fields(ctx.config, **fields))
     mesh = ctx.mesh
     ts = setup_target(c, mesh, target=abstract_target(ctx.arch, c.target.dtype, mesh))
     local, num_micro = batch_split(c, ctx.processes)
@@ -117,8 +123,18 @@ def train_programs(ctx: PlanContext) -> dict[str, Thunk]:
     return {mode: train_step_thunk(ctx, mode) for mode in ctx.modes}
 
 
-# name -> family; the decode programs (deepspec_jax/plan/decode.py) plug in here.
-PROGRAMS: dict[str, ProgramFamily] = {"train": train_programs}
+def decode_programs(ctx: PlanContext) -> dict[str, Thunk]:
+    """The eval's decode programs (deepspec_jax/plan/decode.py: prefill, chain, tree,
+    autoregressive) for the run's draft on the target, in ``ctx.decode`` shapes, with
+    target and draft weights in target.dtype sharded by their logical axes on the mesh."""
+    c = _with_mask_token(ctx, ctx.config)
+    spec = spec_for_run(c, ctx.arch.config)
+    settings = dataclasses.replace(ctx.decode, dtype=str(c.target.dtype))
+    return decode_thunks(ctx.arch.config, spec, ctx.decode_mesh or ctx.mesh, settings)
+
+
+# name -> family
+PROGRAMS: dict[str, ProgramFamily] = {"train": train_programs, "decode": decode_programs}
 
 
 def register_program(name: str, family: ProgramFamily) -> None:
@@ -126,4 +142,5 @@ def register_program(name: str, family: ProgramFamily) -> None:
 
 
 __all__ = ["PlanContext", "PROGRAMS", "register_program", "train_programs", "train_step_thunk",
-           "TRAIN_MODES", "batch_struct", "with_fields", "Thunk", "ProgramFamily"]
+           "TRAIN_MODES", "batch_struct", "with_fields", "Thunk", "ProgramFamily",
+           "decode_programs"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+from typing import Callable
 
 import jax
 from flax import nnx
@@ -66,21 +67,26 @@ def resolve_target_arch(path: str, override: str = "") -> TargetArch:
         "target's HF config.json> or point --config.target.path at the model directory.")
 
 
+def abstract_model(build: Callable[[], nnx.Module], mesh):
+    """(graphdef, state) of ``build()`` holding ShapeDtypeStructs, each parameter with
+    the NamedSharding of its logical axes on ``mesh`` (as the loaders place weights)."""
+    graphdef, state = nnx.split(nnx.eval_shape(build))
+    values = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          state.to_pure_dict(), shardings_of(state, mesh))
+    nnx.replace_by_pure_dict(state, values)
+    return graphdef, state
+
+
 def abstract_target(arch: TargetArch, dtype: str, mesh) -> Target:
     """The frozen target as load_target builds it (``dtype`` weights, each parameter
     sharded by its logical axes on ``mesh``), holding ShapeDtypeStructs: no weights."""
     if dtype not in COMPUTE_DTYPES:
         raise ConfigError(f"config field target.dtype={dtype!r}: use one of {list(COMPUTE_DTYPES)}.")
     jdt = DTYPES[dtype]
-    model = nnx.eval_shape(lambda: CausalLM(arch.config, dtype=jdt, param_dtype=jdt,
-                                            rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(model)
-    shardings = shardings_of(state, mesh)
-    values = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          state.to_pure_dict(), shardings)
-    nnx.replace_by_pure_dict(state, values)
+    graphdef, state = abstract_model(
+        lambda: CausalLM(arch.config, dtype=jdt, param_dtype=jdt, rngs=nnx.Rngs(0)), mesh)
     return Target(arch.config, graphdef, state, mesh, None, arch.source, dtype,
                   tuple(arch.config.eos_token_ids))
 
 
-__all__ = ["TargetArch", "resolve_target_arch", "abstract_target", "shipped_configs", "ASSETS"]
+__all__ = ["TargetArch", "resolve_target_arch", "abstract_model", "abstract_target", "shipped_configs", "ASSETS"]

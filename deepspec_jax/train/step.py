@@ -183,6 +183,13 @@ def batch_shardings(mesh, batch: dict) -> dict:
 def compile_step(sc: StepConfig, tx, schedule, state_shardings, rest_shardings, tstate_shardings,
                  batch_shardings_: dict):
     """The jitted step with explicit in/out shardings and the state donated."""
-    fn = lambda state, rest, tstate, batch: train_step(sc, tx, schedule, state, rest, tstate, batch)
+    def fn(state, rest, tstate, batch):
+        # Traced under the run's mesh: the attention kernels (Pallas calls, which XLA
+        # cannot partition) find it there and run per device inside shard_map, and a CPU
+        # host compiling for compile-only TPU devices picks the TPU kernels
+        # (deepspec_jax/kernels/sharded.py).
+        with jax.sharding.use_abstract_mesh(sc.mesh.abstract_mesh):
+            return train_step(sc, tx, schedule, state, rest, tstate, batch)
+
     return jax.jit(fn, in_shardings=(state_shardings, rest_shardings, tstate_shardings, batch_shardings_),
                    out_shardings=(state_shardings, None), donate_argnums=(0,))

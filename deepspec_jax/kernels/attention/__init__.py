@@ -29,31 +29,36 @@ Public API (all return ``(out [B,T,H,D] float32, lse [B,T,H] float32)``):
 
 ``impl``: "reference" is the jnp path (CPU, and GPU through XLA); "pallas" the Pallas
 TPU kernel (``interpret=True`` runs it on CPU); "auto" = the kernel on TPU, the
-reference elsewhere ("on TPU": ``target_platform()``, which also sees compile-only TPU
-devices through the mesh in context).
+reference elsewhere ("on TPU": ``kernels.sharded.context_platform()``, which also sees
+compile-only TPU devices through the mesh in context).
 
 The kernel (``flash_tpu.py``): flash-style forward, dQ and dK/dV kernels under one
 ``custom_vjp`` (residuals q, k, v, out, lse); key tiles outside a query block's span
 range cost neither compute nor DMA, tiles every row sees skip the mask. It needs
 q/k/v of one dtype (float32 or bfloat16) and block_q/block_kv multiples of 128; any
 head dim (D % 128 == 0 uses the caller's layout, others a head-major transpose).
-Under ``jax.jit`` on a sharded mesh call it inside ``jax.shard_map`` (a Pallas call
-is not partitioned automatically). ``span_flops(start, stop, ...)`` gives the dense
+On a mesh in context (more than one device) the kernel runs inside ``jax.shard_map``,
+batch over data/fsdp and heads over tensor (``deepspec_jax/kernels/sharded.py``: a
+Pallas call is not partitioned automatically); the train step and the decode loops
+trace under their mesh. ``span_flops(start, stop, ...)`` gives the dense
 and the computed attention FLOPs of a mask, for the plan command's "fraction skipped".
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
+from deepspec_jax.kernels import sharded
 from deepspec_jax.kernels.attention.flash_tpu import span_attention_pallas, span_flops
 from deepspec_jax.kernels.attention.reference import (dense_attention, merge_attention,
                                                       span_attention_reference, span_mask)
 from deepspec_jax.kernels.attention.segments import segment_attention
 
 __all__ = ["span_attention", "span_attention_reference", "dense_attention", "merge_attention",
-           "span_mask", "causal_span", "segment_attention", "span_flops", "target_platform"]
+           "span_mask", "causal_span", "segment_attention", "span_flops"]
 
 _IMPLS = ("auto", "pallas", "reference")
 
@@ -64,15 +69,6 @@ def causal_span(lengths: jax.Array, t: int, offset: int = 0) -> tuple[jax.Array,
     pos = jnp.arange(t, dtype=jnp.int32)[None] + offset
     stop = jnp.where(pos < lengths[:, None].astype(jnp.int32), pos + 1, 0)
     return jnp.zeros_like(stop), stop
-
-
-def target_platform() -> str:
-    """The platform being compiled for: that of the mesh in context (inside
-    ``jax.shard_map`` or ``jax.sharding.use_mesh``; how compile-only TPU devices are
-    targeted from a CPU host, e.g. by ``python -m deepspec_jax.plan``), else the default
-    backend."""
-    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
-    return device.platform if device is not None else jax.default_backend()
 
 
 def span_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, stop: jax.Array,
@@ -90,8 +86,21 @@ def span_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, s
         raise ValueError(f"deepspec_jax.kernels.attention: start {start.shape} / stop "
                          f"{stop.shape} must both be [B,T] = {(b, t)}")
     start, stop = start.astype(jnp.int32), stop.astype(jnp.int32)
-    use_kernel = impl == "pallas" or (impl == "auto" and target_platform() == "tpu")
+    use_kernel = impl == "pallas" or (impl == "auto" and sharded.context_platform() == "tpu")
     if not use_kernel:
         return span_attention_reference(q, k, v, start, stop, scale, block_q)
-    return span_attention_pallas(q, k, v, start, stop, scale=scale, block_q=block_q,
-                                 block_kv=block_kv, interpret=interpret)
+    call = functools.partial(span_attention_pallas, scale=scale, block_q=block_q,
+                             block_kv=block_kv, interpret=interpret)
+    mesh = sharded.context_mesh()
+    if mesh is None:
+        return call(q, k, v, start, stop)
+    # On a mesh: the kernel per device, inside shard_map (kernels/sharded.py).
+    reason = sharded.layout_unsupported_reason(mesh, h, k.shape[2])
+    if reason is not None:
+        if impl == "pallas":
+            raise ValueError(f"deepspec_jax.kernels.attention: impl='pallas' unsupported: {reason}")
+        return span_attention_reference(q, k, v, start, stop, scale, block_q)
+    Q, KV, ROWS = sharded.Q, sharded.KV, sharded.ROWS
+    return sharded.sharded_call(call, mesh, (q, k, v, start, stop),
+                                ((Q, 2), (KV, 2), (KV, 2), (ROWS, None), (ROWS, None)),
+                                ((Q, 2, 4), (Q, 2, 3)), h=h, kh=k.shape[2])

@@ -22,7 +22,7 @@ N-slot tree tile. ``block_kv`` (None: ``DEFAULT_BLOCK_KV`` of the kernel body): 
 suits GPU; on TPU 512 or more (fewer grid steps).
 
 Meshes: XLA cannot partition a Pallas call, so on a multi-device mesh the kernel runs
-inside ``jax.shard_map`` (``sharded.py``: batch rows over data/fsdp, heads over tensor;
+inside ``jax.shard_map`` (``deepspec_jax/kernels/sharded.py``: batch rows over data/fsdp, heads over tensor;
 K % tensor == 0, or one KV head per shard when K < tensor). The mesh is ``mesh=`` or
 else the mesh in context (``jax.set_mesh``; ``speculative_generate`` and
 ``plan.decode`` set the target's). The jnp reference needs neither: XLA partitions it,
@@ -41,7 +41,8 @@ import functools
 
 import jax
 
-from deepspec_jax.kernels.tree_attention import kernel, sharded
+from deepspec_jax.kernels import sharded
+from deepspec_jax.kernels.tree_attention import kernel
 from deepspec_jax.kernels.tree_attention.reference import (ancestor_bits, check_inputs, num_words,
                                                           tree_attention_reference,
                                                           tree_kv_from_cache, tree_mask,
@@ -125,5 +126,8 @@ def tree_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, prefix_
         return call(q, k_cache, v_cache, prefix_len, tree_bits, k_tree, v_tree)
     if k_tree is None:  # gathered before the split: XLA partitions the gather itself
         k_tree, v_tree = tree_kv_from_cache(k_cache, v_cache, prefix_len, q.shape[1])
-    return sharded.sharded_call(call, mesh, q, k_cache, v_cache, prefix_len, tree_bits, k_tree,
-                                v_tree)
+    Q, KV, ROWS = sharded.Q, sharded.KV, sharded.ROWS
+    return sharded.sharded_call(call, mesh, (q, k_cache, v_cache, prefix_len, tree_bits, k_tree,
+                                             v_tree),
+                                ((Q, 2), (KV, 1), (KV, 1), (ROWS, None), (ROWS, None), (KV, 1),
+                                 (KV, 1)), (Q, 2, 4), h=q.shape[2], kh=k_cache.shape[1])

@@ -1,7 +1,10 @@
-"""Tree attention on a device mesh: the Pallas kernel (TPU body, interpreted) inside
-``jax.shard_map`` on an 8-device CPU mesh gives the unsharded reference's output, for
-every head layout rule (heads split, one KV head per shard, batch replicated), through
-the context mesh and an explicit one; an impossible head split is refused (impl="pallas")
+"""Pallas kernels on a device mesh (deepspec_jax/kernels/sharded.py). Tree attention:
+the kernel (TPU body, interpreted) inside ``jax.shard_map`` on an 8-device CPU mesh
+gives the unsharded reference's output, for every head layout rule (heads split, one
+KV head per shard, batch replicated), through the context mesh and an explicit one.
+Span attention (training): the kernel under the mesh in context (as the train step
+traces) gives the reference's output, lse and gradients, heads split, one KV head
+per shard, batch replicated. For tree attention also: an impossible head split is refused (impl="pallas")
 or left to the reference (impl="auto"). And the TPU body compiles through Mosaic for a
 v5e-4 slice, sharded, at Qwen3-4B size (libtpu's compile-only devices)."""
 
@@ -20,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from conftest import REPO
 
 from deepspec_jax.kernels.tree_attention import tree_attention
-from deepspec_jax.kernels.tree_attention.sharded import head_layout
+from deepspec_jax.kernels.sharded import head_layout
 from deepspec_jax.plan.topology import compile_only_devices
 from deepspec_jax.sharding import make_mesh
 
@@ -103,13 +106,50 @@ with jax.set_mesh(mesh):
     res["k3_tp2_auto"] = {"err": float(np.max(np.abs(np.asarray(f(q, k, v, plen, bits)) - want))),
                           "shard_map": "shard_map" in str(jax.make_jaxpr(f)(q, k, v, plen, bits)),
                           "pallas": "pallas_call" in str(jax.make_jaxpr(f)(q, k, v, plen, bits))}
+
+from deepspec_jax.kernels.attention import (causal_span, dense_attention, merge_attention,
+                                            span_attention, span_attention_reference)
+
+def span_loss(fn):
+    def loss(q, k, v, start, stop):
+        out, lse = fn(q, k, v, start, stop)
+        # lse gets a cotangent through the merge with a dense piece (as DSpark/Eagle3 train)
+        own = dense_attention(q, k[:, :1], v[:, :1], jnp.ones((1, 1, 1), bool))
+        merged, _ = merge_attention([(out, lse), own])
+        return jnp.sum(merged ** 2) + jnp.sum(jnp.where(jnp.isfinite(lse), lse, 0.0))
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+
+# name: (mesh data, fsdp, tensor), (seed, B, T, K, G, D)
+SPAN = {
+    "span_split_fsdp2_tp4": ((1, 2, 4), (5, 4, 200, 4, 2, 64)),
+    "span_one_kv_per_shard_tp4": ((1, 2, 4), (6, 2, 150, 2, 4, 64)),
+    "span_batch_replicated_tp2": ((1, 4, 2), (7, 3, 130, 2, 1, 64)),
+}
+for name, ((dd, ff, tt), (seed, b, t, kh, g, d)) in SPAN.items():
+    mesh = make_mesh(dd, ff, tt)
+    rng = np.random.default_rng(seed)
+    q = jnp.asarray(rng.standard_normal((b, t, kh * g, d)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((b, t, kh, d)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((b, t, kh, d)), jnp.float32)
+    start, stop = causal_span(jnp.asarray(rng.integers(t // 2, t + 1, b), jnp.int32), t)
+    want_l, want_g = span_loss(lambda *a: span_attention_reference(*a, block_q=128))(
+        q, k, v, start, stop)
+    f = span_loss(lambda *a: span_attention(*a, impl="pallas", interpret=True, block_q=128,
+                                            block_kv=128))
+    with jax.set_mesh(mesh):
+        got_l, got_g = f(q, k, v, start, stop)
+        jaxpr = str(jax.make_jaxpr(f)(q, k, v, start, stop))
+    err = max(float(jnp.max(jnp.abs(a - w)) / (jnp.max(jnp.abs(w)) + 1e-9))
+              for a, w in zip(got_g, want_g))
+    res[name] = {"err": max(err, abs(float(got_l - want_l)) / abs(float(want_l))),
+                 "shard_map": "shard_map" in jaxpr}
 json.dump(res, open(out, "w"))
 """
 
 
 @pytest.fixture(scope="module")
 def child(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tree_sharded") / "res.json"
+    out = tmp_path_factory.mktemp("kernels_sharded") / "res.json"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
                JAX_PLATFORMS="cpu")
     subprocess.run([sys.executable, "-c", CHILD, str(out)], check=True, env=env, cwd=REPO)
@@ -118,7 +158,8 @@ def child(tmp_path_factory):
 
 @pytest.mark.parametrize("name", ["split_fsdp2_tp4", "split_dp2_fsdp2_tp2",
                                   "one_kv_per_shard_tp4", "batch_replicated_tp2",
-                                  "explicit_mesh_k_tree"])
+                                  "explicit_mesh_k_tree", "span_split_fsdp2_tp4",
+                                  "span_one_kv_per_shard_tp4", "span_batch_replicated_tp2"])
 def test_sharded_kernel_matches_reference(child, name):
     r = child[name]
     assert r["shard_map"], f"{name}: the kernel was not wrapped in shard_map"
