@@ -3,44 +3,69 @@ reference sizes (4096 tokens, global batch 512, 512 anchors x block 7 / TTT 7) c
 in cached mode for v5e-8 and in online mode for v5p-8, and the largest config
 (DSpark on Qwen3-14B) compiles once, each within the chip's HBM.
 
-Every case is one compile of the real train step for the slice (libtpu, compile only;
-``python -m deepspec_jax.plan``), with the target's real depth and width: a compile
-that runs out of HBM fails in seconds, one that fits takes longer (see the report of
-``python -m deepspec_jax.plan`` for compile seconds).
+Every case is one compile of the real train step for the slice (libtpu, compile only)
+by ``python -m deepspec_jax.plan``, with the target's real depth and width and the
+configs' own mesh. A compile that fits takes minutes and XLA compiles on one thread,
+so the cases run as separate processes, two at a time (CI has two cores), longest
+first; the tests then read each process's JSON row.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from deepspec_jax.plan.__main__ import main as plan_main
+from conftest import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-CASES = [
-    ("dspark/dspark_qwen3_4b", "v5e-8", "cached"),
-    ("dflash/dflash_qwen3_4b", "v5e-8", "cached"),
-    ("eagle3/eagle3_qwen3_4b", "v5e-8", "cached"),
+CASES = [   # longest compiles first
     ("dspark/dspark_qwen3_4b", "v5p-8", "online"),
     ("dflash/dflash_qwen3_4b", "v5p-8", "online"),
     ("eagle3/eagle3_qwen3_4b", "v5p-8", "online"),
     ("dspark/dspark_qwen3_14b", "v5p-8", "cached"),   # the largest draft and target
+    ("dspark/dspark_qwen3_4b", "v5e-8", "cached"),
+    ("dflash/dflash_qwen3_4b", "v5e-8", "cached"),
+    ("eagle3/eagle3_qwen3_4b", "v5e-8", "cached"),
 ]
+IDS = [f"{c.split('/')[1]}-{t}-{m}" for c, t, m in CASES]
+WORKERS = 2
 
 
-@pytest.mark.parametrize("config,topology,mode", CASES, ids=[f"{c.split('/')[1]}-{t}-{m}"
-                                                            for c, t, m in CASES])
-def test_reference_run_fits(config, topology, mode, tmp_path, capsys):
-    out = tmp_path / "plan.json"
-    rc = plan_main([f"--config={os.path.join(REPO, 'configs', config + '.py')}",
-                    f"--topology={topology}", f"--mode={mode}", "--nosearch", f"--json={out}"])
-    (row,) = json.loads(out.read_text())["rows"]
-    gib = lambda x: "-" if x is None else f"{x / 2 ** 30:.2f} GiB"
-    assert rc == 0 and row["fits"], (
-        f"{config} {mode} on {topology} does not fit: peak {gib(row['peak_bytes'])} "
-        f"(arguments {gib(row['argument_bytes'])}, temporaries {gib(row['temp_bytes'])}) of "
-        f"{gib(row['capacity_bytes'])}; {row['error']}\n{capsys.readouterr().err[-1500:]}")
+def _plan(case, out_dir: str) -> dict:
+    config, topology, mode = case
+    out = os.path.join(out_dir, f"{config.replace('/', '_')}-{topology}-{mode}.json")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepspec_jax.plan",
+         f"--config={os.path.join(REPO, 'configs', config + '.py')}", f"--topology={topology}",
+         f"--mode={mode}", "--nosearch", f"--json={out}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if not os.path.exists(out):
+        return {"rc": proc.returncode, "row": None, "log": proc.stdout[-3000:]}
+    (row,) = json.load(open(out, encoding="utf-8"))["rows"]
+    return {"rc": proc.returncode, "row": row, "log": proc.stdout[-1500:]}
+
+
+@pytest.fixture(scope="module")
+def plans(tmp_path_factory):
+    out_dir = str(tmp_path_factory.mktemp("plan_reference"))
+    with concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
+        results = list(pool.map(lambda case: _plan(case, out_dir), CASES))
+    return dict(zip(IDS, results))
+
+
+@pytest.mark.parametrize("case_id", IDS)
+def test_reference_run_fits(plans, case_id):
+    r = plans[case_id]
+    row = r["row"]
+    assert row is not None, f"{case_id}: the plan wrote no row (exit {r['rc']}):\n{r['log']}"
+    gib = lambda x: "-" if x is None else f"{x / 2 ** 30:.2f} GiB"  # noqa: E731
+    assert r["rc"] == 0 and row["fits"], (
+        f"{case_id} does not fit: peak {gib(row['peak_bytes'])} (arguments "
+        f"{gib(row['argument_bytes'])}, temporaries {gib(row['temp_bytes'])}) of "
+        f"{gib(row['capacity_bytes'])}; {row['error']}\n{r['log']}")
     assert 0 < row["peak_bytes"] <= row["capacity_bytes"] and row["flops"] > 0
