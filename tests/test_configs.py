@@ -151,6 +151,11 @@ def test_reference_values(arch, target):
         ok = c[key] == (pytest.approx(value) if isinstance(value, float) else value)
         assert ok, f"configs/{arch}/{arch}_{target}.py: {key} = {c[key]!r}, reference {value!r}"
     assert c["target.path"].startswith("/path/to/"), "reference targets use a placeholder path"
+    # not the reference's data-parallel: fsdp over all devices, so a 16 GB TPU chip (v5e)
+    # holds the draft, its AdamW state and its share of the batch (configs/_recipes.py)
+    mesh = (c["mesh.data"], c["mesh.fsdp"], c["mesh.tensor"])
+    assert mesh == (1, -1, 1), (f"configs/{arch}/{arch}_{target}.py: mesh data/fsdp/tensor = "
+                                f"{mesh}, want (1, -1, 1) (reference_run in configs/_recipes.py)")
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

@@ -374,6 +374,12 @@ class DSparkDraft(nnx.Module):
                                           kc.astype(q.dtype), vc.astype(q.dtype), anchors, keep)
             return layer_finish(lc, p, h, attn.reshape(B, N * K, H, D)), None
 
+        # Each layer is recomputed in the backward from its input (the scan carry, which
+        # the scan saves per layer): otherwise the backward keeps every layer's MLP and
+        # attention intermediates, e.g. six bf16 [layers, B, N*K, intermediate] buffers,
+        # ~2 GB per sequence at the Qwen3-4B reference size (4096 tokens, 512 x 7).
+        body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable,
+                              prevent_cse=False)
         h, _ = jax.lax.scan(body, h, (params, ctx_xs))
         h = rms_norm(h, self._w("norm"), lc.rms_norm_eps)
         return h.reshape(B, N, K, -1)

@@ -6,7 +6,7 @@ batch: under ``jit`` with a batch sharded over a mesh, XLA inserts the all-reduc
 the loss does not depend on the sharding (the reference all-reduces its
 denominators across data-parallel workers for the same reason).
 
-Vocabulary-sized tensors are produced chunk by chunk over the anchor axis inside a
+Vocabulary-sized tensors are produced chunk by chunk over the block slots inside a
 rematerialised ``lax.map`` (``token_stats``): the loss never holds the full
 ``[tokens, vocab]`` draft/target logits, and the backward recomputes each chunk.
 """
@@ -152,12 +152,19 @@ def _chunk_stats(lm_head, w2, h, u, t, labels):
     return ce, tv
 
 
-def token_stats(model: DSparkDraft, out: TrainOutputs, anchor_chunk: int = 64):
-    """CE(-log p_d(x*)) and ||p_d - p_t||_1 per slot, [B,N,K] each, chunked over anchors."""
+def token_stats(model: DSparkDraft, out: TrainOutputs, token_chunk: int = 2048):
+    """CE(-log p_d(x*)) and ||p_d - p_t||_1 per slot, [B,N,K] each, chunked over slots.
+
+    Each chunk holds at most ``token_chunk`` rows of the whole batch (``token_chunk // B``
+    block slots of every sequence, at least one), so its fp32 ``[rows, vocab]`` logits are
+    bounded by the budget whatever the batch, anchors or block size; the batch axis stays
+    whole in every chunk, so a batch sharded over devices stays sharded.
+    """
     h, u, t = out.hidden, out.markov_u, out.target_hidden
     labels = out.targets.target_ids
-    n = h.shape[1]
-    c = max(1, min(anchor_chunk, n))
+    B, N, K = labels.shape
+    n = N * K
+    c = max(1, min(token_chunk // B, n))
     nc = -(-n // c)
     lm_head = model._w("lm_head")
     w2 = model._w("markov_w2") if u is not None else None
@@ -165,15 +172,15 @@ def token_stats(model: DSparkDraft, out: TrainOutputs, anchor_chunk: int = 64):
     def split(x):
         if x is None:
             return None
+        x = x.reshape((B, n) + x.shape[3:])
         x = jnp.pad(x, [(0, 0), (0, nc * c - n)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape((x.shape[0], nc, c) + x.shape[2:]), 1, 0)
+        return jnp.moveaxis(x.reshape((B, nc, c) + x.shape[2:]), 1, 0)
 
     fn = jax.checkpoint(lambda xs: _chunk_stats(lm_head, w2, *xs))
     ce, tv = jax.lax.map(fn, (split(h), split(u), split(t), split(labels)))
 
     def join(x):
-        x = jnp.moveaxis(x, 0, 1)
-        return x.reshape((x.shape[0], nc * c) + x.shape[3:])[:, :n]
+        return jnp.moveaxis(x, 0, 1).reshape(B, nc * c)[:, :n].reshape(B, N, K)
 
     return join(ce), join(tv)
 
@@ -192,9 +199,9 @@ def _bce_with_logits(x: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def dspark_loss(model: DSparkDraft, out: TrainOutputs, loss_cfg: DSparkLossConfig,
-                anchor_chunk: int = 64) -> LossOut:
+                token_chunk: int = 2048) -> LossOut:
     """CE + TV + confidence BCE with position decay, normalised over the whole batch."""
-    ce_tok, tv_tok = token_stats(model, out, anchor_chunk)
+    ce_tok, tv_tok = token_stats(model, out, token_chunk)
     ev = out.targets.eval_mask
     evf = ev.astype(jnp.float32)
     w = loss_weight_mask(ev, loss_cfg.loss_decay_gamma)
@@ -258,26 +265,26 @@ def split_trainable(model: DSparkDraft):
     return nnx.split(model, nnx.Param, ...)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "loss_cfg", "anchor_chunk"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "loss_cfg", "token_chunk"))
 def loss_and_grads(graphdef, params, rest, batch: DSparkBatch, anchors, keep,
-                   loss_cfg: DSparkLossConfig, anchor_chunk: int = 64):
+                   loss_cfg: DSparkLossConfig, token_chunk: int = 2048):
     """(LossOut, grads of total w.r.t. ``params``) for one batch with given anchors."""
 
     def f(p):
         model = nnx.merge(graphdef, p, rest)
         res = dspark_loss(model, train_forward(model, batch, anchors, keep), loss_cfg,
-                          anchor_chunk)
+                          token_chunk)
         return res.total, res
 
     (_, res), grads = jax.value_and_grad(f, has_aux=True)(params)
     return res, grads
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "loss_cfg", "anchor_chunk"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "loss_cfg", "token_chunk"))
 def loss_only(graphdef, params, rest, batch: DSparkBatch, anchors, keep,
-              loss_cfg: DSparkLossConfig, anchor_chunk: int = 64) -> LossOut:
+              loss_cfg: DSparkLossConfig, token_chunk: int = 2048) -> LossOut:
     model = nnx.merge(graphdef, params, rest)
-    return dspark_loss(model, train_forward(model, batch, anchors, keep), loss_cfg, anchor_chunk)
+    return dspark_loss(model, train_forward(model, batch, anchors, keep), loss_cfg, token_chunk)
 
 
 def grads_to_hf(graphdef, grads, rest) -> dict[str, np.ndarray]:

@@ -18,7 +18,7 @@ float32 tensor is materialised, forward or backward.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -79,22 +79,30 @@ def shift_left(x: jax.Array, n: int, axis: int = 1) -> jax.Array:
 
 
 def ttt_forward(model: Eagle3Draft, input_ids: jax.Array, features: jax.Array,
-                attention_mask: jax.Array | None = None, ttt_length: int | None = None):
+                attention_mask: jax.Array | None = None, ttt_length: int | None = None,
+                constrain: Callable[[jax.Array], jax.Array] | None = None):
     """Unrolled draft forward. input_ids [B,T], features [B,T,5d], attention_mask
     [B,T] (right padding; default all ones). Returns the per-step layer outputs
-    [ttt,B,T,d] (before the final norm; logits = ``model.logits``)."""
+    [ttt,B,T,d] (before the final norm; logits = ``model.logits``).
+
+    ``constrain`` (e.g. a batch-sharding constraint) is applied to every step's
+    activations [B,T,...]: without it XLA on a batch-sharded fsdp mesh gathered the
+    whole micro-batch onto each device for the layer (Qwen3-4B on v5e-8, 1 sequence per
+    chip: dozens of bf16 [8,4096,9728] MLP buffers per chip instead of [1,4096,9728]).
+    """
+    fix = constrain or (lambda x: x)
     ttt = model.cfg.ttt_length if ttt_length is None else ttt_length
     B, T = input_ids.shape
     if attention_mask is None:
         attention_mask = jnp.ones((B, T), jnp.int32)
     seq_len = jnp.sum(attention_mask.astype(jnp.int32), axis=-1)
-    h = model.project_features(features)
+    h = fix(model.project_features(features))
     k0 = v0 = None
     diag_k, diag_v, outs = [], [], []
     for s in range(ttt):
         ids = shift_left(input_ids, s + 1)
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32) + s, (B, T))
-        q, k, v = model.qkv(ids, h, positions)
+        q, k, v = (fix(a) for a in model.qkv(ids, h, positions))
         if s == 0:
             k0, v0 = k, v
         else:
@@ -104,7 +112,7 @@ def ttt_forward(model: Eagle3Draft, input_ids: jax.Array, features: jax.Array,
         dk = jnp.stack(diag_k) if diag_k else empty
         dv = jnp.stack(diag_v) if diag_v else empty
         valid_q = jnp.arange(T)[None, :] < (seq_len - s)[:, None]
-        h = model.finish(h, ttt_attention(q, k0, v0, dk, dv, valid_q))
+        h = fix(model.finish(h, ttt_attention(q, k0, v0, dk, dv, valid_q)))
         outs.append(h)
     return jnp.stack(outs)
 
@@ -289,7 +297,8 @@ def target_inputs(target_last_hidden: jax.Array, ttt: int) -> jax.Array:
 def eagle3_loss(model: Eagle3Draft, input_ids, features, target_last_hidden, loss_mask,
                 attention_mask=None, *, ttt_length: int | None = None,
                 step_loss_decay: float | None = None, corrected: bool = False,
-                vocab_chunk: int = 8192, row_chunk: int = 4096) -> Eagle3LossOut:
+                vocab_chunk: int = 8192, row_chunk: int = 4096,
+                constrain: Callable[[jax.Array], jax.Array] | None = None) -> Eagle3LossOut:
     """DeepSpec's Eagle3 TTT loss (``corrected=False`` reproduces it exactly).
 
     ``corrected=True`` weights each position by the loss mask of the token it is
@@ -305,7 +314,7 @@ def eagle3_loss(model: Eagle3Draft, input_ids, features, target_last_hidden, los
     ttt = cfg.ttt_length if ttt_length is None else ttt_length
     decay = cfg.step_loss_decay if step_loss_decay is None else step_loss_decay
     B, T = input_ids.shape
-    hs = ttt_forward(model, input_ids, features, attention_mask, ttt)
+    hs = ttt_forward(model, input_ids, features, attention_mask, ttt, constrain)
     xd = model.final_hidden(hs).reshape(ttt * B * T, -1)
     xt = target_inputs(target_last_hidden.astype(model.dtype), ttt).reshape(ttt * B * T, -1)
     ce, overlap, agree = (a.reshape(ttt, B, T) for a in
