@@ -46,7 +46,10 @@ def tiny_args(tmp_path_factory):
             f"--target_config={path}", "--config.draft.target_layer_ids=(0,1,2)",
             "--config.draft.mask_token_id=1000", "--config.data.max_length=128",
             "--config.draft.num_anchors=8", "--config.train.global_batch_size=16",
-            "--config.train.micro_batch_size=8", "--nosearch"]
+            "--config.train.micro_batch_size=8", "--nosearch",
+            # data-parallel (the reference configs default to fsdp): the argument-bytes
+            # arithmetic of test_tiny_run_compiles_for_v5e_8_in_both_modes counts replicas
+            "--config.mesh.data=-1", "--config.mesh.fsdp=1"]
 
 
 def test_slice_names_map_to_libtpu_topologies():
