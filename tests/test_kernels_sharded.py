@@ -222,3 +222,24 @@ def test_mosaic_compiles_sharded_at_qwen3_4b_size():
     cache_bytes = 2 * b * kh * s * d * 2
     assert mem.argument_size_in_bytes < 0.3 * cache_bytes, mem   # a quarter of K and V
     assert mem.temp_size_in_bytes < 0.1 * cache_bytes, mem       # no gathered copy
+
+
+def test_auto_fallback_on_tpu_warns():
+    """On TPU devices a head layout the kernels cannot take (3 KV heads, tensor axis 2)
+    runs the jnp reference under impl="auto", and says so (traced only, no compile)."""
+    from deepspec_jax.kernels.attention import causal_span, span_attention
+    from deepspec_jax.kernels.fallback import KernelFallbackWarning
+
+    mesh = make_mesh(1, 1, 2, devices=compile_only_devices("v5e-4")[:2])
+    b, t, n, s, d = 2, 256, 4, 256, 128
+    q = jax.ShapeDtypeStruct((b, t, 6, d), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((b, s, 3, d), jnp.bfloat16)
+    start, stop = causal_span(jnp.full((b,), t, jnp.int32), t)
+    with jax.set_mesh(mesh), pytest.warns(KernelFallbackWarning, match="3 KV heads"):
+        jax.eval_shape(lambda q, k, v: span_attention(q, k, v, start, stop), q, kv, kv)
+    tq = jax.ShapeDtypeStruct((b, n, 6, d), jnp.bfloat16)
+    kc, vc = (jax.ShapeDtypeStruct((b, 3, d, s), jnp.bfloat16),
+              jax.ShapeDtypeStruct((b, 3, s, d), jnp.bfloat16))
+    plen, bits = jnp.zeros((b,), jnp.int32), jnp.ones((b, n, 1), jnp.uint32)
+    with jax.set_mesh(mesh), pytest.warns(KernelFallbackWarning, match="3 KV heads"):
+        jax.eval_shape(lambda q, k, v: tree_attention(q, k, v, plen, bits), tq, kc, vc)

@@ -7,4 +7,10 @@ the reference elsewhere; tests run the kernels with ``interpret=True`` on CPU.
   inside ``shard_map`` (``sharded.py``). See
   ``deepspec_jax/kernels/tree_attention/__init__.py``; benchmark:
   ``benchmarks/tree_attention.py``.
+* ``attention``: span attention (each query sees keys ``start <= j < stop``: causal,
+  ragged, DSpark blocks, Eagle3 TTT) for training and prefill, flash-style Pallas TPU
+  kernel with gradients, plus dense/segment attention for short key sets and decode.
+  See ``deepspec_jax/kernels/attention/__init__.py``.
+
+Where "auto" runs a reference on an accelerator it says so (``fallback.py``).
 """

@@ -30,7 +30,8 @@ Public API (all return ``(out [B,T,H,D] float32, lse [B,T,H] float32)``):
 ``impl``: "reference" is the jnp path (CPU, and GPU through XLA); "pallas" the Pallas
 TPU kernel (``interpret=True`` runs it on CPU); "auto" = the kernel on TPU, the
 reference elsewhere ("on TPU": ``kernels.sharded.context_platform()``, which also sees
-compile-only TPU devices through the mesh in context).
+compile-only TPU devices through the mesh in context). On TPU, a mesh whose tensor
+axis cannot take the heads runs the reference with a ``KernelFallbackWarning``.
 
 The kernel (``flash_tpu.py``): flash-style forward, dQ and dK/dV kernels under one
 ``custom_vjp`` (residuals q, k, v, out, lse); key tiles outside a query block's span
@@ -52,6 +53,7 @@ import jax
 import jax.numpy as jnp
 
 from deepspec_jax.kernels import sharded
+from deepspec_jax.kernels.fallback import warn_fallback
 from deepspec_jax.kernels.attention.flash_tpu import span_attention_pallas, span_flops
 from deepspec_jax.kernels.attention.reference import (dense_attention, merge_attention,
                                                       span_attention_reference, span_mask)
@@ -99,6 +101,7 @@ def span_attention(q: jax.Array, k: jax.Array, v: jax.Array, start: jax.Array, s
     if reason is not None:
         if impl == "pallas":
             raise ValueError(f"deepspec_jax.kernels.attention: impl='pallas' unsupported: {reason}")
+        warn_fallback("attention", reason)
         return span_attention_reference(q, k, v, start, stop, scale, block_q)
     Q, KV, ROWS = sharded.Q, sharded.KV, sharded.ROWS
     return sharded.sharded_call(call, mesh, (q, k, v, start, stop),

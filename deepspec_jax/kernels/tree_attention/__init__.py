@@ -26,7 +26,8 @@ inside ``jax.shard_map`` (``deepspec_jax/kernels/sharded.py``: batch rows over d
 K % tensor == 0, or one KV head per shard when K < tensor). The mesh is ``mesh=`` or
 else the mesh in context (``jax.set_mesh``; ``speculative_generate`` and
 ``plan.decode`` set the target's). The jnp reference needs neither: XLA partitions it,
-so "auto" runs it when the mesh's tensor axis cannot be laid over the heads.
+so "auto" runs it, with a ``KernelFallbackWarning``, when the mesh's tensor axis
+cannot be laid over the heads or the kernel cannot take the shapes.
 
 ``impl``: "auto" runs the Pallas kernel on GPU (Triton lowering) and TPU (Mosaic
 lowering) when the shapes are supported and the reference elsewhere; "pallas" forces
@@ -42,6 +43,7 @@ import functools
 import jax
 
 from deepspec_jax.kernels import sharded
+from deepspec_jax.kernels.fallback import warn_fallback
 from deepspec_jax.kernels.tree_attention import kernel
 from deepspec_jax.kernels.tree_attention.reference import (ancestor_bits, check_inputs, num_words,
                                                           tree_attention_reference,
@@ -119,6 +121,7 @@ def tree_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, prefix_
         if impl == "pallas":
             raise ValueError(f"deepspec_jax.kernels.tree_attention: impl='pallas' unsupported: "
                              f"{reason}")
+        warn_fallback("tree_attention", reason)
         return reference()
     call = functools.partial(kernel.tree_attention_pallas, scale=scale, block_kv=block_kv,
                              interpret=interpret, backend=kernel_backend(backend, interpret))
