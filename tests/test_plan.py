@@ -23,7 +23,7 @@ from deepspec_jax.config import target_config_from_dict
 from deepspec_jax.plan.__main__ import main as plan_main
 from deepspec_jax.plan.flops import hlo_matmul_flops
 from deepspec_jax.plan.programs import with_fields
-from deepspec_jax.plan.report import largest_fitting, parse_oom
+from deepspec_jax.plan.report import Measurement, largest_fitting, parse_oom, predicted_start
 from deepspec_jax.plan.targets import TargetArch, abstract_target
 from deepspec_jax.plan.topology import GIB, compile_only_devices, cpu_device_count, parse_slice
 from deepspec_jax.sharding import make_mesh
@@ -102,6 +102,26 @@ def test_oom_message_and_search():
     assert largest_fitting(cands, lambda m: m <= 6, 64) == 4
     assert largest_fitting(cands, lambda m: False, 8) is None
     assert largest_fitting(cands, lambda m: True, 8) == 128
+
+
+def test_search_starts_near_the_answer():
+    """The micro-batch search starts at the size the measured temporaries scale to, so a
+    plan compiles about one fitting and one failing size (fitting compiles take minutes)."""
+    cands = [1, 2, 4, 8, 16, 32, 64, 128]
+    # 8 per host: 10 GiB fixed (state, batch) + 4 GiB temporaries of 95 GiB
+    m = Measurement(True, 1.0, temp_bytes=4 * GIB, peak_bytes=14 * GIB, capacity_bytes=95 * GIB)
+    assert predicted_start(cands, 8, m) == 128     # 10 + 4 * 128 / 8 = 74 GiB
+    m.capacity_bytes = 40 * GIB
+    assert predicted_start(cands, 8, m) == 32      # 10 + 16 = 26 fits, 64 -> 42 does not
+    true_temp = lambda mb: 1 * GIB + 3 * GIB * mb / 8     # part of the temporaries is fixed
+    calls = []
+    fits = lambda mb: calls.append(mb) or 10 * GIB + true_temp(mb) <= 40 * GIB
+    assert largest_fitting(cands, fits, predicted_start(cands, 8, m)) == 64
+    assert calls == [32, 64, 128]                   # doubling from 8 would also try 16
+    # does not fit at the configured size: start below it
+    m = Measurement(False, 1.0, temp_bytes=20 * GIB, peak_bytes=30 * GIB, capacity_bytes=15 * GIB)
+    assert predicted_start(cands, 8, m) == 2       # 10 + 20 * 2 / 8 = 15
+    assert predicted_start(cands, 8, Measurement(True, 1.0)) == 8   # no figures: configured
 
 
 def test_tiny_run_compiles_for_v5e_8_in_both_modes(tiny_args, tmp_path, capsys):

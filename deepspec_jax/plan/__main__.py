@@ -35,9 +35,9 @@ from ml_collections import config_flags
 
 from deepspec_jax import cli
 from deepspec_jax.errors import ConfigError
-from deepspec_jax.plan.decode import PROGRAMS as DECODE_PROGRAMS, DecodeSettings
+from deepspec_jax.plan.decode import DECODE_PROGRAMS, DecodeSettings
 from deepspec_jax.plan.programs import PROGRAMS, TRAIN_MODES, PlanContext, train_step_thunk
-from deepspec_jax.plan.report import Measurement, gb, largest_fitting, measure
+from deepspec_jax.plan.report import Measurement, gb, largest_fitting, measure, predicted_start
 from deepspec_jax.plan.targets import resolve_target_arch
 from deepspec_jax.plan.topology import (GIB, compile_only_devices, cpu_device_count, cpu_devices,
                                         parse_slice)
@@ -258,8 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"    micro_batch_size={size}: {'fits' if r.fits else 'does not fit'} "
                           f"({gb(r.peak_bytes)} GB, {r.compile_s:.1f} s)", file=sys.stderr, flush=True)
                     return r.fits
-                row.largest_micro_batch = largest_fitting(
-                    micro_candidates(local, processes, batch_shards, mbs), fits, mbs)
+                cands = micro_candidates(local, processes, batch_shards, mbs)
+                row.largest_micro_batch = largest_fitting(cands, fits,
+                                                          predicted_start(cands, mbs, m))
                 row.searched = True
             rows.append(row)
     print()

@@ -169,8 +169,26 @@ def largest_fitting(candidates: list[int], fits: Callable[[int], bool], start: i
     return candidates[lo]
 
 
+def predicted_start(candidates: list[int], configured: int, m: Measurement) -> int:
+    """Where ``largest_fitting`` starts: the largest candidate whose peak, scaled from the
+    configured micro-batch's measurement ``m`` (arguments and outputs fixed, temporaries
+    proportional to the micro-batch), fits ``m.capacity_bytes``. Why: a compile that fits
+    takes minutes at reference sizes, one that runs out of memory seconds; starting near
+    the answer leaves about one fitting compile and one failing one, where doubling up
+    from the configured size would compile every fitting size on the way. Proportional
+    temporaries overestimate above the configured size (part of them is fixed), so the
+    start usually fits and the search then goes up; ``configured`` without figures."""
+    if m.temp_bytes is None or m.peak_bytes is None or not m.capacity_bytes:
+        return configured
+    fixed = m.peak_bytes - m.temp_bytes
+    fitting = [c for c in candidates
+               if fixed + m.temp_bytes * c / configured <= m.capacity_bytes]
+    return max(fitting) if fitting else min(candidates)
+
+
 def gb(x: int | None) -> str:
     return "-" if x is None else f"{x / 1e9:.2f}"
 
 
-__all__ = ["Measurement", "measure", "parse_oom", "is_oom", "largest_fitting", "gb", "per_device_bytes"]
+__all__ = ["Measurement", "measure", "parse_oom", "is_oom", "largest_fitting", "predicted_start",
+           "gb", "per_device_bytes"]
