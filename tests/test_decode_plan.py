@@ -24,7 +24,8 @@ from conftest import REPO
 from deepspec_jax.config import target_config_from_dict
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.models.transformer import CausalLM
-from deepspec_jax.plan.decode import DecodeSettings, abstract_model, decode_thunks
+from deepspec_jax.plan.decode import DecodeSettings, decode_thunks
+from deepspec_jax.plan.targets import abstract_model
 from deepspec_jax.plan.topology import GENERATIONS, compile_only_devices
 from deepspec_jax.sharding import make_mesh
 from deepspec_jax.train.draft_init import spec_for_run

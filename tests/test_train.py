@@ -120,7 +120,8 @@ import json, shutil, sys
 import jax, numpy as np
 from train_helpers import make_store, tiny_config
 from deepspec_jax.sharding import make_mesh
-from deepspec_jax.train.trainer import setup, shardings_of, train
+from deepspec_jax.sharding import shardings_of
+from deepspec_jax.train.trainer import setup, train
 from flax import nnx
 tmp, arch = sys.argv[1], sys.argv[2]
 store = make_store(tmp + "/tok")

@@ -32,15 +32,14 @@ from deepspec_jax.checkpoint import ModelSpec
 from deepspec_jax.config import TargetConfig
 from deepspec_jax.dtypes import COMPUTE_DTYPES, DTYPES
 from deepspec_jax.errors import ConfigError
-from deepspec_jax.models.transformer import CausalLM
 from deepspec_jax.sampling import SamplingParams
 from deepspec_jax.sharding import batch_sharding, replicated
 from deepspec_jax.spec_decode import (_prefill, _spec_generate, _spec_generate_tree,
                                       check_compatible, parse_tree, spec_cache_len)
-from deepspec_jax.target import Target, _generate, round_up
-from deepspec_jax.plan.targets import abstract_model
+from deepspec_jax.target import _generate, round_up
+from deepspec_jax.plan.targets import TargetArch, abstract_model, abstract_target
 
-PROGRAMS = ("prefill", "chain", "tree", "autoregressive")
+DECODE_PROGRAMS = ("prefill", "chain", "tree", "autoregressive")
 Thunk = Callable[[], jax.stages.Compiled]
 
 
@@ -60,12 +59,12 @@ class DecodeSettings:
     dtype: str = "bfloat16"                  # target and draft weights and compute
     cache_bucket: int = 256                  # as speculative_generate / Target.generate
     stop_ids: int = 2                        # how many stop token ids (their count is a shape)
-    programs: tuple[str, ...] = PROGRAMS
+    programs: tuple[str, ...] = DECODE_PROGRAMS
 
     def validate(self) -> "DecodeSettings":
-        bad = [p for p in self.programs if p not in PROGRAMS]
+        bad = [p for p in self.programs if p not in DECODE_PROGRAMS]
         if bad:
-            raise ConfigError(f"decode programs {bad}: choose from {PROGRAMS}.")
+            raise ConfigError(f"decode programs {bad}: choose from {DECODE_PROGRAMS}.")
         if self.dtype not in COMPUTE_DTYPES:
             raise ConfigError(f"decode dtype {self.dtype!r}: use one of {list(COMPUTE_DTYPES)}.")
         if "tree" in self.programs and self.tree is None:
@@ -95,12 +94,11 @@ def decode_thunks(target_cfg: TargetConfig, draft: ModelSpec, mesh: Mesh,
         raise ConfigError(f"plan.decode: expected a draft ModelSpec, got role {draft.role!r} "
                           f"({draft.architecture}).")
     dt = DTYPES[s.dtype]
-    tgraphdef, tstate = abstract_model(
-        lambda: CausalLM(target_cfg, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(0)), mesh)
+    target = abstract_target(TargetArch(target_cfg, "<plan.decode>"), s.dtype, mesh)
+    tgraphdef, tstate = target.graphdef, target.state
     dgraphdef, dstate = abstract_model(
         lambda: draft.build_fn(draft.config, dtype=dt, param_dtype=dt, rngs=nnx.Rngs(0)), mesh)
     kind = draft.family.kind_of(draft.config)
-    target = Target(target_cfg, tgraphdef, tstate, mesh, dtype=s.dtype)
     layer_ids = check_compatible(target, types.SimpleNamespace(
         config=draft.config, kind=kind, source=f"draft ({draft.architecture})"))
     tree = None if s.tree is None else parse_tree(s.tree, target_cfg.vocab_size)
@@ -150,5 +148,4 @@ def compile_decode_programs(target_cfg: TargetConfig, draft: ModelSpec, mesh: Me
                                                            settings).items()}
 
 
-__all__ = ["DecodeSettings", "PROGRAMS", "decode_thunks", "compile_decode_programs",
-           "abstract_model"]
+__all__ = ["DecodeSettings", "DECODE_PROGRAMS", "decode_thunks", "compile_decode_programs"]

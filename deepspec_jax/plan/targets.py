@@ -23,9 +23,9 @@ from flax import nnx
 from deepspec_jax.config import TargetConfig, load_config_json, target_config_from_dict
 from deepspec_jax.dtypes import COMPUTE_DTYPES, DTYPES
 from deepspec_jax.errors import ConfigError
+from deepspec_jax.sharding import shardings_of
 from deepspec_jax.models.transformer import CausalLM
 from deepspec_jax.target import DEFAULT_TARGET, Target
-from deepspec_jax.train.trainer import shardings_of
 from deepspec_jax.weights.gguf_loader import read_gguf
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",

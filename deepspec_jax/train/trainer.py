@@ -472,5 +472,5 @@ def _check_finite(run: Run, step: int, ok, indices) -> None:
 
 __all__ = ["setup", "setup_target", "setup_data", "setup_draft", "open_checkpoints", "restore_latest",
            "train", "export", "Run", "TargetSetup", "DataSetup", "DraftSetup", "NonFiniteLoss",
-           "shardings_of", "to_global", "ConcatSource", "WithFeatures", "batch_split",
+           "to_global", "ConcatSource", "WithFeatures", "batch_split",
            "opt_state_shardings", "step_config", "step_for", "batch_field_ndims"]
