@@ -64,7 +64,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 
 import numpy as np
 
@@ -181,20 +180,33 @@ def synthetic_samples(n: int, seq: int, vocab: int, seed: int = 0):
 # one benchmark run
 # ---------------------------------------------------------------------------
 
+@dataclasses.dataclass
+class Prepared:
+    """One set-up, compiled run awaiting its timed steps: everything ``step_once`` needs,
+    kept alive between rounds so runs can be timed round-robin."""
+    arch: str
+    mode: str
+    steps: int                     # timed steps (after the warm-up, host[0])
+    run: object                    # the trainer's Run (its rest/tstate/checkpoints)
+    compiled: object               # run.step_fn compiled for host[0]'s batch shapes
+    state: object                  # the TrainState, threaded through the (donating) steps
+    host: list                     # 1 + steps dicts: device batch + token counts
+    row: dict                      # the result row; finish() adds the timing columns
+    times: list = dataclasses.field(default_factory=list)   # seconds of each timed step
+    last_metrics: dict | None = None                        # the last step's metrics
+
 def prepare(arch: str, mode: str, args, store: str, lengths: np.ndarray, cache: str, work: str,
             steps: int, batch: int) -> Prepared:
     """Set up ``arch`` through the trainer's ``setup``, read 1 + ``steps`` batches, compile
     the step (timed separately) and count its FLOPs."""
     import jax
 
-    from deepspec_jax.train.trainer import setup
+    from deepspec_jax.train.trainer import device_batch, setup
 
     c = load_config(arch)
     note = apply_overrides(c, args, store, cache if mode == "cached" else "",
                            os.path.join(work, f"run_{arch}_{mode}"), batch)
     t0 = time.perf_counter()
-    from deepspec_jax.train.trainer import device_batch
-
     run = setup(c, resume=False)
     setup_s = time.perf_counter() - t0
     if mode == "cached":
