@@ -91,6 +91,7 @@ def main(argv=None) -> int:
     tok = jnp.asarray(rng.integers(0, vocab - 1, (1, 1)).astype(np.int32))
     one = jnp.ones((1,), jnp.int32)
     _, cache = target.extend(target.init_cache(1, args.cache_len), prompt, np.asarray(lens))
+    lens = jax.device_put(lens, cache.lengths.sharding)   # as extend returns it: no recompile
     hlo = target_mod._extend.lower(target.graphdef, target.state, cache, tok, one,
                                    ()).compile().as_text()
 

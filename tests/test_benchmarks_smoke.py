@@ -1,0 +1,164 @@
+"""Every program under benchmarks/ runs end to end at a tiny size (issue 13).
+
+A benchmark is not imported by the library or its tests, so a refactor can break it
+unnoticed (train_step.py once failed at its first step). Each program here runs as a
+subprocess, as a user runs it (``python benchmarks/X.py``, CPU, the embedded SmolLM2
+target and the shipped draft), at the smallest size its flags allow, and its JSON output
+is checked for the documented rows and keys with finite numbers -- never timings.
+
+``BENCHMARKS`` must name every ``benchmarks/*.py``: a program without a smoke entry
+fails ``test_every_benchmark_has_a_smoke_entry``; a module that is not a program goes
+in ``HELPER_MODULES``. The programs load the 30-layer target and compile it, so they
+run two at a time (CI has two cores) with one persistent XLA compilation cache, which
+the programs that compile the same program (the target's ``generate`` at batch 1)
+share; the groups keep those in order.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import glob
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO
+
+HELPER_MODULES = {"bench_prompts.py": "the prompt list shared by the decode benchmarks"}
+
+# program -> tiny flags (the JSON output path is appended: "{out}" is replaced by it)
+BENCHMARKS = {
+    "train_step.py": ["--configs=dspark,eagle3", "--modes=cached", "--steps=1", "--eagle3_steps=1",
+                      "--batch=2", "--eagle3_batch=2", "--seq=32", "--peak_n=64",
+                      "--peak_repeats=1", "--set=draft.num_anchors=4", "--set=draft.ttt_length=2",
+                      "--json={out}"],
+    "ar_decode.py": ["--batch_sizes=1", "--new_tokens=2", "--repeats=1", "--out={out}"],
+    "spec_decode.py": ["--batch_sizes=1", "--new_tokens=2", "--repeats=1", "--block_size=2",
+                       "--markov_rank=4", "--out={out}"],
+    # --sweep 1,5: extend(1) and extend(5) are the AR step and the default draft's
+    # verify (width 4 + 1), already compiled: the sweep path costs no compile
+    "break_even.py": ["--context=8", "--cache_len=16", "--repeats=1", "--sweep=1,5",
+                      "--json={out}"],
+    "decode_step.py": ["--context=8", "--cache_len=16", "--rounds=1", "--calls=1", "--json={out}"],
+    "tree_attention.py": ["--batch=1", "--nodes=4", "--kv_heads=1", "--group=1", "--head_dim=16",
+                          "--cache_lens=128", "--repeats=1", "--out={out}"],
+}
+# two workers; each runs its groups' programs in order (ar_decode compiles the batch-1
+# generate that spec_decode then reads from the shared compilation cache)
+WORKERS = [["train_step.py", "decode_step.py", "tree_attention.py"],
+           ["ar_decode.py", "spec_decode.py", "break_even.py"]]
+
+
+def _run(name: str, work: str) -> dict:
+    out = os.path.join(work, name.replace(".py", ".json"))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,   # this checkout's package
+               JAX_COMPILATION_CACHE_DIR=os.path.join(work, "xla_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+    argv = [a.replace("{out}", out) for a in BENCHMARKS[name]]
+    t = time.perf_counter()
+    proc = subprocess.run([sys.executable, os.path.join("benchmarks", name), *argv], cwd=REPO,
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    data = json.load(open(out, encoding="utf-8")) if os.path.exists(out) else None
+    return {"rc": proc.returncode, "json": data, "log": proc.stdout[-4000:],
+            "seconds": time.perf_counter() - t}
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    work = str(tmp_path_factory.mktemp("bench_smoke"))
+
+    def worker(names):
+        return {n: _run(n, work) for n in names}
+
+    with concurrent.futures.ThreadPoolExecutor(len(WORKERS)) as pool:
+        out = {}
+        for part in pool.map(worker, WORKERS):
+            out.update(part)
+    print("benchmark smoke seconds:", {n: round(r["seconds"], 1) for n, r in out.items()})
+    return out
+
+
+def test_every_benchmark_has_a_smoke_entry():
+    files = {os.path.basename(p) for p in glob.glob(os.path.join(REPO, "benchmarks", "*.py"))}
+    missing = sorted(files - set(BENCHMARKS) - set(HELPER_MODULES))
+    assert not missing, (f"benchmarks/{missing} have no smoke entry: add their tiniest flags to "
+                         "BENCHMARKS in tests/test_benchmarks_smoke.py (or, for a module that "
+                         "is not a program, to HELPER_MODULES)")
+    stale = sorted((set(BENCHMARKS) | set(HELPER_MODULES)) - files)
+    assert not stale, f"tests/test_benchmarks_smoke.py names missing benchmarks/{stale}"
+    assert sorted(sum(WORKERS, [])) == sorted(BENCHMARKS), "WORKERS must run every BENCHMARKS entry once"
+    for name in HELPER_MODULES:   # a helper is imported, never run: no entry point
+        src = open(os.path.join(REPO, "benchmarks", name), encoding="utf-8").read()
+        assert "__main__" not in src, f"benchmarks/{name} is a program: give it a BENCHMARKS entry"
+
+
+def _ran(results, name) -> dict:
+    r = results[name]
+    assert r["rc"] == 0 and r["json"] is not None, (
+        f"benchmarks/{name} {' '.join(BENCHMARKS[name])} exited {r['rc']} "
+        f"({'no' if r['json'] is None else 'a'} JSON written):\n{r['log']}")
+    return r["json"]
+
+
+def _finite(row: dict, keys, positive: bool = True):
+    for k in keys:
+        v = row[k]
+        assert isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 or not positive and v >= 0), \
+            f"{k} = {v!r} in {row}"
+
+
+def test_train_step(results):
+    out = _ran(results, "train_step.py")
+    rows = out["rows"]
+    assert [(r["config"], r["mode"]) for r in rows] == [("dspark", "cached"), ("eagle3", "cached")]
+    for r in rows:
+        assert r["seq"] == 32 and r["global_batch"] == 2 and len(r["step_s_all"]) == 1, r
+        _finite(r, ["step_s", "supervised_tok_s", "real_tok_s", "flops_per_step",
+                    "achieved_flop_s", "mfu", "compile_s", "trainable_params", "loss"])
+        assert r["ok"] == 1.0, r
+    assert set(out["ratios"]) == {"eagle3_over_dspark_cached"}
+    _finite(out["ratios"]["eagle3_over_dspark_cached"], ["time", "flops"])
+    assert out["peak_flop_s"] > 0
+
+
+def test_ar_decode(results):
+    (row,) = _ran(results, "ar_decode.py")["rows"]
+    assert row["batch"] == 1
+    _finite(row, ["jax_tokens_per_s", "torch_tokens_per_s", "speedup"])
+    assert row["same_tokens_before_stop"] is True, row   # greedy fp32 on both sides
+
+
+def test_spec_decode(results):
+    (row,) = _ran(results, "spec_decode.py")["rows"]
+    assert row["batch"] == 1 and row["new_tokens"] == 2 and row["rounds"] >= 1, row
+    _finite(row, ["ar_tok_s", "spec_tok_s", "spec_rounds_s", "tau", "speedup"])
+    assert row["tau"] >= 1.0, row   # every round commits at least the target's token
+
+
+def test_break_even(results):
+    res = _ran(results, "break_even.py")
+    assert res["context"] == 8 and res["cache_len"] == 16 and res["width"] >= 1, res
+    _finite(res, ["ar_step_ms", "verify_ms", "propose_ms", "round_ms", "break_even_tau"])
+    assert set(res["extend_over_ar"]) == {"1", "5"}, res
+    _finite(res["extend_over_ar"], ["1", "5"])
+
+
+def test_decode_step(results):
+    res = _ran(results, "decode_step.py")
+    assert res["context"] == 8 and res["cache_len"] == 16, res
+    _finite(res, ["median_ms", "min_ms"])
+    _finite(res, ["copy_mb", "slice_fusion_mb"], positive=False)
+
+
+def test_tree_attention(results):
+    res = _ran(results, "tree_attention.py")
+    (row,) = res["results"]
+    assert row["cache_len"] == 128 and res["interpreted"] is True, res
+    _finite(row, ["kernel_s", "dense_s", "kernel_bytes", "dense_bytes"])
+    _finite(row, ["kernel_max_err", "dense_max_err"], positive=False)
+    assert row["kernel_max_err"] < 1e-4 and row["dense_max_err"] < 1e-4, row   # fp32
