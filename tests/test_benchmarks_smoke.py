@@ -65,7 +65,7 @@ def _run(name: str, work: str) -> dict:
     proc = subprocess.run([sys.executable, os.path.join("benchmarks", name), *argv], cwd=REPO,
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     data = json.load(open(out, encoding="utf-8")) if os.path.exists(out) else None
-    return {"rc": proc.returncode, "json": data, "log": proc.stdout[-4000:],
+    return {"rc": proc.returncode, "json": data, "log": proc.stdout[-4000:], "argv": argv,
             "seconds": time.perf_counter() - t}
 
 
@@ -101,7 +101,7 @@ def test_every_benchmark_has_a_smoke_entry():
 def _ran(results, name) -> dict:
     r = results[name]
     assert r["rc"] == 0 and r["json"] is not None, (
-        f"benchmarks/{name} {' '.join(BENCHMARKS[name])} exited {r['rc']} "
+        f"benchmarks/{name} {' '.join(r['argv'])} exited {r['rc']} "
         f"({'no' if r['json'] is None else 'a'} JSON written):\n{r['log']}")
     return r["json"]
 
