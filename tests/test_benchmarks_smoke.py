@@ -33,6 +33,8 @@ HELPER_MODULES = {"bench_prompts.py": "the prompt list shared by the decode benc
 
 # program -> its tiniest flags; "{out}" becomes the path of its JSON output
 BENCHMARKS = {
+    # two configs, one mode: the block drafts' and Eagle3's runs (--eagle3_* flags, the
+    # eagle3/dspark ratio) and the feature-cache build; anchors/TTT cut to keep steps short
     "train_step.py": ["--configs=dspark,eagle3", "--modes=cached", "--steps=1", "--eagle3_steps=1",
                       "--batch=2", "--eagle3_batch=2", "--seq=32", "--peak_n=64",
                       "--peak_repeats=1", "--set=draft.num_anchors=4", "--set=draft.ttt_length=2",
