@@ -121,7 +121,7 @@ def _prefill(target, draft, kind, prompt, prompt_len, cache_len, sp, layer_ids, 
     b = prompt.shape[0]
     tcache = target_init_cache(target.cfg, b, cache_len, target.dtype)
     out, tcache = target.extend(tcache, prompt, prompt_len, layer_ids, fresh=True)
-    last = out.logits[jnp.arange(b), prompt_len - 1]
+    last = target.logits_at(out, prompt_len - 1)
     first = sampling_sample(last, jax.random.fold_in(key, max_new + 1), sp)
     return tcache, first, _draft_init(kind, draft, b, cache_len, prompt, prompt_len, first,
                                       out.features), nonfinite_rows(last)

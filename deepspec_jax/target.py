@@ -124,7 +124,7 @@ def _generate(graphdef, state, prompt, prompt_len, stop_ids, max_new, cache_len,
     b = prompt.shape[0]
     cache = init_cache(model.cfg, b, cache_len, model.dtype)
     out, cache = model.extend(cache, prompt, prompt_len, fresh=True)
-    last = jnp.take_along_axis(out.logits, (prompt_len - 1)[:, None, None], axis=1)[:, 0]
+    last = model.logits_at(out, prompt_len - 1)
     tokens = jnp.full((b, max_new), -1, jnp.int32)
     done = jnp.zeros((b,), bool)
     first_bad = jnp.full((b,), -1, jnp.int32)

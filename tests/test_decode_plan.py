@@ -13,9 +13,11 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import re
 
 import jax
 import jax.numpy as jnp
+
 import pytest
 from flax import nnx
 
@@ -79,6 +81,13 @@ def test_qwen3_4b_decode_fits_v5e4_tensor_sharded(qwen3_4b):
         print(f"{name} program per chip: arguments {mem.argument_size_in_bytes / 2**30:.2f} GiB, "
               f"temporaries {mem.temp_size_in_bytes / 2**30:.2f} GiB, peak {peak / 2**30:.2f} GiB")
         assert peak <= V5E_HBM, f"{name} decode needs {peak / 2**30:.2f} GiB per chip > 15.75 GiB"
+        # the prefill projects only each row's last prompt token: no float32 logits of
+        # the whole prompt ([8, 2048, vocab / 4] per chip, 2.3 GiB) anywhere in the program
+        prompt_logits = re.findall(rf"f32\[8,2048,({tcfg.vocab_size}|{tcfg.vocab_size // 4})\]",
+                                   compiled.as_text())
+        assert not prompt_logits, f"{name}: whole-prompt logits {prompt_logits[:2]}"
+        # with them the chain/tree programs planned 11.44/11.48 GiB per chip, without 5.94/6.80
+        assert peak < 9 * 2**30, f"{name}: {peak / 2**30:.2f} GiB per chip (5.94-6.80 expected)"
 
     # Weights split 4 ways: the tree program's arguments (it uses every weight of both
     # models; jit drops unused ones) are (almost only) a quarter of the bf16 weights.

@@ -232,6 +232,14 @@ class CausalLM(nnx.Module):
         return jnp.einsum("btd,dv->btv", hidden, self.lm_head.get_value().astype(self.dtype),
                           preferred_element_type=jnp.float32)
 
+    def logits_at(self, out: ForwardOut, pos: jax.Array) -> jax.Array:
+        """[B, V] float32 logits of position ``pos[b]`` of each row of a forward's output
+        (a prefill's last prompt token). Projects that one hidden state: the [B, T, V]
+        logits of the whole prompt are then unused and XLA drops them (at a 2048-token
+        prompt, batch 8 and Qwen3's 151,936 tokens, ~9.3 GiB of float32)."""
+        h = jnp.take_along_axis(out.last_hidden, pos.astype(jnp.int32)[:, None, None], axis=1)
+        return self.logits(h)[:, 0]
+
     # ---- the decoder ----
     def _run(self, input_ids, positions, layer_ids, attend, cache: KVCache | None):
         """Embed, run the decoder layers, collect features; returns (ForwardOut, cache).
