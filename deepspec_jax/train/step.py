@@ -51,6 +51,7 @@ class StepConfig:
     num_anchors: int = 0
     eagle3_corrected: bool = False
     token_chunk: int = 2048          # DSpark loss: rows of [rows, vocab] logits per chunk
+    vocab_grad: str = "fused"        # vocabulary losses' gradient: "fused" | "recompute"
 
 
 def check_micro_batch(mesh: Mesh, global_batch: int, num_micro: int) -> None:
@@ -120,7 +121,7 @@ def micro_loss(sc: StepConfig, params, rest, mb: dict, key):
         anchors, keep = sample_anchors(key, mb["loss_mask"], sc.num_anchors)
         batch = DSparkBatch(mb["input_ids"], mb["loss_mask"], feats, mb["target_last_hidden"])
         res = dspark_loss(model, train_forward(model, batch, anchors, keep), sc.dspark_loss,
-                          sc.token_chunk)
+                          sc.token_chunk, sc.vocab_grad)
         metrics = {k: v for k, v in res.terms.items() if not k.endswith(("_num", "_den"))}
         metrics.update(res.metrics)
         return res.total, metrics
