@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from deepspec_jax.drafts import dspark_train as T
+from deepspec_jax.drafts import eagle3_train as E
 from deepspec_jax.drafts.dspark import DSparkLossConfig
 from deepspec_jax.errors import ConfigError
 
@@ -89,3 +90,44 @@ def test_dspark_vocab_grad_checked():
     x, tg, keep = _case(1, False)
     with pytest.raises(ConfigError, match="vocab_grad"):
         _value_and_grads(x, tg, keep, "fuse", DSparkLossConfig(), 8)
+
+
+@pytest.mark.parametrize("chunk,rows", [(16, 8), (101, 8)])  # ragged vocab chunks; one chunk
+def test_eagle3_weighted_soft_ce_matches_recompute(chunk, rows):
+    """S = sum(a * ce) by weighted_soft_ce (gradient in the forward pass) equals the same
+    sum over soft_ce (logits recomputed in the backward): values, d/dxd and a trainable
+    lm_head's d/dw; rows with a = 0 (masked) get no gradient; the target none."""
+    kd, kt, kw, ka = jax.random.split(jax.random.key(2), 4)
+    xd = jax.random.normal(kd, (37, 8))
+    xt = jax.random.normal(kt, (37, 8)).at[-3:].set(0.0)
+    w = jax.random.normal(kw, (8, 101))
+    a = jax.random.uniform(ka, (37,)).at[:5].set(0.0)
+
+    def fused(xd, xt, w):
+        return E.weighted_soft_ce(xd, xt, w, a, chunk, rows, True)[0]
+
+    def recompute(xd, xt, w):
+        return jnp.sum(a * E.soft_ce(xd, xt, w, chunk, rows, True)[0])
+
+    (s_f, g_f), (s_r, g_r) = (jax.jit(jax.value_and_grad(fn, argnums=(0, 1, 2)))(xd, xt, w)
+                              for fn in (fused, recompute))
+    np.testing.assert_allclose(s_f, s_r, rtol=1e-6)
+    stats_f = jax.jit(lambda *x: E.weighted_soft_ce(*x, a, chunk, rows)[1:])(xd, xt, w)
+    stats_r = jax.jit(lambda *x: E.soft_ce(*x, chunk, rows))(xd, xt, w)
+    for x, y in zip(stats_f, stats_r):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    for k in (0, 2):
+        assert np.abs(np.asarray(g_r[k])).max() > 0
+        assert _rel(g_f[k], g_r[k]) < 1e-5, (k, _rel(g_f[k], g_r[k]))
+    assert not np.any(np.asarray(g_f[0])[:5]) and not np.any(np.asarray(g_f[1]))
+    frozen = jax.jit(jax.grad(lambda w: E.weighted_soft_ce(xd, xt, w, a, chunk, rows)[0]))(w)
+    assert not np.any(np.asarray(frozen))  # default: frozen lm_head, no gradient
+
+
+def test_eagle3_logit_tile():
+    assert E.logit_tile(49152) == (49152, 680)           # whole vocabulary, 128 MiB tile
+    assert E.logit_tile(96) == (96, E.TILE_ELEMS // 96 // 8 * 8)
+    assert E.logit_tile(49152, 8192) == (8192, 4096)     # explicit chunk: the old tiles
+    assert E.logit_tile(151936, None, 64) == (151936, 64)
+    assert [E._balanced_rows(n, r) for n, r in ((4096, 680), (37, 8), (37, 10), (5, 680))] == \
+        [592, 8, 10, 5]

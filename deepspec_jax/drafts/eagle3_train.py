@@ -22,7 +22,9 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.custom_derivatives import SymbolicZero
 
+from deepspec_jax.drafts.dspark_train import check_vocab_grad
 from deepspec_jax.drafts.eagle3 import Eagle3Draft
 from deepspec_jax.kernels.attention import merge_attention, span_attention
 
@@ -127,6 +129,19 @@ def ttt_forward(model: Eagle3Draft, input_ids: jax.Array, features: jax.Array,
 # ---------------------------------------------------------------------------
 
 
+TILE_ELEMS = 4096 * 8192  # fp32 logits per [rows, chunk] tile by default (128 MiB)
+
+
+def logit_tile(vocab: int, vocab_chunk: int | None = None, row_chunk: int | None = None):
+    """(vocab_chunk, row_chunk) of the soft CE's logit tiles. Default: the whole vocabulary
+    in one chunk (one pass computes each logit once) and ``TILE_ELEMS // vocab`` rows
+    (a multiple of 8, at least 8); an explicit vocab_chunk keeps 4096 rows by default."""
+    chunk = vocab if vocab_chunk is None else min(vocab_chunk, vocab)
+    if row_chunk is not None:
+        return chunk, row_chunk
+    return chunk, (max(8, TILE_ELEMS // vocab // 8 * 8) if vocab_chunk is None else 4096)
+
+
 def _chunks(w: jax.Array, chunk: int):
     """lm_head [d,V] -> ([n,d,chunk] zero-padded, [n,chunk] column-valid mask)."""
     d, V = w.shape
@@ -164,25 +179,58 @@ def _lse_argmax(x, wcs, valids):
     return m + jnp.log(s), arg
 
 
-def _block_fwd(xd, xt, wcs, valids):
-    """Loss pieces for one block of rows: two passes over the vocabulary chunks
-    (log-sum-exps and argmaxes first, then the cross term and the overlap)."""
-    lse_d, arg_d = _lse_argmax(xd, wcs, valids)
-    lse_t, arg_t = _lse_argmax(xt, wcs, valids)
+def _block_fwd(xd, xt, wcs, valids, a=None, grad_w: bool = False):
+    """Loss pieces for one block of rows: (ce, overlap, agree, lse_d, lse_t, grads).
 
-    def body(c, xs):
-        cross, overlap = c
-        wc, valid = xs
-        zd, zt = _logits(xd, wc, valid), _logits(xt, wc, valid)
+    Over several vocabulary chunks: two passes (log-sum-exps and argmaxes first, then
+    the cross term and the overlap); over one chunk (the whole vocabulary), one pass on
+    the same logits. With per-row weights ``a``, the second pass also forms
+    grads = (d sum(a * ce) / d xd [rows, d] fp32, per-chunk d / d w when ``grad_w``)
+    from the logits it already has; otherwise grads = None.
+    """
+
+    def piece(zd, zt, wc, valid, lse_d, lse_t):
         pt = jnp.exp(zt - lse_t[:, None])
         pd = jnp.exp(zd - lse_d[:, None])
-        cross = cross + jnp.sum(jnp.where(valid[None], pt * zd, 0.0), axis=-1)
-        return (cross, overlap + jnp.sum(jnp.minimum(pd, pt), axis=-1)), None
+        cross = jnp.sum(jnp.where(valid[None], pt * zd, 0.0), axis=-1)
+        overlap = jnp.sum(jnp.minimum(pd, pt), axis=-1)
+        if a is None:
+            return (cross, overlap), None
+        dz = a[:, None] * (pd - pt)
+        dxd = jnp.einsum("nv,dv->nd", dz, wc, preferred_element_type=jnp.float32)
+        dwc = jnp.einsum("nd,nv->dv", xd.astype(jnp.float32), dz) if grad_w else None
+        return (cross, overlap), (dxd, dwc)
 
-    N = xd.shape[0]
-    (cross, overlap), _ = jax.lax.scan(body, (jnp.zeros((N,)), jnp.zeros((N,))), (wcs, valids))
+    if wcs.shape[0] == 1:
+        zd, zt = _logits(xd, wcs[0], valids[0]), _logits(xt, wcs[0], valids[0])
+        (lse_d, arg_d), (lse_t, arg_t) = (_lse_argmax_dense(z) for z in (zd, zt))
+        (cross, overlap), grads = piece(zd, zt, wcs[0], valids[0], lse_d, lse_t)
+        if grads is not None:
+            grads = (grads[0], None if grads[1] is None else grads[1][None])
+    else:
+        lse_d, arg_d = _lse_argmax(xd, wcs, valids)
+        lse_t, arg_t = _lse_argmax(xt, wcs, valids)
+
+        def body(c, xs):
+            wc, valid = xs
+            zd, zt = _logits(xd, wc, valid), _logits(xt, wc, valid)
+            (cr, ov), g = piece(zd, zt, wc, valid, lse_d, lse_t)
+            c = (c[0] + cr, c[1] + ov, None if g is None else c[2] + g[0])
+            return c, (None if g is None else g[1])
+
+        N = xd.shape[0]
+        init = (jnp.zeros((N,)), jnp.zeros((N,)),
+                None if a is None else jnp.zeros(xd.shape, jnp.float32))
+        (cross, overlap, dxd), dwc = jax.lax.scan(body, init, (wcs, valids))
+        grads = None if a is None else (dxd, dwc)
     ce = lse_d - cross  # sum_v p_t = 1
-    return ce, overlap, (arg_d == arg_t).astype(jnp.float32), lse_d, lse_t
+    return ce, overlap, (arg_d == arg_t).astype(jnp.float32), lse_d, lse_t, grads
+
+
+def _lse_argmax_dense(z):
+    """``_lse_argmax`` of one whole-vocabulary logit tile [rows, V] (same formula)."""
+    m = jnp.max(z, axis=-1)
+    return m + jnp.log(jnp.sum(jnp.exp(z - m[:, None]), axis=-1)), jnp.argmax(z, axis=-1)
 
 
 def _block_bwd(xd, xt, wcs, valids, lse_d, lse_t, g, grad_w):
@@ -199,6 +247,17 @@ def _block_bwd(xd, xt, wcs, valids, lse_d, lse_t, g, grad_w):
     return jax.lax.scan(body, jnp.zeros(xd.shape, jnp.float32), (wcs, valids))
 
 
+def _balanced_rows(N: int, rows: int) -> int:
+    """Rows per block: the fewest blocks of at most ``rows`` rows, split evenly (a multiple
+    of 8 when that stays within ``rows``), so the zero padding of the last block is small
+    (4096 rows in blocks of 680: 7 x 592 = 4144 rows computed, not 7 x 680 = 4760)."""
+    if N <= rows:
+        return N
+    n = -(-N // rows)
+    even = -(-N // n)
+    return min(rows, -(-even // 8) * 8)
+
+
 def _row_blocks(x, rows: int):
     """[N,...] -> [n, rows, ...] zero-padded (zero rows are harmless, then dropped)."""
     n = -(-x.shape[0] // rows)
@@ -212,9 +271,9 @@ def _unblock(x, N):
 
 def _soft_ce_fwd(xd, xt, w, chunk, rows, grad_w):
     N = xd.shape[0]
-    rows = min(rows, N)
+    rows = _balanced_rows(N, rows)
     wcs, valids = _chunks(w, chunk)
-    outs = jax.lax.map(lambda b: _block_fwd(b[0], b[1], wcs, valids),
+    outs = jax.lax.map(lambda b: _block_fwd(b[0], b[1], wcs, valids)[:5],
                        (_row_blocks(xd, rows), _row_blocks(xt, rows)))
     ce, overlap, agree, lse_d, lse_t = (_unblock(o, N) for o in outs)
     return (ce, overlap, agree), (xd, xt, w, lse_d, lse_t)
@@ -238,7 +297,7 @@ def _soft_ce_bwd(chunk, rows, grad_w, res, cts):
     xd, xt, w, lse_d, lse_t = res
     g = cts[0]  # metrics carry no gradient
     N = xd.shape[0]
-    rows = min(rows, N)
+    rows = _balanced_rows(N, rows)
     wcs, valids = _chunks(w, chunk)
     blocks = tuple(_row_blocks(a, rows) for a in (xd, xt, lse_d, lse_t, g))
 
@@ -257,6 +316,77 @@ def _soft_ce_bwd(chunk, rows, grad_w, res, cts):
 
 
 soft_ce.defvjp(_soft_ce_fwd, _soft_ce_bwd)
+
+
+def _dw_full(dw, w):
+    """Per-chunk [n, d, chunk] fp32 -> [d, V] in w's dtype (padding columns dropped)."""
+    d, V = w.shape
+    return jnp.moveaxis(dw, 0, 1).reshape(d, -1)[:, :V].astype(w.dtype)
+
+
+def _weighted_pass(xd, xt, w, a, chunk, rows, grad_w):
+    """All row blocks: (S, ce, overlap, agree) and S's gradients (dxd, dw or None)."""
+    N = xd.shape[0]
+    rows = _balanced_rows(N, rows)
+    wcs, valids = _chunks(w, chunk)
+
+    def body(dw, b):
+        bd, bt, ba = b
+        ce, overlap, agree, _, _, (dxd, dwc) = _block_fwd(bd, bt, wcs, valids, ba, grad_w)
+        return (dw + dwc if grad_w else dw), (ce, overlap, agree, dxd)
+
+    dw0 = jnp.zeros(wcs.shape, jnp.float32) if grad_w else jnp.zeros((), jnp.float32)
+    blocks = tuple(_row_blocks(v, rows) for v in (xd, xt, a))
+    dw, outs = jax.lax.scan(body, dw0, blocks)
+    ce, overlap, agree, dxd = (_unblock(o, N) for o in outs)
+    return (jnp.sum(a * ce), ce, overlap, agree), (dxd.astype(xd.dtype),
+                                                   _dw_full(dw, w) if grad_w else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _weighted_soft_ce(chunk: int, rows: int, grad_w: bool):
+    """The custom_vjp of ``weighted_soft_ce`` for one static (chunk, rows, grad_w)."""
+
+    @jax.custom_vjp
+    def f(xd, xt, w, a):
+        ce, overlap, agree = soft_ce(xd, xt, w, chunk, rows, grad_w)
+        return jnp.sum(a * ce), ce, overlap, agree
+
+    def fwd(xd, xt, w, a):
+        out, (dxd, dw) = _weighted_pass(xd, xt, w, a, chunk, rows, grad_w)
+        return out, (dxd, dw, xt, w, a)
+
+    def bwd(res, cts):
+        dxd, dw, xt, w, a = res
+        ct_s, ct_ce = cts[0], cts[1]
+        if not isinstance(ct_ce, SymbolicZero):
+            raise ValueError("eagle3_train.weighted_soft_ce: only S = sum(a * ce) is "
+                             "differentiable; stop_gradient the per-row ce (or use soft_ce).")
+        dw = (ct_s * dw).astype(w.dtype) if grad_w else jnp.zeros_like(w)
+        return (ct_s * dxd).astype(dxd.dtype), jnp.zeros_like(xt), dw, jnp.zeros_like(a)
+
+    def fwd_sz(xd, xt, w, a):
+        return fwd(xd.value, xt.value, w.value, a.value)
+
+    f.defvjp(fwd_sz, bwd, symbolic_zeros=True)
+    return f
+
+
+def weighted_soft_ce(xd: jax.Array, xt: jax.Array, w: jax.Array, a: jax.Array,
+                     chunk: int = 8192, rows: int = 4096, grad_w: bool = False):
+    """(S, ce, overlap, agree): ``soft_ce``'s per-row outputs (not differentiable) and
+    S = sum(a * ce) for per-row weights ``a`` [N] that do not depend on the logits.
+
+    S's gradient (w.r.t. xd, and w when ``grad_w``) is formed in the forward's own pass
+    over the [rows, chunk] logit tiles (one extra [rows, V] x [V, d] matmul there), so
+    the backward only scales it: no logits are recomputed. What it keeps for the
+    backward is [N, d] (+ [d, V] when ``grad_w``). ``xt`` (the target) gets a zero
+    gradient, as in ``soft_ce``.
+    """
+    sg = jax.lax.stop_gradient
+    s, ce, overlap, agree = _weighted_soft_ce(chunk, rows, grad_w)(
+        xd, xt, w, sg(a).astype(jnp.float32))
+    return s, sg(ce), sg(overlap), sg(agree)
 
 
 # ---------------------------------------------------------------------------
@@ -302,8 +432,9 @@ def target_inputs(target_last_hidden: jax.Array, ttt: int) -> jax.Array:
 def eagle3_loss(model: Eagle3Draft, input_ids, features, target_last_hidden, loss_mask,
                 attention_mask=None, *, ttt_length: int | None = None,
                 step_loss_decay: float | None = None, corrected: bool = False,
-                vocab_chunk: int = 8192, row_chunk: int = 4096,
-                constrain: Callable[[jax.Array], jax.Array] | None = None) -> Eagle3LossOut:
+                vocab_chunk: int | None = None, row_chunk: int | None = None,
+                constrain: Callable[[jax.Array], jax.Array] | None = None,
+                vocab_grad: str = "fused") -> Eagle3LossOut:
     """DeepSpec's Eagle3 TTT loss (``corrected=False`` reproduces it exactly).
 
     ``corrected=True`` weights each position by the loss mask of the token it is
@@ -315,6 +446,7 @@ def eagle3_loss(model: Eagle3Draft, input_ids, features, target_last_hidden, los
     ``valid_tokens@s``, ``ploss_s``, ``tau_greedy`` / ``tau_probabilistic`` (sum over
     positions of 1 + expected accepted chain length), ``loss``.
     """
+    check_vocab_grad(vocab_grad)
     cfg = model.cfg
     ttt = cfg.ttt_length if ttt_length is None else ttt_length
     decay = cfg.step_loss_decay if step_loss_decay is None else step_loss_decay
@@ -322,13 +454,24 @@ def eagle3_loss(model: Eagle3Draft, input_ids, features, target_last_hidden, los
     hs = ttt_forward(model, input_ids, features, attention_mask, ttt, constrain)
     xd = model.final_hidden(hs).reshape(ttt * B * T, -1)
     xt = target_inputs(target_last_hidden.astype(model.dtype), ttt).reshape(ttt * B * T, -1)
-    ce, overlap, agree = (a.reshape(ttt, B, T) for a in
-                          soft_ce(xd, xt, model.lm_head.get_value().astype(model.dtype), vocab_chunk, row_chunk))
+    w = model.lm_head.get_value().astype(model.dtype)
+    vocab_chunk, row_chunk = logit_tile(w.shape[1], vocab_chunk, row_chunk)
     pm = position_masks(loss_mask, attention_mask, ttt, corrected)
+    weights = decay ** jnp.arange(ttt, dtype=jnp.float32)
+    if vocab_grad == "fused":
+        # d loss / d ce per row: the step weight times the position mask over B*T
+        a = (weights[:, None, None] * pm / (B * T)).reshape(-1)
+        s_ce, *stats = weighted_soft_ce(xd, xt, w, a, vocab_chunk, row_chunk)
+    else:
+        stats = soft_ce(xd, xt, w, vocab_chunk, row_chunk)
+    ce, overlap, agree = (x.reshape(ttt, B, T) for x in stats)
     valid = jnp.sum(pm, axis=(1, 2))
     step_losses = jnp.sum(pm * ce, axis=(1, 2)) / (B * T)
-    weights = decay ** jnp.arange(ttt, dtype=jnp.float32)
     loss = jnp.sum(weights * step_losses)
+    if vocab_grad == "fused":
+        # ce is a constant here: the gradient enters through S, whose value S - S = 0
+        # leaves ``loss`` exactly as the recompute path computes it
+        loss = loss + (s_ce - jax.lax.stop_gradient(s_ce))
     overlap, agree = jax.lax.stop_gradient(overlap * pm), jax.lax.stop_gradient(agree * pm)
     metrics = {"loss": loss}
     for s in range(ttt):

@@ -128,7 +128,8 @@ def micro_loss(sc: StepConfig, params, rest, mb: dict, key):
     res = eagle3_loss(model, mb["input_ids"], feats, mb["target_last_hidden"], mb["loss_mask"],
                       mb["attention_mask"], corrected=sc.eagle3_corrected,
                       constrain=lambda x: jax.lax.with_sharding_constraint(
-                          x, batch_sharding(sc.mesh, x.ndim, x.shape[0])))
+                          x, batch_sharding(sc.mesh, x.ndim, x.shape[0])),
+                      vocab_grad=sc.vocab_grad)
     m = res.metrics
     ttt = model.cfg.ttt_length
     metrics = {"loss": res.loss}
