@@ -131,3 +131,35 @@ def test_eagle3_logit_tile():
     assert E.logit_tile(151936, None, 64) == (151936, 64)
     assert [E._balanced_rows(n, r) for n, r in ((4096, 680), (37, 8), (37, 10), (5, 680))] == \
         [592, 8, 10, 5]
+
+
+@pytest.mark.parametrize("chunk", [16, 101])
+def test_eagle3_ttt_blocks_match_recompute(chunk):
+    """The TTT layout (position blocks sharing each target row's logits across steps)
+    equals soft_ce over the materialised shifted targets (``target_inputs``): per-row
+    stats, S and d S / d xd; 11 positions in blocks of 4 pad the last block, and the
+    last positions' targets lie past the end (uniform)."""
+    ttt, b, t = 3, 2, 11
+    kd, kt, kw, ka = jax.random.split(jax.random.key(3), 4)
+    xd = jax.random.normal(kd, (ttt, b, t, 8))
+    last = jax.random.normal(kt, (b, t, 8))
+    w = jax.random.normal(kw, (8, 101))
+    a = jax.random.uniform(ka, (ttt, b, t)).at[:, 0, :3].set(0.0)
+    rows = ttt * b * 4
+
+    def fused(xd):
+        s, *stats = E.ttt_weighted_soft_ce(xd, last, w, a, chunk, rows)
+        return s, stats
+
+    def recompute(xd):
+        xt = E.target_inputs(last, ttt).reshape(ttt * b * t, -1)
+        stats = [x.reshape(ttt, b, t) for x in E.soft_ce(xd.reshape(ttt * b * t, -1), xt, w,
+                                                         chunk, rows)]
+        return jnp.sum(a * stats[0]), stats
+
+    (s_f, st_f), g_f = jax.jit(jax.value_and_grad(fused, has_aux=True))(xd)
+    (s_r, st_r), g_r = jax.jit(jax.value_and_grad(recompute, has_aux=True))(xd)
+    np.testing.assert_allclose(s_f, s_r, rtol=1e-6)
+    for x, y in zip(st_f, st_r):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    assert _rel(g_f, g_r) < 1e-5, _rel(g_f, g_r)

@@ -22,6 +22,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 from deepspec_jax.drafts.dspark_train import check_vocab_grad
@@ -179,8 +180,12 @@ def _lse_argmax(x, wcs, valids):
     return m + jnp.log(s), arg
 
 
-def _block_fwd(xd, xt, wcs, valids, a=None, grad_w: bool = False):
+def _block_fwd(xd, xt, wcs, valids, a=None, grad_w: bool = False, t_index=None):
     """Loss pieces for one block of rows: (ce, overlap, agree, lse_d, lse_t, grads).
+
+    ``t_index`` [rows] (static numpy): draft row r's target is xt[t_index[r]], so target
+    rows shared by several draft rows (the TTT steps' shifted targets) get their logits
+    once; None: xt is row-aligned with xd.
 
     Over several vocabulary chunks: two passes (log-sum-exps and argmaxes first, then
     the cross term and the overlap); over one chunk (the whole vocabulary), one pass on
@@ -201,19 +206,20 @@ def _block_fwd(xd, xt, wcs, valids, a=None, grad_w: bool = False):
         dwc = jnp.einsum("nd,nv->dv", xd.astype(jnp.float32), dz) if grad_w else None
         return (cross, overlap), (dxd, dwc)
 
+    take = (lambda z: z) if t_index is None else (lambda z: jnp.take(z, t_index, axis=0))
     if wcs.shape[0] == 1:
-        zd, zt = _logits(xd, wcs[0], valids[0]), _logits(xt, wcs[0], valids[0])
+        zd, zt = _logits(xd, wcs[0], valids[0]), take(_logits(xt, wcs[0], valids[0]))
         (lse_d, arg_d), (lse_t, arg_t) = (_lse_argmax_dense(z) for z in (zd, zt))
         (cross, overlap), grads = piece(zd, zt, wcs[0], valids[0], lse_d, lse_t)
         if grads is not None:
             grads = (grads[0], None if grads[1] is None else grads[1][None])
     else:
         lse_d, arg_d = _lse_argmax(xd, wcs, valids)
-        lse_t, arg_t = _lse_argmax(xt, wcs, valids)
+        lse_t, arg_t = (take(v) for v in _lse_argmax(xt, wcs, valids))
 
         def body(c, xs):
             wc, valid = xs
-            zd, zt = _logits(xd, wc, valid), _logits(xt, wc, valid)
+            zd, zt = _logits(xd, wc, valid), take(_logits(xt, wc, valid))
             (cr, ov), g = piece(zd, zt, wc, valid, lse_d, lse_t)
             c = (c[0] + cr, c[1] + ov, None if g is None else c[2] + g[0])
             return c, (None if g is None else g[1])
@@ -324,37 +330,39 @@ def _dw_full(dw, w):
     return jnp.moveaxis(dw, 0, 1).reshape(d, -1)[:, :V].astype(w.dtype)
 
 
-def _weighted_pass(xd, xt, w, a, chunk, rows, grad_w):
-    """All row blocks: (S, ce, overlap, agree) and S's gradients (dxd, dw or None)."""
-    N = xd.shape[0]
-    rows = _balanced_rows(N, rows)
+def _weighted_pass(xd, xt, w, a, chunk, grad_w, t_index):
+    """All blocks (xd [n, R, d], xt [n, U, d], a [n, R]): ((S, ce, overlap, agree) per
+    block row, (d S / d xd [n, R, d], d S / d w or None))."""
     wcs, valids = _chunks(w, chunk)
 
     def body(dw, b):
         bd, bt, ba = b
-        ce, overlap, agree, _, _, (dxd, dwc) = _block_fwd(bd, bt, wcs, valids, ba, grad_w)
-        return (dw + dwc if grad_w else dw), (ce, overlap, agree, dxd)
+        ce, overlap, agree, _, _, (dxd, dwc) = _block_fwd(bd, bt, wcs, valids, ba, grad_w,
+                                                          t_index)
+        return (dw + dwc if grad_w else dw), (ce, overlap, agree, dxd.astype(xd.dtype))
 
     dw0 = jnp.zeros(wcs.shape, jnp.float32) if grad_w else jnp.zeros((), jnp.float32)
-    blocks = tuple(_row_blocks(v, rows) for v in (xd, xt, a))
-    dw, outs = jax.lax.scan(body, dw0, blocks)
-    ce, overlap, agree, dxd = (_unblock(o, N) for o in outs)
-    return (jnp.sum(a * ce), ce, overlap, agree), (dxd.astype(xd.dtype),
-                                                   _dw_full(dw, w) if grad_w else None)
+    dw, (ce, overlap, agree, dxd) = jax.lax.scan(body, dw0, (xd, xt, a))
+    return (jnp.sum(a * ce), ce, overlap, agree), (dxd, _dw_full(dw, w) if grad_w else None)
 
 
 @functools.lru_cache(maxsize=None)
-def _weighted_soft_ce(chunk: int, rows: int, grad_w: bool):
-    """The custom_vjp of ``weighted_soft_ce`` for one static (chunk, rows, grad_w)."""
+def _weighted_soft_ce(chunk: int, grad_w: bool, layout: tuple | None):
+    """The custom_vjp of the weighted soft CE over blocked rows, for one static chunk,
+    grad_w and target layout (None: row-aligned; (ttt, B, r): ``_ttt_index``)."""
+    t_index = None if layout is None else _ttt_index(*layout)
 
     @jax.custom_vjp
     def f(xd, xt, w, a):
-        ce, overlap, agree = soft_ce(xd, xt, w, chunk, rows, grad_w)
+        wcs, valids = _chunks(w, chunk)
+        ce, overlap, agree = jax.lax.map(
+            lambda b: _block_fwd(b[0], b[1], wcs, valids, t_index=t_index)[:3], (xd, xt))
         return jnp.sum(a * ce), ce, overlap, agree
 
     def fwd(xd, xt, w, a):
-        out, (dxd, dw) = _weighted_pass(xd, xt, w, a, chunk, rows, grad_w)
-        return out, (dxd, dw, xt, w, a)
+        out, (dxd, dw) = _weighted_pass(xd.value, xt.value, w.value, a.value, chunk, grad_w,
+                                        t_index)
+        return out, (dxd, dw, xt.value, w.value, a.value)
 
     def bwd(res, cts):
         dxd, dw, xt, w, a = res
@@ -365,10 +373,7 @@ def _weighted_soft_ce(chunk: int, rows: int, grad_w: bool):
         dw = (ct_s * dw).astype(w.dtype) if grad_w else jnp.zeros_like(w)
         return (ct_s * dxd).astype(dxd.dtype), jnp.zeros_like(xt), dw, jnp.zeros_like(a)
 
-    def fwd_sz(xd, xt, w, a):
-        return fwd(xd.value, xt.value, w.value, a.value)
-
-    f.defvjp(fwd_sz, bwd, symbolic_zeros=True)
+    f.defvjp(fwd, bwd, symbolic_zeros=True)
     return f
 
 
@@ -383,10 +388,52 @@ def weighted_soft_ce(xd: jax.Array, xt: jax.Array, w: jax.Array, a: jax.Array,
     backward is [N, d] (+ [d, V] when ``grad_w``). ``xt`` (the target) gets a zero
     gradient, as in ``soft_ce``.
     """
+    N = xd.shape[0]
+    rows = _balanced_rows(N, rows)
     sg = jax.lax.stop_gradient
-    s, ce, overlap, agree = _weighted_soft_ce(chunk, rows, grad_w)(
-        xd, xt, w, sg(a).astype(jnp.float32))
-    return s, sg(ce), sg(overlap), sg(agree)
+    s, *stats = _weighted_soft_ce(chunk, grad_w, None)(
+        *(_row_blocks(v, rows) for v in (xd, xt)), w, _row_blocks(sg(a).astype(jnp.float32), rows))
+    return (s, *(sg(_unblock(x, N)) for x in stats))
+
+
+def _ttt_index(ttt: int, B: int, r: int) -> np.ndarray:
+    """Target row of draft row (s, b, i) of a position block: b * (r + ttt - 1) + i + s
+    (the block's target rows are positions p0+1 .. p0+r+ttt-1 of each sequence)."""
+    s, b, i = np.meshgrid(np.arange(ttt), np.arange(B), np.arange(r), indexing="ij")
+    return (b * (r + ttt - 1) + i + s).reshape(-1).astype(np.int32)
+
+
+def ttt_weighted_soft_ce(xd: jax.Array, target_last_hidden: jax.Array, w: jax.Array,
+                         a: jax.Array, chunk: int, rows: int, grad_w: bool = False):
+    """``weighted_soft_ce`` of the TTT steps, xd [ttt,B,T,d] and a [ttt,B,T], against the
+    targets of ``target_inputs(target_last_hidden, ttt)`` without materialising them:
+    blocks of r positions of every sequence hold all ttt steps (ttt*B*r <= ``rows``
+    draft rows) and share the block's r+ttt-1 target rows, so each target logit is
+    computed about once per position instead of once per step (ttt times).
+    Returns (S, ce, overlap, agree [ttt,B,T])."""
+    ttt, B, T, d = xd.shape
+    nb = -(-T // max(1, rows // (ttt * B)))
+    r = -(-T // nb)  # blocks split evenly: little padding past T
+    sg = jax.lax.stop_gradient
+
+    def blocks(x):  # [ttt,B,T,...] -> [nb, ttt*B*r, ...]
+        x = jnp.pad(x, [(0, 0), (0, 0), (0, nb * r - T)] + [(0, 0)] * (x.ndim - 3))
+        x = jnp.moveaxis(x.reshape((ttt, B, nb, r) + x.shape[3:]), 2, 0)
+        return x.reshape((nb, ttt * B * r) + x.shape[4:])
+
+    # target rows p0+1 .. p0+r+ttt-1 of each block (zero past T: uniform targets)
+    ext = jnp.pad(target_last_hidden[:, 1:], ((0, 0), (0, nb * r + ttt - T), (0, 0)))
+    idx = (np.arange(nb)[:, None] * r + np.arange(r + ttt - 1)[None]).reshape(-1)
+    xt = jnp.take(ext, idx, axis=1).reshape(B, nb, r + ttt - 1, d)
+    xt = jnp.moveaxis(xt, 1, 0).reshape(nb, B * (r + ttt - 1), d)
+    s, *stats = _weighted_soft_ce(chunk, grad_w, (ttt, B, r))(
+        blocks(xd), xt, w, blocks(sg(a).astype(jnp.float32)))
+
+    def unblock(x):  # [nb, ttt*B*r] -> [ttt,B,T]
+        x = jnp.moveaxis(x.reshape(nb, ttt, B, r), 0, 2).reshape(ttt, B, nb * r)
+        return sg(x[:, :, :T])
+
+    return (s, *(unblock(x) for x in stats))
 
 
 # ---------------------------------------------------------------------------
@@ -453,18 +500,20 @@ def eagle3_loss(model: Eagle3Draft, input_ids, features, target_last_hidden, los
     B, T = input_ids.shape
     hs = ttt_forward(model, input_ids, features, attention_mask, ttt, constrain)
     xd = model.final_hidden(hs).reshape(ttt * B * T, -1)
-    xt = target_inputs(target_last_hidden.astype(model.dtype), ttt).reshape(ttt * B * T, -1)
+    last = target_last_hidden.astype(model.dtype)
     w = model.lm_head.get_value().astype(model.dtype)
     vocab_chunk, row_chunk = logit_tile(w.shape[1], vocab_chunk, row_chunk)
     pm = position_masks(loss_mask, attention_mask, ttt, corrected)
     weights = decay ** jnp.arange(ttt, dtype=jnp.float32)
     if vocab_grad == "fused":
         # d loss / d ce per row: the step weight times the position mask over B*T
-        a = (weights[:, None, None] * pm / (B * T)).reshape(-1)
-        s_ce, *stats = weighted_soft_ce(xd, xt, w, a, vocab_chunk, row_chunk)
+        a = weights[:, None, None] * pm / (B * T)
+        s_ce, ce, overlap, agree = ttt_weighted_soft_ce(xd.reshape(ttt, B, T, -1), last, w, a,
+                                                        vocab_chunk, row_chunk)
     else:
-        stats = soft_ce(xd, xt, w, vocab_chunk, row_chunk)
-    ce, overlap, agree = (x.reshape(ttt, B, T) for x in stats)
+        xt = target_inputs(last, ttt).reshape(ttt * B * T, -1)
+        ce, overlap, agree = (x.reshape(ttt, B, T) for x in
+                              soft_ce(xd, xt, w, vocab_chunk, row_chunk))
     valid = jnp.sum(pm, axis=(1, 2))
     step_losses = jnp.sum(pm * ce, axis=(1, 2)) / (B * T)
     loss = jnp.sum(weights * step_losses)
