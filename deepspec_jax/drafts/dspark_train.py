@@ -180,6 +180,19 @@ def _join_chunks(x, B: int, N: int, K: int):
     return jnp.moveaxis(x, 0, 1).reshape(B, -1)[:, :N * K].reshape(B, N, K)
 
 
+def _chunked(model: DSparkDraft, out: TrainOutputs, token_chunk: int):
+    """(lm_head, markov_w2 or None, the [nc, B, c, ...] chunks of (hidden, u, target
+    hidden, labels), split: [B,N,K,...] -> chunks, join: [nc, B, c] -> [B,N,K])."""
+    h, u, t = out.hidden, out.markov_u, out.target_hidden
+    labels = out.targets.target_ids
+    B, n, c, nc = _chunking(labels, token_chunk)
+    lm_head = model._w("lm_head")
+    w2 = model._w("markov_w2") if u is not None else None
+    split = lambda x: _split_chunks(x, B, n, c, nc)
+    join = lambda x: _join_chunks(x, B, *labels.shape[1:])
+    return lm_head, w2, tuple(split(x) for x in (h, u, t, labels)), split, join
+
+
 def token_stats(model: DSparkDraft, out: TrainOutputs, token_chunk: int = 2048):
     """CE(-log p_d(x*)) and ||p_d - p_t||_1 per slot, [B,N,K] each, chunked over slots.
 
@@ -189,15 +202,10 @@ def token_stats(model: DSparkDraft, out: TrainOutputs, token_chunk: int = 2048):
     whole in every chunk, so a batch sharded over devices stays sharded. Differentiable by
     recomputation (each chunk is rematerialised in the backward).
     """
-    h, u, t = out.hidden, out.markov_u, out.target_hidden
-    labels = out.targets.target_ids
-    B, n, c, nc = _chunking(labels, token_chunk)
-    lm_head = model._w("lm_head")
-    w2 = model._w("markov_w2") if u is not None else None
-    split = lambda x: _split_chunks(x, B, n, c, nc)
+    lm_head, w2, chunks, _, join = _chunked(model, out, token_chunk)
     fn = jax.checkpoint(lambda xs: _chunk_stats(lm_head, w2, *xs))
-    ce, tv = jax.lax.map(fn, (split(h), split(u), split(t), split(labels)))
-    return _join_chunks(ce, B, *labels.shape[1:]), _join_chunks(tv, B, *labels.shape[1:])
+    ce, tv = jax.lax.map(fn, chunks)
+    return join(ce), join(tv)
 
 
 def _dot(x, y, contract):
@@ -242,9 +250,6 @@ def _chunk_fused(lm_head, w2, h, u, t, labels, a_ce, a_tv, need):
     return ce, tv, g
 
 
-_ACCUMULATED = ("lm_head", "w2")  # gradients summed over chunks (the rest are per row)
-
-
 def _fused_pass(lm_head, w2, h, u, t, labels, a_ce, a_tv, need):
     """All chunks ([nc, B, c, ...] inputs) in one ``lax.scan``: (S, ce, tv, grads), with S =
     sum(a_ce * ce + a_tv * tv); the weight gradients accumulate in the carry (fp32)."""
@@ -264,8 +269,7 @@ def _fused_pass(lm_head, w2, h, u, t, labels, a_ce, a_tv, need):
 @jax.custom_vjp
 def _fused_stats(lm_head, w2, h, u, t, labels, a_ce, a_tv):
     """(S, ce, tv) over chunked inputs; only S is differentiable (see ``fused_token_stats``)."""
-    outs = jax.lax.map(lambda xs: _chunk_stats(lm_head, w2, *xs), (h, u, t, labels))
-    ce, tv = outs
+    ce, tv = jax.lax.map(lambda xs: _chunk_stats(lm_head, w2, *xs), (h, u, t, labels))
     return jnp.sum(a_ce * ce + a_tv * tv), ce, tv
 
 
@@ -306,17 +310,11 @@ def fused_token_stats(model: DSparkDraft, out: TrainOutputs, a_ce: jax.Array, a_
     the [rows, vocab] logits. Memory stays bounded by the chunk; what is kept for the
     backward is [tokens, d] (+ [tokens, r], and [r, vocab] for the Markov W2).
     """
-    h, u, t = out.hidden, out.markov_u, out.target_hidden
-    labels = out.targets.target_ids
-    B, n, c, nc = _chunking(labels, token_chunk)
-    lm_head = model._w("lm_head")
-    w2 = model._w("markov_w2") if u is not None else None
-    split = lambda x: _split_chunks(x, B, n, c, nc)
+    lm_head, w2, chunks, split, join = _chunked(model, out, token_chunk)
     sg = jax.lax.stop_gradient
-    s, ce, tv = _fused_stats(lm_head, w2, split(h), split(u), split(t), split(labels),
-                             split(sg(a_ce).astype(jnp.float32)), split(sg(a_tv).astype(jnp.float32)))
-    join = lambda x: sg(_join_chunks(x, B, *labels.shape[1:]))
-    return s, join(ce), join(tv)
+    s, ce, tv = _fused_stats(lm_head, w2, *chunks, split(sg(a_ce).astype(jnp.float32)),
+                             split(sg(a_tv).astype(jnp.float32)))
+    return s, sg(join(ce)), sg(join(tv))
 
 
 def loss_weight_mask(eval_mask: jax.Array, gamma: float) -> jax.Array:

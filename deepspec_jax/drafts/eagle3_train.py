@@ -11,8 +11,10 @@ Loss (DeepSpec ``compute_eagle3_loss``): step s at position i is a soft
 cross-entropy against the target distribution at position i+s+1 (uniform past the
 end), weighted by ``loss_mask[i+s]`` (see ``position_masks``), summed and divided by B*T
 (masked positions included), then weighted ``step_loss_decay**s``. The vocabulary
-projection is fused into the loss and chunked over the vocabulary, so no [tokens, V]
-float32 tensor is materialised, forward or backward.
+projection is fused into the loss and tiled ([rows, vocab chunk] logits), so no
+[tokens, V] float32 tensor is materialised, forward or backward; by default
+(``vocab_grad="fused"``) the gradient is formed in the loss's own pass and each target
+logit is computed about once per position (``ttt_weighted_soft_ce``).
 """
 
 from __future__ import annotations
@@ -397,9 +399,9 @@ def weighted_soft_ce(xd: jax.Array, xt: jax.Array, w: jax.Array, a: jax.Array,
 
 
 def _ttt_index(ttt: int, B: int, r: int) -> np.ndarray:
-    """Target row of draft row (s, b, i) of a position block: b * (r + ttt - 1) + i + s
+    """Target row of draft row (b, s, i) of a position block: b * (r + ttt - 1) + i + s
     (the block's target rows are positions p0+1 .. p0+r+ttt-1 of each sequence)."""
-    s, b, i = np.meshgrid(np.arange(ttt), np.arange(B), np.arange(r), indexing="ij")
+    b, s, i = np.meshgrid(np.arange(B), np.arange(ttt), np.arange(r), indexing="ij")
     return (b * (r + ttt - 1) + i + s).reshape(-1).astype(np.int32)
 
 
@@ -407,7 +409,7 @@ def ttt_weighted_soft_ce(xd: jax.Array, target_last_hidden: jax.Array, w: jax.Ar
                          a: jax.Array, chunk: int, rows: int, grad_w: bool = False):
     """``weighted_soft_ce`` of the TTT steps, xd [ttt,B,T,d] and a [ttt,B,T], against the
     targets of ``target_inputs(target_last_hidden, ttt)`` without materialising them:
-    blocks of r positions of every sequence hold all ttt steps (ttt*B*r <= ``rows``
+    blocks of r positions of every sequence hold all ttt steps (B*ttt*r <= ``rows``
     draft rows) and share the block's r+ttt-1 target rows, so each target logit is
     computed about once per position instead of once per step (ttt times).
     Returns (S, ce, overlap, agree [ttt,B,T])."""
@@ -416,10 +418,10 @@ def ttt_weighted_soft_ce(xd: jax.Array, target_last_hidden: jax.Array, w: jax.Ar
     r = -(-T // nb)  # blocks split evenly: little padding past T
     sg = jax.lax.stop_gradient
 
-    def blocks(x):  # [ttt,B,T,...] -> [nb, ttt*B*r, ...]
+    def blocks(x):  # [ttt,B,T,...] -> [nb, B*ttt*r, ...] (B major: a batch sharding stays)
         x = jnp.pad(x, [(0, 0), (0, 0), (0, nb * r - T)] + [(0, 0)] * (x.ndim - 3))
-        x = jnp.moveaxis(x.reshape((ttt, B, nb, r) + x.shape[3:]), 2, 0)
-        return x.reshape((nb, ttt * B * r) + x.shape[4:])
+        x = jnp.moveaxis(x.reshape((ttt, B, nb, r) + x.shape[3:]), (2, 1), (0, 1))
+        return x.reshape((nb, B * ttt * r) + x.shape[4:])
 
     # target rows p0+1 .. p0+r+ttt-1 of each block (zero past T: uniform targets)
     ext = jnp.pad(target_last_hidden[:, 1:], ((0, 0), (0, nb * r + ttt - T), (0, 0)))
@@ -429,8 +431,8 @@ def ttt_weighted_soft_ce(xd: jax.Array, target_last_hidden: jax.Array, w: jax.Ar
     s, *stats = _weighted_soft_ce(chunk, grad_w, (ttt, B, r))(
         blocks(xd), xt, w, blocks(sg(a).astype(jnp.float32)))
 
-    def unblock(x):  # [nb, ttt*B*r] -> [ttt,B,T]
-        x = jnp.moveaxis(x.reshape(nb, ttt, B, r), 0, 2).reshape(ttt, B, nb * r)
+    def unblock(x):  # [nb, B*ttt*r] -> [ttt,B,T]
+        x = jnp.moveaxis(x.reshape(nb, B, ttt, r), (0, 1), (2, 1)).reshape(ttt, B, nb * r)
         return sg(x[:, :, :T])
 
     return (s, *(unblock(x) for x in stats))
