@@ -138,7 +138,9 @@ TILE_ELEMS = 4096 * 8192  # fp32 logits per [rows, chunk] tile by default (128 M
 def logit_tile(vocab: int, vocab_chunk: int | None = None, row_chunk: int | None = None):
     """(vocab_chunk, row_chunk) of the soft CE's logit tiles. Default: the whole vocabulary
     in one chunk (one pass computes each logit once) and ``TILE_ELEMS // vocab`` rows
-    (a multiple of 8, at least 8); an explicit vocab_chunk keeps 4096 rows by default."""
+    (a multiple of 8, at least 8); an explicit vocab_chunk keeps 4096 rows by default.
+    Rows count the whole batch: the train step multiplies them by its batch shards, so
+    each device's tile keeps about ``TILE_ELEMS`` logits."""
     chunk = vocab if vocab_chunk is None else min(vocab_chunk, vocab)
     if row_chunk is not None:
         return chunk, row_chunk
