@@ -6,9 +6,12 @@ batch: under ``jit`` with a batch sharded over a mesh, XLA inserts the all-reduc
 the loss does not depend on the sharding (the reference all-reduces its
 denominators across data-parallel workers for the same reason).
 
-Vocabulary-sized tensors are produced chunk by chunk over the block slots inside a
-rematerialised ``lax.map`` (``token_stats``): the loss never holds the full
-``[tokens, vocab]`` draft/target logits, and the backward recomputes each chunk.
+Vocabulary-sized tensors are produced chunk by chunk over the block slots: the loss never
+holds the full ``[tokens, vocab]`` draft/target logits. Two ways to get the gradient
+(``vocab_grad``): "fused" (default) computes it in the loss's own chunk pass
+(``fused_token_stats``: each vocab matmul once per step, plus [tokens, d] gradients kept
+for the backward); "recompute" rematerialises each chunk in the backward (two more
+[rows, d] x [d, vocab] matmuls per chunk, nothing vocab-sized kept).
 """
 
 from __future__ import annotations
@@ -20,9 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.custom_derivatives import SymbolicZero
 
 from deepspec_jax.drafts.dspark import DSparkDraft, DSparkLossConfig, dspark_rules
+from deepspec_jax.errors import ConfigError
 from deepspec_jax.weights.loader import export_tensors
+
+VOCAB_GRADS = ("fused", "recompute")  # how the vocabulary losses get their gradient
 
 
 class DSparkBatch(NamedTuple):
@@ -152,37 +159,162 @@ def _chunk_stats(lm_head, w2, h, u, t, labels):
     return ce, tv
 
 
+def _split_chunks(x, B: int, n: int, c: int, nc: int):
+    """[B,N,K,...] -> [nc, B, c, ...]: chunks of ``c`` slots of every sequence (zero-padded)."""
+    if x is None:
+        return None
+    x = x.reshape((B, n) + x.shape[3:])
+    x = jnp.pad(x, [(0, 0), (0, nc * c - n)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape((B, nc, c) + x.shape[2:]), 1, 0)
+
+
+def _chunking(labels: jax.Array, token_chunk: int):
+    B, N, K = labels.shape
+    n = N * K
+    c = max(1, min(token_chunk // B, n))
+    return B, n, c, -(-n // c)
+
+
+def _join_chunks(x, B: int, N: int, K: int):
+    """[nc, B, c] -> [B, N, K] (padding dropped)."""
+    return jnp.moveaxis(x, 0, 1).reshape(B, -1)[:, :N * K].reshape(B, N, K)
+
+
+def _chunked(model: DSparkDraft, out: TrainOutputs, token_chunk: int):
+    """(lm_head, markov_w2 or None, the [nc, B, c, ...] chunks of (hidden, u, target
+    hidden, labels), split: [B,N,K,...] -> chunks, join: [nc, B, c] -> [B,N,K])."""
+    h, u, t = out.hidden, out.markov_u, out.target_hidden
+    labels = out.targets.target_ids
+    B, n, c, nc = _chunking(labels, token_chunk)
+    lm_head = model._w("lm_head")
+    w2 = model._w("markov_w2") if u is not None else None
+    split = lambda x: _split_chunks(x, B, n, c, nc)
+    join = lambda x: _join_chunks(x, B, *labels.shape[1:])
+    return lm_head, w2, tuple(split(x) for x in (h, u, t, labels)), split, join
+
+
 def token_stats(model: DSparkDraft, out: TrainOutputs, token_chunk: int = 2048):
     """CE(-log p_d(x*)) and ||p_d - p_t||_1 per slot, [B,N,K] each, chunked over slots.
 
     Each chunk holds at most ``token_chunk`` rows of the whole batch (``token_chunk // B``
     block slots of every sequence, at least one), so its fp32 ``[rows, vocab]`` logits are
     bounded by the budget whatever the batch, anchors or block size; the batch axis stays
-    whole in every chunk, so a batch sharded over devices stays sharded.
+    whole in every chunk, so a batch sharded over devices stays sharded. Differentiable by
+    recomputation (each chunk is rematerialised in the backward).
     """
-    h, u, t = out.hidden, out.markov_u, out.target_hidden
-    labels = out.targets.target_ids
-    B, N, K = labels.shape
-    n = N * K
-    c = max(1, min(token_chunk // B, n))
-    nc = -(-n // c)
-    lm_head = model._w("lm_head")
-    w2 = model._w("markov_w2") if u is not None else None
-
-    def split(x):
-        if x is None:
-            return None
-        x = x.reshape((B, n) + x.shape[3:])
-        x = jnp.pad(x, [(0, 0), (0, nc * c - n)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape((B, nc, c) + x.shape[2:]), 1, 0)
-
+    lm_head, w2, chunks, _, join = _chunked(model, out, token_chunk)
     fn = jax.checkpoint(lambda xs: _chunk_stats(lm_head, w2, *xs))
-    ce, tv = jax.lax.map(fn, (split(h), split(u), split(t), split(labels)))
-
-    def join(x):
-        return jnp.moveaxis(x, 0, 1).reshape(B, nc * c)[:, :n].reshape(B, N, K)
-
+    ce, tv = jax.lax.map(fn, chunks)
     return join(ce), join(tv)
+
+
+def _dot(x, y, contract):
+    """fp32-accumulated x . y over ``contract`` ((x dims), (y dims)), inputs as they are
+    (mixed fp32 cotangent x bf16 weight, as jax's own transpose of the logits einsum)."""
+    return jax.lax.dot_general(x, y, (contract, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _chunk_fused(lm_head, w2, h, u, t, labels, a_ce, a_tv, need):
+    """One chunk [B,c,...]: per-token CE and TV and, in the same pass, the gradients of
+    ``sum(a_ce * ce + a_tv * tv)`` w.r.t. the inputs named in ``need`` (a dict of bools
+    over lm_head, w2, h, u, t). Returns (ce, tv, grads dict)."""
+    logits = _dot(h, lm_head, ((h.ndim - 1,), (0,)))
+    if u is not None:
+        logits = logits + _dot(u, w2, ((u.ndim - 1,), (0,)))
+    tlogits = _dot(t, lm_head, ((t.ndim - 1,), (0,)))
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    p = jnp.exp(logp)
+    pt = jax.nn.softmax(tlogits, axis=-1)
+    ce = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    diff = p - pt
+    tv = jnp.sum(jnp.abs(diff), axis=-1)
+    # d|x|/dx as jax's abs rule has it (+1 at 0), so the gradients equal autodiff's
+    sgn = jnp.where(diff >= 0, 1.0, -1.0)
+    onehot = labels[..., None] == jnp.arange(logits.shape[-1], dtype=labels.dtype)
+    dz = (a_ce[..., None] * (p - onehot.astype(jnp.float32))
+          + a_tv[..., None] * p * (sgn - jnp.sum(sgn * p, axis=-1, keepdims=True)))
+    g = {}
+    lead = tuple(range(h.ndim - 1))
+    if need["h"]:
+        g["h"] = _dot(dz, lm_head, ((dz.ndim - 1,), (1,))).astype(h.dtype)
+    if u is not None and need["u"]:
+        g["u"] = _dot(dz, w2, ((dz.ndim - 1,), (1,))).astype(u.dtype)
+    if u is not None and need["w2"]:
+        g["w2"] = _dot(u, dz, (lead, lead))
+    if need["t"] or need["lm_head"]:
+        dzt = -a_tv[..., None] * pt * (sgn - jnp.sum(sgn * pt, axis=-1, keepdims=True))
+        if need["t"]:
+            g["t"] = _dot(dzt, lm_head, ((dzt.ndim - 1,), (1,))).astype(t.dtype)
+        if need["lm_head"]:
+            g["lm_head"] = _dot(h, dz, (lead, lead)) + _dot(t, dzt, (lead, lead))
+    return ce, tv, g
+
+
+def _fused_pass(lm_head, w2, h, u, t, labels, a_ce, a_tv, need):
+    """All chunks ([nc, B, c, ...] inputs) in one ``lax.scan``: (S, ce, tv, grads), with S =
+    sum(a_ce * ce + a_tv * tv); the weight gradients accumulate in the carry (fp32)."""
+    acc0 = {k: jnp.zeros(w.shape, jnp.float32) for k, w in (("lm_head", lm_head), ("w2", w2))
+            if w is not None and need[k]}
+
+    def body(acc, xs):
+        ce, tv, g = _chunk_fused(lm_head, w2, *xs, need)
+        acc = {k: acc[k] + g.pop(k) for k in acc}
+        return acc, (ce, tv, g)
+
+    acc, (ce, tv, g) = jax.lax.scan(body, acc0, (h, u, t, labels, a_ce, a_tv))
+    g.update({k: v.astype((lm_head if k == "lm_head" else w2).dtype) for k, v in acc.items()})
+    return jnp.sum(a_ce * ce + a_tv * tv), ce, tv, g
+
+
+@jax.custom_vjp
+def _fused_stats(lm_head, w2, h, u, t, labels, a_ce, a_tv):
+    """(S, ce, tv) over chunked inputs; only S is differentiable (see ``fused_token_stats``)."""
+    ce, tv = jax.lax.map(lambda xs: _chunk_stats(lm_head, w2, *xs), (h, u, t, labels))
+    return jnp.sum(a_ce * ce + a_tv * tv), ce, tv
+
+
+def _fused_stats_fwd(lm_head, w2, h, u, t, labels, a_ce, a_tv):
+    args = dict(lm_head=lm_head, w2=w2, h=h, u=u, t=t)
+    need = {k: v is not None and v.perturbed for k, v in args.items()}
+    if a_ce.perturbed or a_tv.perturbed:
+        raise ValueError("dspark_train._fused_stats: the per-token loss weights must not be "
+                         "differentiated (stop_gradient them: they depend on masks only).")
+    val = lambda v: None if v is None else v.value
+    s, ce, tv, g = _fused_pass(*(val(v) for v in (lm_head, w2, h, u, t, labels, a_ce, a_tv)),
+                               need)
+    return (s, ce, tv), g
+
+
+def _fused_stats_bwd(g, cts):
+    ct_s, ct_ce, ct_tv = cts
+    if not (isinstance(ct_ce, SymbolicZero) and isinstance(ct_tv, SymbolicZero)):
+        raise ValueError("dspark_train._fused_stats: only the weighted sum S is differentiable; "
+                         "the per-token ce/tv outputs must be stop_gradient'ed "
+                         "(use fused_token_stats, or vocab_grad='recompute').")
+    grad = lambda k: None if k not in g else (ct_s * g[k]).astype(g[k].dtype)
+    return (*(grad(k) for k in ("lm_head", "w2", "h", "u", "t")), None, None, None)
+
+
+_fused_stats.defvjp(_fused_stats_fwd, _fused_stats_bwd, symbolic_zeros=True)
+
+
+def fused_token_stats(model: DSparkDraft, out: TrainOutputs, a_ce: jax.Array, a_tv: jax.Array,
+                      token_chunk: int = 2048):
+    """(S, ce, tv): per-slot CE and TV [B,N,K] as ``token_stats`` (not differentiable) and
+    S = sum(a_ce * ce + a_tv * tv), whose gradient is computed in the same chunk pass.
+
+    The per-token weights ``a_ce``/``a_tv`` [B,N,K] must not depend on the logits (they are
+    the loss's mask/decay/normaliser weights): then the gradient of S w.r.t. the draft
+    hidden states, Markov vectors and a trainable vocab matrix is fixed by the forward's
+    softmaxes, so the backward only scales it by S's cotangent instead of recomputing
+    the [rows, vocab] logits. Memory stays bounded by the chunk; what is kept for the
+    backward is [tokens, d] (+ [tokens, r], and [r, vocab] for the Markov W2).
+    """
+    lm_head, w2, chunks, split, join = _chunked(model, out, token_chunk)
+    sg = jax.lax.stop_gradient
+    s, ce, tv = _fused_stats(lm_head, w2, *chunks, split(sg(a_ce).astype(jnp.float32)),
+                             split(sg(a_tv).astype(jnp.float32)))
+    return s, sg(join(ce)), sg(join(tv))
 
 
 def loss_weight_mask(eval_mask: jax.Array, gamma: float) -> jax.Array:
@@ -198,16 +330,37 @@ def _bce_with_logits(x: jax.Array, y: jax.Array) -> jax.Array:
     return jnp.maximum(x, 0.0) - x * y + jnp.log1p(jnp.exp(-jnp.abs(x)))
 
 
+def check_vocab_grad(vocab_grad: str) -> None:
+    if vocab_grad not in VOCAB_GRADS:
+        raise ConfigError(f"vocab_grad={vocab_grad!r} (loss.vocab_grad): must be one of "
+                          f"{VOCAB_GRADS}: 'fused' computes the vocabulary losses' gradient in "
+                          "their own chunk pass, 'recompute' recomputes the chunks in the backward.")
+
+
 def dspark_loss(model: DSparkDraft, out: TrainOutputs, loss_cfg: DSparkLossConfig,
-                token_chunk: int = 2048) -> LossOut:
-    """CE + TV + confidence BCE with position decay, normalised over the whole batch."""
-    ce_tok, tv_tok = token_stats(model, out, token_chunk)
+                token_chunk: int = 2048, vocab_grad: str = "fused") -> LossOut:
+    """CE + TV + confidence BCE with position decay, normalised over the whole batch.
+
+    ``vocab_grad`` (``VOCAB_GRADS``): "fused" differentiates the CE/TV terms through
+    ``fused_token_stats`` (gradient formed in the forward's chunk pass, exact: the
+    per-token weights below do not depend on the logits); "recompute" through
+    ``token_stats`` (chunks rematerialised in the backward). Same values either way.
+    """
+    check_vocab_grad(vocab_grad)
     ev = out.targets.eval_mask
     evf = ev.astype(jnp.float32)
     w = loss_weight_mask(ev, loss_cfg.loss_decay_gamma)
-    c_star = jnp.clip(1.0 - 0.5 * tv_tok, 0.0, 1.0)
     zero = jnp.zeros((), jnp.float32)
     den = jnp.sum(w)
+    if vocab_grad == "fused":
+        # d total / d ce and d total / d tv per token (the normalised CE and L1 terms below)
+        a_ce = loss_cfg.ce_alpha * w / (den + 1e-6)
+        a_tv = (jnp.where(den > 0, loss_cfg.l1_alpha * w / (den + 1e-6), 0.0)
+                if loss_cfg.l1_alpha > 0 else jnp.zeros_like(w))
+        vocab_s, ce_tok, tv_tok = fused_token_stats(model, out, a_ce, a_tv, token_chunk)
+    else:
+        ce_tok, tv_tok = token_stats(model, out, token_chunk)
+    c_star = jnp.clip(1.0 - 0.5 * tv_tok, 0.0, 1.0)
     terms = {"ce_loss_num": jnp.sum(ce_tok * w), "ce_loss_den": den}
     if loss_cfg.l1_alpha > 0:
         terms["l1_loss_num"], terms["l1_loss_den"] = jnp.sum(tv_tok * w), den
@@ -226,6 +379,10 @@ def dspark_loss(model: DSparkDraft, out: TrainOutputs, loss_cfg: DSparkLossConfi
                                 if conf is not None else zero)
     total = (loss_cfg.ce_alpha * terms["ce_loss"] + loss_cfg.l1_alpha * terms["l1_loss"]
              + loss_cfg.confidence_alpha * terms["confidence_loss"])
+    if vocab_grad == "fused":
+        # ce_tok/tv_tok are constants here: the CE/L1 gradient enters through S, whose
+        # value S - S = 0 leaves ``total`` exactly as the recompute path computes it
+        total = total + (vocab_s - jax.lax.stop_gradient(vocab_s))
     metrics = _metrics(jax.lax.stop_gradient(c_star), evf, out.block_keep_mask, w,
                        None if conf is None else jax.lax.stop_gradient(conf))
     per_token = {"accept_rate_3d": c_star, "loss_weight_mask": w, "ce": ce_tok, "tv": tv_tok}
@@ -265,15 +422,15 @@ def split_trainable(model: DSparkDraft):
     return nnx.split(model, nnx.Param, ...)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "loss_cfg", "token_chunk"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "loss_cfg", "token_chunk", "vocab_grad"))
 def loss_and_grads(graphdef, params, rest, batch: DSparkBatch, anchors, keep,
-                   loss_cfg: DSparkLossConfig, token_chunk: int = 2048):
+                   loss_cfg: DSparkLossConfig, token_chunk: int = 2048, vocab_grad: str = "fused"):
     """(LossOut, grads of total w.r.t. ``params``) for one batch with given anchors."""
 
     def f(p):
         model = nnx.merge(graphdef, p, rest)
         res = dspark_loss(model, train_forward(model, batch, anchors, keep), loss_cfg,
-                          token_chunk)
+                          token_chunk, vocab_grad)
         return res.total, res
 
     (_, res), grads = jax.value_and_grad(f, has_aux=True)(params)

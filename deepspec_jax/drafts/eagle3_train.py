@@ -11,8 +11,10 @@ Loss (DeepSpec ``compute_eagle3_loss``): step s at position i is a soft
 cross-entropy against the target distribution at position i+s+1 (uniform past the
 end), weighted by ``loss_mask[i+s]`` (see ``position_masks``), summed and divided by B*T
 (masked positions included), then weighted ``step_loss_decay**s``. The vocabulary
-projection is fused into the loss and chunked over the vocabulary, so no [tokens, V]
-float32 tensor is materialised, forward or backward.
+projection is fused into the loss and tiled ([rows, vocab chunk] logits), so no
+[tokens, V] float32 tensor is materialised, forward or backward; by default
+(``vocab_grad="fused"``) the gradient is formed in the loss's own pass and each target
+logit is computed about once per position (``ttt_weighted_soft_ce``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
+from deepspec_jax.drafts.dspark_train import check_vocab_grad
 from deepspec_jax.drafts.eagle3 import Eagle3Draft
 from deepspec_jax.kernels.attention import merge_attention, span_attention
 
@@ -127,6 +132,21 @@ def ttt_forward(model: Eagle3Draft, input_ids: jax.Array, features: jax.Array,
 # ---------------------------------------------------------------------------
 
 
+TILE_ELEMS = 4096 * 8192  # fp32 logits per [rows, chunk] tile by default (128 MiB)
+
+
+def logit_tile(vocab: int, vocab_chunk: int | None = None, row_chunk: int | None = None):
+    """(vocab_chunk, row_chunk) of the soft CE's logit tiles. Default: the whole vocabulary
+    in one chunk (one pass computes each logit once) and ``TILE_ELEMS // vocab`` rows
+    (a multiple of 8, at least 8); an explicit vocab_chunk keeps 4096 rows by default.
+    Rows count the whole batch: the train step multiplies them by its batch shards, so
+    each device's tile keeps about ``TILE_ELEMS`` logits."""
+    chunk = vocab if vocab_chunk is None else min(vocab_chunk, vocab)
+    if row_chunk is not None:
+        return chunk, row_chunk
+    return chunk, (max(8, TILE_ELEMS // vocab // 8 * 8) if vocab_chunk is None else 4096)
+
+
 def _chunks(w: jax.Array, chunk: int):
     """lm_head [d,V] -> ([n,d,chunk] zero-padded, [n,chunk] column-valid mask)."""
     d, V = w.shape
@@ -164,25 +184,63 @@ def _lse_argmax(x, wcs, valids):
     return m + jnp.log(s), arg
 
 
-def _block_fwd(xd, xt, wcs, valids):
-    """Loss pieces for one block of rows: two passes over the vocabulary chunks
-    (log-sum-exps and argmaxes first, then the cross term and the overlap)."""
-    lse_d, arg_d = _lse_argmax(xd, wcs, valids)
-    lse_t, arg_t = _lse_argmax(xt, wcs, valids)
+def _block_fwd(xd, xt, wcs, valids, a=None, grad_w: bool = False, t_index=None):
+    """Loss pieces for one block of rows: (ce, overlap, agree, lse_d, lse_t, grads).
 
-    def body(c, xs):
-        cross, overlap = c
-        wc, valid = xs
-        zd, zt = _logits(xd, wc, valid), _logits(xt, wc, valid)
+    ``t_index`` [rows] (static numpy): draft row r's target is xt[t_index[r]], so target
+    rows shared by several draft rows (the TTT steps' shifted targets) get their logits
+    once; None: xt is row-aligned with xd.
+
+    Over several vocabulary chunks: two passes (log-sum-exps and argmaxes first, then
+    the cross term and the overlap); over one chunk (the whole vocabulary), one pass on
+    the same logits. With per-row weights ``a``, the second pass also forms
+    grads = (d sum(a * ce) / d xd [rows, d] fp32, per-chunk d / d w when ``grad_w``)
+    from the logits it already has; otherwise grads = None.
+    """
+
+    def piece(zd, zt, wc, valid, lse_d, lse_t):
         pt = jnp.exp(zt - lse_t[:, None])
         pd = jnp.exp(zd - lse_d[:, None])
-        cross = cross + jnp.sum(jnp.where(valid[None], pt * zd, 0.0), axis=-1)
-        return (cross, overlap + jnp.sum(jnp.minimum(pd, pt), axis=-1)), None
+        cross = jnp.sum(jnp.where(valid[None], pt * zd, 0.0), axis=-1)
+        overlap = jnp.sum(jnp.minimum(pd, pt), axis=-1)
+        if a is None:
+            return (cross, overlap), None
+        dz = a[:, None] * (pd - pt)
+        dxd = jnp.einsum("nv,dv->nd", dz, wc, preferred_element_type=jnp.float32)
+        dwc = jnp.einsum("nd,nv->dv", xd.astype(jnp.float32), dz) if grad_w else None
+        return (cross, overlap), (dxd, dwc)
 
-    N = xd.shape[0]
-    (cross, overlap), _ = jax.lax.scan(body, (jnp.zeros((N,)), jnp.zeros((N,))), (wcs, valids))
+    take = (lambda z: z) if t_index is None else (lambda z: jnp.take(z, t_index, axis=0))
+    if wcs.shape[0] == 1:
+        zd, zt = _logits(xd, wcs[0], valids[0]), take(_logits(xt, wcs[0], valids[0]))
+        (lse_d, arg_d), (lse_t, arg_t) = (_lse_argmax_dense(z) for z in (zd, zt))
+        (cross, overlap), grads = piece(zd, zt, wcs[0], valids[0], lse_d, lse_t)
+        if grads is not None:
+            grads = (grads[0], None if grads[1] is None else grads[1][None])
+    else:
+        lse_d, arg_d = _lse_argmax(xd, wcs, valids)
+        lse_t, arg_t = (take(v) for v in _lse_argmax(xt, wcs, valids))
+
+        def body(c, xs):
+            wc, valid = xs
+            zd, zt = _logits(xd, wc, valid), take(_logits(xt, wc, valid))
+            (cr, ov), g = piece(zd, zt, wc, valid, lse_d, lse_t)
+            c = (c[0] + cr, c[1] + ov, None if g is None else c[2] + g[0])
+            return c, (None if g is None else g[1])
+
+        N = xd.shape[0]
+        init = (jnp.zeros((N,)), jnp.zeros((N,)),
+                None if a is None else jnp.zeros(xd.shape, jnp.float32))
+        (cross, overlap, dxd), dwc = jax.lax.scan(body, init, (wcs, valids))
+        grads = None if a is None else (dxd, dwc)
     ce = lse_d - cross  # sum_v p_t = 1
-    return ce, overlap, (arg_d == arg_t).astype(jnp.float32), lse_d, lse_t
+    return ce, overlap, (arg_d == arg_t).astype(jnp.float32), lse_d, lse_t, grads
+
+
+def _lse_argmax_dense(z):
+    """``_lse_argmax`` of one whole-vocabulary logit tile [rows, V] (same formula)."""
+    m = jnp.max(z, axis=-1)
+    return m + jnp.log(jnp.sum(jnp.exp(z - m[:, None]), axis=-1)), jnp.argmax(z, axis=-1)
 
 
 def _block_bwd(xd, xt, wcs, valids, lse_d, lse_t, g, grad_w):
@@ -199,6 +257,17 @@ def _block_bwd(xd, xt, wcs, valids, lse_d, lse_t, g, grad_w):
     return jax.lax.scan(body, jnp.zeros(xd.shape, jnp.float32), (wcs, valids))
 
 
+def _balanced_rows(N: int, rows: int) -> int:
+    """Rows per block: the fewest blocks of at most ``rows`` rows, split evenly (a multiple
+    of 8 when that stays within ``rows``), so the zero padding of the last block is small
+    (4096 rows in blocks of 680: 7 x 592 = 4144 rows computed, not 7 x 680 = 4760)."""
+    if N <= rows:
+        return N
+    n = -(-N // rows)
+    even = -(-N // n)
+    return min(rows, -(-even // 8) * 8)
+
+
 def _row_blocks(x, rows: int):
     """[N,...] -> [n, rows, ...] zero-padded (zero rows are harmless, then dropped)."""
     n = -(-x.shape[0] // rows)
@@ -212,9 +281,9 @@ def _unblock(x, N):
 
 def _soft_ce_fwd(xd, xt, w, chunk, rows, grad_w):
     N = xd.shape[0]
-    rows = min(rows, N)
+    rows = _balanced_rows(N, rows)
     wcs, valids = _chunks(w, chunk)
-    outs = jax.lax.map(lambda b: _block_fwd(b[0], b[1], wcs, valids),
+    outs = jax.lax.map(lambda b: _block_fwd(b[0], b[1], wcs, valids)[:5],
                        (_row_blocks(xd, rows), _row_blocks(xt, rows)))
     ce, overlap, agree, lse_d, lse_t = (_unblock(o, N) for o in outs)
     return (ce, overlap, agree), (xd, xt, w, lse_d, lse_t)
@@ -238,7 +307,7 @@ def _soft_ce_bwd(chunk, rows, grad_w, res, cts):
     xd, xt, w, lse_d, lse_t = res
     g = cts[0]  # metrics carry no gradient
     N = xd.shape[0]
-    rows = min(rows, N)
+    rows = _balanced_rows(N, rows)
     wcs, valids = _chunks(w, chunk)
     blocks = tuple(_row_blocks(a, rows) for a in (xd, xt, lse_d, lse_t, g))
 
@@ -257,6 +326,118 @@ def _soft_ce_bwd(chunk, rows, grad_w, res, cts):
 
 
 soft_ce.defvjp(_soft_ce_fwd, _soft_ce_bwd)
+
+
+def _dw_full(dw, w):
+    """Per-chunk [n, d, chunk] fp32 -> [d, V] in w's dtype (padding columns dropped)."""
+    d, V = w.shape
+    return jnp.moveaxis(dw, 0, 1).reshape(d, -1)[:, :V].astype(w.dtype)
+
+
+def _weighted_pass(xd, xt, w, a, chunk, grad_w, t_index):
+    """All blocks (xd [n, R, d], xt [n, U, d], a [n, R]): ((S, ce, overlap, agree) per
+    block row, (d S / d xd [n, R, d], d S / d w or None))."""
+    wcs, valids = _chunks(w, chunk)
+
+    def body(dw, b):
+        bd, bt, ba = b
+        ce, overlap, agree, _, _, (dxd, dwc) = _block_fwd(bd, bt, wcs, valids, ba, grad_w,
+                                                          t_index)
+        return (dw + dwc if grad_w else dw), (ce, overlap, agree, dxd.astype(xd.dtype))
+
+    dw0 = jnp.zeros(wcs.shape, jnp.float32) if grad_w else jnp.zeros((), jnp.float32)
+    dw, (ce, overlap, agree, dxd) = jax.lax.scan(body, dw0, (xd, xt, a))
+    return (jnp.sum(a * ce), ce, overlap, agree), (dxd, _dw_full(dw, w) if grad_w else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _weighted_soft_ce(chunk: int, grad_w: bool, layout: tuple | None):
+    """The custom_vjp of the weighted soft CE over blocked rows, for one static chunk,
+    grad_w and target layout (None: row-aligned; (ttt, B, r): ``_ttt_index``)."""
+    t_index = None if layout is None else _ttt_index(*layout)
+
+    @jax.custom_vjp
+    def f(xd, xt, w, a):
+        wcs, valids = _chunks(w, chunk)
+        ce, overlap, agree = jax.lax.map(
+            lambda b: _block_fwd(b[0], b[1], wcs, valids, t_index=t_index)[:3], (xd, xt))
+        return jnp.sum(a * ce), ce, overlap, agree
+
+    def fwd(xd, xt, w, a):
+        out, (dxd, dw) = _weighted_pass(xd.value, xt.value, w.value, a.value, chunk, grad_w,
+                                        t_index)
+        return out, (dxd, dw, xt.value, w.value, a.value)
+
+    def bwd(res, cts):
+        dxd, dw, xt, w, a = res
+        ct_s, ct_ce = cts[0], cts[1]
+        if not isinstance(ct_ce, SymbolicZero):
+            raise ValueError("eagle3_train.weighted_soft_ce: only S = sum(a * ce) is "
+                             "differentiable; stop_gradient the per-row ce (or use soft_ce).")
+        dw = (ct_s * dw).astype(w.dtype) if grad_w else jnp.zeros_like(w)
+        return (ct_s * dxd).astype(dxd.dtype), jnp.zeros_like(xt), dw, jnp.zeros_like(a)
+
+    f.defvjp(fwd, bwd, symbolic_zeros=True)
+    return f
+
+
+def weighted_soft_ce(xd: jax.Array, xt: jax.Array, w: jax.Array, a: jax.Array,
+                     chunk: int = 8192, rows: int = 4096, grad_w: bool = False):
+    """(S, ce, overlap, agree): ``soft_ce``'s per-row outputs (not differentiable) and
+    S = sum(a * ce) for per-row weights ``a`` [N] that do not depend on the logits.
+
+    S's gradient (w.r.t. xd, and w when ``grad_w``) is formed in the forward's own pass
+    over the [rows, chunk] logit tiles (one extra [rows, V] x [V, d] matmul there), so
+    the backward only scales it: no logits are recomputed. What it keeps for the
+    backward is [N, d] (+ [d, V] when ``grad_w``). ``xt`` (the target) gets a zero
+    gradient, as in ``soft_ce``.
+    """
+    N = xd.shape[0]
+    rows = _balanced_rows(N, rows)
+    sg = jax.lax.stop_gradient
+    s, *stats = _weighted_soft_ce(chunk, grad_w, None)(
+        *(_row_blocks(v, rows) for v in (xd, xt)), w, _row_blocks(sg(a).astype(jnp.float32), rows))
+    return (s, *(sg(_unblock(x, N)) for x in stats))
+
+
+def _ttt_index(ttt: int, B: int, r: int) -> np.ndarray:
+    """Target row of draft row (b, s, i) of a position block: b * (r + ttt - 1) + i + s
+    (the block's target rows are positions p0+1 .. p0+r+ttt-1 of each sequence)."""
+    b, s, i = np.meshgrid(np.arange(B), np.arange(ttt), np.arange(r), indexing="ij")
+    return (b * (r + ttt - 1) + i + s).reshape(-1).astype(np.int32)
+
+
+def ttt_weighted_soft_ce(xd: jax.Array, target_last_hidden: jax.Array, w: jax.Array,
+                         a: jax.Array, chunk: int, rows: int, grad_w: bool = False):
+    """``weighted_soft_ce`` of the TTT steps, xd [ttt,B,T,d] and a [ttt,B,T], against the
+    targets of ``target_inputs(target_last_hidden, ttt)`` without materialising them:
+    blocks of r positions of every sequence hold all ttt steps (B*ttt*r <= ``rows``
+    draft rows) and share the block's r+ttt-1 target rows, so each target logit is
+    computed about once per position instead of once per step (ttt times).
+    Returns (S, ce, overlap, agree [ttt,B,T])."""
+    ttt, B, T, d = xd.shape
+    nb = -(-T // max(1, rows // (ttt * B)))
+    r = -(-T // nb)  # blocks split evenly: little padding past T
+    sg = jax.lax.stop_gradient
+
+    def blocks(x):  # [ttt,B,T,...] -> [nb, B*ttt*r, ...] (B major: a batch sharding stays)
+        x = jnp.pad(x, [(0, 0), (0, 0), (0, nb * r - T)] + [(0, 0)] * (x.ndim - 3))
+        x = jnp.moveaxis(x.reshape((ttt, B, nb, r) + x.shape[3:]), (2, 1), (0, 1))
+        return x.reshape((nb, B * ttt * r) + x.shape[4:])
+
+    # target rows p0+1 .. p0+r+ttt-1 of each block (zero past T: uniform targets)
+    ext = jnp.pad(target_last_hidden[:, 1:], ((0, 0), (0, nb * r + ttt - T), (0, 0)))
+    idx = (np.arange(nb)[:, None] * r + np.arange(r + ttt - 1)[None]).reshape(-1)
+    xt = jnp.take(ext, idx, axis=1).reshape(B, nb, r + ttt - 1, d)
+    xt = jnp.moveaxis(xt, 1, 0).reshape(nb, B * (r + ttt - 1), d)
+    s, *stats = _weighted_soft_ce(chunk, grad_w, (ttt, B, r))(
+        blocks(xd), xt, w, blocks(sg(a).astype(jnp.float32)))
+
+    def unblock(x):  # [nb, B*ttt*r] -> [ttt,B,T]
+        x = jnp.moveaxis(x.reshape(nb, B, ttt, r), (0, 1), (2, 1)).reshape(ttt, B, nb * r)
+        return sg(x[:, :, :T])
+
+    return (s, *(unblock(x) for x in stats))
 
 
 # ---------------------------------------------------------------------------
@@ -302,8 +483,9 @@ def target_inputs(target_last_hidden: jax.Array, ttt: int) -> jax.Array:
 def eagle3_loss(model: Eagle3Draft, input_ids, features, target_last_hidden, loss_mask,
                 attention_mask=None, *, ttt_length: int | None = None,
                 step_loss_decay: float | None = None, corrected: bool = False,
-                vocab_chunk: int = 8192, row_chunk: int = 4096,
-                constrain: Callable[[jax.Array], jax.Array] | None = None) -> Eagle3LossOut:
+                vocab_chunk: int | None = None, row_chunk: int | None = None,
+                constrain: Callable[[jax.Array], jax.Array] | None = None,
+                vocab_grad: str = "fused") -> Eagle3LossOut:
     """DeepSpec's Eagle3 TTT loss (``corrected=False`` reproduces it exactly).
 
     ``corrected=True`` weights each position by the loss mask of the token it is
@@ -315,20 +497,34 @@ def eagle3_loss(model: Eagle3Draft, input_ids, features, target_last_hidden, los
     ``valid_tokens@s``, ``ploss_s``, ``tau_greedy`` / ``tau_probabilistic`` (sum over
     positions of 1 + expected accepted chain length), ``loss``.
     """
+    check_vocab_grad(vocab_grad)
     cfg = model.cfg
     ttt = cfg.ttt_length if ttt_length is None else ttt_length
     decay = cfg.step_loss_decay if step_loss_decay is None else step_loss_decay
     B, T = input_ids.shape
     hs = ttt_forward(model, input_ids, features, attention_mask, ttt, constrain)
     xd = model.final_hidden(hs).reshape(ttt * B * T, -1)
-    xt = target_inputs(target_last_hidden.astype(model.dtype), ttt).reshape(ttt * B * T, -1)
-    ce, overlap, agree = (a.reshape(ttt, B, T) for a in
-                          soft_ce(xd, xt, model.lm_head.get_value().astype(model.dtype), vocab_chunk, row_chunk))
+    last = target_last_hidden.astype(model.dtype)
+    w = model.lm_head.get_value().astype(model.dtype)
+    vocab_chunk, row_chunk = logit_tile(w.shape[1], vocab_chunk, row_chunk)
     pm = position_masks(loss_mask, attention_mask, ttt, corrected)
+    weights = decay ** jnp.arange(ttt, dtype=jnp.float32)
+    if vocab_grad == "fused":
+        # d loss / d ce per row: the step weight times the position mask over B*T
+        a = weights[:, None, None] * pm / (B * T)
+        s_ce, ce, overlap, agree = ttt_weighted_soft_ce(xd.reshape(ttt, B, T, -1), last, w, a,
+                                                        vocab_chunk, row_chunk)
+    else:
+        xt = target_inputs(last, ttt).reshape(ttt * B * T, -1)
+        ce, overlap, agree = (x.reshape(ttt, B, T) for x in
+                              soft_ce(xd, xt, w, vocab_chunk, row_chunk))
     valid = jnp.sum(pm, axis=(1, 2))
     step_losses = jnp.sum(pm * ce, axis=(1, 2)) / (B * T)
-    weights = decay ** jnp.arange(ttt, dtype=jnp.float32)
     loss = jnp.sum(weights * step_losses)
+    if vocab_grad == "fused":
+        # ce is a constant here: the gradient enters through S, whose value S - S = 0
+        # leaves ``loss`` exactly as the recompute path computes it
+        loss = loss + (s_ce - jax.lax.stop_gradient(s_ce))
     overlap, agree = jax.lax.stop_gradient(overlap * pm), jax.lax.stop_gradient(agree * pm)
     metrics = {"loss": loss}
     for s in range(ttt):

@@ -51,6 +51,9 @@ def base_config(kind: str) -> ml_collections.ConfigDict:
     c.loss = ml_collections.ConfigDict(dict(
         ce_alpha=0.1, l1_alpha=0.9, confidence_alpha=1.0, loss_decay_gamma=4.0,  # DSpark
         eagle3_corrected=False,   # Eagle3: fix the reference's off-by-one targets (see SPEC 7)
+        vocab_grad="fused",       # "fused": vocab-loss gradient in the loss's own chunk pass
+                                  # (each vocab matmul once); "recompute": chunks redone in
+                                  # the backward (less kept: memory-bound accelerators)
     ))
 
     c.data = ml_collections.ConfigDict(dict(

@@ -26,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from deepspec_jax.drafts.dspark import DSparkLossConfig
 from deepspec_jax.drafts.dspark_train import DSparkBatch, dspark_loss, sample_anchors, train_forward
-from deepspec_jax.drafts.eagle3_train import eagle3_loss
+from deepspec_jax.drafts.eagle3_train import eagle3_loss, logit_tile
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.sharding import batch_axes, batch_sharding, shardings_of
 
@@ -51,6 +51,7 @@ class StepConfig:
     num_anchors: int = 0
     eagle3_corrected: bool = False
     token_chunk: int = 2048          # DSpark loss: rows of [rows, vocab] logits per chunk
+    vocab_grad: str = "fused"        # vocabulary losses' gradient: "fused" | "recompute"
 
 
 def check_micro_batch(mesh: Mesh, global_batch: int, num_micro: int) -> None:
@@ -120,14 +121,20 @@ def micro_loss(sc: StepConfig, params, rest, mb: dict, key):
         anchors, keep = sample_anchors(key, mb["loss_mask"], sc.num_anchors)
         batch = DSparkBatch(mb["input_ids"], mb["loss_mask"], feats, mb["target_last_hidden"])
         res = dspark_loss(model, train_forward(model, batch, anchors, keep), sc.dspark_loss,
-                          sc.token_chunk)
+                          sc.token_chunk, sc.vocab_grad)
         metrics = {k: v for k, v in res.terms.items() if not k.endswith(("_num", "_den"))}
         metrics.update(res.metrics)
         return res.total, metrics
+    # the default logit tile holds TILE_ELEMS per device: the batch (and so the tile's rows)
+    # is split over the batch axes, and per-device tiles of a few rows would re-read the
+    # whole lm_head once per handful of rows
+    shards = math.prod(sc.mesh.shape[a] for a in batch_axes(sc.mesh))
+    rows = logit_tile(model.cfg.vocab_size)[1] * shards
     res = eagle3_loss(model, mb["input_ids"], feats, mb["target_last_hidden"], mb["loss_mask"],
-                      mb["attention_mask"], corrected=sc.eagle3_corrected,
+                      mb["attention_mask"], corrected=sc.eagle3_corrected, row_chunk=rows,
                       constrain=lambda x: jax.lax.with_sharding_constraint(
-                          x, batch_sharding(sc.mesh, x.ndim, x.shape[0])))
+                          x, batch_sharding(sc.mesh, x.ndim, x.shape[0])),
+                      vocab_grad=sc.vocab_grad)
     m = res.metrics
     ttt = model.cfg.ttt_length
     metrics = {"loss": res.loss}

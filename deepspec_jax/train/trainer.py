@@ -310,7 +310,8 @@ def step_config(c, ts: TargetSetup, ds: DataSetup, graphdef, mesh) -> StepConfig
                                                    c.loss.confidence_alpha, c.loss.loss_decay_gamma)
                       if family == "dspark" else None,
                       num_anchors=int(getattr(ts.spec.config, "num_anchors", 0) or 0),
-                      eagle3_corrected=bool(c.loss.eagle3_corrected))
+                      eagle3_corrected=bool(c.loss.eagle3_corrected),
+                      vocab_grad=str(c.loss.vocab_grad))
 
 
 def step_for(c, mesh, ts: TargetSetup, ds: DataSetup, dr: DraftSetup, field_ndims: dict):
