@@ -100,8 +100,13 @@ def test_online_and_cached_features_give_identical_losses(tmp_path, arch):
         assert abs(losses["online"][s] - losses["cached"][s]) <= 1e-6 * abs(losses["online"][s])
     # the gradients (norm before clipping) and the parameters after both steps agree too
     _assert_same_steps(rows["online"], rows["cached"], rtol=1e-6)
+    # the parameters after two Adam steps: atol 1e-5 (~2% of one step at lr 6e-4). Adam
+    # divides by sqrt(v), so an element whose gradient is ~0 moves by a fraction of lr set
+    # by fp32 rounding, which differs between the two (differently fused) programs: seen
+    # up to 1.9e-6 with XLA:CPU's own loop fusions (train.cpu_library_fusion="dot"). The
+    # losses and gradient norms above are the tight check.
     for a, b in zip(params["online"], params["cached"], strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-5)
 
 
 def test_cache_for_other_layers_is_refused(tmp_path):

@@ -44,8 +44,9 @@ def _case(seed: int, markov: bool):
     ev[1, 0, 2:] = False
     keep = jnp.asarray(ev.any(-1))
     tg = T.BlockTargets(labels, labels, jnp.asarray(ev), jnp.zeros_like(labels))
-    # one slot where p_d == p_t exactly (h == t, no Markov bias): |x| at 0
-    x["t"] = x["t"].at[1, 1, 0].set(x["h"][1, 1, 0])
+    # no slot with h == t: an exact p_d == p_t tie does not survive XLA:CPU (a row's
+    # elements fall in vector or scalar-tail exp lanes by their offset), so TV's
+    # subgradient at 0 would be rounding noise on either path, not a property to compare
     return x, tg, keep
 
 
@@ -65,7 +66,8 @@ def _rel(a, b):
 
 
 @pytest.mark.parametrize("markov,loss_cfg", [
-    (True, DSparkLossConfig()), (False, DSparkLossConfig(confidence_alpha=0.0))])
+    (True, DSparkLossConfig()), (False, DSparkLossConfig(confidence_alpha=0.0)),
+    (False, DSparkLossConfig.dflash())])  # DFlash: TV unweighted, only its value is formed
 def test_dspark_fused_matches_recompute(markov, loss_cfg):
     """Loss, terms and the gradient w.r.t. every input (hidden, Markov u and W2, target
     hidden, even a trainable lm_head) agree; 5 slots per chunk pads the last chunk."""
@@ -79,6 +81,9 @@ def test_dspark_fused_matches_recompute(markov, loss_cfg):
         np.testing.assert_allclose(res_f.per_token[k], res_r.per_token[k], rtol=1e-6, atol=1e-7)
     assert sorted(g_f) == sorted(g_r)
     for k in g_r:
+        if k == "t" and loss_cfg.l1_alpha == 0:  # the target enters through TV only
+            assert not np.any(np.asarray(g_f[k])) and not np.any(np.asarray(g_r[k]))
+            continue
         assert np.abs(np.asarray(g_r[k])).max() > 0, k  # every input takes part
         assert _rel(g_f[k], g_r[k]) < 1e-5, (k, _rel(g_f[k], g_r[k]))
     # masked slots get no gradient on either path

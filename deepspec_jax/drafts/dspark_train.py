@@ -147,16 +147,43 @@ def aligned_target_logits(model: DSparkDraft, out: TrainOutputs) -> jax.Array:
 # losses
 # ---------------------------------------------------------------------------
 
+def _dot(x, y, contract):
+    """fp32-accumulated x . y over ``contract`` ((x dims), (y dims)), inputs as they are
+    (mixed fp32 cotangent x bf16 weight, as jax's own transpose of the logits einsum)."""
+    return jax.lax.dot_general(x, y, (contract, ((), ())), preferred_element_type=jnp.float32)
+
+
+def _chunk_softmax(lm_head, w2, h, u, t, labels):
+    """One chunk's draft and target softmax numerators and per-token CE, one exp per logit.
+
+    Returns (e_d, r_d, e_t, r_t, ce): e = exp(logits - rowmax) [..., V] and r = 1 / sum(e)
+    [..., 1] of the draft and the target rows, so p = e * r. Leaving p unformed lets a
+    consumer that only needs p up to a per-row factor (the DFlash gradient) read e
+    directly; CE is read at the label (logsumexp - logit: one gathered logit per row)
+    instead of through a whole [rows, vocab] log-softmax: element-wise work over the
+    vocabulary is what the CPU step spends beyond its matmuls. Draft and target rows go
+    through one matmul (one read of lm_head, and a taller one: faster on CPU)."""
+    both = _dot(jnp.stack([h, t.astype(h.dtype)]), lm_head, ((h.ndim,), (0,)))
+    logits, tlogits = both[0], both[1]
+    if u is not None:
+        logits = logits + _dot(u, w2, ((u.ndim - 1,), (0,)))
+
+    def numerator(x):
+        m = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+        e = jnp.exp(x - m)
+        return e, jnp.sum(e, axis=-1, keepdims=True), m
+
+    e_d, s_d, m_d = numerator(logits)
+    e_t, s_t, _ = numerator(tlogits)
+    picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)
+    ce = (jnp.log(s_d) + m_d - picked)[..., 0]
+    return e_d, 1.0 / s_d, e_t, 1.0 / s_t, ce
+
+
 def _chunk_stats(lm_head, w2, h, u, t, labels):
     """Per-token CE and TV distance for one chunk; vocab tensors live only here."""
-    logits = jnp.einsum("...d,dv->...v", h, lm_head, preferred_element_type=jnp.float32)
-    if u is not None:
-        logits = logits + jnp.einsum("...r,rv->...v", u, w2, preferred_element_type=jnp.float32)
-    tlogits = jnp.einsum("...d,dv->...v", t, lm_head, preferred_element_type=jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    ce = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-    tv = jnp.sum(jnp.abs(jnp.exp(logp) - jax.nn.softmax(tlogits, axis=-1)), axis=-1)
-    return ce, tv
+    e_d, r_d, e_t, r_t, ce = _chunk_softmax(lm_head, w2, h, u, t, labels)
+    return ce, jnp.sum(jnp.abs(e_d * r_d - e_t * r_t), axis=-1)
 
 
 def _split_chunks(x, B: int, n: int, c: int, nc: int):
@@ -208,51 +235,64 @@ def token_stats(model: DSparkDraft, out: TrainOutputs, token_chunk: int = 2048):
     return join(ce), join(tv)
 
 
-def _dot(x, y, contract):
-    """fp32-accumulated x . y over ``contract`` ((x dims), (y dims)), inputs as they are
-    (mixed fp32 cotangent x bf16 weight, as jax's own transpose of the logits einsum)."""
-    return jax.lax.dot_general(x, y, (contract, ((), ())), preferred_element_type=jnp.float32)
-
-
 def _chunk_fused(lm_head, w2, h, u, t, labels, a_ce, a_tv, need):
     """One chunk [B,c,...]: per-token CE and TV and, in the same pass, the gradients of
     ``sum(a_ce * ce + a_tv * tv)`` w.r.t. the inputs named in ``need`` (a dict of bools
-    over lm_head, w2, h, u, t). Returns (ce, tv, grads dict)."""
-    logits = _dot(h, lm_head, ((h.ndim - 1,), (0,)))
-    if u is not None:
-        logits = logits + _dot(u, w2, ((u.ndim - 1,), (0,)))
-    tlogits = _dot(t, lm_head, ((t.ndim - 1,), (0,)))
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    p = jnp.exp(logp)
-    pt = jax.nn.softmax(tlogits, axis=-1)
-    ce = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+    over lm_head, w2, h, u, t). ``a_tv`` None: TV has no weight (DFlash), so only its
+    value (the accept-rate metrics) is formed. Returns (ce, tv, grads dict).
+
+    d S / d logits = a_ce * (p - onehot(label)) + a_tv * (TV terms); the one-hot part is
+    linear, so it is applied to the matmul outputs instead (minus the label's column of
+    each vocab matrix per row, a gather of [rows, d]) and no [rows, vocab] one-hot exists.
+    """
+    e_d, r_d, e_t, r_t, ce = _chunk_softmax(lm_head, w2, h, u, t, labels)
+    p, pt = e_d * r_d, e_t * r_t
     diff = p - pt
     tv = jnp.sum(jnp.abs(diff), axis=-1)
-    # d|x|/dx as jax's abs rule has it (+1 at 0), so the gradients equal autodiff's
-    sgn = jnp.where(diff >= 0, 1.0, -1.0)
-    onehot = labels[..., None] == jnp.arange(logits.shape[-1], dtype=labels.dtype)
-    dz = (a_ce[..., None] * (p - onehot.astype(jnp.float32))
-          + a_tv[..., None] * p * (sgn - jnp.sum(sgn * p, axis=-1, keepdims=True)))
+    if a_tv is not None:
+        # d|x|/dx as jax's abs rule has it (+1 at 0), so the gradients equal autodiff's
+        sgn = jnp.where(diff >= 0, 1.0, -1.0)
+        dz = p * (a_ce[..., None] + a_tv[..., None] * (sgn - jnp.sum(sgn * p, -1, keepdims=True)))
+        scale = lambda y: y
+    else:  # dz = a_ce * p = (a_ce * r) * e: the per-row factor goes on the [rows, d] side
+        dz = e_d
+        scale = lambda y: y * (a_ce[..., None] * r_d)
     g = {}
     lead = tuple(range(h.ndim - 1))
+    last = dz.ndim - 1
+
+    def label_cols(w):  # [.., rows, k]: column label of w [k, V] for each row, times a_ce
+        return a_ce[..., None] * jnp.take(w, labels, axis=1).astype(jnp.float32).transpose(
+            tuple(range(1, labels.ndim + 1)) + (0,))
+
+    def label_scatter(x, w):  # [k, V]: sum over rows of a_ce * x at column label
+        rows = (a_ce[..., None] * x.astype(jnp.float32)).reshape(-1, x.shape[-1])
+        return jnp.zeros(w.shape[::-1], jnp.float32).at[labels.reshape(-1)].add(rows).T
+
     if need["h"]:
-        g["h"] = _dot(dz, lm_head, ((dz.ndim - 1,), (1,))).astype(h.dtype)
+        g["h"] = (scale(_dot(dz, lm_head, ((last,), (1,)))) - label_cols(lm_head)).astype(h.dtype)
     if u is not None and need["u"]:
-        g["u"] = _dot(dz, w2, ((dz.ndim - 1,), (1,))).astype(u.dtype)
+        g["u"] = (scale(_dot(dz, w2, ((last,), (1,)))) - label_cols(w2)).astype(u.dtype)
     if u is not None and need["w2"]:
-        g["w2"] = _dot(u, dz, (lead, lead))
-    if need["t"] or need["lm_head"]:
+        g["w2"] = _dot(scale(u.astype(jnp.float32)), dz, (lead, lead)) - label_scatter(u, w2)
+    if need["lm_head"]:
+        g["lm_head"] = (_dot(scale(h.astype(jnp.float32)), dz, (lead, lead))
+                        - label_scatter(h, lm_head))
+    if a_tv is not None and (need["t"] or need["lm_head"]):
         dzt = -a_tv[..., None] * pt * (sgn - jnp.sum(sgn * pt, axis=-1, keepdims=True))
         if need["t"]:
-            g["t"] = _dot(dzt, lm_head, ((dzt.ndim - 1,), (1,))).astype(t.dtype)
+            g["t"] = _dot(dzt, lm_head, ((last,), (1,))).astype(t.dtype)
         if need["lm_head"]:
-            g["lm_head"] = _dot(h, dz, (lead, lead)) + _dot(t, dzt, (lead, lead))
+            g["lm_head"] = g["lm_head"] + _dot(t, dzt, (lead, lead))
+    elif need["t"]:
+        g["t"] = jnp.zeros_like(t)
     return ce, tv, g
 
 
 def _fused_pass(lm_head, w2, h, u, t, labels, a_ce, a_tv, need):
     """All chunks ([nc, B, c, ...] inputs) in one ``lax.scan``: (S, ce, tv, grads), with S =
-    sum(a_ce * ce + a_tv * tv); the weight gradients accumulate in the carry (fp32)."""
+    sum(a_ce * ce + a_tv * tv) (a_tv None: no TV term); the weight gradients accumulate in
+    the carry (fp32)."""
     acc0 = {k: jnp.zeros(w.shape, jnp.float32) for k, w in (("lm_head", lm_head), ("w2", w2))
             if w is not None and need[k]}
 
@@ -263,20 +303,24 @@ def _fused_pass(lm_head, w2, h, u, t, labels, a_ce, a_tv, need):
 
     acc, (ce, tv, g) = jax.lax.scan(body, acc0, (h, u, t, labels, a_ce, a_tv))
     g.update({k: v.astype((lm_head if k == "lm_head" else w2).dtype) for k, v in acc.items()})
-    return jnp.sum(a_ce * ce + a_tv * tv), ce, tv, g
+    return _weighted_sum(ce, tv, a_ce, a_tv), ce, tv, g
+
+
+def _weighted_sum(ce, tv, a_ce, a_tv):
+    return jnp.sum(a_ce * ce) + (0.0 if a_tv is None else jnp.sum(a_tv * tv))
 
 
 @jax.custom_vjp
 def _fused_stats(lm_head, w2, h, u, t, labels, a_ce, a_tv):
     """(S, ce, tv) over chunked inputs; only S is differentiable (see ``fused_token_stats``)."""
     ce, tv = jax.lax.map(lambda xs: _chunk_stats(lm_head, w2, *xs), (h, u, t, labels))
-    return jnp.sum(a_ce * ce + a_tv * tv), ce, tv
+    return _weighted_sum(ce, tv, a_ce, a_tv), ce, tv
 
 
 def _fused_stats_fwd(lm_head, w2, h, u, t, labels, a_ce, a_tv):
     args = dict(lm_head=lm_head, w2=w2, h=h, u=u, t=t)
     need = {k: v is not None and v.perturbed for k, v in args.items()}
-    if a_ce.perturbed or a_tv.perturbed:
+    if a_ce.perturbed or (a_tv is not None and a_tv.perturbed):
         raise ValueError("dspark_train._fused_stats: the per-token loss weights must not be "
                          "differentiated (stop_gradient them: they depend on masks only).")
     val = lambda v: None if v is None else v.value
@@ -298,13 +342,14 @@ def _fused_stats_bwd(g, cts):
 _fused_stats.defvjp(_fused_stats_fwd, _fused_stats_bwd, symbolic_zeros=True)
 
 
-def fused_token_stats(model: DSparkDraft, out: TrainOutputs, a_ce: jax.Array, a_tv: jax.Array,
-                      token_chunk: int = 2048):
+def fused_token_stats(model: DSparkDraft, out: TrainOutputs, a_ce: jax.Array,
+                      a_tv: jax.Array | None, token_chunk: int = 2048):
     """(S, ce, tv): per-slot CE and TV [B,N,K] as ``token_stats`` (not differentiable) and
     S = sum(a_ce * ce + a_tv * tv), whose gradient is computed in the same chunk pass.
 
     The per-token weights ``a_ce``/``a_tv`` [B,N,K] must not depend on the logits (they are
-    the loss's mask/decay/normaliser weights): then the gradient of S w.r.t. the draft
+    the loss's mask/decay/normaliser weights; ``a_tv`` None when TV has no weight, as in
+    DFlash, whose TV only feeds the metrics): then the gradient of S w.r.t. the draft
     hidden states, Markov vectors and a trainable vocab matrix is fixed by the forward's
     softmaxes, so the backward only scales it by S's cotangent instead of recomputing
     the [rows, vocab] logits. Memory stays bounded by the chunk; what is kept for the
@@ -312,8 +357,8 @@ def fused_token_stats(model: DSparkDraft, out: TrainOutputs, a_ce: jax.Array, a_
     """
     lm_head, w2, chunks, split, join = _chunked(model, out, token_chunk)
     sg = jax.lax.stop_gradient
-    s, ce, tv = _fused_stats(lm_head, w2, *chunks, split(sg(a_ce).astype(jnp.float32)),
-                             split(sg(a_tv).astype(jnp.float32)))
+    weights = (None if a is None else split(sg(a).astype(jnp.float32)) for a in (a_ce, a_tv))
+    s, ce, tv = _fused_stats(lm_head, w2, *chunks, *weights)
     return s, sg(join(ce)), sg(join(tv))
 
 
@@ -356,7 +401,7 @@ def dspark_loss(model: DSparkDraft, out: TrainOutputs, loss_cfg: DSparkLossConfi
         # d total / d ce and d total / d tv per token (the normalised CE and L1 terms below)
         a_ce = loss_cfg.ce_alpha * w / (den + 1e-6)
         a_tv = (jnp.where(den > 0, loss_cfg.l1_alpha * w / (den + 1e-6), 0.0)
-                if loss_cfg.l1_alpha > 0 else jnp.zeros_like(w))
+                if loss_cfg.l1_alpha > 0 else None)
         vocab_s, ce_tok, tv_tok = fused_token_stats(model, out, a_ce, a_tv, token_chunk)
     else:
         ce_tok, tv_tok = token_stats(model, out, token_chunk)

@@ -148,18 +148,19 @@ def logit_tile(vocab: int, vocab_chunk: int | None = None, row_chunk: int | None
 
 
 def _chunks(w: jax.Array, chunk: int):
-    """lm_head [d,V] -> ([n,d,chunk] zero-padded, [n,chunk] column-valid mask)."""
+    """lm_head [d,V] -> ([n,d,chunk] zero-padded, [n,chunk] column-valid mask, or None
+    when the chunks tile V exactly: no padded columns to mask)."""
     d, V = w.shape
     chunk = min(chunk, V)
     n = -(-V // chunk)
     wp = jnp.pad(w, ((0, 0), (0, n * chunk - V)))
-    valid = (jnp.arange(n * chunk) < V).reshape(n, chunk)
+    valid = (jnp.arange(n * chunk) < V).reshape(n, chunk) if n * chunk != V else None
     return jnp.moveaxis(wp.reshape(d, n, chunk), 1, 0), valid
 
 
 def _logits(x, wc, valid):
     z = jnp.einsum("nd,dv->nv", x, wc, preferred_element_type=jnp.float32)
-    return jnp.where(valid[None], z, NEG_INF)
+    return z if valid is None else jnp.where(valid[None], z, NEG_INF)
 
 
 def _lse_argmax(x, wcs, valids):
@@ -175,7 +176,7 @@ def _lse_argmax(x, wcs, valids):
         m2 = jnp.maximum(m, zm)
         s = s * jnp.exp(m - m2) + jnp.sum(jnp.exp(z - m2[:, None]), axis=-1)
         better = zm > best  # strict: earlier chunks win ties, like torch argmax
-        arg = jnp.where(better, i * chunk + jnp.argmax(z, axis=-1), arg)
+        arg = jnp.where(better, i * chunk + _first_argmax(z, zm), arg)
         return (m2, s, jnp.maximum(best, zm), arg), None
 
     init = (jnp.full((N,), NEG_INF), jnp.zeros((N,)), jnp.full((N,), NEG_INF),
@@ -189,7 +190,8 @@ def _block_fwd(xd, xt, wcs, valids, a=None, grad_w: bool = False, t_index=None):
 
     ``t_index`` [rows] (static numpy): draft row r's target is xt[t_index[r]], so target
     rows shared by several draft rows (the TTT steps' shifted targets) get their logits
-    once; None: xt is row-aligned with xd.
+    once (their log-sum-exps, argmaxes and probabilities too, before the rows are
+    repeated); None: xt is row-aligned with xd.
 
     Over several vocabulary chunks: two passes (log-sum-exps and argmaxes first, then
     the cross term and the overlap); over one chunk (the whole vocabulary), one pass on
@@ -198,10 +200,13 @@ def _block_fwd(xd, xt, wcs, valids, a=None, grad_w: bool = False, t_index=None):
     from the logits it already has; otherwise grads = None.
     """
 
-    def piece(zd, zt, wc, valid, lse_d, lse_t):
-        pt = jnp.exp(zt - lse_t[:, None])
+    take = (lambda z: z) if t_index is None else (lambda z: _take_rows(z, t_index))
+
+    def piece(zd, zt, wc, valid, lse_d, lse_t):  # zt, lse_t: the target's own rows
+        pt = take(jnp.exp(zt - lse_t[:, None]))
         pd = jnp.exp(zd - lse_d[:, None])
-        cross = jnp.sum(jnp.where(valid[None], pt * zd, 0.0), axis=-1)
+        cross = jnp.sum(pt * zd if valid is None else jnp.where(valid[None], pt * zd, 0.0),
+                        axis=-1)
         overlap = jnp.sum(jnp.minimum(pd, pt), axis=-1)
         if a is None:
             return (cross, overlap), None
@@ -210,20 +215,20 @@ def _block_fwd(xd, xt, wcs, valids, a=None, grad_w: bool = False, t_index=None):
         dwc = jnp.einsum("nd,nv->dv", xd.astype(jnp.float32), dz) if grad_w else None
         return (cross, overlap), (dxd, dwc)
 
-    take = (lambda z: z) if t_index is None else (lambda z: jnp.take(z, t_index, axis=0))
+    at = lambda i: None if valids is None else valids[i]
     if wcs.shape[0] == 1:
-        zd, zt = _logits(xd, wcs[0], valids[0]), take(_logits(xt, wcs[0], valids[0]))
+        zd, zt = _logits(xd, wcs[0], at(0)), _logits(xt, wcs[0], at(0))
         (lse_d, arg_d), (lse_t, arg_t) = (_lse_argmax_dense(z) for z in (zd, zt))
-        (cross, overlap), grads = piece(zd, zt, wcs[0], valids[0], lse_d, lse_t)
+        (cross, overlap), grads = piece(zd, zt, wcs[0], at(0), lse_d, lse_t)
         if grads is not None:
             grads = (grads[0], None if grads[1] is None else grads[1][None])
     else:
         lse_d, arg_d = _lse_argmax(xd, wcs, valids)
-        lse_t, arg_t = (take(v) for v in _lse_argmax(xt, wcs, valids))
+        lse_t, arg_t = _lse_argmax(xt, wcs, valids)
 
         def body(c, xs):
             wc, valid = xs
-            zd, zt = _logits(xd, wc, valid), take(_logits(xt, wc, valid))
+            zd, zt = _logits(xd, wc, valid), _logits(xt, wc, valid)
             (cr, ov), g = piece(zd, zt, wc, valid, lse_d, lse_t)
             c = (c[0] + cr, c[1] + ov, None if g is None else c[2] + g[0])
             return c, (None if g is None else g[1])
@@ -234,13 +239,33 @@ def _block_fwd(xd, xt, wcs, valids, a=None, grad_w: bool = False, t_index=None):
         (cross, overlap, dxd), dwc = jax.lax.scan(body, init, (wcs, valids))
         grads = None if a is None else (dxd, dwc)
     ce = lse_d - cross  # sum_v p_t = 1
-    return ce, overlap, (arg_d == arg_t).astype(jnp.float32), lse_d, lse_t, grads
+    return ce, overlap, (arg_d == take(arg_t)).astype(jnp.float32), lse_d, take(lse_t), grads
+
+
+def _first_argmax(z, m):
+    """argmax of z [rows, V] given its row max m: the first column equal to the max
+    (``jnp.argmax``'s tie rule) by a plain min-reduction; XLA:CPU runs argmax's (value,
+    index) pair reduction several times slower over 49k+ columns."""
+    cols = jnp.arange(z.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(z == m[:, None], cols[None], z.shape[-1]), axis=-1)
 
 
 def _lse_argmax_dense(z):
     """``_lse_argmax`` of one whole-vocabulary logit tile [rows, V] (same formula)."""
     m = jnp.max(z, axis=-1)
-    return m + jnp.log(jnp.sum(jnp.exp(z - m[:, None]), axis=-1)), jnp.argmax(z, axis=-1)
+    return m + jnp.log(jnp.sum(jnp.exp(z - m[:, None]), axis=-1)), _first_argmax(z, m)
+
+
+def _take_rows(z, index: np.ndarray):
+    """``z[index]`` for a static row index, as static slices of its consecutive runs
+    (the TTT layout's index is B * ttt runs of r rows), which XLA fuses into the
+    consumers; a gather would copy [rows, V] first."""
+    index = np.asarray(index)
+    cuts = np.flatnonzero(np.diff(index) != 1) + 1
+    runs = np.split(index, cuts)
+    if len(runs) > 64:
+        return jnp.take(z, index, axis=0)
+    return jnp.concatenate([z[int(r[0]):int(r[0]) + len(r)] for r in runs], axis=0)
 
 
 def _block_bwd(xd, xt, wcs, valids, lse_d, lse_t, g, grad_w):

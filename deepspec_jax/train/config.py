@@ -78,6 +78,8 @@ def base_config(kind: str) -> ml_collections.ConfigDict:
         adam_eps=1e-8,
         max_grad_norm=1.0,
         compute_dtype="bfloat16", # draft activations; master weights stay float32
+        cpu_library_fusion="dot", # XLA:CPU: "dot" = YNNPACK fuses matmuls only (its vocab-wide
+                                  # reductions are slow), "all" = XLA's default (xla_cpu.py)
         seed=0,
         log_every=10,
         checkpoint_every=500,

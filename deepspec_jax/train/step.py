@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from deepspec_jax.drafts.dspark import DSparkLossConfig
 from deepspec_jax.drafts.dspark_train import DSparkBatch, dspark_loss, sample_anchors, train_forward
 from deepspec_jax.drafts.eagle3_train import eagle3_loss, logit_tile
+from deepspec_jax import xla_cpu
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.sharding import batch_axes, batch_sharding, shardings_of
 
@@ -52,6 +53,7 @@ class StepConfig:
     eagle3_corrected: bool = False
     token_chunk: int = 2048          # DSpark loss: rows of [rows, vocab] logits per chunk
     vocab_grad: str = "fused"        # vocabulary losses' gradient: "fused" | "recompute"
+    cpu_library_fusion: str = "dot"  # XLA:CPU only: what YNNPACK fuses (deepspec_jax.xla_cpu)
 
 
 def check_micro_batch(mesh: Mesh, global_batch: int, num_micro: int) -> None:
@@ -207,4 +209,5 @@ def compile_step(sc: StepConfig, tx, schedule, state_shardings, rest_shardings, 
             return train_step(sc, tx, schedule, state, rest, tstate, batch)
 
     return jax.jit(fn, in_shardings=(state_shardings, rest_shardings, tstate_shardings, batch_shardings_),
-                   out_shardings=(state_shardings, None), donate_argnums=(0,))
+                   out_shardings=(state_shardings, None), donate_argnums=(0,),
+                   compiler_options=xla_cpu.compiler_options(sc.mesh, sc.cpu_library_fusion))

@@ -311,7 +311,8 @@ def step_config(c, ts: TargetSetup, ds: DataSetup, graphdef, mesh) -> StepConfig
                       if family == "dspark" else None,
                       num_anchors=int(getattr(ts.spec.config, "num_anchors", 0) or 0),
                       eagle3_corrected=bool(c.loss.eagle3_corrected),
-                      vocab_grad=str(c.loss.vocab_grad))
+                      vocab_grad=str(c.loss.vocab_grad),
+                      cpu_library_fusion=str(c.train.cpu_library_fusion))
 
 
 def step_for(c, mesh, ts: TargetSetup, ds: DataSetup, dr: DraftSetup, field_ndims: dict):
