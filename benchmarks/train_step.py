@@ -2,7 +2,7 @@
 
     python -m benchmarks.train_step [--configs dspark,dflash,eagle3] [--modes online,cached]
         [--steps 3] [--eagle3_steps 1] [--batch 4] [--eagle3_batch 2] [--seq 256] [--micro N]
-        [--set train.lr=1e-4 ...] [--json out.json]
+        [--set train.lr=1e-4 ...] [--variant NAME:FIELD=VALUE[,FIELD=VALUE] ...] [--json out.json]
 
 For each config (``configs/<arch>/<arch>_smollm2_135m.py``) and feature mode the run is
 built by the trainer's own ``setup`` on a synthetic token store (random token ids,
@@ -12,6 +12,10 @@ online target forward (``online``) or features read from a feature cache built w
 ``build_feature_cache`` (``cached``), gradient accumulation, clipping, AdamW, donation.
 ``--batch``/``--seq``/``--micro`` override ``train.global_batch_size``,
 ``data.max_length`` and ``train.micro_batch_size``; ``--set`` overrides any field.
+``--variant`` adds, for every config and mode, a run with further overrides (e.g.
+``--variant old:loss.vocab_grad=recompute,train.cpu_library_fusion=all``), timed in the
+same rounds as the plain run, so "before / after" of a config choice is one run's
+round-paired ratio.
 
 Per run: compile seconds (trace + lower + compile, excluded from the step time), one
 untimed warm-up step, then the median of ``--steps`` steps each ended by
@@ -134,8 +138,10 @@ def _set_field(c, dotted: str, value) -> None:
     node[keys[-1]] = value   # a locked ConfigDict refuses unknown fields (typos)
 
 
-def apply_overrides(c, args, store: str, cache: str, out_dir: str, batch: int = 0) -> str:
-    """Benchmark overrides on a locked run config; returns a note on the micro-batch."""
+def apply_overrides(c, args, store: str, cache: str, out_dir: str, batch: int = 0,
+                    extra: list[str] = ()) -> str:
+    """Benchmark overrides (then ``--set``, then ``extra``: a variant's) on a locked run
+    config; returns a note on the micro-batch."""
     gbs = batch or int(c.train.global_batch_size)
     mbs = args.micro or int(c.train.micro_batch_size) or gbs
     note = ""
@@ -154,7 +160,7 @@ def apply_overrides(c, args, store: str, cache: str, out_dir: str, batch: int = 
     _set_field(c, "train.max_steps", 0)
     _set_field(c, "train.tensorboard", False)
     _set_field(c, "train.async_checkpoint", False)
-    for item in args.set:
+    for item in [*args.set, *extra]:
         key, _, raw = item.partition("=")
         try:
             val = ast.literal_eval(raw)
@@ -186,6 +192,7 @@ class Prepared:
     kept alive between rounds so runs can be timed round-robin."""
     arch: str
     mode: str
+    variant: str                   # "" = the plain run, else the --variant name
     steps: int                     # timed steps (after the warm-up, host[0])
     run: object                    # the trainer's Run (its rest/tstate/checkpoints)
     compiled: object               # run.step_fn compiled for host[0]'s batch shapes
@@ -196,16 +203,18 @@ class Prepared:
     last_metrics: dict | None = None                        # the last step's metrics
 
 def prepare(arch: str, mode: str, args, store: str, lengths: np.ndarray, cache: str, work: str,
-            steps: int, batch: int) -> Prepared:
+            steps: int, batch: int, variant: tuple[str, list[str]] = ("", [])) -> Prepared:
     """Set up ``arch`` through the trainer's ``setup``, read 1 + ``steps`` batches, compile
-    the step (timed separately) and count its FLOPs."""
+    the step (timed separately) and count its FLOPs. ``variant``: (name, FIELD=VALUE
+    overrides applied after ``--set``)."""
     import jax
 
     from deepspec_jax.train.trainer import device_batch, setup
 
     c = load_config(arch)
     note = apply_overrides(c, args, store, cache if mode == "cached" else "",
-                           os.path.join(work, f"run_{arch}_{mode}"), batch)
+                           os.path.join(work, f"run_{arch}_{mode}_{variant[0]}"), batch,
+                           variant[1])
     t0 = time.perf_counter()
     run = setup(c, resume=False)
     setup_s = time.perf_counter() - t0
@@ -252,7 +261,7 @@ def prepare(arch: str, mode: str, args, store: str, lengths: np.ndarray, cache: 
         for f in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes"))
     n_params = int(sum(np.prod(x.shape) for x in jax.tree.leaves(run.state.params)))
     row = dict(
-        config=arch, mode=mode, note=note, num_micro=run.step_config.num_micro,
+        config=arch, mode=mode, variant=variant[0], overrides=list(variant[1]), note=note, num_micro=run.step_config.num_micro,
         global_batch=int(c.train.global_batch_size), micro_batch=int(c.train.micro_batch_size),
         seq=int(host[0]["batch"]["input_ids"].shape[1]), trainable_params=n_params,
         setup_s=setup_s, compile_s=compile_s, data_s_per_batch=statistics.median(data_s[1:]),
@@ -263,7 +272,7 @@ def prepare(arch: str, mode: str, args, store: str, lengths: np.ndarray, cache: 
         flops_per_step=flops, flops_source=source, xla_cost_analysis_flops=xla_flops,
         hlo=dataclasses.asdict(hlo) if hlo else None,
         xla_buffers_gib=(xla_bytes or 0) / 2 ** 30)
-    return Prepared(arch, mode, steps, run, compiled, run.state, host, row)
+    return Prepared(arch, mode, variant[0], steps, run, compiled, run.state, host, row)
 
 
 def step_once(p: Prepared, i: int) -> float:
@@ -354,7 +363,7 @@ def _fmt(x, spec, none="-"):
 
 
 def print_table(rows: list[dict], peak: float) -> None:
-    head = (f"{'config':7} {'mode':7} {'micro':>5} {'compile s':>9} {'step s':>8} {'min s':>8} "
+    head = (f"{'config':7} {'mode':7} {'variant':8} {'micro':>5} {'compile s':>9} {'step s':>8} {'min s':>8} "
             f"{'sup tok/s':>9} "
             f"{'tok/s':>8} {'GFLOP/step':>10} {'XLA GFLOP':>9} {'GFLOP/s':>8} {'MFU':>6} {'data s':>7} "
             f"{'loss':>7}")
@@ -362,7 +371,7 @@ def print_table(rows: list[dict], peak: float) -> None:
     print("-" * len(head))
     for r in rows:
         f = r["flops_per_step"]
-        print(f"{r['config']:7} {r['mode']:7} {r['num_micro']:>5} {r['compile_s']:9.1f} "
+        print(f"{r['config']:7} {r['mode']:7} {r.get('variant') or '-':8} {r['num_micro']:>5} {r['compile_s']:9.1f} "
               f"{r['step_s']:8.2f} {r['min_step_s']:8.2f} {r['supervised_tok_s']:9.0f} {r['real_tok_s']:8.0f} "
               f"{_fmt(f and f / 1e9, '10.1f'):>10} "
               f"{_fmt(r['xla_cost_analysis_flops'] and r['xla_cost_analysis_flops'] / 1e9, '9.1f'):>9} "
@@ -385,9 +394,18 @@ def _paired(a: dict, b: dict, per_token: bool) -> float:
 
 
 def ratios(rows: list[dict]) -> dict:
-    """online/cached per draft and eagle3/dspark per mode, from round-paired times."""
-    by = {(r["config"], r["mode"]): r for r in rows}
+    """online/cached per draft and eagle3/dspark per mode (plain runs), and each variant's
+    time / the plain run's per config and mode, from round-paired times."""
+    by = {(r["config"], r["mode"]): r for r in rows if not r.get("variant")}
     out = {}
+    for r in rows:
+        base = by.get((r["config"], r["mode"]))
+        if r.get("variant") and base is not None:
+            t = _paired(r, base, False)
+            f = (r["flops_per_step"] or 0) / max(base["flops_per_step"] or 1, 1)
+            out[f"{r['config']}_{r['mode']}_{r['variant']}_over_plain"] = dict(
+                time=t, flops=f, text=f"{r['config']} {r['mode']}: variant {r['variant']} step / "
+                                      f"plain step = {t:.2f}x (FLOPs {f:.2f}x)")
     for a in ARCHS:
         if (a, "online") in by and (a, "cached") in by:
             o, k = by[(a, "online")], by[(a, "cached")]
@@ -423,6 +441,9 @@ def main(argv=None) -> int:
     ap.add_argument("--micro", type=int, default=0, help="train.micro_batch_size (0 = config's)")
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                     help="any other config override, e.g. --set train.compute_dtype=bfloat16")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:FIELD=VALUE[,...]",
+                    help="also time every config/mode with these overrides (after --set), in "
+                         "the same rounds; ratios report variant / plain")
     ap.add_argument("--cache_dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--peak_n", type=int, default=2048)
     ap.add_argument("--peak_repeats", type=int, default=5)
@@ -441,12 +462,20 @@ def main(argv=None) -> int:
     from deepspec_jax.data.token_store import TokenStore, write_token_store
     from deepspec_jax.errors import ConfigError
 
+    variants = [("", [])]
+    for v in args.variant:
+        name, sep, body = v.partition(":")
+        if not sep or not name or not body or name in {n for n, _ in variants}:
+            ap.error(f"--variant {v!r}: want a new NAME:FIELD=VALUE[,FIELD=VALUE...]")
+        variants.append((name, [x for x in body.split(",") if x]))
     batch_of = {a: (args.eagle3_batch or args.batch) if a == "eagle3" else args.batch for a in archs}
     steps_of = {a: (args.eagle3_steps or args.steps) if a == "eagle3" else args.steps for a in archs}
     cfgs = {a: load_config(a) for a in archs}
     try:
         for a, c in cfgs.items():   # validate the overrides before any expensive work
             apply_overrides(c, args, "", "", "", batch_of[a])
+            for _, extra in variants[1:]:
+                apply_overrides(load_config(a), args, "", "", "", batch_of[a], extra)
     except (KeyError, AttributeError, TypeError, ValueError) as e:
         ap.error(f"bad override: {e}")
 
@@ -473,7 +502,7 @@ def main(argv=None) -> int:
         # 1) set up and compile every run; all stay in memory so that 2) can interleave
         for a in archs:
             c = cfgs[a]
-            for mode in modes:
+            for mode, variant in ((m, v) for m in modes for v in variants):
                 cache = ""
                 if mode == "cached":
                     key = (tuple(c.draft.target_layer_ids), c.target.path, c.target.dtype)
@@ -482,11 +511,12 @@ def main(argv=None) -> int:
                         print(f"feature cache built in {caches[key][1]:.1f} s", flush=True)
                     cache = caches[key][0]
                 try:
-                    p = prepare(a, mode, args, store, lengths, cache, work, steps_of[a], batch_of[a])
+                    p = prepare(a, mode, args, store, lengths, cache, work, steps_of[a], batch_of[a],
+                                variant)
                 except ConfigError as e:
-                    sys.exit(f"train_step: {a} {mode}: {e}")
+                    sys.exit(f"train_step: {a} {mode} {variant[0]}: {e}")
                 h = p.row["hlo"] or {}
-                print(f"== {a} {mode}: setup {p.row['setup_s']:.1f} s, compile "
+                print(f"== {a} {mode}{' ' + variant[0] if variant[0] else ''}: setup {p.row['setup_s']:.1f} s, compile "
                       f"{p.row['compile_s']:.1f} s, {(p.row['flops_per_step'] or 0) / 1e9:.1f} GFLOP/step",
                       flush=True)
                 if h.get("unhandled") or h.get("unknown_trip_loops"):
@@ -505,7 +535,8 @@ def main(argv=None) -> int:
             peaks.append(measure_peak(args.peak_n, args.peak_repeats))
             print(f"round {i}{' (warm-up)' if i == 0 else ''}: load {os.getloadavg()[0]:.1f}, "
                   f"peak {peaks[-1] / 1e9:.1f} GFLOP/s, steps "
-                  + ", ".join(f"{p.arch}/{p.mode} {p.times[-1]:.2f} s" for p in preps
+                  + ", ".join(f"{p.arch}/{p.mode}{'/' + p.variant if p.variant else ''} "
+                              f"{p.times[-1]:.2f} s" for p in preps
                               if i and i <= p.steps), flush=True)
         rows = [finish(p) for p in preps]
         del preps

@@ -38,7 +38,14 @@ BENCHMARKS = {
     "train_step.py": ["--configs=dspark,eagle3", "--modes=cached", "--steps=1", "--eagle3_steps=1",
                       "--batch=2", "--eagle3_batch=2", "--seq=32", "--peak_n=64",
                       "--peak_repeats=1", "--set=draft.num_anchors=4", "--set=draft.ttt_length=2",
+                      "--variant=old:loss.vocab_grad=recompute,train.cpu_library_fusion=all",
                       "--json={out}"],
+    # both sides are this checkout (HEAD through a temporary git worktree, and the tree
+    # itself): the worktree path and the lockstep driver run, the first losses must agree
+    "train_step_ab.py": ["--before=HEAD", "--configs=dspark", "--rounds=1",
+                         "--set=data.max_length=32", "--set=draft.num_anchors=4",
+                         "--set=train.global_batch_size=2", "--set=train.micro_batch_size=2",
+                         "--json={out}"],
     "ar_decode.py": ["--batch_sizes=1", "--new_tokens=2", "--repeats=1", "--out={out}"],
     "spec_decode.py": ["--batch_sizes=1", "--new_tokens=2", "--repeats=1", "--block_size=2",
                        "--markov_rank=4", "--out={out}"],
@@ -54,7 +61,7 @@ BENCHMARKS = {
 # transformers); each runs its list in order, so spec_decode finds the batch-1 generate
 # that ar_decode compiled in the shared compilation cache
 WORKERS = [["train_step.py", "decode_step.py", "break_even.py", "tree_attention.py"],
-           ["ar_decode.py", "spec_decode.py"]]
+           ["ar_decode.py", "spec_decode.py", "train_step_ab.py"]]
 
 
 def _run(name: str, work: str) -> dict:
@@ -118,15 +125,36 @@ def _finite(row: dict, keys, positive: bool = True):
 def test_train_step(results):
     out = _ran(results, "train_step.py")
     rows = out["rows"]
-    assert [(r["config"], r["mode"]) for r in rows] == [("dspark", "cached"), ("eagle3", "cached")]
+    assert [(r["config"], r["mode"], r["variant"]) for r in rows] == [
+        ("dspark", "cached", ""), ("dspark", "cached", "old"),
+        ("eagle3", "cached", ""), ("eagle3", "cached", "old")]
+    assert rows[1]["overrides"] == ["loss.vocab_grad=recompute", "train.cpu_library_fusion=all"]
     for r in rows:
         assert r["seq"] == 32 and r["global_batch"] == 2 and len(r["step_s_all"]) == 1, r
         _finite(r, ["step_s", "supervised_tok_s", "real_tok_s", "flops_per_step",
                     "achieved_flop_s", "mfu", "compile_s", "trainable_params", "loss"])
         assert r["ok"] == 1.0, r
-    assert set(out["ratios"]) == {"eagle3_over_dspark_cached"}
-    _finite(out["ratios"]["eagle3_over_dspark_cached"], ["time", "flops"])
+    assert set(out["ratios"]) == {"eagle3_over_dspark_cached", "dspark_cached_old_over_plain",
+                                  "eagle3_cached_old_over_plain"}
+    for v in out["ratios"].values():
+        _finite(v, ["time", "flops"])
+    # the recomputed vocabulary gradient does more matmul work than the fused one
+    assert out["ratios"]["eagle3_cached_old_over_plain"]["flops"] > 1.0
+    assert rows[0]["loss"] == pytest.approx(rows[1]["loss"], rel=1e-5)
     assert out["peak_flop_s"] > 0
+
+
+def test_train_step_ab(results):
+    (row,) = _ran(results, "train_step_ab.py")["rows"]
+    assert row["config"] == "dspark" and row["rounds"] == 1
+    b, a = row["before"], row["after"]
+    for side in (b, a):
+        _finite(side, ["compile_s", "gflop", "loss", "step_s", "tokens_per_s"])
+        assert len(side["step_s_all"]) == 1
+    # a worktree of HEAD; this checkout
+    assert len(b["rev"]) == 12 and os.path.realpath(a["rev"]) == os.path.realpath(REPO)
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-6) and b["gflop"] == a["gflop"]
+    _finite(row, ["paired_ratio"])
 
 
 def test_ar_decode(results):
