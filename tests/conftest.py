@@ -10,16 +10,25 @@ import jax
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FIXTURES_ROOT = os.environ.get("DEEPSPEC_FIXTURES", os.path.join(REPO, "..", "shared", "fixtures"))
+# ../shared/fixtures holds the Qwen3 set deepspec_v1, ../shared/fixtures-next the Gemma-4
+# set deepspec_gemma4_v1. DEEPSPEC_FIXTURES (os.pathsep-separated roots) overrides both.
+FIXTURES_ROOTS = tuple(
+    os.environ["DEEPSPEC_FIXTURES"].split(os.pathsep) if os.environ.get("DEEPSPEC_FIXTURES")
+    else (os.path.join(REPO, "..", "shared", "fixtures"),
+          os.path.join(REPO, "..", "shared", "fixtures-next")))
+FIXTURES_ROOT = FIXTURES_ROOTS[0]
 
 
 def fixture_sets() -> list[str]:
-    """Every directory under the fixtures root holding a manifest.json."""
+    """Every directory holding a manifest.json under the fixture roots, root by root (the
+    first root's sets first: many tests take ``fixture_sets()[0]`` to mean the Qwen3 set
+    deepspec_v1), sorted within a root."""
     out = []
-    for dirpath, _, files in os.walk(FIXTURES_ROOT):
-        if "manifest.json" in files:
-            out.append(os.path.abspath(dirpath))
-    return sorted(out)
+    for root in FIXTURES_ROOTS:
+        found = [os.path.abspath(dirpath) for dirpath, _, files in os.walk(root)
+                 if "manifest.json" in files]
+        out += [d for d in sorted(found) if d not in out]
+    return out
 
 
 def load_manifest(fixture_set: str) -> dict:
@@ -50,7 +59,7 @@ def write_llama_gguf(path: str, tensor: str, data, raw_dtype=None, **metadata: i
 def fixture_set_dirs() -> list[str]:
     sets = fixture_sets()
     if not sets:
-        raise RuntimeError(f"no fixture set (a directory with manifest.json) under {FIXTURES_ROOT}; "
+        raise RuntimeError(f"no fixture set (a directory with manifest.json) under {FIXTURES_ROOTS}; "
                            "set DEEPSPEC_FIXTURES to the fixtures directory.")
     return sets
 

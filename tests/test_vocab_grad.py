@@ -4,6 +4,7 @@ the recompute path's (chunks rematerialised in the backward) to fp32 rounding.""
 from __future__ import annotations
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -19,10 +20,12 @@ B, N, K, D, R, V = 2, 3, 4, 16, 4, 40
 
 
 class _Weights:
-    """The two vocab matrices dspark_loss reads (``model._w``), as differentiable inputs."""
+    """The two vocab matrices dspark_loss reads (``model._w``), as differentiable inputs,
+    and the config's logit softcap."""
 
-    def __init__(self, w: dict):
+    def __init__(self, w: dict, cap=None):
         self.w = w
+        self.cfg = types.SimpleNamespace(logit_softcap=cap)
 
     def _w(self, name):
         return self.w[name]
@@ -50,11 +53,11 @@ def _case(seed: int, markov: bool):
     return x, tg, keep
 
 
-@functools.partial(jax.jit, static_argnames=("vocab_grad", "loss_cfg", "chunk"))
-def _value_and_grads(x, tg, keep, vocab_grad, loss_cfg, chunk):
+@functools.partial(jax.jit, static_argnames=("vocab_grad", "loss_cfg", "chunk", "cap"))
+def _value_and_grads(x, tg, keep, vocab_grad, loss_cfg, chunk, cap=None):
     def f(x):
         out = T.TrainOutputs(x["h"], x.get("u"), x.get("conf"), x["t"], tg, keep)
-        model = _Weights({k: x[k] for k in ("lm_head", "markov_w2") if k in x})
+        model = _Weights({k: x[k] for k in ("lm_head", "markov_w2") if k in x}, cap)
         res = T.dspark_loss(model, out, loss_cfg, chunk, vocab_grad)
         return res.total, res
     return jax.value_and_grad(f, has_aux=True)(x)
@@ -65,15 +68,18 @@ def _rel(a, b):
     return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
 
 
-@pytest.mark.parametrize("markov,loss_cfg", [
-    (True, DSparkLossConfig()), (False, DSparkLossConfig(confidence_alpha=0.0)),
-    (False, DSparkLossConfig.dflash())])  # DFlash: TV unweighted, only its value is formed
-def test_dspark_fused_matches_recompute(markov, loss_cfg):
+@pytest.mark.parametrize("markov,loss_cfg,cap", [
+    (True, DSparkLossConfig(), None), (False, DSparkLossConfig(confidence_alpha=0.0), None),
+    (False, DSparkLossConfig.dflash(), None),  # DFlash: TV unweighted, only its value is formed
+    # Gemma's final-logit softcap (logits ~N(0, 2^2), so tanh(z / 3) is far from linear)
+    (True, DSparkLossConfig(), 3.0), (False, DSparkLossConfig.dflash(), 3.0)])
+def test_dspark_fused_matches_recompute(markov, loss_cfg, cap):
     """Loss, terms and the gradient w.r.t. every input (hidden, Markov u and W2, target
-    hidden, even a trainable lm_head) agree; 5 slots per chunk pads the last chunk."""
+    hidden, even a trainable lm_head) agree; 5 slots per chunk pads the last chunk. The
+    recompute path is jax's autodiff of the plain chunk (through the softcap's tanh too)."""
     x, tg, keep = _case(0, markov)
-    (tot_f, res_f), g_f = _value_and_grads(x, tg, keep, "fused", loss_cfg, 2 * 5)
-    (tot_r, res_r), g_r = _value_and_grads(x, tg, keep, "recompute", loss_cfg, 2 * 5)
+    (tot_f, res_f), g_f = _value_and_grads(x, tg, keep, "fused", loss_cfg, 2 * 5, cap)
+    (tot_r, res_r), g_r = _value_and_grads(x, tg, keep, "recompute", loss_cfg, 2 * 5, cap)
     assert float(tot_f) == float(tot_r)
     for k in res_r.terms:
         assert float(res_f.terms[k]) == float(res_r.terms[k]), k
@@ -127,6 +133,59 @@ def test_eagle3_weighted_soft_ce_matches_recompute(chunk, rows):
     assert not np.any(np.asarray(g_f[0])[:5]) and not np.any(np.asarray(g_f[1]))
     frozen = jax.jit(jax.grad(lambda w: E.weighted_soft_ce(xd, xt, w, a, chunk, rows)[0]))(w)
     assert not np.any(np.asarray(frozen))  # default: frozen lm_head, no gradient
+
+
+@pytest.mark.parametrize("chunk", [16, 101])  # ragged vocab chunks (-inf padding); one chunk
+def test_eagle3_softcap_matches_autodiff(chunk):
+    """With Gemma's logit softcap c * tanh(z / c) on draft and target logits, the fused
+    (weighted_soft_ce), recompute (soft_ce) and TTT-layout soft CEs equal jax's autodiff of
+    the plain dense loss: values, d/dxd, a trainable lm_head's d/dw, argmax agreement."""
+    cap, rows = 2.5, 8
+    kd, kt, kw, ka = jax.random.split(jax.random.key(4), 4)
+    xd = jax.random.normal(kd, (37, 8))
+    xt = jax.random.normal(kt, (37, 8)).at[-3:].set(0.0)
+    w = jax.random.normal(kw, (8, 101))
+    a = jax.random.uniform(ka, (37,)).at[:5].set(0.0)
+
+    def dense(xd, w):
+        zd, zt = cap * jnp.tanh(xd @ w / cap), cap * jnp.tanh(xt @ w / cap)
+        pt = jax.lax.stop_gradient(jax.nn.softmax(zt, axis=-1))
+        ce = -jnp.sum(pt * jax.nn.log_softmax(zd, axis=-1), axis=-1)
+        return jnp.sum(a * ce), (ce, (jnp.argmax(zd, -1) == jnp.argmax(zt, -1)).astype(jnp.float32))
+
+    def fused(xd, w):
+        s, ce, _, agree = E.weighted_soft_ce(xd, xt, w, a, chunk, rows, True, cap)
+        return s, (ce, agree)
+
+    def recompute(xd, w):
+        ce, _, agree = E.soft_ce(xd, xt, w, chunk, rows, True, cap)
+        return jnp.sum(a * ce), (jax.lax.stop_gradient(ce), agree)
+
+    (s_w, (ce_w, ag_w)), g_w = jax.jit(jax.value_and_grad(dense, (0, 1), has_aux=True))(xd, w)
+    assert np.abs(np.asarray(g_w[1])).max() > 0
+    for fn in (fused, recompute):
+        (s, (ce, ag)), g = jax.jit(jax.value_and_grad(fn, (0, 1), has_aux=True))(xd, w)
+        np.testing.assert_allclose(s, s_w, rtol=1e-6)
+        np.testing.assert_allclose(ce, ce_w, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(ag, ag_w)
+        for k in (0, 1):
+            assert _rel(g[k], g_w[k]) < 1e-5, (fn.__name__, k, _rel(g[k], g_w[k]))
+    # the TTT layout (targets shared across steps) with the cap: d S / d xd as the dense path
+    ttt, b, t = 2, 2, 5
+    xs = jax.random.normal(kd, (ttt, b, t, 8))
+    last = jax.random.normal(kt, (b, t, 8))
+    at = jax.random.uniform(ka, (ttt, b, t))
+
+    def ttt_dense(xs):
+        zt = cap * jnp.tanh(E.target_inputs(last, ttt) @ w / cap)
+        ce = -jnp.sum(jax.nn.softmax(zt, -1) * jax.nn.log_softmax(cap * jnp.tanh(xs @ w / cap), -1), -1)
+        return jnp.sum(at * ce)
+
+    s_f, g_f = jax.jit(jax.value_and_grad(
+        lambda xs: E.ttt_weighted_soft_ce(xs, last, w, at, chunk, ttt * b * 2, cap=cap)[0]))(xs)
+    s_d, g_d = jax.jit(jax.value_and_grad(ttt_dense))(xs)
+    np.testing.assert_allclose(s_f, s_d, rtol=1e-6)
+    assert _rel(g_f, g_d) < 1e-5, _rel(g_f, g_d)
 
 
 def test_eagle3_logit_tile():

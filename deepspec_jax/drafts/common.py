@@ -19,7 +19,22 @@ import dataclasses
 from typing import Callable, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
+
+
+def softcap_and_slope(z: jax.Array, cap: float | None):
+    """(cap * tanh(z / cap), its slope 1 - tanh^2): Gemma's final-logit softcap and the
+    factor the fused vocabulary-loss gradients multiply by; (z, None) without a cap."""
+    if cap is None:
+        return z, None
+    th = jnp.tanh(z / cap)
+    return cap * th, 1.0 - th * th
+
+
+def softcap_logits(z: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(z / cap) (z unchanged when ``cap`` is None): a draft's ``compute_logits``."""
+    return softcap_and_slope(z, cap)[0]
 
 
 class Frozen(nnx.Variable):

@@ -25,7 +25,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from deepspec_jax.config import TargetConfig, load_config_json, target_config_from_dict
-from deepspec_jax.drafts.common import DraftFamily, Frozen, Proposal
+from deepspec_jax.drafts.common import DraftFamily, Frozen, Proposal, softcap_logits
 from deepspec_jax.dtypes import compute_dtype
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.kernels.attention import dense_attention, merge_attention, span_attention
@@ -60,6 +60,7 @@ class DSparkConfig:
     confidence_head_with_markov: bool
     markov_rank: int
     markov_head_type: str | None
+    logit_softcap: float | None = None  # Gemma's final_logit_softcapping (draft and target logits)
     raw: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
@@ -289,9 +290,11 @@ class DSparkDraft(nnx.Module):
         return rms_norm(c, self._w("hidden_norm"), self.cfg.layer.rms_norm_eps)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """Base logits U = lm_head(h) in fp32."""
-        return jnp.einsum("...d,dv->...v", hidden, self._w("lm_head"),
-                          preferred_element_type=jnp.float32)
+        """Base logits U = lm_head(h) in fp32, softcapped when the config has a cap (the
+        reference's ``compute_logits``; the Markov bias is added after it)."""
+        z = jnp.einsum("...d,dv->...v", hidden, self._w("lm_head"),
+                       preferred_element_type=jnp.float32)
+        return softcap_logits(z, self.cfg.logit_softcap)
 
     def markov_embed(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.markov_w1.get_value(), ids, axis=0).astype(self.dtype)

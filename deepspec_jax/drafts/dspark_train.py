@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from jax.custom_derivatives import SymbolicZero
 
+from deepspec_jax.drafts.common import softcap_and_slope
 from deepspec_jax.drafts.dspark import DSparkDraft, DSparkLossConfig, dspark_rules
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.weights.loader import export_tensors
@@ -153,18 +154,23 @@ def _dot(x, y, contract):
     return jax.lax.dot_general(x, y, (contract, ((), ())), preferred_element_type=jnp.float32)
 
 
-def _chunk_softmax(lm_head, w2, h, u, t, labels):
+def _chunk_softmax(lm_head, w2, h, u, t, labels, cap=None):
     """One chunk's draft and target softmax numerators and per-token CE, one exp per logit.
 
-    Returns (e_d, r_d, e_t, r_t, ce): e = exp(logits - rowmax) [..., V] and r = 1 / sum(e)
-    [..., 1] of the draft and the target rows, so p = e * r. Leaving p unformed lets a
+    Returns (e_d, r_d, e_t, r_t, ce, f_d, f_t): e = exp(logits - rowmax) [..., V] and
+    r = 1 / sum(e) [..., 1] of the draft and the target rows, so p = e * r. With a
+    softcap ``cap`` (Gemma), draft logits are cap * tanh(lm_head(h) / cap) + the Markov
+    bias (the reference caps before adding it) and target logits are capped alike;
+    f_d / f_t [..., V] are the slopes d cap(z) / d z (None without a cap). Leaving p unformed lets a
     consumer that only needs p up to a per-row factor (the DFlash gradient) read e
     directly; CE is read at the label (logsumexp - logit: one gathered logit per row)
     instead of through a whole [rows, vocab] log-softmax: element-wise work over the
     vocabulary is what the CPU step spends beyond its matmuls. Draft and target rows go
     through one matmul (one read of lm_head, and a taller one: faster on CPU)."""
-    both = _dot(jnp.stack([h, t.astype(h.dtype)]), lm_head, ((h.ndim,), (0,)))
+    both, slope = softcap_and_slope(_dot(jnp.stack([h, t.astype(h.dtype)]), lm_head,
+                                         ((h.ndim,), (0,))), cap)
     logits, tlogits = both[0], both[1]
+    f_d, f_t = (None, None) if slope is None else (slope[0], slope[1])
     if u is not None:
         logits = logits + _dot(u, w2, ((u.ndim - 1,), (0,)))
 
@@ -177,12 +183,12 @@ def _chunk_softmax(lm_head, w2, h, u, t, labels):
     e_t, s_t, _ = numerator(tlogits)
     picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)
     ce = (jnp.log(s_d) + m_d - picked)[..., 0]
-    return e_d, 1.0 / s_d, e_t, 1.0 / s_t, ce
+    return e_d, 1.0 / s_d, e_t, 1.0 / s_t, ce, f_d, f_t
 
 
-def _chunk_stats(lm_head, w2, h, u, t, labels):
+def _chunk_stats(lm_head, w2, h, u, t, labels, cap=None):
     """Per-token CE and TV distance for one chunk; vocab tensors live only here."""
-    e_d, r_d, e_t, r_t, ce = _chunk_softmax(lm_head, w2, h, u, t, labels)
+    e_d, r_d, e_t, r_t, ce, _, _ = _chunk_softmax(lm_head, w2, h, u, t, labels, cap)
     return ce, jnp.sum(jnp.abs(e_d * r_d - e_t * r_t), axis=-1)
 
 
@@ -209,7 +215,8 @@ def _join_chunks(x, B: int, N: int, K: int):
 
 def _chunked(model: DSparkDraft, out: TrainOutputs, token_chunk: int):
     """(lm_head, markov_w2 or None, the [nc, B, c, ...] chunks of (hidden, u, target
-    hidden, labels), split: [B,N,K,...] -> chunks, join: [nc, B, c] -> [B,N,K])."""
+    hidden, labels), split: [B,N,K,...] -> chunks, join: [nc, B, c] -> [B,N,K]).
+    The logit softcap is ``model.cfg.logit_softcap``."""
     h, u, t = out.hidden, out.markov_u, out.target_hidden
     labels = out.targets.target_ids
     B, n, c, nc = _chunking(labels, token_chunk)
@@ -230,12 +237,13 @@ def token_stats(model: DSparkDraft, out: TrainOutputs, token_chunk: int = 2048):
     recomputation (each chunk is rematerialised in the backward).
     """
     lm_head, w2, chunks, _, join = _chunked(model, out, token_chunk)
-    fn = jax.checkpoint(lambda xs: _chunk_stats(lm_head, w2, *xs))
+    cap = model.cfg.logit_softcap
+    fn = jax.checkpoint(lambda xs: _chunk_stats(lm_head, w2, *xs, cap))
     ce, tv = jax.lax.map(fn, chunks)
     return join(ce), join(tv)
 
 
-def _chunk_fused(lm_head, w2, h, u, t, labels, a_ce, a_tv, need):
+def _chunk_fused(lm_head, w2, h, u, t, labels, a_ce, a_tv, need, cap=None):
     """One chunk [B,c,...]: per-token CE and TV and, in the same pass, the gradients of
     ``sum(a_ce * ce + a_tv * tv)`` w.r.t. the inputs named in ``need`` (a dict of bools
     over lm_head, w2, h, u, t). ``a_tv`` None: TV has no weight (DFlash), so only its
@@ -244,8 +252,11 @@ def _chunk_fused(lm_head, w2, h, u, t, labels, a_ce, a_tv, need):
     d S / d logits = a_ce * (p - onehot(label)) + a_tv * (TV terms); the one-hot part is
     linear, so it is applied to the matmul outputs instead (minus the label's column of
     each vocab matrix per row, a gather of [rows, d]) and no [rows, vocab] one-hot exists.
+    With a softcap the lm_head side (h, lm_head, t) gets d S / d z = d S / d logits times
+    the cap's slope (its label column too); the Markov side (u, W2), added after the
+    cap, does not.
     """
-    e_d, r_d, e_t, r_t, ce = _chunk_softmax(lm_head, w2, h, u, t, labels)
+    e_d, r_d, e_t, r_t, ce, f_d, f_t = _chunk_softmax(lm_head, w2, h, u, t, labels, cap)
     p, pt = e_d * r_d, e_t * r_t
     diff = p - pt
     tv = jnp.sum(jnp.abs(diff), axis=-1)
@@ -260,26 +271,35 @@ def _chunk_fused(lm_head, w2, h, u, t, labels, a_ce, a_tv, need):
     g = {}
     lead = tuple(range(h.ndim - 1))
     last = dz.ndim - 1
+    # the lm_head side through the cap: slope-weighted dz, and the label term's weight
+    # times the slope at the label
+    dz_h, a_lab = dz, a_ce
+    if f_d is not None:
+        dz_h = dz * f_d
+        a_lab = a_ce * jnp.take_along_axis(f_d, labels[..., None], axis=-1)[..., 0]
 
-    def label_cols(w):  # [.., rows, k]: column label of w [k, V] for each row, times a_ce
-        return a_ce[..., None] * jnp.take(w, labels, axis=1).astype(jnp.float32).transpose(
+    def label_cols(w, a):  # [.., rows, k]: column label of w [k, V] for each row, times a
+        return a[..., None] * jnp.take(w, labels, axis=1).astype(jnp.float32).transpose(
             tuple(range(1, labels.ndim + 1)) + (0,))
 
-    def label_scatter(x, w):  # [k, V]: sum over rows of a_ce * x at column label
-        rows = (a_ce[..., None] * x.astype(jnp.float32)).reshape(-1, x.shape[-1])
+    def label_scatter(x, w, a):  # [k, V]: sum over rows of a * x at column label
+        rows = (a[..., None] * x.astype(jnp.float32)).reshape(-1, x.shape[-1])
         return jnp.zeros(w.shape[::-1], jnp.float32).at[labels.reshape(-1)].add(rows).T
 
     if need["h"]:
-        g["h"] = (scale(_dot(dz, lm_head, ((last,), (1,)))) - label_cols(lm_head)).astype(h.dtype)
+        g["h"] = (scale(_dot(dz_h, lm_head, ((last,), (1,))))
+                  - label_cols(lm_head, a_lab)).astype(h.dtype)
     if u is not None and need["u"]:
-        g["u"] = (scale(_dot(dz, w2, ((last,), (1,)))) - label_cols(w2)).astype(u.dtype)
+        g["u"] = (scale(_dot(dz, w2, ((last,), (1,)))) - label_cols(w2, a_ce)).astype(u.dtype)
     if u is not None and need["w2"]:
-        g["w2"] = _dot(scale(u.astype(jnp.float32)), dz, (lead, lead)) - label_scatter(u, w2)
+        g["w2"] = _dot(scale(u.astype(jnp.float32)), dz, (lead, lead)) - label_scatter(u, w2, a_ce)
     if need["lm_head"]:
-        g["lm_head"] = (_dot(scale(h.astype(jnp.float32)), dz, (lead, lead))
-                        - label_scatter(h, lm_head))
+        g["lm_head"] = (_dot(scale(h.astype(jnp.float32)), dz_h, (lead, lead))
+                        - label_scatter(h, lm_head, a_lab))
     if a_tv is not None and (need["t"] or need["lm_head"]):
         dzt = -a_tv[..., None] * pt * (sgn - jnp.sum(sgn * pt, axis=-1, keepdims=True))
+        if f_t is not None:
+            dzt = dzt * f_t
         if need["t"]:
             g["t"] = _dot(dzt, lm_head, ((last,), (1,))).astype(t.dtype)
         if need["lm_head"]:
@@ -289,7 +309,7 @@ def _chunk_fused(lm_head, w2, h, u, t, labels, a_ce, a_tv, need):
     return ce, tv, g
 
 
-def _fused_pass(lm_head, w2, h, u, t, labels, a_ce, a_tv, need):
+def _fused_pass(lm_head, w2, h, u, t, labels, a_ce, a_tv, need, cap=None):
     """All chunks ([nc, B, c, ...] inputs) in one ``lax.scan``: (S, ce, tv, grads), with S =
     sum(a_ce * ce + a_tv * tv) (a_tv None: no TV term); the weight gradients accumulate in
     the carry (fp32)."""
@@ -297,7 +317,7 @@ def _fused_pass(lm_head, w2, h, u, t, labels, a_ce, a_tv, need):
             if w is not None and need[k]}
 
     def body(acc, xs):
-        ce, tv, g = _chunk_fused(lm_head, w2, *xs, need)
+        ce, tv, g = _chunk_fused(lm_head, w2, *xs, need, cap)
         acc = {k: acc[k] + g.pop(k) for k in acc}
         return acc, (ce, tv, g)
 
@@ -310,14 +330,15 @@ def _weighted_sum(ce, tv, a_ce, a_tv):
     return jnp.sum(a_ce * ce) + (0.0 if a_tv is None else jnp.sum(a_tv * tv))
 
 
-@jax.custom_vjp
-def _fused_stats(lm_head, w2, h, u, t, labels, a_ce, a_tv):
-    """(S, ce, tv) over chunked inputs; only S is differentiable (see ``fused_token_stats``)."""
-    ce, tv = jax.lax.map(lambda xs: _chunk_stats(lm_head, w2, *xs), (h, u, t, labels))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused_stats(cap, lm_head, w2, h, u, t, labels, a_ce, a_tv):
+    """(S, ce, tv) over chunked inputs; only S is differentiable (see ``fused_token_stats``).
+    ``cap``: the logit softcap (static; None = none)."""
+    ce, tv = jax.lax.map(lambda xs: _chunk_stats(lm_head, w2, *xs, cap), (h, u, t, labels))
     return _weighted_sum(ce, tv, a_ce, a_tv), ce, tv
 
 
-def _fused_stats_fwd(lm_head, w2, h, u, t, labels, a_ce, a_tv):
+def _fused_stats_fwd(cap, lm_head, w2, h, u, t, labels, a_ce, a_tv):
     args = dict(lm_head=lm_head, w2=w2, h=h, u=u, t=t)
     need = {k: v is not None and v.perturbed for k, v in args.items()}
     if a_ce.perturbed or (a_tv is not None and a_tv.perturbed):
@@ -325,11 +346,11 @@ def _fused_stats_fwd(lm_head, w2, h, u, t, labels, a_ce, a_tv):
                          "differentiated (stop_gradient them: they depend on masks only).")
     val = lambda v: None if v is None else v.value
     s, ce, tv, g = _fused_pass(*(val(v) for v in (lm_head, w2, h, u, t, labels, a_ce, a_tv)),
-                               need)
+                               need, cap)
     return (s, ce, tv), g
 
 
-def _fused_stats_bwd(g, cts):
+def _fused_stats_bwd(cap, g, cts):
     ct_s, ct_ce, ct_tv = cts
     if not (isinstance(ct_ce, SymbolicZero) and isinstance(ct_tv, SymbolicZero)):
         raise ValueError("dspark_train._fused_stats: only the weighted sum S is differentiable; "
@@ -358,7 +379,7 @@ def fused_token_stats(model: DSparkDraft, out: TrainOutputs, a_ce: jax.Array,
     lm_head, w2, chunks, split, join = _chunked(model, out, token_chunk)
     sg = jax.lax.stop_gradient
     weights = (None if a is None else split(sg(a).astype(jnp.float32)) for a in (a_ce, a_tv))
-    s, ce, tv = _fused_stats(lm_head, w2, *chunks, *weights)
+    s, ce, tv = _fused_stats(model.cfg.logit_softcap, lm_head, w2, *chunks, *weights)
     return s, sg(join(ce)), sg(join(tv))
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepspec_jax.config import TargetConfig, load_config_json, target_config_from_dict
-from deepspec_jax.drafts.common import DraftFamily, Frozen, Proposal
+from deepspec_jax.drafts.common import DraftFamily, Frozen, Proposal, softcap_logits
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.kernels.attention import dense_attention, merge_attention
 from deepspec_jax.layers import apply_rope, rms_norm, rope_inv_freq, swiglu
@@ -53,6 +53,7 @@ class Eagle3Config:
     ttt_length: int = 7
     step_loss_decay: float = 0.8
     draft_num_hidden_layers: int = 1
+    logit_softcap: float | None = None  # Gemma's final_logit_softcapping (draft and target logits)
     raw: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     # Convenience views of the backbone (keeps model code short).
@@ -186,9 +187,11 @@ class Eagle3Draft(nnx.Module):
         return rms_norm(h, self.norm.get_value().astype(self.dtype), self.cfg.backbone.rms_norm_eps)
 
     def logits(self, h: jax.Array) -> jax.Array:
-        return jnp.einsum("...d,dv->...v", self.final_hidden(h),
-                          self.lm_head.get_value().astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        """softcap(lm_head(norm(h))) in fp32 (the reference's ``compute_logits``)."""
+        return softcap_logits(jnp.einsum("...d,dv->...v", self.final_hidden(h),
+                                         self.lm_head.get_value().astype(self.dtype),
+                                         preferred_element_type=jnp.float32),
+                              self.cfg.logit_softcap)
 
     def qkv(self, ids: jax.Array, h: jax.Array, positions: jax.Array):
         """Queries/keys/values of the layer for tokens ``ids`` [B,T] paired with hidden

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
+from deepspec_jax.drafts.common import softcap_logits
 from deepspec_jax.drafts.dspark_train import check_vocab_grad
 from deepspec_jax.drafts.eagle3 import Eagle3Draft
 from deepspec_jax.kernels.attention import merge_attention, span_attention
@@ -158,12 +159,22 @@ def _chunks(w: jax.Array, chunk: int):
     return jnp.moveaxis(wp.reshape(d, n, chunk), 1, 0), valid
 
 
-def _logits(x, wc, valid):
-    z = jnp.einsum("nd,dv->nv", x, wc, preferred_element_type=jnp.float32)
+def _logits(x, wc, valid, cap=None):
+    """x @ wc in fp32, softcapped (``cap``: Gemma's final_logit_softcapping, None = none),
+    padding columns -inf."""
+    z = softcap_logits(jnp.einsum("nd,dv->nv", x, wc, preferred_element_type=jnp.float32), cap)
     return z if valid is None else jnp.where(valid[None], z, NEG_INF)
 
 
-def _lse_argmax(x, wcs, valids):
+def _cap_slope(dz, z, cap):
+    """dz [rows, V] (d / d capped logits z) -> d / d the uncapped ones: times
+    1 - tanh^2 = 1 - (z / cap)^2 (clipped, so a -inf padding column gives 0, not NaN)."""
+    if cap is None:
+        return dz
+    return dz * (1.0 - jnp.square(jnp.clip(z / cap, -1.0, 1.0)))
+
+
+def _lse_argmax(x, wcs, valids, cap=None):
     """Online log-sum-exp and first-index argmax of x @ W over vocab chunks."""
     N = x.shape[0]
     chunk = wcs.shape[-1]
@@ -171,7 +182,7 @@ def _lse_argmax(x, wcs, valids):
     def body(c, xs):
         m, s, best, arg = c
         wc, valid, i = xs
-        z = _logits(x, wc, valid)
+        z = _logits(x, wc, valid, cap)
         zm = jnp.max(z, axis=-1)
         m2 = jnp.maximum(m, zm)
         s = s * jnp.exp(m - m2) + jnp.sum(jnp.exp(z - m2[:, None]), axis=-1)
@@ -185,7 +196,7 @@ def _lse_argmax(x, wcs, valids):
     return m + jnp.log(s), arg
 
 
-def _block_fwd(xd, xt, wcs, valids, a=None, grad_w: bool = False, t_index=None):
+def _block_fwd(xd, xt, wcs, valids, a=None, grad_w: bool = False, t_index=None, cap=None):
     """Loss pieces for one block of rows: (ce, overlap, agree, lse_d, lse_t, grads).
 
     ``t_index`` [rows] (static numpy): draft row r's target is xt[t_index[r]], so target
@@ -210,25 +221,25 @@ def _block_fwd(xd, xt, wcs, valids, a=None, grad_w: bool = False, t_index=None):
         overlap = jnp.sum(jnp.minimum(pd, pt), axis=-1)
         if a is None:
             return (cross, overlap), None
-        dz = a[:, None] * (pd - pt)
+        dz = _cap_slope(a[:, None] * (pd - pt), zd, cap)
         dxd = jnp.einsum("nv,dv->nd", dz, wc, preferred_element_type=jnp.float32)
         dwc = jnp.einsum("nd,nv->dv", xd.astype(jnp.float32), dz) if grad_w else None
         return (cross, overlap), (dxd, dwc)
 
     at = lambda i: None if valids is None else valids[i]
     if wcs.shape[0] == 1:
-        zd, zt = _logits(xd, wcs[0], at(0)), _logits(xt, wcs[0], at(0))
+        zd, zt = _logits(xd, wcs[0], at(0), cap), _logits(xt, wcs[0], at(0), cap)
         (lse_d, arg_d), (lse_t, arg_t) = (_lse_argmax_dense(z) for z in (zd, zt))
         (cross, overlap), grads = piece(zd, zt, wcs[0], at(0), lse_d, lse_t)
         if grads is not None:
             grads = (grads[0], None if grads[1] is None else grads[1][None])
     else:
-        lse_d, arg_d = _lse_argmax(xd, wcs, valids)
-        lse_t, arg_t = _lse_argmax(xt, wcs, valids)
+        lse_d, arg_d = _lse_argmax(xd, wcs, valids, cap)
+        lse_t, arg_t = _lse_argmax(xt, wcs, valids, cap)
 
         def body(c, xs):
             wc, valid = xs
-            zd, zt = _logits(xd, wc, valid), _logits(xt, wc, valid)
+            zd, zt = _logits(xd, wc, valid, cap), _logits(xt, wc, valid, cap)
             (cr, ov), g = piece(zd, zt, wc, valid, lse_d, lse_t)
             c = (c[0] + cr, c[1] + ov, None if g is None else c[2] + g[0])
             return c, (None if g is None else g[1])
@@ -268,13 +279,14 @@ def _take_rows(z, index: np.ndarray):
     return jnp.concatenate([z[int(r[0]):int(r[0]) + len(r)] for r in runs], axis=0)
 
 
-def _block_bwd(xd, xt, wcs, valids, lse_d, lse_t, g, grad_w):
+def _block_bwd(xd, xt, wcs, valids, lse_d, lse_t, g, grad_w, cap=None):
     """d ce / d xd (and per-chunk d ce / d w when ``grad_w``) for one block of rows."""
 
     def body(dxd, xs):
         wc, valid = xs
-        zd, zt = _logits(xd, wc, valid), _logits(xt, wc, valid)
-        dz = g[:, None] * (jnp.exp(zd - lse_d[:, None]) - jnp.exp(zt - lse_t[:, None]))
+        zd, zt = _logits(xd, wc, valid, cap), _logits(xt, wc, valid, cap)
+        dz = _cap_slope(g[:, None] * (jnp.exp(zd - lse_d[:, None]) - jnp.exp(zt - lse_t[:, None])),
+                        zd, cap)
         dxd = dxd + jnp.einsum("nv,dv->nd", dz, wc, preferred_element_type=jnp.float32)
         dwc = jnp.einsum("nd,nv->dv", xd.astype(jnp.float32), dz) if grad_w else None
         return dxd, dwc
@@ -304,19 +316,19 @@ def _unblock(x, N):
     return x.reshape(-1, *x.shape[2:])[:N]
 
 
-def _soft_ce_fwd(xd, xt, w, chunk, rows, grad_w):
+def _soft_ce_fwd(xd, xt, w, chunk, rows, grad_w, cap):
     N = xd.shape[0]
     rows = _balanced_rows(N, rows)
     wcs, valids = _chunks(w, chunk)
-    outs = jax.lax.map(lambda b: _block_fwd(b[0], b[1], wcs, valids)[:5],
+    outs = jax.lax.map(lambda b: _block_fwd(b[0], b[1], wcs, valids, cap=cap)[:5],
                        (_row_blocks(xd, rows), _row_blocks(xt, rows)))
     ce, overlap, agree, lse_d, lse_t = (_unblock(o, N) for o in outs)
     return (ce, overlap, agree), (xd, xt, w, lse_d, lse_t)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def soft_ce(xd: jax.Array, xt: jax.Array, w: jax.Array, chunk: int = 8192, rows: int = 4096,
-            grad_w: bool = False):
+            grad_w: bool = False, cap: float | None = None):
     """Per-row soft CE of softmax(xt @ w) against log_softmax(xd @ w), plus metrics.
 
     xd/xt [N,d] (draft / target lm_head inputs), w [d,V]. Returns (ce [N],
@@ -324,11 +336,12 @@ def soft_ce(xd: jax.Array, xt: jax.Array, w: jax.Array, chunk: int = 8192, rows:
     blocked into [rows, chunk] logit tiles, so memory does not grow with N*V. Only
     ``ce`` is differentiated: w.r.t. xd, and w.r.t. w only when ``grad_w`` (the
     Eagle3 lm_head is frozen). The target side is data and gets a zero gradient.
+    ``cap``: both logits are cap * tanh(z / cap) (Gemma's final_logit_softcapping).
     """
-    return _soft_ce_fwd(xd, xt, w, chunk, rows, grad_w)[0]
+    return _soft_ce_fwd(xd, xt, w, chunk, rows, grad_w, cap)[0]
 
 
-def _soft_ce_bwd(chunk, rows, grad_w, res, cts):
+def _soft_ce_bwd(chunk, rows, grad_w, cap, res, cts):
     xd, xt, w, lse_d, lse_t = res
     g = cts[0]  # metrics carry no gradient
     N = xd.shape[0]
@@ -337,7 +350,7 @@ def _soft_ce_bwd(chunk, rows, grad_w, res, cts):
     blocks = tuple(_row_blocks(a, rows) for a in (xd, xt, lse_d, lse_t, g))
 
     def body(dw, b):
-        dxd, dwc = _block_bwd(*b[:2], wcs, valids, *b[2:], grad_w)
+        dxd, dwc = _block_bwd(*b[:2], wcs, valids, *b[2:], grad_w, cap)
         return (dw + dwc if grad_w else dw), dxd
 
     dw0 = jnp.zeros(wcs.shape, jnp.float32) if grad_w else jnp.zeros((), jnp.float32)
@@ -359,7 +372,7 @@ def _dw_full(dw, w):
     return jnp.moveaxis(dw, 0, 1).reshape(d, -1)[:, :V].astype(w.dtype)
 
 
-def _weighted_pass(xd, xt, w, a, chunk, grad_w, t_index):
+def _weighted_pass(xd, xt, w, a, chunk, grad_w, t_index, cap):
     """All blocks (xd [n, R, d], xt [n, U, d], a [n, R]): ((S, ce, overlap, agree) per
     block row, (d S / d xd [n, R, d], d S / d w or None))."""
     wcs, valids = _chunks(w, chunk)
@@ -367,7 +380,7 @@ def _weighted_pass(xd, xt, w, a, chunk, grad_w, t_index):
     def body(dw, b):
         bd, bt, ba = b
         ce, overlap, agree, _, _, (dxd, dwc) = _block_fwd(bd, bt, wcs, valids, ba, grad_w,
-                                                          t_index)
+                                                          t_index, cap)
         return (dw + dwc if grad_w else dw), (ce, overlap, agree, dxd.astype(xd.dtype))
 
     dw0 = jnp.zeros(wcs.shape, jnp.float32) if grad_w else jnp.zeros((), jnp.float32)
@@ -376,21 +389,21 @@ def _weighted_pass(xd, xt, w, a, chunk, grad_w, t_index):
 
 
 @functools.lru_cache(maxsize=None)
-def _weighted_soft_ce(chunk: int, grad_w: bool, layout: tuple | None):
+def _weighted_soft_ce(chunk: int, grad_w: bool, layout: tuple | None, cap: float | None):
     """The custom_vjp of the weighted soft CE over blocked rows, for one static chunk,
-    grad_w and target layout (None: row-aligned; (ttt, B, r): ``_ttt_index``)."""
+    grad_w, target layout (None: row-aligned; (ttt, B, r): ``_ttt_index``) and softcap."""
     t_index = None if layout is None else _ttt_index(*layout)
 
     @jax.custom_vjp
     def f(xd, xt, w, a):
         wcs, valids = _chunks(w, chunk)
         ce, overlap, agree = jax.lax.map(
-            lambda b: _block_fwd(b[0], b[1], wcs, valids, t_index=t_index)[:3], (xd, xt))
+            lambda b: _block_fwd(b[0], b[1], wcs, valids, t_index=t_index, cap=cap)[:3], (xd, xt))
         return jnp.sum(a * ce), ce, overlap, agree
 
     def fwd(xd, xt, w, a):
         out, (dxd, dw) = _weighted_pass(xd.value, xt.value, w.value, a.value, chunk, grad_w,
-                                        t_index)
+                                        t_index, cap)
         return out, (dxd, dw, xt.value, w.value, a.value)
 
     def bwd(res, cts):
@@ -407,7 +420,8 @@ def _weighted_soft_ce(chunk: int, grad_w: bool, layout: tuple | None):
 
 
 def weighted_soft_ce(xd: jax.Array, xt: jax.Array, w: jax.Array, a: jax.Array,
-                     chunk: int = 8192, rows: int = 4096, grad_w: bool = False):
+                     chunk: int = 8192, rows: int = 4096, grad_w: bool = False,
+                     cap: float | None = None):
     """(S, ce, overlap, agree): ``soft_ce``'s per-row outputs (not differentiable) and
     S = sum(a * ce) for per-row weights ``a`` [N] that do not depend on the logits.
 
@@ -420,7 +434,7 @@ def weighted_soft_ce(xd: jax.Array, xt: jax.Array, w: jax.Array, a: jax.Array,
     N = xd.shape[0]
     rows = _balanced_rows(N, rows)
     sg = jax.lax.stop_gradient
-    s, *stats = _weighted_soft_ce(chunk, grad_w, None)(
+    s, *stats = _weighted_soft_ce(chunk, grad_w, None, cap)(
         *(_row_blocks(v, rows) for v in (xd, xt)), w, _row_blocks(sg(a).astype(jnp.float32), rows))
     return (s, *(sg(_unblock(x, N)) for x in stats))
 
@@ -433,7 +447,8 @@ def _ttt_index(ttt: int, B: int, r: int) -> np.ndarray:
 
 
 def ttt_weighted_soft_ce(xd: jax.Array, target_last_hidden: jax.Array, w: jax.Array,
-                         a: jax.Array, chunk: int, rows: int, grad_w: bool = False):
+                         a: jax.Array, chunk: int, rows: int, grad_w: bool = False,
+                         cap: float | None = None):
     """``weighted_soft_ce`` of the TTT steps, xd [ttt,B,T,d] and a [ttt,B,T], against the
     targets of ``target_inputs(target_last_hidden, ttt)`` without materialising them:
     blocks of r positions of every sequence hold all ttt steps (B*ttt*r <= ``rows``
@@ -455,7 +470,7 @@ def ttt_weighted_soft_ce(xd: jax.Array, target_last_hidden: jax.Array, w: jax.Ar
     idx = (np.arange(nb)[:, None] * r + np.arange(r + ttt - 1)[None]).reshape(-1)
     xt = jnp.take(ext, idx, axis=1).reshape(B, nb, r + ttt - 1, d)
     xt = jnp.moveaxis(xt, 1, 0).reshape(nb, B * (r + ttt - 1), d)
-    s, *stats = _weighted_soft_ce(chunk, grad_w, (ttt, B, r))(
+    s, *stats = _weighted_soft_ce(chunk, grad_w, (ttt, B, r), cap)(
         blocks(xd), xt, w, blocks(sg(a).astype(jnp.float32)))
 
     def unblock(x):  # [nb, B*ttt*r] -> [ttt,B,T]
@@ -538,11 +553,13 @@ def eagle3_loss(model: Eagle3Draft, input_ids, features, target_last_hidden, los
         # d loss / d ce per row: the step weight times the position mask over B*T
         a = weights[:, None, None] * pm / (B * T)
         s_ce, ce, overlap, agree = ttt_weighted_soft_ce(xd.reshape(ttt, B, T, -1), last, w, a,
-                                                        vocab_chunk, row_chunk)
+                                                        vocab_chunk, row_chunk,
+                                                        cap=cfg.logit_softcap)
     else:
         xt = target_inputs(last, ttt).reshape(ttt * B * T, -1)
         ce, overlap, agree = (x.reshape(ttt, B, T) for x in
-                              soft_ce(xd, xt, w, vocab_chunk, row_chunk))
+                              soft_ce(xd, xt, w, vocab_chunk, row_chunk, False,
+                                      cfg.logit_softcap))
     valid = jnp.sum(pm, axis=(1, 2))
     step_losses = jnp.sum(pm * ce, axis=(1, 2)) / (B * T)
     loss = jnp.sum(weights * step_losses)
