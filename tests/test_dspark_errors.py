@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import fixture_sets
-from deepspec_jax.drafts.dspark import (ARCHITECTURE, dspark_config_from_dict, dspark_rules,
+from deepspec_jax.drafts.dspark import (ARCHITECTURES, dspark_config_from_dict, dspark_rules,
                                         load_dspark_checkpoint)
 from deepspec_jax.drafts.dspark_train import block_targets, sample_anchors
 from deepspec_jax.errors import CheckpointError, ConfigError
@@ -27,7 +27,7 @@ def _draft_dirs() -> list[str]:
             cfg = os.path.join(fs, name, "config.json")
             if os.path.exists(cfg):
                 with open(cfg, encoding="utf-8") as f:
-                    if (json.load(f).get("architectures") or [None])[0] == ARCHITECTURE:
+                    if (json.load(f).get("architectures") or [None])[0] in ARCHITECTURES.values():
                         out.append(os.path.join(fs, name))
     return out
 

@@ -22,7 +22,7 @@ from flax import nnx
 
 from conftest import fixture_sets, load_manifest
 from deepspec_jax.drafts import dspark_train as T
-from deepspec_jax.drafts.dspark import ARCHITECTURE, DSparkLossConfig, load_dspark_checkpoint
+from deepspec_jax.drafts.dspark import ARCHITECTURES, DSparkLossConfig, load_dspark_checkpoint
 from deepspec_jax.sampling import SamplingParams
 from deepspec_jax.weights.safetensors_io import SafetensorsFile
 
@@ -36,7 +36,7 @@ def _is_dspark_dir(path: str) -> bool:
     if not os.path.exists(cfg):
         return False
     with open(cfg, encoding="utf-8") as f:
-        return (json.load(f).get("architectures") or [None])[0] == ARCHITECTURE
+        return (json.load(f).get("architectures") or [None])[0] in ARCHITECTURES.values()
 
 
 def _cases(prefix: str):

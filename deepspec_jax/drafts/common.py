@@ -10,17 +10,22 @@ Names (one meaning each):
 * **family** -- the code that serves one or more kinds (``DraftFamily.name``:
   ``"dspark"`` serves dspark and dflash, ``"eagle3"`` serves eagle3).
 * **architecture** -- only the HF ``config.json`` string (``architectures[0]``) of a
-  family's checkpoints, e.g. ``"Qwen3DSparkModel"``.
+  family's checkpoints. A family serves one architecture per layer flavour (the
+  ``model_type`` of the draft's layer config, a copy of the target's text config):
+  ``"Qwen3DSparkModel"`` (qwen3) and ``"Gemma4DSparkModel"`` (gemma4_text).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, NamedTuple
+from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from deepspec_jax.config import TargetConfig, target_config_from_dict
+from deepspec_jax.errors import ConfigError
 
 
 def softcap_and_slope(z: jax.Array, cap: float | None):
@@ -60,7 +65,7 @@ class DraftFamily:
     family, so the loop never branches on a family)."""
 
     name: str                  # "dspark" | "eagle3"
-    architecture: str          # HF architectures[0] of its checkpoints
+    architectures: Mapping[str, str]  # layer model_type -> HF architectures[0]
     kinds: tuple[str, ...]     # the kinds it serves
     kind_of: Callable          # (config) -> kind
     config_from_dict: Callable  # (raw HF config dict, source str) -> config
@@ -75,3 +80,77 @@ class DraftFamily:
     propose: Callable          # (model, state, current, key, sp) -> (Proposal, state)
     commit: Callable           # (model, state, feats, committed, num_new) -> state
     tree: Callable             # (model, state, current, key, sp, topk, num_nodes, threshold) -> DraftTree
+
+    def architecture_for(self, model_type: str, source: str) -> str:
+        """The HF architecture of this family's drafts whose layers are ``model_type``
+        (the target's text model type): what exports write into config.json."""
+        if model_type not in self.architectures:
+            raise ConfigError(f"{source}: a {self.name} draft for a {model_type!r} target is not "
+                              f"supported; supported layer model types: {list(self.architectures)}.")
+        return self.architectures[model_type]
+
+
+def logit_softcap(raw: dict, source: str) -> float | None:
+    """``final_logit_softcapping`` of a draft config (Gemma; None = no cap), checked > 0 as
+    the reference asserts."""
+    cap = raw.get("final_logit_softcapping")
+    if cap is None:
+        return None
+    if not float(cap) > 0:
+        raise ConfigError(f"{source}: field 'final_logit_softcapping' = {cap!r} must be positive "
+                          "(or null for no softcap).")
+    return float(cap)
+
+
+# config.json fields of DeepSpec's drafts that are not the layers' (text) config
+DRAFT_ONLY_FIELDS = frozenset({
+    "architectures", "block_size", "num_target_layers", "target_layer_ids", "mask_token_id",
+    "num_anchors", "enable_confidence_head", "confidence_head_with_markov", "markov_rank",
+    "markov_head_type", "target_model_type", "target_text_model_type", "ttt_length",
+    "step_loss_decay", "draft_num_hidden_layers", "target_model_name_or_path"})
+
+
+def _gemma4_draft_layer_fields(raw: dict, source: str) -> dict:
+    """Check what DeepSpec's Gemma-4 draft modules assume of the copied text config, and
+    return the fields that differ for the draft's own layers: its layers never share KV
+    (``num_kv_shared_layers`` = 0)."""
+    n = int(raw.get("num_hidden_layers", 0))
+    types = raw.get("layer_types")
+    if types is not None and list(types) != ["full_attention"] * n:
+        raise ConfigError(f"{source}: field 'layer_types' = {types!r}; DeepSpec's Gemma-4 drafts "
+                          f"have {n} 'full_attention' layers (num_hidden_layers = {n}).")
+    for field, ok in (("enable_moe_block", False), ("hidden_size_per_layer_input", 0)):
+        if raw.get(field, ok) not in (ok, None):
+            raise ConfigError(f"{source}: field {field!r} = {raw[field]!r}; DeepSpec's Gemma-4 "
+                              f"drafts require {ok!r} (they assert it).")
+    if raw.get("attention_k_eq_v"):
+        raise ConfigError(f"{source}: field 'attention_k_eq_v' = true (values = keys with "
+                          "num_global_key_value_heads heads) is not supported for Gemma-4 drafts; "
+                          "only separate v_proj drafts (attention_k_eq_v = false) are.")
+    shared = int(raw.get("num_kv_shared_layers") or 0)
+    if raw.get("use_double_wide_mlp") and 0 < n - shared < n:
+        raise ConfigError(
+            f"{source}: fields 'use_double_wide_mlp' = true and 'num_kv_shared_layers' = {shared} "
+            f"with num_hidden_layers = {n}: DeepSpec's Gemma-4 draft MLP (Gemma4TextMLP) then "
+            f"doubles the width of draft layers {list(range(n - shared, n))}, a quirk this "
+            "implementation does not reproduce; set use_double_wide_mlp false or "
+            "num_kv_shared_layers to 0 or >= num_hidden_layers.")
+    return {"num_kv_shared_layers": 0}
+
+
+def draft_layer_config(family: DraftFamily, raw: dict, source: str, **overrides) -> TargetConfig:
+    """The draft's decoder-layer config: ``raw`` (DeepSpec's draft config.json, a copy of
+    the target's text config plus draft fields) without the draft fields, with
+    ``overrides``. Checks that ``architectures`` is the family's for the layers'
+    ``model_type``."""
+    model_type = raw.get("model_type")
+    want = family.architecture_for(model_type, f"{source}: field 'model_type'")
+    archs = raw.get("architectures")
+    if archs != [want]:
+        raise ConfigError(f"{source}: field 'architectures' = {archs!r}; a {family.name} draft "
+                          f"with model_type {model_type!r} has [\"{want}\"].")
+    layer = {k: v for k, v in raw.items() if k not in DRAFT_ONLY_FIELDS}
+    layer.update(overrides)
+    if model_type == "gemma4_text":
+        layer.update(_gemma4_draft_layer_fields(layer, source))
+    return target_config_from_dict(layer, source)

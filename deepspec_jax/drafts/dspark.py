@@ -25,7 +25,8 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from deepspec_jax.config import TargetConfig, load_config_json, target_config_from_dict
-from deepspec_jax.drafts.common import DraftFamily, Frozen, Proposal, softcap_logits
+from deepspec_jax.drafts.common import (DraftFamily, Frozen, Proposal, draft_layer_config,
+                                        logit_softcap, softcap_logits)
 from deepspec_jax.dtypes import compute_dtype
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.kernels.attention import dense_attention, merge_attention, span_attention
@@ -39,7 +40,8 @@ from deepspec_jax.weights.name_map import TARGET_IGNORABLE, Rule, layer_rules
 from deepspec_jax.weights.safetensors_io import TensorSource
 
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
-ARCHITECTURE = "Qwen3DSparkModel"
+# the draft's layer model_type (its target's text model type) -> DeepSpec's class name
+ARCHITECTURES = {"qwen3": "Qwen3DSparkModel", "gemma4_text": "Gemma4DSparkModel"}
 
 
 # ---------------------------------------------------------------------------
@@ -50,7 +52,8 @@ ARCHITECTURE = "Qwen3DSparkModel"
 class DSparkConfig:
     """A DSpark/DFlash draft's ``config.json`` (field names as in the reference)."""
 
-    layer: TargetConfig                 # the draft's own decoder layers (a Qwen3 config copy)
+    layer: TargetConfig                 # the draft's own decoder layers (the target's text
+                                        # config copy: Qwen3, or Gemma-4 with full layers)
     block_size: int
     num_target_layers: int
     target_layer_ids: tuple[int, ...]
@@ -133,10 +136,7 @@ def _check_layer_ids(ids: tuple[int, ...], n: int, source: str) -> None:
 
 def dspark_config_from_dict(raw: dict, source: str = "config.json") -> DSparkConfig:
     """Parse and validate a DSpark/DFlash draft config; errors name ``source`` and the field."""
-    layer = target_config_from_dict(raw, source)
-    if layer.model_type != "qwen3":
-        raise ConfigError(f"{source}: field 'model_type' = {layer.model_type!r}; a "
-                          f"{ARCHITECTURE} draft is a Qwen3 config copy (model_type \"qwen3\").")
+    layer = draft_layer_config(FAMILY, raw, source)
     block_size = int(_need(raw, "block_size", source, "7"))
     if block_size < 1:
         raise ConfigError(f"{source}: field 'block_size' = {block_size} must be >= 1.")
@@ -167,7 +167,8 @@ def dspark_config_from_dict(raw: dict, source: str = "config.json") -> DSparkCon
     return DSparkConfig(layer=layer, block_size=block_size, num_target_layers=n_target,
                         target_layer_ids=ids, mask_token_id=mask_id, num_anchors=num_anchors,
                         enable_confidence_head=conf, confidence_head_with_markov=conf_markov,
-                        markov_rank=rank, markov_head_type=head_type, raw=dict(raw))
+                        markov_rank=rank, markov_head_type=head_type,
+                        logit_softcap=logit_softcap(raw, source), raw=dict(raw))
 
 
 # ---------------------------------------------------------------------------
@@ -553,12 +554,7 @@ def build_dspark(cfg: DSparkConfig, *, dtype=jnp.float32, param_dtype=jnp.float3
 
 def load_dspark_config(path: str) -> DSparkConfig:
     cfg_path = os.path.join(path, "config.json")
-    raw = load_config_json(cfg_path)
-    archs = raw.get("architectures") or []
-    if archs != [ARCHITECTURE]:
-        raise ConfigError(f"{cfg_path}: field 'architectures' = {archs!r}; expected "
-                          f"[\"{ARCHITECTURE}\"] for a DSpark/DFlash draft.")
-    return dspark_config_from_dict(raw, cfg_path)
+    return dspark_config_from_dict(load_config_json(cfg_path), cfg_path)
 
 
 def load_dspark_checkpoint(path: str, mesh: Mesh | None = None, dtype: str = "float32",
@@ -610,7 +606,7 @@ def decode_tree(model: DSparkDraft, cache: DraftCache, current, key, sp, topk: i
 
 
 FAMILY = DraftFamily(
-    name="dspark", architecture=ARCHITECTURE, kinds=("dspark", "dflash"), kind_of=dspark_kind,
+    name="dspark", architectures=ARCHITECTURES, kinds=("dspark", "dflash"), kind_of=dspark_kind,
     config_from_dict=dspark_config_from_dict, build=build_dspark, rules=dspark_rules,
     num_layers=lambda cfg: cfg.num_layers, lowest_layer_id=-1,
     width=lambda cfg: int(cfg.block_size),

@@ -23,7 +23,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepspec_jax.config import TargetConfig, load_config_json, target_config_from_dict
-from deepspec_jax.drafts.common import DraftFamily, Frozen, Proposal, softcap_logits
+from deepspec_jax.drafts.common import (DraftFamily, Frozen, Proposal, draft_layer_config,
+                                        logit_softcap, softcap_logits)
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.kernels.attention import dense_attention, merge_attention
 from deepspec_jax.layers import apply_rope, rms_norm, rope_inv_freq, swiglu
@@ -36,6 +37,8 @@ from deepspec_jax.weights.name_map import Rule, layer_rules
 from deepspec_jax.weights.safetensors_io import TensorSource
 
 NUM_FEATURE_LAYERS = 5  # Eagle3 v1 fuses exactly five target layers
+# the draft's layer model_type (its target's text model type) -> DeepSpec's class name
+ARCHITECTURES = {"qwen3": "Qwen3Eagle3Model", "gemma4_text": "Gemma4Eagle3Model"}
 
 
 # ---------------------------------------------------------------------------
@@ -119,10 +122,11 @@ def eagle3_config_from_dict(raw: dict, source: str = "config.json") -> Eagle3Con
     ttt = int(raw.get("ttt_length", 7))
     if ttt < 1:
         raise ConfigError(f"{source}: field 'ttt_length' = {ttt} must be >= 1.")
-    backbone = target_config_from_dict(dict(raw, num_hidden_layers=n_draft), source)
+    backbone = draft_layer_config(FAMILY, raw, source, num_hidden_layers=n_draft)
     return Eagle3Config(backbone=backbone, target_layer_ids=ids, num_target_layers=n_target,
                         ttt_length=ttt, step_loss_decay=float(raw.get("step_loss_decay", 0.8)),
-                        draft_num_hidden_layers=n_draft, raw=dict(raw))
+                        draft_num_hidden_layers=n_draft,
+                        logit_softcap=logit_softcap(raw, source), raw=dict(raw))
 
 
 # ---------------------------------------------------------------------------
@@ -443,7 +447,7 @@ def decode_tree(model: Eagle3Draft, state: Eagle3State, current, key, sp, topk: 
 
 
 FAMILY = DraftFamily(
-    name="eagle3", architecture="Qwen3Eagle3Model", kinds=("eagle3",),
+    name="eagle3", architectures=ARCHITECTURES, kinds=("eagle3",),
     kind_of=lambda cfg: "eagle3", config_from_dict=eagle3_config_from_dict, build=build_eagle3,
     rules=eagle3_rules, num_layers=lambda cfg: cfg.draft_num_hidden_layers, lowest_layer_id=0,
     width=lambda cfg: int(cfg.ttt_length), has_confidence=lambda cfg: False,

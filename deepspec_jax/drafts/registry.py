@@ -18,7 +18,8 @@ from deepspec_jax.models.transformer import CausalLM
 from deepspec_jax.weights.name_map import TARGET_IGNORABLE, target_ignorable, target_rules
 
 FAMILIES: dict[str, DraftFamily] = {f.name: f for f in (dspark.FAMILY, eagle3.FAMILY)}
-BY_ARCHITECTURE: dict[str, DraftFamily] = {f.architecture: f for f in FAMILIES.values()}
+BY_ARCHITECTURE: dict[str, DraftFamily] = {a: f for f in FAMILIES.values()
+                                           for a in f.architectures.values()}
 BY_KIND: dict[str, DraftFamily] = {k: f for f in FAMILIES.values() for k in f.kinds}
 KINDS: tuple[str, ...] = tuple(BY_KIND)
 
@@ -46,7 +47,10 @@ def _build_target(config, *, dtype, param_dtype, rngs):
 
 
 def _is_target_arch(archs: list) -> bool:
-    return not archs or (len(archs) == 1 and str(archs[0]).endswith("ForCausalLM"))
+    """``*ForCausalLM``, or ``*ForConditionalGeneration`` (Gemma-4's HF class even for a
+    text-only checkpoint), or none."""
+    return not archs or (len(archs) == 1 and str(archs[0]).endswith(
+        ("ForCausalLM", "ForConditionalGeneration")))
 
 
 def resolve_spec(raw: dict, source: str) -> ModelSpec:
@@ -69,9 +73,9 @@ def resolve_spec(raw: dict, source: str) -> ModelSpec:
     except ConfigError:
         raise ConfigError(
             f"{source}: field 'architectures' = {archs!r} is not a known architecture; "
-            f"drafts: {sorted(BY_ARCHITECTURE)}, targets: '<Family>ForCausalLM' (model_type "
-            "llama/qwen3). Fix the field, or add the draft family to "
+            f"drafts: {sorted(BY_ARCHITECTURE)}, targets: '<Family>ForCausalLM' or "
+            "'<Family>ForConditionalGeneration'. Fix the field, or add the draft family to "
             "deepspec_jax/drafts/registry.py.") from None
     cfg = family.config_from_dict(raw, source)
-    return ModelSpec("draft", family.architecture, cfg, dict(raw), tuple(family.rules(cfg)),
+    return ModelSpec("draft", archs[0], cfg, dict(raw), tuple(family.rules(cfg)),
                      int(family.num_layers(cfg)), tuple(TARGET_IGNORABLE), family.build, family)

@@ -47,10 +47,17 @@ def draft_hf_config(c, tcfg: TargetConfig, tokenizer=None, target_name: str = ""
         raise ConfigError("config field draft.target_layer_ids is not set; list the target layers "
                           f"to read features from (the target has {tcfg.num_hidden_layers} layers, "
                           "the last one may not be used).")
+    if tcfg.model_type not in ("llama", "qwen3"):
+        raise ConfigError(f"draft_init: deriving a {kind} draft config from a {tcfg.model_type!r} "
+                          "target is implemented for llama/qwen3 targets only (DeepSpec's Qwen3 "
+                          "draft layers); train Gemma-4 drafts with DeepSpec and convert them "
+                          "with convert.torch_to_jax.")
+    arch = family_for_kind(kind, "config field draft.kind").architecture_for(
+        "qwen3", "config field draft.kind")
     rope = (tcfg.raw or {}).get("rope_parameters") or {"rope_type": "default", "rope_theta": tcfg.rope_theta}
     n_layers = int(d.num_hidden_layers)
     raw = {
-        "architectures": [family_for_kind(kind, "config field draft.kind").architecture], "model_type": "qwen3",
+        "architectures": [arch], "model_type": "qwen3",
         "hidden_size": tcfg.hidden_size, "num_attention_heads": tcfg.num_attention_heads,
         "num_key_value_heads": tcfg.num_key_value_heads, "head_dim": tcfg.head_dim,
         "intermediate_size": int(d.intermediate_size) if d.intermediate_size > 0 else tcfg.intermediate_size,
