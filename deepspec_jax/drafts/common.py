@@ -26,6 +26,7 @@ from flax import nnx
 
 from deepspec_jax.config import TargetConfig, target_config_from_dict
 from deepspec_jax.errors import ConfigError
+from deepspec_jax.models.transformer import _layer_params, _param
 
 
 def softcap_and_slope(z: jax.Array, cap: float | None):
@@ -46,6 +47,40 @@ class Frozen(nnx.Variable):
     """A draft parameter copied from the target and never trained (embed_tokens,
     lm_head). A distinct Variable type lets ``nnx.split(model, nnx.Param, Frozen)``
     separate trainable from frozen state, so optimisers and gradients never see it."""
+
+
+# per-layer tensors DeepSpec registers as buffers (saved, never trained): Gemma-4's
+# ``layer_scalar`` (1.0 in its drafts)
+LAYER_BUFFERS = frozenset({"layer_scalar"})
+
+
+class DraftLayers(nnx.Module):
+    """A draft's decoder layers: the target layer parameters of ``cfg``
+    (``models.transformer._layer_params``) stacked on a leading ``layers`` axis, for a
+    ``lax.scan`` over layers (DSpark) or layer 0 (Eagle3). ``in_width`` overrides the
+    q/k/v input width (Eagle3's 2d-wide concatenated input); ``extra`` adds per-layer
+    params (name, shape, axes, init). ``LAYER_BUFFERS`` become ``Frozen`` (no gradient,
+    as in the reference)."""
+
+    def __init__(self, cfg: TargetConfig, *, param_dtype, rngs: nnx.Rngs, in_width: int = 0,
+                 extra: tuple = ()):
+        L = cfg.num_hidden_layers
+        for name, shape, axes, init in tuple(extra) + tuple(_layer_params(cfg)):
+            if in_width and name in ("q_proj", "k_proj", "v_proj"):
+                shape = (in_width,) + tuple(shape[1:])
+            p = _param(rngs, (L,) + tuple(shape), ("layers",) + tuple(axes), param_dtype, init)
+            if name in LAYER_BUFFERS:
+                p = Frozen(p.get_value(), logical_axes=("layers",) + tuple(axes))
+            setattr(self, name, p)
+
+    def stacked(self, dtype) -> dict[str, jax.Array]:
+        """name -> [L, ...] array in ``dtype``."""
+        return {k: v.get_value().astype(dtype) for k, v in vars(self).items()
+                if isinstance(v, nnx.Variable)}
+
+    def layer(self, i: int, dtype) -> dict[str, jax.Array]:
+        """name -> layer ``i``'s array in ``dtype``."""
+        return {k: v[i] for k, v in self.stacked(dtype).items()}
 
 
 class Proposal(NamedTuple):

@@ -25,13 +25,13 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from deepspec_jax.config import TargetConfig, load_config_json, target_config_from_dict
-from deepspec_jax.drafts.common import (DraftFamily, Frozen, Proposal, draft_layer_config,
-                                        logit_softcap, softcap_logits)
+from deepspec_jax.drafts.common import (DraftFamily, DraftLayers, Frozen, Proposal,
+                                        draft_layer_config, logit_softcap, softcap_logits)
 from deepspec_jax.dtypes import compute_dtype
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.kernels.attention import dense_attention, merge_attention, span_attention
 from deepspec_jax.layers import apply_rope, rms_norm, rope_inv_freq
-from deepspec_jax.models.transformer import DecoderStack, _param, layer_finish, layer_qkv
+from deepspec_jax.models.transformer import _param, layer_finish, layer_qkv
 from deepspec_jax.sampling import SamplingParams, sample_with_probs
 from deepspec_jax.sharding import make_mesh
 from deepspec_jax.tree.build import DraftTree, build_tree
@@ -262,7 +262,7 @@ class DSparkDraft(nnx.Module):
         self.fc = p((cfg.num_features, d), ("feature", "embed"))
         self.hidden_norm = p((d,), ("norm",), "ones")
         self.norm = p((d,), ("norm",), "ones")
-        self.layers = DecoderStack(lc, param_dtype=param_dtype, rngs=rngs)
+        self.layers = DraftLayers(lc, param_dtype=param_dtype, rngs=rngs)
         if r > 0:
             self.markov_w1 = p((V, r), ("vocab", "rank"))
             self.markov_w2 = p((r, V), ("rank", "vocab"))
@@ -366,7 +366,7 @@ class DSparkDraft(nnx.Module):
         h = self.embed_tokens(block_ids).reshape(B, N * K, -1)
         pos = (anchors[:, :, None] + jnp.arange(K, dtype=jnp.int32)).reshape(B, N * K)
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
-        params = {k: v.astype(self.dtype) for k, v in self.layers.stacked().items()}
+        params = self.layers.stacked(self.dtype)
 
         def body(h, xs):
             p, xs_l = xs
@@ -412,7 +412,7 @@ class DSparkDraft(nnx.Module):
         ctx = self.project_context(features)
         positions = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
-        params = {k: v.astype(self.dtype) for k, v in self.layers.stacked().items()}
+        params = self.layers.stacked(self.dtype)
         k, v = jax.vmap(lambda p: context_kv(self.cfg.layer, p, ctx, positions, inv_freq))(params)
         # Padding slots (>= num_new) are written too but stay beyond ``lengths``.
         rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, t))

@@ -23,12 +23,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepspec_jax.config import TargetConfig, load_config_json, target_config_from_dict
-from deepspec_jax.drafts.common import (DraftFamily, Frozen, Proposal, draft_layer_config,
-                                        logit_softcap, softcap_logits)
+from deepspec_jax.drafts.common import (DraftFamily, DraftLayers, Frozen, Proposal,
+                                        draft_layer_config, logit_softcap, softcap_logits)
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.kernels.attention import dense_attention, merge_attention
 from deepspec_jax.layers import apply_rope, rms_norm, rope_inv_freq, swiglu
-from deepspec_jax.models.transformer import _param
+from deepspec_jax.models.transformer import _param, layer_finish, layer_qkv
 from deepspec_jax.sampling import SamplingParams, sample_with_probs
 from deepspec_jax.sharding import make_mesh
 from deepspec_jax.tree.build import DraftTree, build_tree
@@ -134,31 +134,12 @@ def eagle3_config_from_dict(raw: dict, source: str = "config.json") -> Eagle3Con
 # ---------------------------------------------------------------------------
 
 
-class Eagle3Layers(nnx.Module):
-    """The decoder layer(s), stacked on a leading ``layers`` axis like ``DecoderStack``
-    (HF ``layers.{i}.``); attention projections read the 2d-wide concatenated input."""
-
-    def __init__(self, cfg: Eagle3Config, *, param_dtype, rngs: nnx.Rngs):
-        b = cfg.backbone
-        L, d, H, K, D, I = (cfg.draft_num_hidden_layers, b.hidden_size, b.num_attention_heads,
-                            b.num_key_value_heads, b.head_dim, b.intermediate_size)
-        p = lambda shape, axes, init="normal": _param(rngs, shape, axes, param_dtype, init)  # noqa: E731
-        self.hidden_norm = p((L, d), ("layers", "norm"), "ones")
-        self.input_norm = p((L, d), ("layers", "norm"), "ones")
-        self.post_attn_norm = p((L, d), ("layers", "norm"), "ones")
-        self.q_proj = p((L, 2 * d, H * D), ("layers", "embed", "heads"))
-        self.k_proj = p((L, 2 * d, K * D), ("layers", "embed", "kv_heads"))
-        self.v_proj = p((L, 2 * d, K * D), ("layers", "embed", "kv_heads"))
-        self.o_proj = p((L, H * D, d), ("layers", "heads", "embed"))
-        self.q_norm = p((L, D), ("layers", "norm"), "ones")
-        self.k_norm = p((L, D), ("layers", "norm"), "ones")
-        self.gate_proj = p((L, d, I), ("layers", "embed", "mlp"))
-        self.up_proj = p((L, d, I), ("layers", "embed", "mlp"))
-        self.down_proj = p((L, I, d), ("layers", "mlp", "embed"))
-
-    def layer(self, i: int, dtype) -> dict[str, jax.Array]:
-        return {k: v.get_value()[i].astype(dtype) for k, v in vars(self).items()
-                if isinstance(v, nnx.Param)}
+def eagle3_layers(cfg: Eagle3Config, *, param_dtype, rngs: nnx.Rngs) -> DraftLayers:
+    """The decoder layer(s), stacked (HF ``layers.{i}.``): a target layer of the backbone
+    config whose q/k/v read the 2d-wide concatenated input, plus ``hidden_norm``."""
+    d = cfg.hidden_size
+    return DraftLayers(cfg.backbone, param_dtype=param_dtype, rngs=rngs, in_width=2 * d,
+                       extra=(("hidden_norm", (d,), ("norm",), "ones"),))
 
 
 class Eagle3Draft(nnx.Module):
@@ -173,7 +154,7 @@ class Eagle3Draft(nnx.Module):
         self.lm_head = frozen((d, V), ("embed", "vocab"))
         self.fc = _param(rngs, (cfg.feature_size, d), ("feature", "embed"), param_dtype)
         self.norm = _param(rngs, (d,), ("norm",), param_dtype, "ones")
-        self.layers = Eagle3Layers(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.layers = eagle3_layers(cfg, param_dtype=param_dtype, rngs=rngs)
         b = cfg.backbone
         self.inv_freq = tuple(float(f) for f in rope_inv_freq(b.head_dim, b.rope_theta,
                                                               b.rope_scaling))
@@ -205,21 +186,11 @@ class Eagle3Draft(nnx.Module):
         eps = b.rms_norm_eps
         x = jnp.concatenate([rms_norm(self.embed_tokens(ids), p["input_norm"], eps),
                              rms_norm(h, p["hidden_norm"], eps)], axis=-1)
-        B, T = ids.shape
-        H, K, D = b.num_attention_heads, b.num_key_value_heads, b.head_dim
-        q = rms_norm((x @ p["q_proj"]).reshape(B, T, H, D), p["q_norm"], eps)
-        k = rms_norm((x @ p["k_proj"]).reshape(B, T, K, D), p["k_norm"], eps)
-        v = (x @ p["v_proj"]).reshape(B, T, K, D)
-        inv = jnp.asarray(self.inv_freq, jnp.float32)
-        return apply_rope(q, positions, inv), apply_rope(k, positions, inv), v
+        return layer_qkv(b, p, x, positions, jnp.asarray(self.inv_freq, jnp.float32))
 
     def finish(self, h: jax.Array, attn: jax.Array) -> jax.Array:
-        """Residual on h, then the MLP block: the layer's output hidden state."""
-        p = self.layers.layer(0, self.dtype)
-        B, T = attn.shape[:2]
-        h = h + attn.reshape(B, T, -1) @ p["o_proj"]
-        x = rms_norm(h, p["post_attn_norm"], self.cfg.backbone.rms_norm_eps)
-        return h + swiglu(x, p["gate_proj"], p["up_proj"], p["down_proj"])
+        """Residual on h, then the MLP block (the target layer's): the layer's output."""
+        return layer_finish(self.cfg.backbone, self.layers.layer(0, self.dtype), h, attn)
 
 
 def build_eagle3(cfg: Eagle3Config, *, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -235,7 +206,7 @@ def eagle3_rules(cfg: Eagle3Config) -> list[Rule]:
         Rule("fc", "fc.weight", True),
         Rule("norm", "norm.weight"),
         Rule("layers.hidden_norm", "layers.{i}.hidden_norm.weight"),
-    ] + layer_rules("", "layers.", qk_norm=True, attention_bias=False)
+    ] + layer_rules("", "layers.", qk_norm=True, attention_bias=cfg.backbone.attention_bias)
 
 
 EAGLE3_IGNORABLE = (re.compile(r".*rotary_emb\.inv_freq$"),)
