@@ -20,6 +20,7 @@ from conftest import fixture_sets, load_manifest
 from deepspec_jax import load_target
 from deepspec_jax.drafts import eagle3
 from deepspec_jax.drafts.eagle3_train import eagle3_loss, ttt_forward
+from deepspec_jax.layers import softcap
 from deepspec_jax.sampling import SamplingParams
 from deepspec_jax.weights.loader import flat_variables
 
@@ -81,16 +82,23 @@ def test_ttt_forward_and_loss(fixture_set, name):
     assert _rel(out.step_losses, ref["step_losses"]) <= 1e-5
     assert _rel(out.loss, ref["total_loss"][0]) <= 1e-5
     # The padded target distribution the reference trains against (fused inside
-    # our loss): softmax of lm_head(target_last_hidden) shifted by one, then uniform.
-    # (zero hidden rows past the end give exactly uniform rows, as in eagle3_train).
+    # our loss): softmax of softcap(lm_head(target_last_hidden)) shifted by one, then
+    # uniform (zero hidden rows past the end give exactly uniform rows, as in
+    # eagle3_train; the softcap is Gemma's, none for Qwen3).
     padded = jnp.pad(last_hidden, ((0, 0), (0, model.cfg.ttt_length + 1), (0, 0)))[:, 1:]
-    t_probs = np.asarray(jax.nn.softmax(padded @ model.lm_head.get_value(), axis=-1))
+    t_probs = np.asarray(jax.nn.softmax(
+        softcap(padded @ model.lm_head.get_value(), model.cfg.logit_softcap), axis=-1))
     assert np.max(np.abs(t_probs - ref["target_probs_padded"])) <= 1e-6
     # DeepSpec's logged metrics, where the manifest records them.
     logged = load_manifest(fixture_set)["files"][name].get("deepspec_metrics", {})
     for key, val in logged.items():
-        ours = out.metrics.get(key.removeprefix("train/"))
+        name = key.removeprefix("train/")
+        ours = out.metrics.get(name)
         assert ours is not None, key
+        if isinstance(val, dict):  # the Gemma-4 set records {num, den}: our sums are num
+            step = name.split("@")[1] if "@" in name else "0"
+            assert float(out.metrics[f"valid_tokens@{step}"]) == val["den"][0], key
+            val = val["num"]
         assert float(ours) == pytest.approx(val[0], rel=1e-5, abs=1e-5), key
 
 

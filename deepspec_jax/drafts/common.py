@@ -38,9 +38,11 @@ def softcap_and_slope(z: jax.Array, cap: float | None):
     return cap * th, 1.0 - th * th
 
 
-def softcap_logits(z: jax.Array, cap: float | None) -> jax.Array:
-    """cap * tanh(z / cap) (z unchanged when ``cap`` is None): a draft's ``compute_logits``."""
-    return softcap_and_slope(z, cap)[0]
+def embed_lookup(table: jax.Array, ids: jax.Array, dtype, scale: float) -> jax.Array:
+    """Rows ``ids`` of the embedding ``table`` in ``dtype``, times ``scale`` (Gemma:
+    sqrt(hidden), in that dtype as the reference's scaled embedding rounds it)."""
+    e = jnp.take(table, ids, axis=0).astype(dtype)
+    return e if scale == 1.0 else e * jnp.asarray(scale, dtype)
 
 
 class Frozen(nnx.Variable):
@@ -64,8 +66,11 @@ class DraftLayers(nnx.Module):
 
     def __init__(self, cfg: TargetConfig, *, param_dtype, rngs: nnx.Rngs, in_width: int = 0,
                  extra: tuple = ()):
+        if not cfg.uniform_layers:
+            raise ConfigError("draft layers must share one geometry (full attention, no KV "
+                              "sharing, one MLP width); the draft config describes others.")
         L = cfg.num_hidden_layers
-        for name, shape, axes, init in tuple(extra) + tuple(_layer_params(cfg)):
+        for name, shape, axes, init in tuple(extra) + tuple(_layer_params(cfg, 0)):
             if in_width and name in ("q_proj", "k_proj", "v_proj"):
                 shape = (in_width,) + tuple(shape[1:])
             p = _param(rngs, (L,) + tuple(shape), ("layers",) + tuple(axes), param_dtype, init)
@@ -125,18 +130,6 @@ class DraftFamily:
         return self.architectures[model_type]
 
 
-def logit_softcap(raw: dict, source: str) -> float | None:
-    """``final_logit_softcapping`` of a draft config (Gemma; None = no cap), checked > 0 as
-    the reference asserts."""
-    cap = raw.get("final_logit_softcapping")
-    if cap is None:
-        return None
-    if not float(cap) > 0:
-        raise ConfigError(f"{source}: field 'final_logit_softcapping' = {cap!r} must be positive "
-                          "(or null for no softcap).")
-    return float(cap)
-
-
 # config.json fields of DeepSpec's drafts that are not the layers' (text) config
 DRAFT_ONLY_FIELDS = frozenset({
     "architectures", "block_size", "num_target_layers", "target_layer_ids", "mask_token_id",
@@ -146,22 +139,15 @@ DRAFT_ONLY_FIELDS = frozenset({
 
 
 def _gemma4_draft_layer_fields(raw: dict, source: str) -> dict:
-    """Check what DeepSpec's Gemma-4 draft modules assume of the copied text config, and
-    return the fields that differ for the draft's own layers: its layers never share KV
-    (``num_kv_shared_layers`` = 0)."""
+    """Check what DeepSpec's Gemma-4 draft modules assume of the copied text config
+    (MoE and per-layer inputs are refused by the config parser), and return the fields
+    that differ for the draft's own layers: they never share KV (the reference's draft
+    attention always projects its own keys/values), so ``num_kv_shared_layers`` = 0."""
     n = int(raw.get("num_hidden_layers", 0))
     types = raw.get("layer_types")
     if types is not None and list(types) != ["full_attention"] * n:
         raise ConfigError(f"{source}: field 'layer_types' = {types!r}; DeepSpec's Gemma-4 drafts "
                           f"have {n} 'full_attention' layers (num_hidden_layers = {n}).")
-    for field, ok in (("enable_moe_block", False), ("hidden_size_per_layer_input", 0)):
-        if raw.get(field, ok) not in (ok, None):
-            raise ConfigError(f"{source}: field {field!r} = {raw[field]!r}; DeepSpec's Gemma-4 "
-                              f"drafts require {ok!r} (they assert it).")
-    if raw.get("attention_k_eq_v"):
-        raise ConfigError(f"{source}: field 'attention_k_eq_v' = true (values = keys with "
-                          "num_global_key_value_heads heads) is not supported for Gemma-4 drafts; "
-                          "only separate v_proj drafts (attention_k_eq_v = false) are.")
     shared = int(raw.get("num_kv_shared_layers") or 0)
     if raw.get("use_double_wide_mlp") and 0 < n - shared < n:
         raise ConfigError(
@@ -184,6 +170,10 @@ def draft_layer_config(family: DraftFamily, raw: dict, source: str, **overrides)
     if archs != [want]:
         raise ConfigError(f"{source}: field 'architectures' = {archs!r}; a {family.name} draft "
                           f"with model_type {model_type!r} has [\"{want}\"].")
+    cap = raw.get("final_logit_softcapping")
+    if cap is not None and not float(cap) > 0:  # the reference asserts it
+        raise ConfigError(f"{source}: field 'final_logit_softcapping' = {cap!r} must be positive "
+                          "(or null for no softcap).")
     layer = {k: v for k, v in raw.items() if k not in DRAFT_ONLY_FIELDS}
     layer.update(overrides)
     if model_type == "gemma4_text":

@@ -26,12 +26,12 @@ from jax.sharding import Mesh
 
 from deepspec_jax.config import TargetConfig, load_config_json, target_config_from_dict
 from deepspec_jax.drafts.common import (DraftFamily, DraftLayers, Frozen, Proposal,
-                                        draft_layer_config, logit_softcap, softcap_logits)
+                                        draft_layer_config, embed_lookup)
 from deepspec_jax.dtypes import compute_dtype
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.kernels.attention import dense_attention, merge_attention, span_attention
-from deepspec_jax.layers import apply_rope, rms_norm, rope_inv_freq
-from deepspec_jax.models.transformer import _param, layer_finish, layer_qkv
+from deepspec_jax.layers import apply_rope, softcap
+from deepspec_jax.models.transformer import _param, layer_finish, layer_qkv, norm
 from deepspec_jax.sampling import SamplingParams, sample_with_probs
 from deepspec_jax.sharding import make_mesh
 from deepspec_jax.tree.build import DraftTree, build_tree
@@ -63,7 +63,6 @@ class DSparkConfig:
     confidence_head_with_markov: bool
     markov_rank: int
     markov_head_type: str | None
-    logit_softcap: float | None = None  # Gemma's final_logit_softcapping (draft and target logits)
     raw: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
@@ -73,6 +72,11 @@ class DSparkConfig:
     @property
     def hidden_size(self) -> int:
         return self.layer.hidden_size
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """Gemma's final_logit_softcapping (draft and aligned target logits); None = none."""
+        return self.layer.final_logit_softcap
 
     @property
     def num_layers(self) -> int:
@@ -167,8 +171,7 @@ def dspark_config_from_dict(raw: dict, source: str = "config.json") -> DSparkCon
     return DSparkConfig(layer=layer, block_size=block_size, num_target_layers=n_target,
                         target_layer_ids=ids, mask_token_id=mask_id, num_anchors=num_anchors,
                         enable_confidence_head=conf, confidence_head_with_markov=conf_markov,
-                        markov_rank=rank, markov_head_type=head_type,
-                        logit_softcap=logit_softcap(raw, source), raw=dict(raw))
+                        markov_rank=rank, markov_head_type=head_type, raw=dict(raw))
 
 
 # ---------------------------------------------------------------------------
@@ -176,18 +179,25 @@ def dspark_config_from_dict(raw: dict, source: str = "config.json") -> DSparkCon
 # ---------------------------------------------------------------------------
 
 def context_kv(lc: TargetConfig, p: dict, ctx: jax.Array, positions: jax.Array, inv_freq):
-    """Keys/values of the projected context ``ctx`` [B,S,d] for one layer.
+    """Keys/values of the projected context ``ctx`` [B,S,d] for one layer: the key/value
+    half of ``layer_qkv`` (no query).
 
     The reference feeds the context straight into k/v_proj (no input_layernorm), then
-    k_norm and RoPE at the token positions.
+    k_norm and RoPE at the token positions; Gemma-4 also the scale-free v_norm, and with
+    ``attention_k_eq_v`` the values are the raw keys.
     """
     b, s, _ = ctx.shape
-    K, D = lc.num_key_value_heads, lc.head_dim
-    k, v = ctx @ p["k_proj"], ctx @ p["v_proj"]
+    K, D = lc.layer_kv_heads(0), lc.layer_head_dim(0)
+    k = ctx @ p["k_proj"]
+    v = ctx @ p["v_proj"] if "v_proj" in p else k
     if lc.attention_bias:
-        k, v = k + p["k_bias"], v + p["v_bias"]
-    k = rms_norm(k.reshape(b, s, K, D), p["k_norm"], lc.rms_norm_eps)
-    return apply_rope(k, positions, inv_freq), v.reshape(b, s, K, D)
+        k = k + p["k_bias"]
+        v = v + p["v_bias"] if "v_bias" in p else k
+    k, v = k.reshape(b, s, K, D), v.reshape(b, s, K, D)
+    k = norm(lc, k, p["k_norm"])
+    if lc.v_norm:
+        v = norm(lc, v, None)
+    return apply_rope(k, positions, inv_freq), v
 
 
 # Query rows per block of the context span: the jnp path holds a few [block, S] logits
@@ -197,7 +207,7 @@ def context_kv(lc: TargetConfig, p: dict, ctx: jax.Array, positions: jax.Array, 
 CONTEXT_BLOCK_Q = 256
 
 
-def block_attention(q, kb, vb, kc, vc, anchors, keep):
+def block_attention(q, kb, vb, kc, vc, anchors, keep, scale=None):
     """Attention of each block to the context before its anchor and to itself.
 
     q [B,N,K,H,D]; kb/vb [B,N,K,Kh,D] (the block's own keys); kc/vc [B,S,Kh,D] (context);
@@ -207,15 +217,17 @@ def block_attention(q, kb, vb, kc, vc, anchors, keep):
     ``span_attention`` (the flash kernel on TPU, query blocks in jnp: never the whole
     [N*K, S] logits, forward or backward); the block's own K keys are a dense piece
     (bidirectional, N folded into the batch). Rows with no visible key (dummy blocks)
-    output zero, as the reference's flex-attention does.
+    output zero, as the reference's flex-attention does. ``scale``: softmax scale
+    (None = D**-0.5; Gemma-4: 1).
     """
     B, N, K, H, D = q.shape
     Kh = kb.shape[3]
     stop = jnp.repeat(jnp.where(keep, anchors, 0).astype(jnp.int32), K, axis=1)   # [B,N*K]
     ctx = span_attention(q.reshape(B, N * K, H, D), kc, vc, jnp.zeros_like(stop), stop,
-                         block_q=CONTEXT_BLOCK_Q)
+                         scale=scale, block_q=CONTEXT_BLOCK_Q)
     own_out, own_lse = dense_attention(q.reshape(B * N, K, H, D), kb.reshape(B * N, K, Kh, D),
-                                       vb.reshape(B * N, K, Kh, D), keep.reshape(B * N, 1, 1))
+                                       vb.reshape(B * N, K, Kh, D), keep.reshape(B * N, 1, 1),
+                                       scale)
     out, _ = merge_attention([ctx, (own_out.reshape(B, N * K, H, D),
                                     own_lse.reshape(B, N * K, H))])
     return out.reshape(B, N, K, H, D).astype(q.dtype)
@@ -224,7 +236,7 @@ def block_attention(q, kb, vb, kc, vc, anchors, keep):
 # Rematerialised as a whole inside the layer scan: otherwise the scan's backward keeps
 # the context mask of every query block (it depends only on the anchors), and XLA plans
 # ~25% more temporaries for a DSpark train step (S=2048, 512 anchors x 7).
-_block_attention_remat = jax.checkpoint(block_attention)
+_block_attention_remat = jax.checkpoint(block_attention, static_argnums=(7,))
 
 
 # ---------------------------------------------------------------------------
@@ -275,27 +287,29 @@ class DSparkDraft(nnx.Module):
         if cfg.enable_confidence_head:
             self.conf_w = p((cfg.conf_in, 1), ("feature", None))
             self.conf_b = p((1,), (None,), "zeros")
-        self.inv_freq = tuple(float(f) for f in rope_inv_freq(lc.head_dim, lc.rope_theta,
-                                                              lc.rope_scaling))
+        # every draft layer is a full-attention layer: layer 0's head size, RoPE, scale
+        self.head_dim = lc.layer_head_dim(0)
+        self.attn_scale = lc.attention_scale(self.head_dim)
+        self.inv_freq = tuple(float(f) for f in lc.layer_inv_freq(0))
 
     # ---- small pieces ---------------------------------------------------------
     def _w(self, name: str) -> jax.Array:
         return getattr(self, name).get_value().astype(self.dtype)
 
     def embed_tokens(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embed.get_value(), ids, axis=0).astype(self.dtype)
+        return embed_lookup(self.embed.get_value(), ids, self.dtype, self.cfg.layer.embed_scale)
 
     def project_context(self, features: jax.Array) -> jax.Array:
         """C = hidden_norm(fc(features)): [.., n_feat*d] -> [.., d]."""
         c = features.astype(self.dtype) @ self._w("fc")
-        return rms_norm(c, self._w("hidden_norm"), self.cfg.layer.rms_norm_eps)
+        return norm(self.cfg.layer, c, self._w("hidden_norm"))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """Base logits U = lm_head(h) in fp32, softcapped when the config has a cap (the
         reference's ``compute_logits``; the Markov bias is added after it)."""
         z = jnp.einsum("...d,dv->...v", hidden, self._w("lm_head"),
                        preferred_element_type=jnp.float32)
-        return softcap_logits(z, self.cfg.logit_softcap)
+        return softcap(z, self.cfg.logit_softcap)
 
     def markov_embed(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.markov_w1.get_value(), ids, axis=0).astype(self.dtype)
@@ -361,8 +375,8 @@ class DSparkDraft(nnx.Module):
         """
         lc = self.cfg.layer
         B, N, K = block_ids.shape
-        H, D = lc.num_attention_heads, lc.head_dim
-        Kh = lc.num_key_value_heads
+        H, D = lc.num_attention_heads, self.head_dim
+        Kh = lc.layer_kv_heads(0)
         h = self.embed_tokens(block_ids).reshape(B, N * K, -1)
         pos = (anchors[:, :, None] + jnp.arange(K, dtype=jnp.int32)).reshape(B, N * K)
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
@@ -370,12 +384,13 @@ class DSparkDraft(nnx.Module):
 
         def body(h, xs):
             p, xs_l = xs
-            x = rms_norm(h, p["input_norm"], lc.rms_norm_eps)
+            x = norm(lc, h, p["input_norm"])
             q, kb, vb = layer_qkv(lc, p, x, pos, inv_freq)
             kc, vc = ctx_kv_fn(p, xs_l)
             attn = _block_attention_remat(q.reshape(B, N, K, H, D),
                                           kb.reshape(B, N, K, Kh, D), vb.reshape(B, N, K, Kh, D),
-                                          kc.astype(q.dtype), vc.astype(q.dtype), anchors, keep)
+                                          kc.astype(q.dtype), vc.astype(q.dtype), anchors, keep,
+                                          self.attn_scale)
             return layer_finish(lc, p, h, attn.reshape(B, N * K, H, D)), None
 
         # Each layer is recomputed in the backward from its input (the scan carry, which
@@ -385,7 +400,7 @@ class DSparkDraft(nnx.Module):
         body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable,
                               prevent_cse=False)
         h, _ = jax.lax.scan(body, h, (params, ctx_xs))
-        h = rms_norm(h, self._w("norm"), lc.rms_norm_eps)
+        h = norm(lc, h, self._w("norm"))
         return h.reshape(B, N, K, -1)
 
     def train_hidden(self, input_ids, features, anchors, keep) -> jax.Array:
@@ -402,7 +417,7 @@ class DSparkDraft(nnx.Module):
     # ---- inference --------------------------------------------------------------
     def init_cache(self, batch: int, max_len: int) -> DraftCache:
         lc = self.cfg.layer
-        shape = (lc.num_hidden_layers, batch, max_len, lc.num_key_value_heads, lc.head_dim)
+        shape = (lc.num_hidden_layers, batch, max_len, lc.layer_kv_heads(0), self.head_dim)
         return DraftCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype),
                           jnp.zeros((batch,), jnp.int32))
 
@@ -531,7 +546,8 @@ def dspark_rules(cfg: DSparkConfig) -> list[Rule]:
     rules = [Rule("embed", "embed_tokens.weight"), Rule("lm_head", "lm_head.weight", True),
              Rule("fc", "fc.weight", True), Rule("hidden_norm", "hidden_norm.weight"),
              Rule("norm", "norm.weight")]
-    rules += layer_rules("", "layers.", qk_norm=True, attention_bias=cfg.layer.attention_bias)
+    rules += layer_rules("", "layers.", qk_norm=True, attention_bias=cfg.layer.attention_bias,
+                         cfg=cfg.layer)
     if cfg.markov_rank > 0:
         rules += [Rule("markov_w1", "markov_head.markov_w1.weight"),
                   Rule("markov_w2", "markov_head.markov_w2.weight", True)]

@@ -513,5 +513,6 @@ def loss_only(graphdef, params, rest, batch: DSparkBatch, anchors, keep,
 def grads_to_hf(graphdef, grads, rest) -> dict[str, np.ndarray]:
     """Gradients keyed by the reference's HF parameter names (trainable ones only)."""
     model = nnx.merge(graphdef, grads, rest)
-    rules = [r for r in dspark_rules(model.cfg) if r.ours not in ("embed", "lm_head")]
+    trainable = {".".join(map(str, p)) for p, _ in grads.flat_state()}
+    rules = [r for r in dspark_rules(model.cfg) if r.ours in trainable]
     return export_tensors(model, rules, model.cfg.num_layers)

@@ -24,11 +24,11 @@ from flax import nnx
 
 from deepspec_jax.config import TargetConfig, load_config_json, target_config_from_dict
 from deepspec_jax.drafts.common import (DraftFamily, DraftLayers, Frozen, Proposal,
-                                        draft_layer_config, logit_softcap, softcap_logits)
+                                        draft_layer_config, embed_lookup)
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.kernels.attention import dense_attention, merge_attention
-from deepspec_jax.layers import apply_rope, rms_norm, rope_inv_freq, swiglu
-from deepspec_jax.models.transformer import _param, layer_finish, layer_qkv
+from deepspec_jax.layers import softcap
+from deepspec_jax.models.transformer import _param, layer_finish, layer_qkv, norm
 from deepspec_jax.sampling import SamplingParams, sample_with_probs
 from deepspec_jax.sharding import make_mesh
 from deepspec_jax.tree.build import DraftTree, build_tree
@@ -56,13 +56,17 @@ class Eagle3Config:
     ttt_length: int = 7
     step_loss_decay: float = 0.8
     draft_num_hidden_layers: int = 1
-    logit_softcap: float | None = None  # Gemma's final_logit_softcapping (draft and target logits)
     raw: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     # Convenience views of the backbone (keeps model code short).
     @property
     def hidden_size(self) -> int:
         return self.backbone.hidden_size
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """Gemma's final_logit_softcapping (draft and target logits); None = none."""
+        return self.backbone.final_logit_softcap
 
     @property
     def vocab_size(self) -> int:
@@ -125,8 +129,7 @@ def eagle3_config_from_dict(raw: dict, source: str = "config.json") -> Eagle3Con
     backbone = draft_layer_config(FAMILY, raw, source, num_hidden_layers=n_draft)
     return Eagle3Config(backbone=backbone, target_layer_ids=ids, num_target_layers=n_target,
                         ttt_length=ttt, step_loss_decay=float(raw.get("step_loss_decay", 0.8)),
-                        draft_num_hidden_layers=n_draft,
-                        logit_softcap=logit_softcap(raw, source), raw=dict(raw))
+                        draft_num_hidden_layers=n_draft, raw=dict(raw))
 
 
 # ---------------------------------------------------------------------------
@@ -156,8 +159,11 @@ class Eagle3Draft(nnx.Module):
         self.norm = _param(rngs, (d,), ("norm",), param_dtype, "ones")
         self.layers = eagle3_layers(cfg, param_dtype=param_dtype, rngs=rngs)
         b = cfg.backbone
-        self.inv_freq = tuple(float(f) for f in rope_inv_freq(b.head_dim, b.rope_theta,
-                                                              b.rope_scaling))
+        # the draft layer is a full-attention layer: layer 0's head size, RoPE, scale
+        self.head_dim = b.layer_head_dim(0)
+        self.kv_heads = b.layer_kv_heads(0)
+        self.attn_scale = b.attention_scale(self.head_dim)
+        self.inv_freq = tuple(float(f) for f in b.layer_inv_freq(0))
 
     # ---- small pure pieces used by training and decoding ----
     def project_features(self, features: jax.Array) -> jax.Array:
@@ -165,27 +171,25 @@ class Eagle3Draft(nnx.Module):
         return features.astype(self.dtype) @ self.fc.get_value().astype(self.dtype)
 
     def embed_tokens(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embed.get_value(), ids, axis=0).astype(self.dtype)
+        return embed_lookup(self.embed.get_value(), ids, self.dtype, self.cfg.backbone.embed_scale)
 
     def final_hidden(self, h: jax.Array) -> jax.Array:
         """norm(h): the lm_head input (kept separate so losses can chunk the vocab)."""
-        return rms_norm(h, self.norm.get_value().astype(self.dtype), self.cfg.backbone.rms_norm_eps)
+        return norm(self.cfg.backbone, h, self.norm.get_value().astype(self.dtype))
 
     def logits(self, h: jax.Array) -> jax.Array:
         """softcap(lm_head(norm(h))) in fp32 (the reference's ``compute_logits``)."""
-        return softcap_logits(jnp.einsum("...d,dv->...v", self.final_hidden(h),
-                                         self.lm_head.get_value().astype(self.dtype),
-                                         preferred_element_type=jnp.float32),
-                              self.cfg.logit_softcap)
+        return softcap(jnp.einsum("...d,dv->...v", self.final_hidden(h),
+                                  self.lm_head.get_value().astype(self.dtype),
+                                  preferred_element_type=jnp.float32), self.cfg.logit_softcap)
 
     def qkv(self, ids: jax.Array, h: jax.Array, positions: jax.Array):
         """Queries/keys/values of the layer for tokens ``ids`` [B,T] paired with hidden
         states ``h`` [B,T,d] at RoPE ``positions`` [B,T]."""
         b = self.cfg.backbone
         p = self.layers.layer(0, self.dtype)
-        eps = b.rms_norm_eps
-        x = jnp.concatenate([rms_norm(self.embed_tokens(ids), p["input_norm"], eps),
-                             rms_norm(h, p["hidden_norm"], eps)], axis=-1)
+        x = jnp.concatenate([norm(b, self.embed_tokens(ids), p["input_norm"]),
+                             norm(b, h, p["hidden_norm"])], axis=-1)
         return layer_qkv(b, p, x, positions, jnp.asarray(self.inv_freq, jnp.float32))
 
     def finish(self, h: jax.Array, attn: jax.Array) -> jax.Array:
@@ -199,14 +203,16 @@ def build_eagle3(cfg: Eagle3Config, *, dtype=jnp.float32, param_dtype=jnp.float3
 
 
 def eagle3_rules(cfg: Eagle3Config) -> list[Rule]:
-    """Our parameter paths <-> DeepSpec ``Qwen3Eagle3Model`` state-dict keys."""
+    """Our parameter paths <-> DeepSpec ``Qwen3Eagle3Model`` / ``Gemma4Eagle3Model``
+    state-dict keys (the layer names follow the backbone's family)."""
     return [
         Rule("embed", "embed_tokens.weight"),
         Rule("lm_head", "lm_head.weight", True),
         Rule("fc", "fc.weight", True),
         Rule("norm", "norm.weight"),
         Rule("layers.hidden_norm", "layers.{i}.hidden_norm.weight"),
-    ] + layer_rules("", "layers.", qk_norm=True, attention_bias=cfg.backbone.attention_bias)
+    ] + layer_rules("", "layers.", qk_norm=True, attention_bias=cfg.backbone.attention_bias,
+                    cfg=cfg.backbone)
 
 
 EAGLE3_IGNORABLE = (re.compile(r".*rotary_emb\.inv_freq$"),)
@@ -250,7 +256,7 @@ class Eagle3State(NamedTuple):
 
 def init_state(cfg: Eagle3Config, batch: int, max_len: int, dtype=jnp.float32) -> Eagle3State:
     b = cfg.backbone
-    shape = (batch, max_len, b.num_key_value_heads, b.head_dim)
+    shape = (batch, max_len, b.layer_kv_heads(0), b.layer_head_dim(0))
     return Eagle3State(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
                        jnp.zeros((batch,), jnp.int32), jnp.zeros((batch, b.hidden_size), dtype))
 
@@ -267,7 +273,7 @@ def _cached_step(model: Eagle3Draft, state: Eagle3State, ids: jax.Array, h: jax.
     cv = state.v.at[rows, positions].set(v.astype(state.v.dtype), mode="drop")
     kv_pos = jnp.arange(state.max_len, dtype=jnp.int32)
     mask = kv_pos[None, None, :] <= positions[:, :, None]
-    attn, _ = dense_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask)
+    attn, _ = dense_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), mask, model.attn_scale)
     return model.finish(h, attn.astype(q.dtype)), ck, cv
 
 
@@ -352,8 +358,9 @@ def tree_step(model: Eagle3Draft, state: Eagle3State, tokens: jax.Array, h_in: j
     kv_pos = jnp.arange(state.max_len, dtype=jnp.int32)
     committed = kv_pos[None, None, :] < state.lengths[:, None, None]
     c = lambda x: x.astype(q.dtype)  # noqa: E731
-    attn, _ = merge_attention([dense_attention(q, c(state.k), c(state.v), committed),
-                               dense_attention(q, c(sk), c(sv), visible)])
+    s = model.attn_scale
+    attn, _ = merge_attention([dense_attention(q, c(state.k), c(state.v), committed, s),
+                               dense_attention(q, c(sk), c(sv), visible, s)])
     return model.finish(h_in, attn.astype(q.dtype)), (sk, sv)
 
 
@@ -367,10 +374,9 @@ def tree_propose(model: Eagle3Draft, state: Eagle3State, key: jax.Array, sp: Sam
     cfg = model.cfg
     D, k = int(cfg.ttt_length), int(topk)
     b = state.hidden.shape[0]
-    bb = cfg.backbone
     R = max((D - 1) * k, 1)
-    scratch = (jnp.zeros((b, R, bb.num_key_value_heads, bb.head_dim), state.k.dtype),
-               jnp.zeros((b, R, bb.num_key_value_heads, bb.head_dim), state.v.dtype))
+    scratch = (jnp.zeros((b, R, model.kv_heads, model.head_dim), state.k.dtype),
+               jnp.zeros((b, R, model.kv_heads, model.head_dim), state.v.dtype))
 
     def expand(level, tokens, h_parent, anc, scratch):
         f = tokens.shape[1]

@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-from deepspec_jax.drafts.common import softcap_logits
 from deepspec_jax.drafts.dspark_train import check_vocab_grad
 from deepspec_jax.drafts.eagle3 import Eagle3Draft
 from deepspec_jax.kernels.attention import merge_attention, span_attention
+from deepspec_jax.layers import softcap
 
 NEG_INF = -jnp.inf
 
@@ -40,7 +40,7 @@ NEG_INF = -jnp.inf
 # ---------------------------------------------------------------------------
 
 
-def diagonal_attention(q, diag_k, diag_v):
+def diagonal_attention(q, diag_k, diag_v, scale=None):
     """Query t of q [B,T,H,D] over exactly one key per earlier TTT step, the key at its
     own position: diag_k/diag_v [n,B,T,K,D] (n >= 1). Elementwise over t (no [T, n*T]
     logits), as ``(out [B,T,H,D] fp32, lse [B,T,H])`` of that piece, for
@@ -49,23 +49,24 @@ def diagonal_attention(q, diag_k, diag_v):
     K = diag_k.shape[3]
     qg = q.reshape(B, T, K, H // K, D)
     ds = jnp.einsum("btkgd,nbtkd->nbtkg", qg, diag_k,
-                    preferred_element_type=jnp.float32) * D ** -0.5
+                    preferred_element_type=jnp.float32) * (D ** -0.5 if scale is None else scale)
     lse = jax.nn.logsumexp(ds, axis=0)                                      # [B,T,K,G]
     out = jnp.einsum("nbtkg,nbtkd->btkgd", jnp.exp(ds - lse), diag_v.astype(jnp.float32))
     return out.reshape(B, T, H, D), lse.reshape(B, T, H)
 
 
-def ttt_attention(q, k0, v0, diag_k, diag_v, valid_q):
+def ttt_attention(q, k0, v0, diag_k, diag_v, valid_q, scale=None):
     """One TTT step's attention. q [B,T,H,D]; k0/v0 [B,T,K,D] are the step-0 keys;
     diag_k/diag_v [n,B,T,K,D] the keys of steps 1..s (n = s, may be 0); valid_q [B,T]
     bool. A causal span over the step-0 keys (``span_attention``: query-blocked, or the
     flash kernel on TPU) merged with the diagonal keys into one softmax. Invalid
-    queries get a zero output (the reference's fully masked rows)."""
+    queries get a zero output (the reference's fully masked rows). ``scale``: softmax
+    scale (None = D**-0.5; Gemma-4: 1)."""
     T = q.shape[1]
     stop = jnp.where(valid_q, jnp.arange(1, T + 1, dtype=jnp.int32)[None], 0)
-    out, lse = span_attention(q, k0, v0, jnp.zeros_like(stop), stop)
+    out, lse = span_attention(q, k0, v0, jnp.zeros_like(stop), stop, scale=scale)
     if diag_k.shape[0]:
-        out, _ = merge_attention([(out, lse), diagonal_attention(q, diag_k, diag_v)])
+        out, _ = merge_attention([(out, lse), diagonal_attention(q, diag_k, diag_v, scale)])
     out = jnp.where(valid_q[:, :, None, None], out, 0.0)
     return out.astype(q.dtype)
 
@@ -123,7 +124,7 @@ def ttt_forward(model: Eagle3Draft, input_ids: jax.Array, features: jax.Array,
         dk = jnp.stack(diag_k) if diag_k else empty
         dv = jnp.stack(diag_v) if diag_v else empty
         valid_q = jnp.arange(T)[None, :] < (seq_len - s)[:, None]
-        h = fix(finish(h, ttt_attention(q, k0, v0, dk, dv, valid_q)))
+        h = fix(finish(h, ttt_attention(q, k0, v0, dk, dv, valid_q, model.attn_scale)))
         outs.append(h)
     return jnp.stack(outs)
 
@@ -162,7 +163,7 @@ def _chunks(w: jax.Array, chunk: int):
 def _logits(x, wc, valid, cap=None):
     """x @ wc in fp32, softcapped (``cap``: Gemma's final_logit_softcapping, None = none),
     padding columns -inf."""
-    z = softcap_logits(jnp.einsum("nd,dv->nv", x, wc, preferred_element_type=jnp.float32), cap)
+    z = softcap(jnp.einsum("nd,dv->nv", x, wc, preferred_element_type=jnp.float32), cap)
     return z if valid is None else jnp.where(valid[None], z, NEG_INF)
 
 
