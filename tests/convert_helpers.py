@@ -31,12 +31,17 @@ def ckpt_id(d: str) -> str:
     return f"{os.path.basename(os.path.dirname(d))}/{os.path.basename(d)}"
 
 
+def _is_target(d: str) -> bool:
+    """Targets: ``*ForCausalLM`` or Gemma-4's ``*ForConditionalGeneration``."""
+    return read_config(d)["architectures"][0].endswith(("ForCausalLM", "ForConditionalGeneration"))
+
+
 def draft_dirs() -> list[str]:
-    return [d for d in checkpoint_dirs() if not read_config(d)["architectures"][0].endswith("ForCausalLM")]
+    return [d for d in checkpoint_dirs() if not _is_target(d)]
 
 
 def target_dirs() -> list[str]:
-    return [d for d in checkpoint_dirs() if read_config(d)["architectures"][0].endswith("ForCausalLM")]
+    return [d for d in checkpoint_dirs() if _is_target(d)]
 
 
 def read_config(d: str) -> dict:

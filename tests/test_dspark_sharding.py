@@ -64,20 +64,23 @@ print(json.dumps({"devices": len(jax.devices()), "batch": int(host.input_ids.sha
 """
 
 
-def _case():
+def _cases():
+    """The first DSpark training fixture with a confidence head of each fixture set."""
+    out = []
     for fs in fixture_sets():
         files = load_manifest(fs)["files"]
         for name, entry in sorted(files.items()):
             inp = entry.get("inputs") or {}
             if name.startswith("train_") and "anchor_positions" in inp and \
                     float((inp.get("loss_kwargs") or {}).get("confidence_head_alpha", 0)) > 0:
-                return fs, name
-    pytest.skip("no DSpark training fixture with a confidence head")
+                out.append(pytest.param(fs, name, id=f"{os.path.basename(fs)}-{name}"))
+                break
+    return out
 
 
 @pytest.mark.slow
-def test_loss_independent_of_sharding():
-    fs, name = _case()
+@pytest.mark.parametrize("fs,name", _cases())
+def test_loss_independent_of_sharding(fs, name):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", CHILD, fs, name], env=env, capture_output=True,
