@@ -36,6 +36,12 @@ def load_manifest(fixture_set: str) -> dict:
         return json.load(f)
 
 
+def gemma4_fixture_sets() -> list[str]:
+    """The fixture sets recorded on a Gemma-4 target (deepspec_gemma4_v1)."""
+    return [fs for fs in fixture_sets()
+            if str(load_manifest(fs)["global"].get("target_class", "")).startswith("Gemma4")]
+
+
 def write_llama_gguf(path: str, tensor: str, data, raw_dtype=None, **metadata: int) -> str:
     """A minimal llama GGUF: a 1-layer, 32-wide, 64-token config (``metadata`` overrides or
     adds ``llama.*`` uint32 fields) and one tensor."""

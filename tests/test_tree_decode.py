@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import fixture_sets
+from conftest import fixture_sets, gemma4_fixture_sets
 from deepspec_jax import load_draft
 from deepspec_jax.drafts import eagle3
 from deepspec_jax.sampling import SamplingParams
@@ -45,16 +45,26 @@ def _check_rounds(res, n_nodes: int, width: int):
         assert all(0 <= m <= n_nodes for m in r.tree_nodes)
 
 
-@pytest.mark.parametrize("name,tree", [
-    ("eagle3_distilled", (3, 10)),
-    ("dspark_rnn_distilled", (3, 10)),
-    pytest.param("dflash_distilled", (2, 7), marks=pytest.mark.slow),
-    pytest.param("dspark_gated_distilled", (4, 24), marks=pytest.mark.slow),
-    pytest.param("dspark_vanilla", (2, 5), marks=pytest.mark.slow),
-    pytest.param("eagle3", (4, 6), marks=pytest.mark.slow),
-])
-def test_tree_greedy_matches_target(name, tree):
-    fs = _fixture()
+def _gemma4_tree_cases():
+    """Every draft kind on the Gemma-4 set (distilled drafts: trees that accept; prompts
+    and outputs run past the target's sliding window), lean: one tree shape each."""
+    return [pytest.param(fs, name, tree, id=f"{os.path.basename(fs)}-{name}")
+            for fs in gemma4_fixture_sets()
+            for name, tree in (("eagle3_distilled", (3, 10)), ("dspark_gated_distilled", (4, 24)),
+                               ("dflash_distilled", (2, 7)))]
+
+
+@pytest.mark.parametrize("fs,name,tree", [
+    (None, "eagle3_distilled", (3, 10)),
+    (None, "dspark_rnn_distilled", (3, 10)),
+    pytest.param(None, "dflash_distilled", (2, 7), marks=pytest.mark.slow),
+    pytest.param(None, "dspark_gated_distilled", (4, 24), marks=pytest.mark.slow),
+    pytest.param(None, "dspark_vanilla", (2, 5), marks=pytest.mark.slow),
+    pytest.param(None, "eagle3", (4, 6), marks=pytest.mark.slow),
+] + _gemma4_tree_cases())
+def test_tree_greedy_matches_target(fs, name, tree):
+    """``fs`` None: the first fixture set (Qwen3 deepspec_v1)."""
+    fs = fs or _fixture()
     target = _target(fs)
     draft = load_draft(os.path.join(fs, name))
     prompts = _prompts(target.config.vocab_size, LENGTHS, seed=5)
