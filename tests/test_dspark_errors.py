@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import fixture_sets
+from conftest import fixture_sets, gemma4_fixture_sets, load_manifest
+from deepspec_jax.config import target_config_from_dict
+from deepspec_jax.drafts.registry import resolve_spec
+from deepspec_jax.train.draft_init import draft_hf_config
 from deepspec_jax.drafts.dspark import (ARCHITECTURES, dspark_config_from_dict, dspark_rules,
                                         load_dspark_checkpoint)
 from deepspec_jax.drafts.dspark_train import block_targets, sample_anchors
@@ -176,3 +180,99 @@ def test_block_targets_truncation():
     np.testing.assert_array_equal(t.target_ids[0, 1], [108, 109, 109, 109])
     np.testing.assert_array_equal(t.prev_ids[0, 0], [102, 103, 104, 105])
     np.testing.assert_array_equal(t.pred_index[0, 1], [7, 8, 8, 8])
+
+
+# ---------------------------------------------------------------------------
+# Gemma-4 drafts (DeepSpec's Gemma4DSparkModel): the layer config derived from the
+# copied target text config
+# ---------------------------------------------------------------------------
+
+def _gemma4_raw() -> dict:
+    for d in _draft_dirs():
+        with open(os.path.join(d, "config.json"), encoding="utf-8") as f:
+            raw = json.load(f)
+        if raw["architectures"] == ["Gemma4DSparkModel"] and raw.get("markov_rank", 0) > 0:
+            return raw
+    pytest.skip("no Gemma-4 DSpark draft in the fixture sets")
+
+
+def test_gemma4_layer_config():
+    """Full-attention layers with the target's global head size, proportional RoPE,
+    attention scale 1, Gemma norms/MLP/softcap, and no KV sharing (DeepSpec's draft
+    attention always has its own k/v projections, whatever the copied field says)."""
+    raw = _gemma4_raw()
+    assert raw["num_kv_shared_layers"] > 0   # copied from the target
+    cfg = dspark_config_from_dict(raw, "config.json")
+    lc = cfg.layer
+    assert lc.num_kv_shared_layers == 0 and lc.uniform_layers
+    assert lc.layer_head_dim(0) == raw["global_head_dim"] != raw["head_dim"]
+    assert lc.attention_scale(lc.layer_head_dim(0)) == 1.0 and lc.v_norm and lc.layer_scalar
+    assert cfg.logit_softcap == raw["final_logit_softcapping"]
+    inv = lc.layer_inv_freq(0)
+    rotated = int(raw["rope_parameters"]["full_attention"]["partial_rotary_factor"]
+                  * raw["global_head_dim"] // 2)
+    assert np.all(inv[:rotated] > 0) and not np.any(inv[rotated:])
+    keys = {k for r in dspark_rules(cfg) for k in r.hf_keys(cfg.num_layers)}
+    assert {"layers.0.layer_scalar", "layers.1.pre_feedforward_layernorm.weight",
+            "layers.1.self_attn.v_proj.weight"} <= keys
+
+
+def test_gemma4_double_wide_mlp_quirk_refused():
+    """DeepSpec's Gemma4TextMLP widens draft layers i >= L - num_kv_shared_layers > 0
+    when use_double_wide_mlp: refused by name rather than built differently."""
+    raw = _gemma4_raw()
+    raw["num_hidden_layers"], raw["layer_types"] = 3, ["full_attention"] * 3
+    raw["num_kv_shared_layers"], raw["use_double_wide_mlp"] = 2, True
+    _config_error(raw, "use_double_wide_mlp", "num_kv_shared_layers", "[1, 2]")
+    raw["use_double_wide_mlp"] = False  # no quirk without the flag
+    assert dspark_config_from_dict(raw, "draft/config.json").layer.num_kv_shared_layers == 0
+
+
+@pytest.mark.parametrize("field,value,needles", [
+    ("layer_types", ["full_attention", "sliding_attention"], ("layer_types", "full_attention")),
+    ("architectures", ["Qwen3DSparkModel"], ("architectures", "Gemma4DSparkModel")),
+    ("final_logit_softcapping", 0.0, ("final_logit_softcapping", "positive")),
+    ("model_type", "gemma3_text", ("model_type", "gemma4_text")),
+    ("use_some_new_gemma_feature", True, ("use_some_new_gemma_feature",)),
+])
+def test_gemma4_config_errors(field, value, needles):
+    raw = _gemma4_raw()
+    raw[field] = value
+    _config_error(raw, *needles)
+
+
+@pytest.mark.parametrize("name", ["dspark_gated", "dflash", "eagle3"])
+def test_gemma4_draft_config_derived_as_deepspec(name):
+    """train.draft_init derives a Gemma-4 draft's config.json from the target's the way
+    DeepSpec's gemma4 ``build_draft_config`` did for the fixture drafts (same fields and
+    values; transformers adds two null keys to rope_parameters and its version on save)."""
+    sets = gemma4_fixture_sets()
+    if not sets:
+        pytest.skip("no Gemma-4 fixture set")
+    fs = sets[0]
+    with open(os.path.join(fs, name, "config.json"), encoding="utf-8") as f:
+        want = json.load(f)
+    with open(os.path.join(fs, name, "deepspec_model_args.json"), encoding="utf-8") as f:
+        args = json.load(f)["model_args"]
+    tdir = os.path.join(fs, load_manifest(fs)["global"]["target_dir"])
+    with open(os.path.join(tdir, "config.json"), encoding="utf-8") as f:
+        tcfg = target_config_from_dict(json.load(f))
+    kind = "eagle3" if "ttt_length" in args else "dspark" if args["markov_rank"] else "dflash"
+    draft = types.SimpleNamespace(
+        kind=kind, target_layer_ids=args["target_layer_ids"], intermediate_size=-1,
+        num_hidden_layers=args.get("num_draft_layers", args.get("draft_num_hidden_layers")),
+        ttt_length=args.get("ttt_length"), step_loss_decay=args.get("step_loss_decay"),
+        block_size=args.get("block_size"), num_anchors=args.get("num_anchors"),
+        mask_token_id=args.get("mask_token_id"), markov_rank=args.get("markov_rank"),
+        markov_head_type=args.get("markov_head_type"),
+        enable_confidence_head=float(args.get("confidence_head_alpha", 0)) > 0,
+        confidence_head_with_markov=args.get("confidence_head_with_markov"))
+    got = draft_hf_config(types.SimpleNamespace(draft=draft), tcfg,
+                          target_name=args.get("target_model_name_or_path", ""))
+    strip = lambda r: {k: v for k, v in r.items()  # noqa: E731
+                       if k not in ("transformers_version", "rope_parameters")}
+    assert strip(got) == strip(want)
+    rope = {k: v for k, v in want["rope_parameters"].items() if isinstance(v, dict)}
+    assert got["rope_parameters"] == rope
+    spec = resolve_spec(got, "derived")
+    assert spec.architecture == want["architectures"][0] and spec.family.kind_of(spec.config) == kind

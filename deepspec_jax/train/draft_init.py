@@ -8,6 +8,8 @@ Embeddings and lm_head are copied from the target and stay frozen.
 
 from __future__ import annotations
 
+import json
+
 import jax.numpy as jnp
 from flax import nnx
 
@@ -47,13 +49,14 @@ def draft_hf_config(c, tcfg: TargetConfig, tokenizer=None, target_name: str = ""
         raise ConfigError("config field draft.target_layer_ids is not set; list the target layers "
                           f"to read features from (the target has {tcfg.num_hidden_layers} layers, "
                           "the last one may not be used).")
+    family = family_for_kind(kind, "config field draft.kind")
+    if tcfg.model_type == "gemma4_text":
+        return _gemma4_draft_config(c, tcfg, family, ids, tokenizer, target_name)
     if tcfg.model_type not in ("llama", "qwen3"):
         raise ConfigError(f"draft_init: deriving a {kind} draft config from a {tcfg.model_type!r} "
-                          "target is implemented for llama/qwen3 targets only (DeepSpec's Qwen3 "
-                          "draft layers); train Gemma-4 drafts with DeepSpec and convert them "
-                          "with convert.torch_to_jax.")
-    arch = family_for_kind(kind, "config field draft.kind").architecture_for(
-        "qwen3", "config field draft.kind")
+                          "target is not implemented (DeepSpec builds drafts for Qwen3 and "
+                          "Gemma-4 targets; llama targets get Qwen3 draft layers).")
+    arch = family.architecture_for("qwen3", "config field draft.kind")
     rope = (tcfg.raw or {}).get("rope_parameters") or {"rope_type": "default", "rope_theta": tcfg.rope_theta}
     n_layers = int(d.num_hidden_layers)
     raw = {
@@ -85,6 +88,48 @@ def draft_hf_config(c, tcfg: TargetConfig, tokenizer=None, target_name: str = ""
                    markov_rank=rank, markov_head_type=(d.markov_head_type or None) if rank else None,
                    enable_confidence_head=bool(d.enable_confidence_head) and kind == "dspark",
                    confidence_head_with_markov=bool(d.confidence_head_with_markov) and rank > 0)
+    return raw
+
+
+def _gemma4_draft_config(c, tcfg: TargetConfig, family, ids, tokenizer, target_name) -> dict:
+    """DeepSpec's Gemma-4 draft config (``modeling/{dspark,eagle3}/gemma4/config.py``): a
+    copy of the target's text config with the draft's layer count, full-attention
+    layers, untied embeddings and the draft fields (set only where DeepSpec sets them).
+    The draft layers keep the target's MLP width (DeepSpec has no override)."""
+    d = c.draft
+    kind = d.kind
+    outer = tcfg.raw or {}
+    text = outer.get("text_config") if outer.get("model_type") == "gemma4" else outer
+    if not isinstance(text, dict) or text.get("model_type", "gemma4_text") != "gemma4_text":
+        raise ConfigError("draft_init: the Gemma-4 target's config.json has no gemma4_text "
+                          "text config to copy for the draft.")
+    if int(d.intermediate_size) > 0 and int(d.intermediate_size) != tcfg.intermediate_size:
+        raise ConfigError(f"config field draft.intermediate_size = {d.intermediate_size}: "
+                          "DeepSpec's Gemma-4 drafts use the target's intermediate_size "
+                          f"({tcfg.intermediate_size}); set it to -1.")
+    n_layers = int(d.num_hidden_layers)
+    raw = json.loads(json.dumps(text))  # a deep copy, as DeepSpec's copy.deepcopy
+    raw.update({"architectures": [family.architecture_for("gemma4_text", "config field draft.kind")],
+                "model_type": "gemma4_text", "target_model_type": str(outer.get("model_type")),
+                "target_text_model_type": "gemma4_text", "num_target_layers": tcfg.num_hidden_layers,
+                "num_hidden_layers": n_layers, "layer_types": ["full_attention"] * n_layers,
+                "tie_word_embeddings": False, "target_layer_ids": ids, "dtype": "float32"})
+    if kind == "eagle3":
+        raw.update(draft_num_hidden_layers=n_layers, ttt_length=int(d.ttt_length),
+                   step_loss_decay=float(d.step_loss_decay),
+                   target_model_name_or_path=target_name)
+        return raw
+    mask = int(d.mask_token_id)
+    if mask < 0:
+        mask = reserved_mask_token(tokenizer, tcfg.vocab_size)
+    rank = 0 if kind == "dflash" else int(d.markov_rank)
+    conf = bool(d.enable_confidence_head) and kind == "dspark"
+    raw.update(block_size=int(d.block_size), mask_token_id=mask, num_anchors=int(d.num_anchors),
+               enable_confidence_head=conf, markov_rank=rank)
+    if conf:
+        raw["confidence_head_with_markov"] = bool(d.confidence_head_with_markov)
+    if rank > 0:
+        raw["markov_head_type"] = d.markov_head_type
     return raw
 
 
