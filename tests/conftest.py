@@ -65,3 +65,19 @@ def _release_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+def target_fixture_sets() -> list:
+    """pytest params of every fixture set that ships a target checkpoint (Qwen3, Gemma-4),
+    with the set's directory name as the id."""
+    return [pytest.param(fs, id=os.path.basename(fs)) for fs in fixture_sets()
+            if "target_dir" in load_manifest(fs)["global"]]
+
+
+def fp32_tol(ref, tol: float) -> float:
+    """An absolute tolerance for fp32 results: ``tol`` for O(1) values, scaled by the
+    reference's magnitude above that (rounding is relative; the Gemma-4 set's features
+    and logits are O(10): sqrt(hidden) embeddings, a final norm scaled by 8)."""
+    import numpy as np
+
+    return tol * max(1.0, float(np.abs(np.asarray(ref)).max()))

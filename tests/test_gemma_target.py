@@ -9,6 +9,7 @@ norms and query_pre_attn_scalar, final-logit softcapping, tied and untied heads.
 import numpy as np
 import pytest
 
+from conftest import fp32_tol
 from deepspec_jax import load_target
 from hf_models import make_tiny_hf
 
@@ -59,11 +60,8 @@ def test_forward_matches_transformers(case):
     feats = np.asarray(out.features)
     for j, lid in enumerate(layer_ids):
         want = ref.hidden_states[lid + 1].numpy()
-        # Gemma's sqrt(hidden) embedding scale and layer scalars make features O(10):
-        # fp32 rounding is relative, so the tolerance scales with them.
         np.testing.assert_allclose(feats[..., j * d:(j + 1) * d], want,
-                                   atol=1e-5 * max(1.0, np.abs(want).max()), rtol=0,
-                                   err_msg=f"layer {lid}")
+                                   atol=fp32_tol(want, 1e-5), rtol=0, err_msg=f"layer {lid}")
 
 
 def test_cached_greedy_matches_transformers_past_the_window(case):
