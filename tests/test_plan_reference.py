@@ -8,9 +8,9 @@ program for the three Qwen3-4B configs (same target, feature layers, global and 
 batch, mesh ``data=1, fsdp=-1``), and each draft's part is compiled by its v5e-8 cached
 case, where the memory is tight (11-15 of 15.75 GiB); online on v5p-8 the three steps
 use 9-15 of 95.74 GiB. So DSpark, the largest draft, is the one real-depth online
-compile; DFlash's and Eagle3's online steps compile for v5p-8 with a tiny target in
-tests/test_plan.py (``test_tiny_online_step_compiles_for_v5p_8``). Each real-depth
-online compile costs ~4-8 min of CI.
+compile (each costs ~4-8 min of CI); DFlash runs DSpark's step code, and Eagle3's
+online step (its own loss) compiles for v5p-8 with a tiny target in tests/test_plan.py
+(``test_tiny_eagle3_online_step_compiles_for_v5p_8``).
 
 Every case is one compile of the real train step for the slice (libtpu, compile only)
 by ``python -m deepspec_jax.plan``, with the target's real depth and width and the
