@@ -41,26 +41,25 @@ def ours(gemma_path, reader):
 
 @pytest.fixture(scope="module")
 def hf(gemma_path, reader):
-    """(transformers' Gemma3TextConfig, its GGUF state dict as numpy, its GGUF tokenizer)."""
+    """transformers' GGUF loading of the file: (model, its tensors as numpy, tokenizer)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    where = dict(pretrained_model_name_or_path=os.path.dirname(gemma_path),
+                 gguf_file=os.path.basename(gemma_path))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(gguf, "GGUFReader", lambda path: reader)
-        config = AutoConfig.for_model(**load_gguf_checkpoint(gemma_path)["config"])
-        with torch.device("meta"):  # only for the GGUF -> HF name map; no weights made
-            model = AutoModelForCausalLM.from_config(config)
-        tensors = load_gguf_checkpoint(gemma_path, return_tensors=True, model_to_load=model)["tensors"]
-        tok = AutoTokenizer.from_pretrained(os.path.dirname(gemma_path),
-                                            gguf_file=os.path.basename(gemma_path))
-    return config, {k: v.numpy() for k, v in tensors.items()}, tok
+        model = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(**where)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    tensors = {k: v.detach().numpy() for k, v in model.state_dict().items() if k not in tied}
+    return model, tensors, tok
 
 
 def test_config_equals_transformers(ours, hf):
-    """Every field of our HF config equals transformers' Gemma3TextConfig of the GGUF
+    """Every field of our HF config equals transformers' Gemma3TextConfig from the GGUF
     (``architectures``: transformers leaves it unset)."""
-    config, _, _ = hf
+    config = hf[0].config
     raw, _ = ours
     assert raw["model_type"] == config.model_type == "gemma3_text"
     assert raw["architectures"] == ["Gemma3ForCausalLM"]
