@@ -191,10 +191,13 @@ def test_recipes_refuse_unknown_names():
     assert c.is_locked and c.draft.block_size == 5 and c.train.micro_batch_size == 4
 
 
-def test_gemma_target_is_still_refused():
-    """The Gemma configs' comments say the trainer refuses Gemma-4 targets: keep it true."""
-    with pytest.raises(ConfigError):
-        family_for("gemma4")
+def test_target_families_resolve_and_unknown_ones_are_refused():
+    """Gemma-3/Gemma-4 targets are model families now; an unknown model_type is still an
+    error that names the field."""
+    assert family_for("gemma4").gemma == 4 and family_for("gemma4_text").gemma == 4
+    assert family_for("gemma3_text").gemma == 3 and family_for("qwen3").gemma == 0
+    with pytest.raises(ConfigError, match="model_type"):
+        family_for("mistral")
 
 
 def _parse(argv):

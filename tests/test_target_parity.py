@@ -59,8 +59,13 @@ def test_fixture_target_features(fixture_set):
     inputs = load_file(os.path.join(fixture_set, inp_file.get("path", "fixtures/inputs.safetensors")))
     ids = inputs["input_ids"].astype(np.int32)
     out = target.forward(ids)
-    np.testing.assert_allclose(np.asarray(out.logits), inputs["target_logits"], atol=1e-4, rtol=0)
-    np.testing.assert_allclose(np.asarray(out.last_hidden), inputs["target_last_hidden_states"], atol=1e-4, rtol=0)
+    # fp32 rounding is relative: the Gemma-4 target's features and final hidden states
+    # are O(10) (sqrt(hidden) embeddings, final norm scaled by 8), the Qwen3 set's O(1).
+    tol = lambda ref, t: t * max(1.0, float(np.abs(ref).max()))  # noqa: E731
+    ref = inputs["target_logits"]
+    np.testing.assert_allclose(np.asarray(out.logits), ref, atol=tol(ref, 1e-4), rtol=0)
+    ref = inputs["target_last_hidden_states"]
+    np.testing.assert_allclose(np.asarray(out.last_hidden), ref, atol=tol(ref, 1e-4), rtol=0)
     # Every captured feature set: layer ids come from the draft configs in the manifest.
     for name, draft in manifest["global"]["drafts"].items():
         key = f"target_hidden_states_{draft['kind']}"
@@ -68,4 +73,5 @@ def test_fixture_target_features(fixture_set):
             continue
         ids_ = tuple(draft["args"]["target_layer_ids"])
         feats = np.asarray(target.forward(ids, layer_ids=ids_).features)
-        np.testing.assert_allclose(feats, inputs[key], atol=1e-5, rtol=0, err_msg=name)
+        np.testing.assert_allclose(feats, inputs[key], atol=tol(inputs[key], 1e-5), rtol=0,
+                                   err_msg=name)

@@ -46,7 +46,10 @@ def _build_target(config, *, dtype, param_dtype, rngs):
 
 
 def _is_target_arch(archs: list) -> bool:
-    return not archs or (len(archs) == 1 and str(archs[0]).endswith("ForCausalLM"))
+    """``*ForCausalLM``, or Gemma-4's multimodal ``*ForConditionalGeneration`` (a text
+    target: its towers are not loaded), or no architectures at all."""
+    return not archs or (len(archs) == 1 and str(archs[0]).endswith(
+        ("ForCausalLM", "ForConditionalGeneration")))
 
 
 def resolve_spec(raw: dict, source: str) -> ModelSpec:

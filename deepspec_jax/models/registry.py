@@ -18,6 +18,7 @@ class Family:
     qk_norm: bool          # per-head RMSNorm on q and k before RoPE (Qwen3)
     default_tie: bool      # tie_word_embeddings when config.json omits the field
     hf_architecture: str   # the ``architectures`` entry HF writes for this family
+    gemma: int = 0         # Gemma generation (3, 4): its layer conventions; 0 = Llama-style
 
 
 FAMILIES: dict[str, Family] = {
@@ -25,6 +26,13 @@ FAMILIES: dict[str, Family] = {
                     hf_architecture="LlamaForCausalLM"),
     "qwen3": Family("qwen3", qk_norm=True, default_tie=False,
                     hf_architecture="Qwen3ForCausalLM"),
+    "gemma3_text": Family("gemma3_text", qk_norm=True, default_tie=True,
+                          hf_architecture="Gemma3ForCausalLM", gemma=3),
+    "gemma4_text": Family("gemma4_text", qk_norm=True, default_tie=True,
+                          hf_architecture="Gemma4ForCausalLM", gemma=4),
+    # The multimodal wrapper (text_config inside; vision/audio towers unused here).
+    "gemma4": Family("gemma4", qk_norm=True, default_tie=True,
+                     hf_architecture="Gemma4ForConditionalGeneration", gemma=4),
 }
 
 

@@ -24,7 +24,7 @@ from flax import nnx
 from deepspec_jax.config import TargetConfig
 from deepspec_jax.kernels.attention import causal_span, segment_attention, span_attention
 from deepspec_jax.kernels.tree_attention import tree_attention
-from deepspec_jax.layers import apply_rope, rms_norm, rope_inv_freq, swiglu
+from deepspec_jax.layers import apply_rope, gated_mlp, rms_norm, softcap
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Param:
@@ -37,52 +37,94 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Para
     return nnx.Param(value, logical_axes=tuple(axes))
 
 
-def _layer_params(cfg: TargetConfig) -> list[tuple[str, tuple, tuple, str]]:
-    """(name, shape, logical axes, init) of one decoder layer's parameters.
-    Linear weights are stored input-major (``x @ W``); the HF name map transposes."""
-    d, H, K, D, I = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                     cfg.head_dim, cfg.intermediate_size)
-    out = [("input_norm", (d,), ("norm",), "ones"),
-           ("post_attn_norm", (d,), ("norm",), "ones"),
-           ("q_proj", (d, H * D), ("embed", "heads"), "normal"),
-           ("k_proj", (d, K * D), ("embed", "kv_heads"), "normal"),
-           ("v_proj", (d, K * D), ("embed", "kv_heads"), "normal"),
-           ("o_proj", (H * D, d), ("heads", "embed"), "normal")]
+def _layer_params(cfg: TargetConfig, i: int = 0) -> list[tuple[str, tuple, tuple, str]]:
+    """(name, shape, logical axes, init) of decoder layer ``i``'s parameters. Linear
+    weights are stored input-major (``x @ W``); the HF name map transposes. Gemma
+    layers differ by type (head size, KV heads, MLP width) and KV-shared layers have
+    no key/value weights, so the list depends on ``i``."""
+    d, H, K, D, I = (cfg.hidden_size, cfg.num_attention_heads, cfg.layer_kv_heads(i),
+                     cfg.layer_head_dim(i), cfg.layer_intermediate(i))
+    norm_init = "zeros" if cfg.norm_offset else "ones"
+    own_kv = i < cfg.first_kv_shared
+    out = [("input_norm", (d,), ("norm",), norm_init),
+           ("post_attn_norm", (d,), ("norm",), norm_init),
+           ("q_proj", (d, H * D), ("embed", "heads"), "normal")]
+    if own_kv:
+        out.append(("k_proj", (d, K * D), ("embed", "kv_heads"), "normal"))
+        if not cfg.layer_k_eq_v(i):
+            out.append(("v_proj", (d, K * D), ("embed", "kv_heads"), "normal"))
+    out.append(("o_proj", (H * D, d), ("heads", "embed"), "normal"))
     if cfg.attention_bias:
-        out += [("q_bias", (H * D,), ("heads",), "zeros"),
-                ("k_bias", (K * D,), ("kv_heads",), "zeros"),
-                ("v_bias", (K * D,), ("kv_heads",), "zeros")]
+        out.append(("q_bias", (H * D,), ("heads",), "zeros"))
+        if own_kv:
+            out.append(("k_bias", (K * D,), ("kv_heads",), "zeros"))
+            if not cfg.layer_k_eq_v(i):
+                out.append(("v_bias", (K * D,), ("kv_heads",), "zeros"))
     if cfg.qk_norm:
-        out += [("q_norm", (D,), ("norm",), "ones"), ("k_norm", (D,), ("norm",), "ones")]
+        out.append(("q_norm", (D,), ("norm",), norm_init))
+        if own_kv:
+            out.append(("k_norm", (D,), ("norm",), norm_init))
+    if cfg.sandwich_norm:
+        out += [("pre_ff_norm", (d,), ("norm",), norm_init),
+                ("post_ff_norm", (d,), ("norm",), norm_init)]
+    if cfg.layer_scalar:
+        out.append(("layer_scalar", (1,), (None,), "ones"))
     return out + [("gate_proj", (d, I), ("embed", "mlp"), "normal"),
                   ("up_proj", (d, I), ("embed", "mlp"), "normal"),
                   ("down_proj", (I, d), ("mlp", "embed"), "normal")]
 
 
+def layer_param_layers(cfg: TargetConfig) -> dict[str, tuple[int, ...]]:
+    """name -> the layers that have that parameter (all of them for Llama/Qwen3;
+    Gemma-4's KV-shared layers have no k/v weights, k_eq_v layers no v_proj)."""
+    out: dict[str, list[int]] = {}
+    for i in range(cfg.num_hidden_layers):
+        for name, *_ in _layer_params(cfg, i):
+            out.setdefault(name, []).append(i)
+    return {k: tuple(v) for k, v in out.items()}
+
+
 class TargetLayers(nnx.Module):
     """The target's decoder weights, one array per layer: ``self.<name>`` is an
-    ``nnx.List`` (parameter path ``layers.<name>.<i>``). XLA:CPU copies every slice of
-    a stacked array that a matmul reads, so per-layer buffers are the one layout that
-    is read once per step on every backend (see the module docstring)."""
+    ``nnx.List`` over the layers (parameter path ``layers.<name>.<i>``), or, for a
+    parameter only some layers have (Gemma-4 KV sharing), an ``nnx.Dict`` keyed by the
+    layer index (same path). XLA:CPU copies every slice of a stacked array that a
+    matmul reads, so per-layer buffers are the one layout that is read once per step
+    on every backend (see the module docstring)."""
 
     def __init__(self, cfg: TargetConfig, *, param_dtype, rngs: nnx.Rngs):
-        for name, shape, axes, init in _layer_params(cfg):
-            setattr(self, name, nnx.List([_param(rngs, shape, axes, param_dtype, init)
-                                          for _ in range(cfg.num_hidden_layers)]))
+        n = cfg.num_hidden_layers
+        specs = [{name: (shape, axes, init) for name, shape, axes, init in _layer_params(cfg, i)}
+                 for i in range(n)]
+        for name, layers in layer_param_layers(cfg).items():
+            made = {i: _param(rngs, specs[i][name][0], specs[i][name][1], param_dtype,
+                                specs[i][name][2]) for i in layers}
+            setattr(self, name, nnx.List([made[i] for i in range(n)]) if len(layers) == n
+                    else nnx.Dict({str(i): made[i] for i in layers}))
 
     def layer(self, i: int) -> dict[str, jax.Array]:
-        """name -> layer ``i``'s array."""
-        return {k: v[i].get_value() for k, v in vars(self).items() if isinstance(v, nnx.List)}
+        """name -> layer ``i``'s array (the names layer ``i`` has)."""
+        out = {}
+        for k, v in vars(self).items():
+            if isinstance(v, nnx.List):
+                out[k] = v[i].get_value()
+            elif isinstance(v, nnx.Dict) and str(i) in v:
+                out[k] = v[str(i)].get_value()
+        return out
 
 
 class DecoderStack(nnx.Module):
     """Decoder weights stacked on a leading ``layers`` axis, for a ``lax.scan`` over
     layers: the DSpark draft's layout (trained, so the scan keeps compile time and the
-    rematerialised backward flat in depth). The target uses ``TargetLayers``."""
+    rematerialised backward flat in depth). The target uses ``TargetLayers``. Needs
+    layers of one geometry (``cfg.uniform_layers``)."""
 
     def __init__(self, cfg: TargetConfig, *, param_dtype, rngs: nnx.Rngs):
+        if not cfg.uniform_layers:
+            raise ValueError("DecoderStack needs layers of one geometry (no sliding/full mix, "
+                             "no KV sharing, one MLP width); got a config without.")
         L = cfg.num_hidden_layers
-        for name, shape, axes, init in _layer_params(cfg):
+        for name, shape, axes, init in _layer_params(cfg, 0):
             setattr(self, name, _param(rngs, (L,) + shape, ("layers",) + axes, param_dtype, init))
 
     def stacked(self) -> dict[str, jax.Array]:
@@ -93,8 +135,10 @@ class DecoderStack(nnx.Module):
 class KVCache(NamedTuple):
     """Preallocated per-layer keys/values and the number of valid positions per row.
 
-    ``k``: L buffers [B, K, D, S_max] and ``v``: L buffers [B, K, S_max, D] -- the
-    layouts in which the two attention matmuls read them without a transpose copy;
+    ``k``: per-layer buffers [B, K, D, S_max] and ``v``: [B, K, S_max, D] -- the
+    layouts in which the two attention matmuls read them without a transpose copy --
+    one per layer with its own keys/values (Gemma-4's KV-shared layers read their
+    source layer's; K and D may differ by layer type);
     ``lengths``: int32 [B]. Entries at positions >= ``lengths[b]`` are ignored by
     attention, so rolling back is just lowering ``lengths`` (speculative decoding's
     rejected tail).
@@ -110,10 +154,12 @@ class KVCache(NamedTuple):
 
 
 def init_cache(cfg: TargetConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    """Empty cache: a tuple of per-layer key buffers and one of value buffers."""
-    L, K, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
-    return KVCache(tuple(jnp.zeros((batch, K, D, max_len), dtype) for _ in range(L)),
-                   tuple(jnp.zeros((batch, K, max_len, D), dtype) for _ in range(L)),
+    """Empty cache: a tuple of per-layer key buffers and one of value buffers (the
+    layers with their own keys/values). Sliding-window layers keep full-length
+    buffers: a window is a mask, so rollback and tree compaction stay one code path."""
+    dims = [(cfg.layer_kv_heads(i), cfg.layer_head_dim(i)) for i in range(cfg.first_kv_shared)]
+    return KVCache(tuple(jnp.zeros((batch, K, D, max_len), dtype) for K, D in dims),
+                   tuple(jnp.zeros((batch, K, max_len, D), dtype) for K, D in dims),
                    jnp.zeros((batch,), jnp.int32))
 
 
@@ -152,16 +198,25 @@ def write_kv_after(ck: jax.Array, cv: jax.Array, kt: jax.Array, vt: jax.Array,
     return write_rows(ck, kt + after, start, 3), write_rows(cv, vt + after, start, 2)
 
 
+def window_start(positions: jax.Array, window: int | None) -> jax.Array | int:
+    """First key position a query at ``positions`` sees: 0, or for a sliding-window
+    layer ``position - window + 1`` (HF: key k is visible iff q - k < window)."""
+    return 0 if window is None else jnp.maximum(positions - (window - 1), 0)
+
+
 def _causal_attend(b: int, t: int):
     """``attend`` of a causal forward over T tokens with no cache (full forward, fresh
     prefill): ``span_attention`` (the flash kernel on TPU; O(block_q x T) memory in the
     jnp path) instead of [T,T] logits. Every row sees its causal prefix, padding
-    included, as the cache-segment path does."""
-    start, stop = causal_span(jnp.full((b,), t, jnp.int32), t)
+    included, as the cache-segment path does; a sliding layer's span starts at its
+    window."""
+    _, stop = causal_span(jnp.full((b,), t, jnp.int32), t)
+    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
-    def attend(q, kt, vt, ck, cv):
+    def attend(q, kt, vt, ck, cv, window, scale):
         k, v = kt.transpose(0, 3, 1, 2), vt.transpose(0, 2, 1, 3)  # back to [B,T,K,D]
-        return span_attention(q, k, v, start, stop)[0].astype(q.dtype)
+        start = jnp.broadcast_to(window_start(pos, window), (b, t)).astype(jnp.int32)
+        return span_attention(q, k, v, start, stop, scale=scale)[0].astype(q.dtype)
 
     return attend
 
@@ -172,24 +227,60 @@ class ForwardOut(NamedTuple):
     last_hidden: jax.Array   # [B, T, d] after the final norm
 
 
+def norm(cfg: TargetConfig, x: jax.Array, weight: jax.Array | None) -> jax.Array:
+    """The family's RMSNorm (Gemma: fp32 scale by offset + w; ``weight=None`` unscaled)."""
+    return rms_norm(x, weight, cfg.rms_norm_eps, offset=cfg.norm_offset,
+                    scale_fp32=cfg.sandwich_norm)
+
+
 def layer_qkv(cfg: TargetConfig, p: dict, x: jax.Array, positions: jax.Array, inv_freq):
+    """q [B,T,H,D] and, for a layer with its own keys/values, k/v [B,T,K,D] (None for
+    a Gemma-4 KV-shared layer). The head size comes from the weights (Gemma layers
+    differ by type)."""
     b, t, _ = x.shape
-    H, K, D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    q, k, v = x @ p["q_proj"], x @ p["k_proj"], x @ p["v_proj"]
+    H = cfg.num_attention_heads
+    D = p["q_proj"].shape[-1] // H
+    q = x @ p["q_proj"]
     if cfg.attention_bias:
-        q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
-    q, k, v = q.reshape(b, t, H, D), k.reshape(b, t, K, D), v.reshape(b, t, K, D)
+        q = q + p["q_bias"]
+    q = q.reshape(b, t, H, D)
     if cfg.qk_norm:
-        q = rms_norm(q, p["q_norm"], cfg.rms_norm_eps)
-        k = rms_norm(k, p["k_norm"], cfg.rms_norm_eps)
-    return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+        q = norm(cfg, q, p["q_norm"])
+    q = apply_rope(q, positions, inv_freq)
+    if "k_proj" not in p:
+        return q, None, None
+    k = x @ p["k_proj"]
+    v = x @ p["v_proj"] if "v_proj" in p else k   # Gemma-4 k_eq_v: values = raw keys
+    if cfg.attention_bias:
+        k = k + p["k_bias"]
+        v = v + p["v_bias"] if "v_bias" in p else k
+    K = k.shape[-1] // D
+    k, v = k.reshape(b, t, K, D), v.reshape(b, t, K, D)
+    if cfg.qk_norm:
+        k = norm(cfg, k, p["k_norm"])
+    if cfg.v_norm:
+        v = norm(cfg, v, None)
+    return q, apply_rope(k, positions, inv_freq), v
 
 
 def layer_finish(cfg: TargetConfig, p: dict, h: jax.Array, attn: jax.Array) -> jax.Array:
+    """Output projection, residuals and MLP: pre-norm (Llama/Qwen3: post_attn_norm is
+    the MLP's input norm) or Gemma's sandwich (post_attn_norm on the attention output,
+    pre/post feed-forward norms), then Gemma-4's per-layer scalar."""
     b, t = attn.shape[:2]
-    h = h + attn.reshape(b, t, -1) @ p["o_proj"]
-    x = rms_norm(h, p["post_attn_norm"], cfg.rms_norm_eps)
-    return h + swiglu(x, p["gate_proj"], p["up_proj"], p["down_proj"])
+    a = attn.reshape(b, t, -1) @ p["o_proj"]
+    if cfg.sandwich_norm:
+        h = h + norm(cfg, a, p["post_attn_norm"])
+        m = gated_mlp(norm(cfg, h, p["pre_ff_norm"]), p["gate_proj"], p["up_proj"],
+                      p["down_proj"], cfg.activation)
+        h = h + norm(cfg, m, p["post_ff_norm"])
+    else:
+        h = h + a
+        x = norm(cfg, h, p["post_attn_norm"])
+        h = h + gated_mlp(x, p["gate_proj"], p["up_proj"], p["down_proj"], cfg.activation)
+    if cfg.layer_scalar:
+        h = h * p["layer_scalar"]
+    return h
 
 
 def feature_slots(layer_ids: Sequence[int], num_layers: int) -> tuple[tuple[int, ...], int]:
@@ -214,23 +305,32 @@ class CausalLM(nnx.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"),
                                   param_dtype)
-        self.inv_freq = tuple(float(f) for f in rope_inv_freq(cfg.head_dim, cfg.rope_theta,
-                                                              cfg.rope_scaling))
+        # Per-layer RoPE inverse frequencies (static floats: Gemma's layer types differ).
+        self.inv_freq = tuple(tuple(float(f) for f in cfg.layer_inv_freq(i))
+                              for i in range(cfg.num_hidden_layers))
 
     # ---- pieces shared with the drafts (frozen embedding / lm_head) ----
     def embed_tokens(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embed.get_value(), ids, axis=0).astype(self.dtype)
+        """Token embeddings, times ``embed_scale`` (Gemma: sqrt(hidden), rounded to the
+        compute dtype as HF rounds it to the weight dtype)."""
+        e = jnp.take(self.embed.get_value(), ids, axis=0).astype(self.dtype)
+        if self.cfg.embed_scale != 1.0:
+            e = e * jnp.asarray(self.cfg.embed_scale, self.dtype)
+        return e
 
     def lm_head_weight(self) -> jax.Array:
         """[d, V] output projection (the transposed embedding when tied)."""
         return self.embed.get_value().T if self.cfg.tie_word_embeddings else self.lm_head.get_value()
 
     def logits(self, hidden: jax.Array) -> jax.Array:
+        """float32 logits, softcapped where the config says so (Gemma)."""
         if self.cfg.tie_word_embeddings:  # contract with [V, d] directly: no transpose copy
-            return jnp.einsum("btd,vd->btv", hidden, self.embed.get_value().astype(self.dtype),
-                              preferred_element_type=jnp.float32)
-        return jnp.einsum("btd,dv->btv", hidden, self.lm_head.get_value().astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+            z = jnp.einsum("btd,vd->btv", hidden, self.embed.get_value().astype(self.dtype),
+                           preferred_element_type=jnp.float32)
+        else:
+            z = jnp.einsum("btd,dv->btv", hidden, self.lm_head.get_value().astype(self.dtype),
+                           preferred_element_type=jnp.float32)
+        return softcap(z, self.cfg.final_logit_softcap)
 
     def logits_at(self, out: ForwardOut, pos: jax.Array) -> jax.Array:
         """[B, V] float32 logits of position ``pos[b]`` of each row of a forward's output
@@ -244,14 +344,17 @@ class CausalLM(nnx.Module):
     def _run(self, input_ids, positions, layer_ids, attend, cache: KVCache | None):
         """Embed, run the decoder layers, collect features; returns (ForwardOut, cache).
 
-        ``attend(q, kt, vt, ck, cv)`` -> attention output, given the layer's new keys
-        ``kt`` [B,K,D,T] / values ``vt`` [B,K,T,D] and its cache buffers (None without
-        a cache); it is the only difference between the full-sequence and the cached
-        paths. With a cache, the new keys/values go to slots ``lengths[b] + j``.
+        ``attend(q, kt, vt, ck, cv, window, scale)`` -> attention output, given the
+        layer's new keys ``kt`` [B,K,D,T] / values ``vt`` [B,K,T,D], its cache buffers
+        (None without a cache), its sliding window (None = full) and softmax scale; it
+        is the only difference between the full-sequence, cached and tree paths. With a
+        cache, the new keys/values go to slots ``lengths[b] + j``.
 
         The layers run unrolled over per-layer buffers; each layer's new entries are
         written into its cache buffer in place after the attention read
-        (``write_kv_after``)."""
+        (``write_kv_after``); a Gemma-4 KV-shared layer attends to its source layer's
+        new keys/values and buffer, which is written after the last such reader (the
+        readers are sequential, so that one's output depends on all earlier reads)."""
         cfg = self.cfg
         layer_ids = tuple(layer_ids)
         for lid in layer_ids:
@@ -266,26 +369,33 @@ class CausalLM(nnx.Module):
         n = len(layer_ids)
         feats = jnp.zeros((b, t, n + 1, d), self.dtype)
         feats = feats.at[:, :, emb_slot].set(h)
-        inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
 
         start = None if cache is None else cache.lengths
-        ks, vs = [], []
+        # A layer's cache buffer is written after its *last* reader (itself, or the last
+        # KV-shared layer borrowing it), so every reader sees the old buffer and the
+        # write is still in place.
+        last_reader = {cfg.kv_source(l): l for l in range(cfg.num_hidden_layers)}
+        new_kv, bufs = {}, {}   # layer -> (kt, vt) / its cache buffers
         for l in range(cfg.num_hidden_layers):
             p = {k: v.astype(self.dtype) for k, v in self.layers.layer(l).items()}
-            x = rms_norm(h, p["input_norm"], cfg.rms_norm_eps)
-            q, k, v = layer_qkv(cfg, p, x, positions, inv_freq)
-            kt, vt = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B,K,D,T], [B,K,T,D]
-            ck, cv = (None, None) if cache is None else (cache.k[l], cache.v[l])
-            attn = attend(q, kt, vt, ck, cv)
+            x = norm(cfg, h, p["input_norm"])
+            q, k, v = layer_qkv(cfg, p, x, positions, jnp.asarray(self.inv_freq[l], jnp.float32))
+            src = cfg.kv_source(l)
+            if k is not None:
+                new_kv[l] = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B,K,D,T], [B,K,T,D]
+            kt, vt = new_kv[src]
+            ck, cv = (None, None) if cache is None else (cache.k[src], cache.v[src])
+            attn = attend(q, kt, vt, ck, cv, cfg.layer_window(l),
+                          cfg.attention_scale(q.shape[-1]))
             h = layer_finish(cfg, p, h, attn)
             feats = jax.lax.dynamic_update_index_in_dim(feats, h, slots[l], axis=2)
-            if cache is not None:
-                ck, cv = write_kv_after(ck, cv, kt, vt, start, attn)
-                ks.append(ck)
-                vs.append(cv)
+            if cache is not None and last_reader[src] == l:
+                bufs[src] = write_kv_after(ck, cv, kt, vt, start, attn)
         if cache is not None:
-            cache = KVCache(tuple(ks), tuple(vs), cache.lengths)
-        last = rms_norm(h, self.final_norm.get_value().astype(self.dtype), cfg.rms_norm_eps)
+            cache = KVCache(tuple(bufs[l][0] for l in range(cfg.first_kv_shared)),
+                            tuple(bufs[l][1] for l in range(cfg.first_kv_shared)),
+                            cache.lengths)
+        last = norm(cfg, h, self.final_norm.get_value().astype(self.dtype))
         out = ForwardOut(self.logits(last), feats[:, :, :n].reshape(b, t, n * d), last)
         return out, cache
 
@@ -310,15 +420,22 @@ class CausalLM(nnx.Module):
         start = cache.lengths
         positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
         s_max = cache.max_len
-        old_mask = jnp.arange(s_max, dtype=jnp.int32)[None, None, :] < start[:, None, None]
+        slot = jnp.arange(s_max, dtype=jnp.int32)[None, None, :]
+        old_mask = slot < start[:, None, None]
         new_mask = jnp.tril(jnp.ones((t, t), bool))[None]
 
         # Attention reads the old cache and the new keys/values as separate segments,
         # so the cache is read before the new entries are written (in place, by _run).
-        # A fresh prefill (long T) is a causal span over the new tokens alone.
-        def attend(q, kt, vt, ck, cv):
-            segments = [(ck.astype(q.dtype), cv.astype(q.dtype), old_mask), (kt, vt, new_mask)]
-            return segment_attention(q, segments)[0].astype(q.dtype)
+        # A fresh prefill (long T) is a causal span over the new tokens alone. Sliding
+        # layers also hide keys before each query's window.
+        def attend(q, kt, vt, ck, cv, window, scale):
+            om, nm = old_mask, new_mask
+            if window is not None:
+                first = window_start(positions, window)[:, :, None]      # [B, T, 1]
+                om = om & (slot >= first)
+                nm = nm & (positions[:, None, :] >= first)                # new key j at positions[b, j]
+            segments = [(ck.astype(q.dtype), cv.astype(q.dtype), om), (kt, vt, nm)]
+            return segment_attention(q, segments, scale=scale)[0].astype(q.dtype)
 
         out, cache = self._run(input_ids, positions, layer_ids,
                                _causal_attend(b, t) if fresh else attend, cache)
@@ -344,8 +461,22 @@ class CausalLM(nnx.Module):
 
         # The tree's own keys/values go to the kernel as ``k_tree``/``v_tree``, so it
         # reads only the committed prefix from the cache (written after, by _run).
-        def attend(q, kt, vt, ck, cv):
-            return tree_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), start, tree_bits,
-                                  k_tree=kt, v_tree=vt, impl=attn_impl)
+        # Sliding-window layers (Gemma) go through dense segments with the window and
+        # the ancestor mask spelled out: the tree kernel has no window, and a tree is
+        # short, so these layers cost what a chain verify step costs.
+        def attend(q, kt, vt, ck, cv, window, scale):
+            if window is None:
+                return tree_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), start,
+                                      tree_bits, k_tree=kt, v_tree=vt, scale=scale,
+                                      impl=attn_impl)
+            n = input_ids.shape[1]
+            first = window_start(positions, window)[:, :, None]          # [B, N, 1]
+            slot = jnp.arange(ck.shape[-1], dtype=jnp.int32)[None, None, :]
+            om = (slot < start[:, None, None]) & (slot >= first)
+            j = jnp.arange(n, dtype=jnp.uint32)
+            anc = ((tree_bits[:, :, j // 32] >> (j % 32)) & 1).astype(bool)  # [B, N, N]
+            nm = anc & (positions[:, None, :] >= first)
+            segments = [(ck.astype(q.dtype), cv.astype(q.dtype), om), (kt, vt, nm)]
+            return segment_attention(q, segments, scale=scale)[0].astype(q.dtype)
 
         return self._run(input_ids, positions, layer_ids, attend, cache)
