@@ -19,7 +19,7 @@ import gguf
 import numpy as np
 import pytest
 
-from conftest import write_llama_gguf
+from conftest import hf_greedy, write_llama_gguf
 from deepspec_jax import target as target_mod
 from deepspec_jax.target import gemma3_gguf_path, load_target
 from deepspec_jax.weights.gguf_loader import open_gguf, read_gguf
@@ -164,15 +164,10 @@ def gemma(reader):
 @pytest.mark.slow
 def test_greedy_matches_transformers(gemma, hf):
     """16 greedy tokens through deepspec_jax equal transformers' greedy generate."""
-    import torch
-
     model, _, tok = hf
     prompts = [[tok.bos_token_id] + tok(p)["input_ids"] for p in PROMPTS]
     assert len(prompts[0]) < 16 and len(prompts[1]) > 512  # the file's sliding_window
     ours = gemma.generate(prompts, max_new_tokens=16, temperature=0.0)
     for p, got in zip(prompts, ours):
-        with torch.no_grad():
-            ref = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                 max_new_tokens=16, do_sample=False)
-        ref_new = ref[0, len(p):].tolist()
-        assert got == ref_new, (len(p), tok.decode(got), tok.decode(ref_new))
+        ref = hf_greedy(model, p, 16)
+        assert got == ref, (len(p), tok.decode(got), tok.decode(ref))
