@@ -46,6 +46,16 @@ def write_llama_gguf(path: str, tensor: str, data, raw_dtype=None, **metadata: i
     return path
 
 
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy continuation (new tokens only) of one unpadded prompt."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
 @pytest.fixture(scope="session")
 def fixture_set_dirs() -> list[str]:
     sets = fixture_sets()
