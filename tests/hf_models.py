@@ -32,6 +32,12 @@ def make_tiny_hf(tmp_dir: str, model_type: str, *, heads: int = 4, kv_heads: int
         cfg = Gemma3TextConfig(**common, head_dim=16, query_pre_attn_scalar=24,
                                hidden_activation="gelu_pytorch_tanh", **extra)
         model = Gemma3ForCausalLM(cfg)
+    elif model_type == "gemma4_unified_text":
+        from transformers.models.gemma4_unified import (Gemma4UnifiedForCausalLM,
+                                                        Gemma4UnifiedTextConfig)
+        cfg = Gemma4UnifiedTextConfig(**common, head_dim=16,
+                                      hidden_activation="gelu_pytorch_tanh", **extra)
+        model = Gemma4UnifiedForCausalLM(cfg)
     elif model_type == "gemma4_text":
         cfg = Gemma4TextConfig(**common, head_dim=16, hidden_size_per_layer_input=0,
                                hidden_activation="gelu_pytorch_tanh", **extra)

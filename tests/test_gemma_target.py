@@ -9,6 +9,7 @@ norms and query_pre_attn_scalar, final-logit softcapping, tied and untied heads.
 import numpy as np
 import pytest
 
+from conftest import fp32_tol
 from deepspec_jax import load_target
 from hf_models import make_tiny_hf
 
@@ -27,6 +28,11 @@ CASES = {
         layers=4, tie=False, layer_types=[_S, _S, _F, _F], sliding_window=5,
         global_head_dim=32, attention_k_eq_v=True, num_global_key_value_heads=1,
         rope_parameters={**_ROPE4, _F: {**_ROPE4[_F], "partial_rotary_factor": 0.5}})),
+    # Gemma-4 "unified" (the 12B's family): k_eq_v with 2 global KV heads, window 3.
+    "gemma4-unified": ("gemma4_unified_text", dict(
+        layers=3, tie=True, layer_types=[_S, _S, _F], sliding_window=3, global_head_dim=32,
+        attention_k_eq_v=True, num_global_key_value_heads=2, final_logit_softcapping=30.0,
+        rope_parameters=_ROPE4)),
     "gemma3-linear-rope": ("gemma3_text", dict(
         layers=4, tie=True, layer_types=[_S, _S, _F, _F], sliding_window=4,
         rope_parameters={_F: {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
@@ -59,11 +65,8 @@ def test_forward_matches_transformers(case):
     feats = np.asarray(out.features)
     for j, lid in enumerate(layer_ids):
         want = ref.hidden_states[lid + 1].numpy()
-        # Gemma's sqrt(hidden) embedding scale and layer scalars make features O(10):
-        # fp32 rounding is relative, so the tolerance scales with them.
         np.testing.assert_allclose(feats[..., j * d:(j + 1) * d], want,
-                                   atol=1e-5 * max(1.0, np.abs(want).max()), rtol=0,
-                                   err_msg=f"layer {lid}")
+                                   atol=fp32_tol(want, 1e-5), rtol=0, err_msg=f"layer {lid}")
 
 
 def test_cached_greedy_matches_transformers_past_the_window(case):
@@ -79,3 +82,37 @@ def test_cached_greedy_matches_transformers_past_the_window(case):
             ref = hf.generate(torch.as_tensor([p]), max_new_tokens=20, do_sample=False,
                               min_new_tokens=20, pad_token_id=0)
         assert got == ref[0, len(p):].tolist()
+
+
+def _fixture_text_config():
+    """The Gemma-4 fixture target's config.json (a gemma4 wrapper around gemma4_text)."""
+    import json
+    import os
+
+    from conftest import REPO
+    path = os.path.join(REPO, "..", "shared", "fixtures-next", "deepspec_gemma4_v1",
+                        "target_gemma4_tiny", "config.json")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda t: t.update(new_gemma_knob=1), "new_gemma_knob"),
+    (lambda t: t.update(enable_moe_block=True), "enable_moe_block"),
+    (lambda t: t.update(hidden_size_per_layer_input=256), "hidden_size_per_layer_input"),
+    (lambda t: t.update(use_bidirectional_attention="all"), "use_bidirectional_attention"),
+    (lambda t: t.update(hidden_activation="silu"), "hidden_activation"),
+    (lambda t: t.update(layer_types=[_S]), "layer_types"),
+])
+def test_unsupported_gemma_fields_are_refused_by_name(edit, match):
+    """A Gemma config field we do not implement (or do not know) is an error naming it,
+    not silently ignored; the multimodal wrapper's text_config is what is checked."""
+    from deepspec_jax.config import target_config_from_dict
+    from deepspec_jax.errors import ConfigError
+
+    raw = _fixture_text_config()
+    cfg = target_config_from_dict(raw, "config.json")
+    assert cfg.hf_prefix == "model.language_model." and cfg.model_type == "gemma4_text"
+    edit(raw["text_config"])
+    with pytest.raises(ConfigError, match=match):
+        target_config_from_dict(raw, "config.json")

@@ -149,6 +149,27 @@ def test_tiny_run_compiles_for_v5e_8_in_both_modes(tiny_args, tmp_path, capsys):
     assert "train    cached" in capsys.readouterr().out
 
 
+def test_tiny_eagle3_online_step_compiles_for_v5p_8(tiny_args, tmp_path):
+    """Eagle3's online step (the target's forward inside the step) on its reference
+    config's mesh, in seconds. tests/test_plan_reference.py compiles the real-depth
+    online step for DSpark only: the target's part is the same program for the three
+    Qwen3-4B configs (same layers, batch, micro-batch and mesh) and each draft's part is
+    its v5e-8 cached case; DFlash runs DSpark's step code (family "dspark"), Eagle3 its
+    own loss, whose online compile for TPU this keeps."""
+    target = tmp_path / "config.json"   # Eagle3 reads exactly 5 target layers
+    target.write_text(json.dumps(dict(TINY_TARGET, num_hidden_layers=6)))
+    drop = ("--config=", "--target_config=", "--config.draft.", "--config.mesh.")
+    args = [f"--config={os.path.join(REPO, 'configs/eagle3/eagle3_qwen3_4b.py')}",
+            f"--target_config={target}", "--config.draft.target_layer_ids=(0,1,2,3,4)",
+            "--config.draft.ttt_length=2",   # 2 unrolled TTT steps compile faster than 7
+            *(a for a in tiny_args if not a.startswith(drop))]   # the config's own mesh
+    out = tmp_path / "plan.json"
+    assert plan_main(args + ["--topology=v5p-8", "--mode=online", f"--json={out}"]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["mode"] == "online" and row["mesh"] == {"data": 1, "fsdp": 4, "tensor": 1}, row
+    assert row["fits"] and 0 < row["peak_bytes"] < row["capacity_bytes"] and row["flops"] > 0
+
+
 def test_a_micro_batch_too_large_exits_nonzero_naming_the_knob(tiny_args, tmp_path, capsys):
     args = [a for a in tiny_args if "batch_size" not in a and "max_length" not in a]
     rc = plan_main(args + ["--topology=v5e-8", "--mode=cached", "--config.data.max_length=128",

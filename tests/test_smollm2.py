@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 
+from conftest import hf_greedy
 from deepspec_jax import load_target
 from deepspec_jax.target import smollm2_gguf_path
 
@@ -47,17 +48,12 @@ def test_weights_match_transformers_dequantisation(smol, hf_model):
 
 @pytest.mark.slow
 def test_greedy_matches_transformers(smol, hf_model):
-    import torch
-
     assert smol.config.tie_word_embeddings and smol.config.num_hidden_layers == 30
     prompts = [smol.apply_chat_template(p) for p in PROMPTS]
     assert smol.tokenizer.decode(prompts[0]).startswith("<|im_start|>system")
     ours = smol.generate(prompts, max_new_tokens=48, temperature=0.0)
     for p, got in zip(prompts, ours):
-        with torch.no_grad():
-            ref = hf_model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                    max_new_tokens=48, do_sample=False)
-        ref_new = ref[0, len(p):].tolist()
+        ref_new = hf_greedy(hf_model, p, 48)
         assert got == ref_new, (smol.tokenizer.decode(got), smol.tokenizer.decode(ref_new))
     # the stop token (<|im_end|>) ends a row, and generation is batch-independent
     assert smol.stop_token_ids and any(o[-1] in smol.stop_token_ids for o in ours)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import fixture_sets, load_manifest
+from conftest import fp32_tol, load_manifest, target_fixture_sets
 from deepspec_jax import load_target
 from deepspec_jax import target as target_mod
 
@@ -17,22 +17,11 @@ def _fixture_target(fs):
     return load_target(os.path.join(fs, load_manifest(fs)["global"]["target_dir"]))
 
 
-def _target_sets():
-    return [pytest.param(fs, id=os.path.basename(fs)) for fs in fixture_sets()
-            if "target_dir" in load_manifest(fs)["global"]]
-
-
-@pytest.fixture(scope="module", params=_target_sets())
+@pytest.fixture(scope="module", params=target_fixture_sets())
 def fixture_set(request):
     """Every fixture set with a target: Qwen3 and Gemma-4 (sliding-window layers, KV
     sharing through the cache)."""
     return request.param
-
-
-def _tol(ref, tol):
-    """fp32 rounding is relative: Gemma's features/logits are O(10) (sqrt(hidden)
-    embeddings, a final norm scaled by 8), the Qwen3 set's O(1)."""
-    return tol * max(1.0, float(np.abs(ref).max()))
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +42,7 @@ def test_cached_decode_matches_full_forward(tiny):
     cache = tiny.init_cache(4, 128)
     out, cache = tiny.extend(cache, prompt, lens)
     logits = np.asarray(out.logits)
-    lt, ft = _tol(full, 1e-4), _tol(full_feats, 1e-5)
+    lt, ft = fp32_tol(full, 1e-4), fp32_tol(full_feats, 1e-5)
     for b in range(4):
         np.testing.assert_allclose(logits[b, : lens[b]], full[b, : lens[b]], atol=lt, rtol=0)
     rows = np.arange(4)
@@ -90,7 +79,7 @@ def test_rollback_by_lowering_lengths(tiny):
     cache = cache._replace(lengths=cache.lengths - 4)              # rejected: roll back
     out, cache = tiny.extend(cache, seq[:, 10:], np.array([10]))
     full = np.asarray(tiny.forward(seq).logits)
-    np.testing.assert_allclose(np.asarray(out.logits)[0], full[0, 10:], atol=_tol(full, 1e-4), rtol=0)
+    np.testing.assert_allclose(np.asarray(out.logits)[0], full[0, 10:], atol=fp32_tol(full, 1e-4), rtol=0)
 
 
 def test_greedy_generate_matches_fixture(fixture_set, tiny):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import fixture_sets, load_manifest
+from conftest import fp32_tol, load_manifest, target_fixture_sets
 from deepspec_jax import load_target
 from hf_models import hf_forward, make_tiny_hf
 
@@ -44,14 +44,7 @@ def test_llama3_rope_scaling_parity(tmp_path):
     np.testing.assert_allclose(np.asarray(out.logits), ref_logits, atol=1e-4, rtol=0)
 
 
-def _target_fixture_cases():
-    for fs in fixture_sets():
-        g = load_manifest(fs)["global"]
-        if "target_dir" in g:
-            yield pytest.param(fs, id=os.path.basename(fs))
-
-
-@pytest.mark.parametrize("fixture_set", list(_target_fixture_cases()))
+@pytest.mark.parametrize("fixture_set", target_fixture_sets())
 def test_fixture_target_features(fixture_set):
     manifest = load_manifest(fixture_set)
     target = load_target(os.path.join(fixture_set, manifest["global"]["target_dir"]))
@@ -59,13 +52,10 @@ def test_fixture_target_features(fixture_set):
     inputs = load_file(os.path.join(fixture_set, inp_file.get("path", "fixtures/inputs.safetensors")))
     ids = inputs["input_ids"].astype(np.int32)
     out = target.forward(ids)
-    # fp32 rounding is relative: the Gemma-4 target's features and final hidden states
-    # are O(10) (sqrt(hidden) embeddings, final norm scaled by 8), the Qwen3 set's O(1).
-    tol = lambda ref, t: t * max(1.0, float(np.abs(ref).max()))  # noqa: E731
     ref = inputs["target_logits"]
-    np.testing.assert_allclose(np.asarray(out.logits), ref, atol=tol(ref, 1e-4), rtol=0)
+    np.testing.assert_allclose(np.asarray(out.logits), ref, atol=fp32_tol(ref, 1e-4), rtol=0)
     ref = inputs["target_last_hidden_states"]
-    np.testing.assert_allclose(np.asarray(out.last_hidden), ref, atol=tol(ref, 1e-4), rtol=0)
+    np.testing.assert_allclose(np.asarray(out.last_hidden), ref, atol=fp32_tol(ref, 1e-4), rtol=0)
     # Every captured feature set: layer ids come from the draft configs in the manifest.
     for name, draft in manifest["global"]["drafts"].items():
         key = f"target_hidden_states_{draft['kind']}"
@@ -73,5 +63,5 @@ def test_fixture_target_features(fixture_set):
             continue
         ids_ = tuple(draft["args"]["target_layer_ids"])
         feats = np.asarray(target.forward(ids, layer_ids=ids_).features)
-        np.testing.assert_allclose(feats, inputs[key], atol=tol(inputs[key], 1e-5), rtol=0,
+        np.testing.assert_allclose(feats, inputs[key], atol=fp32_tol(inputs[key], 1e-5), rtol=0,
                                    err_msg=name)

@@ -42,7 +42,7 @@ from deepspec_jax.data.jsonl import DataError
 from deepspec_jax.data.token_store import TokenStore
 from deepspec_jax.errors import ConfigError, DeepSpecError
 from deepspec_jax.sharding import batch_sharding
-from deepspec_jax.target import DEFAULT_TARGET, load_target, smollm2_gguf_path
+from deepspec_jax.target import DEFAULT_TARGET, load_target, resolve_target_path
 
 
 # ---------------------------------------------------------------------------
@@ -230,15 +230,16 @@ def build_feature_cache(store, target, layer_ids: Sequence[int], output: str, *,
 
 def _target_dims(target: str) -> tuple[int, int]:
     """(hidden_size, num_hidden_layers) of a target without loading its weights."""
-    path = smollm2_gguf_path() if target in (None, DEFAULT_TARGET) else target
+    path = resolve_target_path(target)
     if os.path.isdir(path):
         cfg_path = os.path.join(path, "config.json")
         cfg = target_config_from_dict(load_config_json(cfg_path), cfg_path)
         return cfg.hidden_size, cfg.num_hidden_layers
     if path.endswith(".gguf") and os.path.exists(path):
         fields = gguf.GGUFReader(path).fields
-        return (int(fields["llama.embedding_length"].contents()),
-                int(fields["llama.block_count"].contents()))
+        arch = fields["general.architecture"].contents()
+        return (int(fields[f"{arch}.embedding_length"].contents()),
+                int(fields[f"{arch}.block_count"].contents()))
     raise ConfigError(f"--target={target}: not a model directory, a .gguf file or "
                       f"{DEFAULT_TARGET!r}; for --estimate_only you may pass --hidden_size instead.")
 

@@ -37,7 +37,7 @@ from deepspec_jax.data.chat_templates import ChatTemplate, resolve_template
 from deepspec_jax.data.jsonl import DataError, read_conversations
 from deepspec_jax.data.token_store import TokenStoreWriter
 from deepspec_jax.errors import ConfigError
-from deepspec_jax.target import DEFAULT_TARGET, smollm2_gguf_path
+from deepspec_jax.target import DEFAULT_TARGET, resolve_target_path
 from deepspec_jax.weights.gguf_loader import gguf_tokenizer
 
 FLAGS = flags.FlagValues()
@@ -210,10 +210,9 @@ def tokenize_conversation(tokenizer, conversation: list[dict], *, max_length: in
 # ---------------------------------------------------------------------------
 
 def load_tokenizer(target: str | None):
-    """The target's tokenizer without loading its weights: ``smollm2-135m``/None (the
-    embedded GGUF), a ``.gguf`` file, or an HF directory with tokenizer files."""
-    if target is None or target == DEFAULT_TARGET:
-        target = smollm2_gguf_path()
+    """The target's tokenizer without loading its weights: a name of ``NAMED_TARGETS``
+    or None (the embedded GGUF), a ``.gguf`` file, or an HF directory with tokenizer files."""
+    target = resolve_target_path(target)
     if target.endswith(".gguf"):
         if not os.path.exists(target):
             raise DataError(f"{target}: GGUF file not found (--target).")

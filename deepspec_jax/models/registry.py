@@ -33,6 +33,12 @@ FAMILIES: dict[str, Family] = {
     # The multimodal wrapper (text_config inside; vision/audio towers unused here).
     "gemma4": Family("gemma4", qk_norm=True, default_tie=True,
                      hf_architecture="Gemma4ForConditionalGeneration", gemma=4),
+    # Gemma-4 "unified" (e.g. google/gemma-4-12B-it): the same text decoder without
+    # per-layer inputs or MoE fields.
+    "gemma4_unified_text": Family("gemma4_unified_text", qk_norm=True, default_tie=True,
+                                  hf_architecture="Gemma4UnifiedForCausalLM", gemma=4),
+    "gemma4_unified": Family("gemma4_unified", qk_norm=True, default_tie=True,
+                             hf_architecture="Gemma4UnifiedForConditionalGeneration", gemma=4),
 }
 
 
