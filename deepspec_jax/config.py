@@ -139,7 +139,7 @@ class TargetConfig:
 
     @property
     def uniform_layers(self) -> bool:
-        """Every layer has the same geometry (a stacked ``DecoderStack`` needs it)."""
+        """Every layer has the same geometry (stacked draft layers need it)."""
         sig = {(self.layer_head_dim(i), self.layer_kv_heads(i), self.layer_intermediate(i),
                 self.layer_window(i), self.layer_k_eq_v(i))
                for i in range(self.num_hidden_layers)}

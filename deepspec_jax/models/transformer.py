@@ -6,8 +6,8 @@ layer's new keys/values into its buffer in place (as vllm-project/tpu-inference 
 its models: a list of layers, no scan). The target is frozen (forward only), so the
 unrolled loop costs accelerators only compile time, while a stacked ``[L, ...]``
 layout is 1.6-7.6x slower per decode step on XLA:CPU (docs/BENCHMARKS.md, "One
-parameter layout?"). ``DecoderStack`` (stacked, for ``lax.scan``) remains for the
-trained DSpark draft.
+parameter layout?"). The trained drafts stack their layers for a ``lax.scan``
+(``drafts.common.DraftLayers``, built from this module's ``_layer_params``).
 
 Every parameter carries ``logical_axes`` metadata; ``deepspec_jax.sharding`` maps
 those names onto a ``Mesh`` (fsdp/tensor), so the model code never names mesh axes.
@@ -111,25 +111,6 @@ class TargetLayers(nnx.Module):
             elif isinstance(v, nnx.Dict) and str(i) in v:
                 out[k] = v[str(i)].get_value()
         return out
-
-
-class DecoderStack(nnx.Module):
-    """Decoder weights stacked on a leading ``layers`` axis, for a ``lax.scan`` over
-    layers: the DSpark draft's layout (trained, so the scan keeps compile time and the
-    rematerialised backward flat in depth). The target uses ``TargetLayers``. Needs
-    layers of one geometry (``cfg.uniform_layers``)."""
-
-    def __init__(self, cfg: TargetConfig, *, param_dtype, rngs: nnx.Rngs):
-        if not cfg.uniform_layers:
-            raise ValueError("DecoderStack needs layers of one geometry (no sliding/full mix, "
-                             "no KV sharing, one MLP width); got a config without.")
-        L = cfg.num_hidden_layers
-        for name, shape, axes, init in _layer_params(cfg, 0):
-            setattr(self, name, _param(rngs, (L,) + shape, ("layers",) + axes, param_dtype, init))
-
-    def stacked(self) -> dict[str, jax.Array]:
-        """name -> [L, ...] array."""
-        return {k: v.get_value() for k, v in vars(self).items() if isinstance(v, nnx.Param)}
 
 
 class KVCache(NamedTuple):
