@@ -1,4 +1,4 @@
-"""Decoder-only target LM (Llama, Qwen3) as a Flax NNX module.
+"""Decoder-only target LM (Llama, Qwen3, Gemma-3, Gemma-4) as a Flax NNX module.
 
 One parameter layout on every backend: one weight buffer per layer (``TargetLayers``)
 and one KV buffer per layer, the decoder an unrolled Python loop that writes each
