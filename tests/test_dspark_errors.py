@@ -276,3 +276,42 @@ def test_gemma4_draft_config_derived_as_deepspec(name):
     assert got["rope_parameters"] == rope
     spec = resolve_spec(got, "derived")
     assert spec.architecture == want["architectures"][0] and spec.family.kind_of(spec.config) == kind
+
+
+@pytest.mark.parametrize("kind", ["dspark", "eagle3"])
+def test_gemma4_unified_target_gets_the_same_draft_layers(kind):
+    """DeepSpec builds Gemma-4 drafts for gemma4 and gemma4_unified targets (the 12B is
+    unified): the draft keeps the unified text model type, gets the Gemma-4 draft
+    architecture, and its layers equal the gemma4_text derivation's."""
+    sets = gemma4_fixture_sets()
+    if not sets:
+        pytest.skip("no Gemma-4 fixture set")
+    fs = sets[0]
+    tdir = os.path.join(fs, load_manifest(fs)["global"]["target_dir"])
+    with open(os.path.join(tdir, "config.json"), encoding="utf-8") as f:
+        plain = json.load(f)
+    unified = json.loads(json.dumps(plain))
+    unified["model_type"] = "gemma4_unified"
+    text = unified["text_config"]
+    text["model_type"] = "gemma4_unified_text"
+    for k in ("enable_moe_block", "num_experts", "top_k_experts", "moe_intermediate_size",
+              "hidden_size_per_layer_input", "vocab_size_per_layer_input"):
+        text.pop(k)
+    draft = types.SimpleNamespace(
+        kind=kind, target_layer_ids=[0, 2, 4] if kind == "dspark" else [0, 1, 2, 3, 4],
+        intermediate_size=-1, num_hidden_layers=2,
+        ttt_length=3, step_loss_decay=0.8, block_size=4, num_anchors=6, mask_token_id=511,
+        markov_rank=8, markov_head_type="vanilla", enable_confidence_head=True,
+        confidence_head_with_markov=True)
+    c = types.SimpleNamespace(draft=draft)
+    got = {n: resolve_spec(draft_hf_config(c, target_config_from_dict(raw)), n)
+           for n, raw in (("plain", plain), ("unified", unified))}
+    assert got["unified"].raw["model_type"] == "gemma4_unified_text"
+    assert got["unified"].architecture == got["plain"].architecture
+    lay = lambda s: s.config.layer if kind == "dspark" else s.config.backbone  # noqa: E731
+    a, b = lay(got["plain"]), lay(got["unified"])
+    for i in range(2):
+        assert (a.layer_head_dim(i), a.layer_kv_heads(i), list(a.layer_inv_freq(i))) == \
+               (b.layer_head_dim(i), b.layer_kv_heads(i), list(b.layer_inv_freq(i)))
+    assert (a.embed_scale, a.final_logit_softcap, a.attn_scale) == \
+           (b.embed_scale, b.final_logit_softcap, b.attn_scale)

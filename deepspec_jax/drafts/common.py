@@ -130,6 +130,9 @@ class DraftFamily:
         return self.architectures[model_type]
 
 
+# text model types of Gemma-4 targets (DeepSpec builds drafts for both)
+GEMMA4_TEXT_TYPES = ("gemma4_text", "gemma4_unified_text")
+
 # config.json fields of DeepSpec's drafts that are not the layers' (text) config
 DRAFT_ONLY_FIELDS = frozenset({
     "architectures", "block_size", "num_target_layers", "target_layer_ids", "mask_token_id",
@@ -176,6 +179,6 @@ def draft_layer_config(family: DraftFamily, raw: dict, source: str, **overrides)
                           "(or null for no softcap).")
     layer = {k: v for k, v in raw.items() if k not in DRAFT_ONLY_FIELDS}
     layer.update(overrides)
-    if model_type == "gemma4_text":
+    if model_type in GEMMA4_TEXT_TYPES:
         layer.update(_gemma4_draft_layer_fields(layer, source))
     return target_config_from_dict(layer, source)

@@ -41,7 +41,8 @@ from deepspec_jax.weights.safetensors_io import TensorSource
 
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
 # the draft's layer model_type (its target's text model type) -> DeepSpec's class name
-ARCHITECTURES = {"qwen3": "Qwen3DSparkModel", "gemma4_text": "Gemma4DSparkModel"}
+ARCHITECTURES = {"qwen3": "Qwen3DSparkModel", "gemma4_text": "Gemma4DSparkModel",
+                 "gemma4_unified_text": "Gemma4DSparkModel"}
 
 
 # ---------------------------------------------------------------------------

@@ -38,7 +38,8 @@ from deepspec_jax.weights.safetensors_io import TensorSource
 
 NUM_FEATURE_LAYERS = 5  # Eagle3 v1 fuses exactly five target layers
 # the draft's layer model_type (its target's text model type) -> DeepSpec's class name
-ARCHITECTURES = {"qwen3": "Qwen3Eagle3Model", "gemma4_text": "Gemma4Eagle3Model"}
+ARCHITECTURES = {"qwen3": "Qwen3Eagle3Model", "gemma4_text": "Gemma4Eagle3Model",
+                 "gemma4_unified_text": "Gemma4Eagle3Model"}
 
 
 # ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from flax import nnx
 
 from deepspec_jax.checkpoint import ModelSpec
 from deepspec_jax.config import TargetConfig
+from deepspec_jax.drafts.common import GEMMA4_TEXT_TYPES
 from deepspec_jax.drafts.registry import family_for_kind, resolve_spec
 from deepspec_jax.errors import ConfigError
 
@@ -50,7 +51,7 @@ def draft_hf_config(c, tcfg: TargetConfig, tokenizer=None, target_name: str = ""
                           f"to read features from (the target has {tcfg.num_hidden_layers} layers, "
                           "the last one may not be used).")
     family = family_for_kind(kind, "config field draft.kind")
-    if tcfg.model_type == "gemma4_text":
+    if tcfg.model_type in GEMMA4_TEXT_TYPES:
         return _gemma4_draft_config(c, tcfg, family, ids, tokenizer, target_name)
     if tcfg.model_type not in ("llama", "qwen3"):
         raise ConfigError(f"draft_init: deriving a {kind} draft config from a {tcfg.model_type!r} "
@@ -99,19 +100,21 @@ def _gemma4_draft_config(c, tcfg: TargetConfig, family, ids, tokenizer, target_n
     d = c.draft
     kind = d.kind
     outer = tcfg.raw or {}
-    text = outer.get("text_config") if outer.get("model_type") == "gemma4" else outer
-    if not isinstance(text, dict) or text.get("model_type", "gemma4_text") != "gemma4_text":
-        raise ConfigError("draft_init: the Gemma-4 target's config.json has no gemma4_text "
-                          "text config to copy for the draft.")
+    wrapped = outer.get("model_type") in ("gemma4", "gemma4_unified")
+    text = outer.get("text_config") if wrapped else outer
+    text_type = (text or {}).get("model_type", tcfg.model_type) if isinstance(text, dict) else None
+    if text_type not in GEMMA4_TEXT_TYPES:
+        raise ConfigError("draft_init: the Gemma-4 target's config.json has no gemma4_text / "
+                          "gemma4_unified_text text config to copy for the draft.")
     if int(d.intermediate_size) > 0 and int(d.intermediate_size) != tcfg.intermediate_size:
         raise ConfigError(f"config field draft.intermediate_size = {d.intermediate_size}: "
                           "DeepSpec's Gemma-4 drafts use the target's intermediate_size "
                           f"({tcfg.intermediate_size}); set it to -1.")
     n_layers = int(d.num_hidden_layers)
     raw = json.loads(json.dumps(text))  # a deep copy, as DeepSpec's copy.deepcopy
-    raw.update({"architectures": [family.architecture_for("gemma4_text", "config field draft.kind")],
-                "model_type": "gemma4_text", "target_model_type": str(outer.get("model_type")),
-                "target_text_model_type": "gemma4_text", "num_target_layers": tcfg.num_hidden_layers,
+    raw.update({"architectures": [family.architecture_for(text_type, "config field draft.kind")],
+                "model_type": text_type, "target_model_type": str(outer.get("model_type")),
+                "target_text_model_type": text_type, "num_target_layers": tcfg.num_hidden_layers,
                 "num_hidden_layers": n_layers, "layer_types": ["full_attention"] * n_layers,
                 "tie_word_embeddings": False, "target_layer_ids": ids, "dtype": "float32"})
     if kind == "eagle3":
