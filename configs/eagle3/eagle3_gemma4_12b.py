@@ -1,6 +1,7 @@
 """Eagle3 draft (1 layer, training-time test unrolled 7 steps) for google/gemma-4-12B-it:
-the reference hyper-parameters (this config validates, but the trainer refuses Gemma-4
-targets until support lands; see configs/_targets.py).
+the reference hyper-parameters. The checkpoint's config.json is model_type
+``gemma4_unified`` (deepspec_jax.config reads ``gemma4`` / ``gemma4_text``; see
+configs/_targets.py and docs/BENCHMARKS.md's planning rows).
 
 Run (override the placeholder paths)::
 

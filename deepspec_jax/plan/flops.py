@@ -8,6 +8,12 @@ reads the *optimized* HLO text instead and weights each loop body by its
 ``known_trip_count``: what the compiled program executes, including rematerialised
 forwards, excluding what XLA removed. Elementwise FLOPs are not counted (the usual MFU
 convention). Used by ``python -m deepspec_jax.plan`` and benchmarks/train_step.py.
+
+:func:`target_matmul_params` / :func:`target_forward_flops` are the analytic
+counterparts for a target's forward, layer by layer from the config's per-layer
+geometry (Gemma: sliding vs full head size and KV heads, k_eq_v layers without v_proj,
+KV-shared layers without k/v projections, double-wide MLPs), to check a compiled
+program against.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import math
 import re
 
 import numpy as np
+
+from deepspec_jax.config import TargetConfig
 
 _COMP_RE = re.compile(r"^(ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
 _INSTR_RE = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
@@ -256,4 +264,30 @@ def hlo_matmul_flops(hlo_text: str) -> HloFlops:
                     tuple(sorted(set(unhandled))), tuple(sorted(set(custom))), stats["inferred"])
 
 
-__all__ = ["HloFlops", "hlo_matmul_flops"]
+def target_matmul_params(cfg: TargetConfig) -> int:
+    """Weights of the target's matmuls per token (decoder projections and MLPs, plus the
+    [d, V] output projection), from each layer's own geometry; norms, biases, scalars
+    and the embedding gather are not matmuls."""
+    d, h = cfg.hidden_size, cfg.num_attention_heads
+    total = d * cfg.vocab_size
+    for i in range(cfg.num_hidden_layers):
+        hd, kv = cfg.layer_head_dim(i), cfg.layer_kv_heads(i)
+        total += 2 * d * h * hd                                    # q_proj, o_proj
+        if i < cfg.first_kv_shared:                                # own keys (and values)
+            total += d * kv * hd * (1 if cfg.layer_k_eq_v(i) else 2)
+        total += 3 * d * cfg.layer_intermediate(i)                 # gate, up, down
+    return total
+
+
+def target_forward_flops(cfg: TargetConfig, batch: int, seq: int, keys: int | None = None) -> float:
+    """Matmul FLOPs of a forward over [batch, seq] tokens attending to ``keys`` keys
+    per query in every layer (default ``seq``: every pair of a dense [seq, seq] grid,
+    what a single-tile attention computes; a layer's window or causal mask saves only
+    what its kernel skips). Softcapping, norms and embedding scaling are elementwise."""
+    keys = seq if keys is None else keys
+    attn = sum(4 * cfg.num_attention_heads * cfg.layer_head_dim(i)
+               for i in range(cfg.num_hidden_layers))              # QK^T and PV per pair
+    return 2.0 * batch * seq * target_matmul_params(cfg) + float(batch * seq * keys * attn)
+
+
+__all__ = ["HloFlops", "hlo_matmul_flops", "target_matmul_params", "target_forward_flops"]

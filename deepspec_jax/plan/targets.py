@@ -7,7 +7,9 @@ real model directory; the HF ``config.json`` shipped in
 ``deepspec_jax/assets/target_configs/<org>/<name>.json`` whose ``<name>`` is the
 basename of ``target.path`` (``smollm2-135m``, the embedded GGUF, is
 ``HuggingFaceTB/SmolLM2-135M-Instruct``). Shipped: Qwen/Qwen3-4B, Qwen/Qwen3-8B,
-Qwen/Qwen3-14B (their HF config.json, transformers 4.51), SmolLM2-135M-Instruct.
+Qwen/Qwen3-14B (their HF config.json, transformers 4.51), SmolLM2-135M-Instruct,
+google/gemma-4-12B (its config.json at revision 56820d7d, transformers 5.10.0.dev0),
+which ``gemma-4-12B-it`` also names: instruction tuning keeps the architecture.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from deepspec_jax.weights.gguf_loader import read_gguf
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
                       "target_configs")
 _ALIASES = {DEFAULT_TARGET: "SmolLM2-135M-Instruct"}
+# Checkpoints whose architecture is a shipped one's (lower-cased model names).
+_SAME_ARCH = {"gemma-4-12b-it": "gemma-4-12b"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +62,9 @@ def resolve_target_arch(path: str, override: str = "") -> TargetArch:
         return TargetArch(target_config_from_dict(raw, path), path)
     name = _ALIASES.get(path, os.path.basename(os.path.normpath(path)))
     shipped = shipped_configs()
-    if name.lower() in shipped:
-        f = shipped[name.lower()]
+    key = _SAME_ARCH.get(name.lower(), name.lower())
+    if key in shipped:
+        f = shipped[key]
         return TargetArch(target_config_from_dict(load_config_json(f), f), f)
     raise ConfigError(
         f"config field target.path={path!r}: no config.json there and no shipped architecture "
