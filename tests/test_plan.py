@@ -8,6 +8,7 @@ plan, compiled in seconds.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -26,7 +27,7 @@ from deepspec_jax.models.transformer import CausalLM
 from deepspec_jax.plan.flops import hlo_matmul_flops, target_forward_flops, target_matmul_params
 from deepspec_jax.plan.programs import with_fields
 from deepspec_jax.plan.report import Measurement, largest_fitting, parse_oom, predicted_start
-from deepspec_jax.plan.targets import TargetArch, abstract_target
+from deepspec_jax.plan.targets import TargetArch, abstract_target, resolve_target_arch
 from deepspec_jax.plan.topology import GIB, compile_only_devices, cpu_device_count, parse_slice
 from deepspec_jax.sharding import make_mesh
 from deepspec_jax.train.trainer import setup_draft, setup_target
@@ -261,26 +262,22 @@ def test_abstract_draft_state_shards_adam_moments_like_the_params(tiny_args):
     assert sharded > 0   # the check means something: some parameters are fsdp-sharded
 
 
-def _gemma4_12b_as_gemma4_text(depth: int = 48) -> dict:
-    """The shipped google/gemma-4-12B architecture's text decoder as a ``gemma4_text``
-    config: the checkpoint's config.json is ``gemma4_unified`` (whose text model is
-    gemma4_text's decoder without per-layer inputs or MoE; ``use_bidirectional_attention
-    = "vision"`` makes only image tokens bidirectional), which deepspec_jax.config
-    does not read yet."""
-    with open(os.path.join(REPO, "deepspec_jax/assets/target_configs/google/gemma-4-12B.json"),
-              encoding="utf-8") as f:
-        text = dict(json.load(f)["text_config"])
-    assert text["model_type"] == "gemma4_unified_text"
-    text.update(model_type="gemma4_text", use_bidirectional_attention=None,
-                num_hidden_layers=depth, layer_types=text["layer_types"][:depth])
-    return text
+def _gemma4_12b(depth: int = 48):
+    """The shipped google/gemma-4-12B architecture as the planner resolves the reference
+    configs' placeholder path (``.../gemma-4-12B-it`` names the same architecture), cut to
+    ``depth`` layers. Its config.json is the multimodal ``gemma4_unified`` wrapper."""
+    arch = resolve_target_arch("/path/to/gemma-4-12B-it")
+    assert arch.source.endswith("google/gemma-4-12B.json")
+    assert arch.config.model_type == "gemma4_unified_text"
+    cfg = arch.config
+    return dataclasses.replace(cfg, num_hidden_layers=depth, layer_types=cfg.layer_types[:depth])
 
 
 @pytest.fixture(scope="module")
 def gemma4_12b_target():
     """(config, abstract bf16 target on the configs' v5p-8 fsdp mesh), built once, 12
     of the 48 layers (10 sliding, 2 full: building all takes 30 s)."""
-    cfg = target_config_from_dict(_gemma4_12b_as_gemma4_text(12), "gemma-4-12B.json")
+    cfg = _gemma4_12b(12)
     mesh = make_mesh(1, -1, 1, devices=compile_only_devices("v5p-8"))
     return cfg, mesh, abstract_target(TargetArch(cfg, "gemma-4-12B.json"), "bfloat16", mesh)
 
@@ -289,7 +286,7 @@ def test_gemma4_12b_architecture(gemma4_12b_target):
     """48 layers, 8 of them full attention with 512-wide heads and one shared key/value
     head, ~12B parameters; the built model's parameters are the analytic count's
     matmul weights plus norms and layer scalars."""
-    full = target_config_from_dict(_gemma4_12b_as_gemma4_text(), "gemma-4-12B.json")
+    full = _gemma4_12b()
     assert full.layer_types.count("full_attention") == 8
     assert 11.5e9 < target_matmul_params(full) < 12.5e9     # "12B"
     cfg, _, target = gemma4_12b_target
