@@ -42,7 +42,7 @@ fi
 if [[ $stage == eval || $stage == all ]]; then
   for t in 0 1; do
     run "$PY" -m deepspec_jax.eval --target=gemma3-270m --draft=runs/dspark_gemma3_270m/final \
-      --datasets=gsm8k,mt-bench --max_samples=${EVAL_SAMPLES:-4} --max_new_tokens=128 \
+      --datasets=gsm8k,mt-bench --max_samples=${EVAL_SAMPLES:-2} --max_new_tokens=64 \
       --temperature=$t --output_dir="runs/eval/dspark_gemma3_270m_T$t" ${EVAL_ARGS:-}
   done
 fi
