@@ -315,3 +315,27 @@ def test_gemma4_unified_target_gets_the_same_draft_layers(kind):
                (b.layer_head_dim(i), b.layer_kv_heads(i), list(b.layer_inv_freq(i)))
     assert (a.embed_scale, a.final_logit_softcap, a.attn_scale) == \
            (b.embed_scale, b.final_logit_softcap, b.attn_scale)
+
+
+@pytest.mark.parametrize("scaling", [None, {"rope_type": "linear", "factor": 8.0}])
+def test_gemma3_target_gets_qwen3_draft_layers(scaling):
+    """A Gemma-3 target (the CPU pipeline's gemma3-270m) gets Qwen3 draft layers with the
+    target's widths and its full-attention RoPE (base and linear scaling), not the
+    sliding layers' local base."""
+    full = {"rope_type": "default", "rope_theta": 1e6, **(scaling or {})}
+    raw = {"model_type": "gemma3_text", "vocab_size": 512, "hidden_size": 64,
+           "intermediate_size": 128, "num_hidden_layers": 6, "num_attention_heads": 4,
+           "num_key_value_heads": 1, "head_dim": 16, "query_pre_attn_scalar": 16,
+           "sliding_window": 8, "layer_types": ["sliding_attention"] * 5 + ["full_attention"],
+           "rope_parameters": {"full_attention": full,
+                               "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}
+    tcfg = target_config_from_dict(raw)
+    draft = types.SimpleNamespace(
+        kind="dspark", target_layer_ids=[1, 3, 4], intermediate_size=-1, num_hidden_layers=1,
+        block_size=4, num_anchors=6, mask_token_id=4, markov_rank=8, markov_head_type="gated",
+        enable_confidence_head=True, confidence_head_with_markov=True)
+    spec = resolve_spec(draft_hf_config(types.SimpleNamespace(draft=draft), tcfg), "derived")
+    lc = spec.config.layer
+    assert spec.architecture == ARCHITECTURES["qwen3"]
+    assert (lc.hidden_size, lc.num_key_value_heads, lc.head_dim) == (64, 1, 16)
+    np.testing.assert_array_equal(lc.layer_inv_freq(0), tcfg.layer_inv_freq(5))

@@ -53,12 +53,18 @@ def draft_hf_config(c, tcfg: TargetConfig, tokenizer=None, target_name: str = ""
     family = family_for_kind(kind, "config field draft.kind")
     if tcfg.model_type in GEMMA4_TEXT_TYPES:
         return _gemma4_draft_config(c, tcfg, family, ids, tokenizer, target_name)
-    if tcfg.model_type not in ("llama", "qwen3"):
+    if tcfg.model_type not in ("llama", "qwen3", "gemma3_text"):
         raise ConfigError(f"draft_init: deriving a {kind} draft config from a {tcfg.model_type!r} "
                           "target is not implemented (DeepSpec builds drafts for Qwen3 and "
-                          "Gemma-4 targets; llama targets get Qwen3 draft layers).")
+                          "Gemma-4 targets; llama and Gemma-3 targets get Qwen3 draft layers).")
     arch = family.architecture_for("qwen3", "config field draft.kind")
     rope = (tcfg.raw or {}).get("rope_parameters") or {"rope_type": "default", "rope_theta": tcfg.rope_theta}
+    if tcfg.model_type == "gemma3_text":
+        # Gemma-3's RoPE is per layer type; the draft's full-attention layers take the
+        # target's full-attention base and scaling (the local base is for windows).
+        rope = {"rope_type": tcfg.rope_scaling.kind, "rope_theta": tcfg.rope_theta}
+        if tcfg.rope_scaling.kind == "linear":
+            rope["factor"] = tcfg.rope_scaling.factor
     n_layers = int(d.num_hidden_layers)
     raw = {
         "architectures": [arch], "model_type": "qwen3",
