@@ -42,6 +42,16 @@ def gemma4_fixture_sets() -> list[str]:
             if str(load_manifest(fs)["global"].get("target_class", "")).startswith("Gemma4")]
 
 
+def gemma4_fixture_set() -> str:
+    """The Gemma-4 fixture set; its absence is an error (not a skip): the Gemma tests
+    must run wherever the suite runs."""
+    sets = gemma4_fixture_sets()
+    if not sets:
+        raise RuntimeError(f"no Gemma-4 fixture set (deepspec_gemma4_v1) under {FIXTURES_ROOTS}; "
+                           "place ../shared/fixtures-next beside the repo or set DEEPSPEC_FIXTURES.")
+    return sets[0]
+
+
 def write_llama_gguf(path: str, tensor: str, data, raw_dtype=None, **metadata: int) -> str:
     """A minimal llama GGUF: a 1-layer, 32-wide, 64-token config (``metadata`` overrides or
     adds ``llama.*`` uint32 fields) and one tensor."""

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import fixture_sets, gemma4_fixture_sets, load_manifest
+from conftest import fixture_sets, gemma4_fixture_set, load_manifest
 from deepspec_jax.config import target_config_from_dict
 from deepspec_jax.drafts.registry import resolve_spec
 from deepspec_jax.train.draft_init import draft_hf_config
@@ -188,12 +188,11 @@ def test_block_targets_truncation():
 # ---------------------------------------------------------------------------
 
 def _gemma4_raw() -> dict:
-    for d in _draft_dirs():
-        with open(os.path.join(d, "config.json"), encoding="utf-8") as f:
-            raw = json.load(f)
-        if raw["architectures"] == ["Gemma4DSparkModel"] and raw.get("markov_rank", 0) > 0:
-            return raw
-    pytest.skip("no Gemma-4 DSpark draft in the fixture sets")
+    with open(os.path.join(gemma4_fixture_set(), "dspark_vanilla", "config.json"),
+              encoding="utf-8") as f:
+        raw = json.load(f)
+    assert raw["architectures"] == ["Gemma4DSparkModel"] and raw["markov_rank"] > 0
+    return raw
 
 
 def test_gemma4_layer_config():
@@ -246,10 +245,7 @@ def test_gemma4_draft_config_derived_as_deepspec(name):
     """train.draft_init derives a Gemma-4 draft's config.json from the target's the way
     DeepSpec's gemma4 ``build_draft_config`` did for the fixture drafts (same fields and
     values; transformers adds two null keys to rope_parameters and its version on save)."""
-    sets = gemma4_fixture_sets()
-    if not sets:
-        pytest.skip("no Gemma-4 fixture set")
-    fs = sets[0]
+    fs = gemma4_fixture_set()
     with open(os.path.join(fs, name, "config.json"), encoding="utf-8") as f:
         want = json.load(f)
     with open(os.path.join(fs, name, "deepspec_model_args.json"), encoding="utf-8") as f:
@@ -283,10 +279,7 @@ def test_gemma4_unified_target_gets_the_same_draft_layers(kind):
     """DeepSpec builds Gemma-4 drafts for gemma4 and gemma4_unified targets (the 12B is
     unified): the draft keeps the unified text model type, gets the Gemma-4 draft
     architecture, and its layers equal the gemma4_text derivation's."""
-    sets = gemma4_fixture_sets()
-    if not sets:
-        pytest.skip("no Gemma-4 fixture set")
-    fs = sets[0]
+    fs = gemma4_fixture_set()
     tdir = os.path.join(fs, load_manifest(fs)["global"]["target_dir"])
     with open(os.path.join(tdir, "config.json"), encoding="utf-8") as f:
         plain = json.load(f)
