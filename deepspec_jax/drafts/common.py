@@ -21,28 +21,11 @@ import dataclasses
 from typing import Callable, Mapping, NamedTuple
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from deepspec_jax.config import TargetConfig, target_config_from_dict
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.models.transformer import _layer_params, _param
-
-
-def softcap_and_slope(z: jax.Array, cap: float | None):
-    """(cap * tanh(z / cap), its slope 1 - tanh^2): Gemma's final-logit softcap and the
-    factor the fused vocabulary-loss gradients multiply by; (z, None) without a cap."""
-    if cap is None:
-        return z, None
-    th = jnp.tanh(z / cap)
-    return cap * th, 1.0 - th * th
-
-
-def embed_lookup(table: jax.Array, ids: jax.Array, dtype, scale: float) -> jax.Array:
-    """Rows ``ids`` of the embedding ``table`` in ``dtype``, times ``scale`` (Gemma:
-    sqrt(hidden), in that dtype as the reference's scaled embedding rounds it)."""
-    e = jnp.take(table, ids, axis=0).astype(dtype)
-    return e if scale == 1.0 else e * jnp.asarray(scale, dtype)
 
 
 class Frozen(nnx.Variable):

@@ -26,11 +26,11 @@ from jax.sharding import Mesh
 
 from deepspec_jax.config import TargetConfig, load_config_json, target_config_from_dict
 from deepspec_jax.drafts.common import (DraftFamily, DraftLayers, Frozen, Proposal,
-                                        draft_layer_config, embed_lookup)
+                                        draft_layer_config)
 from deepspec_jax.dtypes import compute_dtype
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.kernels.attention import dense_attention, merge_attention, span_attention
-from deepspec_jax.layers import apply_rope, softcap
+from deepspec_jax.layers import apply_rope, embed_lookup, softcap
 from deepspec_jax.models.transformer import _param, layer_finish, layer_qkv, norm
 from deepspec_jax.sampling import SamplingParams, sample_with_probs
 from deepspec_jax.sharding import make_mesh

@@ -25,9 +25,9 @@ import numpy as np
 from flax import nnx
 from jax.custom_derivatives import SymbolicZero
 
-from deepspec_jax.drafts.common import softcap_and_slope
 from deepspec_jax.drafts.dspark import DSparkDraft, DSparkLossConfig, dspark_rules
 from deepspec_jax.errors import ConfigError
+from deepspec_jax.layers import softcap_and_slope
 from deepspec_jax.weights.loader import export_tensors
 
 VOCAB_GRADS = ("fused", "recompute")  # how the vocabulary losses get their gradient

@@ -24,7 +24,7 @@ from flax import nnx
 from deepspec_jax.config import TargetConfig
 from deepspec_jax.kernels.attention import causal_span, segment_attention, span_attention
 from deepspec_jax.kernels.tree_attention import tree_attention
-from deepspec_jax.layers import apply_rope, gated_mlp, rms_norm, softcap
+from deepspec_jax.layers import apply_rope, embed_lookup, gated_mlp, rms_norm, softcap
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Param:
@@ -294,10 +294,7 @@ class CausalLM(nnx.Module):
     def embed_tokens(self, ids: jax.Array) -> jax.Array:
         """Token embeddings, times ``embed_scale`` (Gemma: sqrt(hidden), rounded to the
         compute dtype as HF rounds it to the weight dtype)."""
-        e = jnp.take(self.embed.get_value(), ids, axis=0).astype(self.dtype)
-        if self.cfg.embed_scale != 1.0:
-            e = e * jnp.asarray(self.cfg.embed_scale, self.dtype)
-        return e
+        return embed_lookup(self.embed.get_value(), ids, self.dtype, self.cfg.embed_scale)
 
     def lm_head_weight(self) -> jax.Array:
         """[d, V] output projection (the transposed embedding when tied)."""
