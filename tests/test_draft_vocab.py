@@ -250,3 +250,33 @@ def test_eagle3_loss_follows_the_reduced_vocabulary_convention():
     want = sum(model.cfg.step_loss_decay ** s * float((pm[s] * ce[s]).sum()) / (B * T)
                for s in range(ttt))
     np.testing.assert_allclose(float(res.loss), want, rtol=2e-5)
+
+
+@pytest.mark.parametrize("arch", ["dspark", pytest.param("eagle3", marks=pytest.mark.slow)])
+def test_train_with_reduced_vocabulary(tmp_path, arch):
+    """draft.draft_vocab_size: the token store's counts (token_counts.json, written with
+    the store) select the vocabulary, the step trains over K columns, and the exported
+    JAX dir reloads as a reduced draft."""
+    from deepspec_jax.data.token_store import COUNTS, TokenStore, token_counts
+    from deepspec_jax.train.trainer import export, setup, train
+    from train_helpers import make_store, tiny_config
+
+    store = make_store(str(tmp_path / "tok"))
+    assert os.path.exists(os.path.join(store, COUNTS))
+    counts = token_counts(TokenStore(store))
+    os.remove(os.path.join(store, COUNTS))           # an older store: counted, then cached
+    assert token_counts(TokenStore(store)) == counts and os.path.exists(os.path.join(store, COUNTS))
+    c = tiny_config(arch, store, str(tmp_path / "run"), max_steps=1)
+    c.draft.draft_vocab_size = 96
+    c.train.export_hf = True
+    run = setup(c)
+    m = train(run)
+    assert m["step"] == 1 and np.isfinite(m["total_loss"])
+    d = load_draft(export(run))
+    want_d2t, want_t2d = select_draft_vocab(counts, 96, 512)
+    got = _flat(d)
+    np.testing.assert_array_equal(got["d2t"], want_d2t)
+    np.testing.assert_array_equal(got["t2d"], want_t2d)
+    target_head = np.asarray(run.target.model.lm_head_weight())
+    np.testing.assert_array_equal(got["lm_head"], target_head[:, selected_ids(want_d2t)])
+    assert not os.path.exists(tmp_path / "run" / "hf")   # DeepSpec's format cannot hold it
