@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import warnings
 from typing import Mapping
 
@@ -28,6 +27,7 @@ from deepspec_jax.draft_vocab import FIELD as DRAFT_VOCAB_FIELD
 from deepspec_jax.drafts.registry import resolve_spec
 from deepspec_jax.dtypes import parse_dtype
 from deepspec_jax.errors import CheckpointError, ConfigError
+from deepspec_jax.hub_cache import checked_file, copy_file, resolve_checkpoint_path
 from deepspec_jax.weights.safetensors_io import INDEX_NAME, SINGLE_NAME, write_safetensors
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -126,8 +126,8 @@ def hf_to_jax(src: str, dst: str, dtype: str | None = "keep", mesh=None) -> dict
     """Convert an HF checkpoint directory (draft of any registered architecture, or a
     llama/qwen3 target) into a JAX dir. ``dtype`` "keep" stores every tensor in its
     own dtype; "float32"/"bfloat16" cast and update config.json's dtype field.
-    Returns the manifest."""
-    src, dst = os.fspath(src), os.fspath(dst)
+    Returns the manifest. ``src`` may be a hub cache snapshot or repo root."""
+    src, dst = resolve_checkpoint_path(src), os.fspath(dst)
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ValueError(f"--dst must differ from --src ({src}).")
     if is_jax_dir(src):
@@ -148,8 +148,8 @@ def hf_to_jax(src: str, dst: str, dtype: str | None = "keep", mesh=None) -> dict
 def jax_to_hf(src: str, dst: str, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> list[str]:
     """Export a JAX dir to an HF checkpoint directory in DeepSpec's format:
     config.json (verbatim), safetensors in the recorded HF dtypes, the auxiliary files.
-    Returns the files written."""
-    src, dst = os.fspath(src), os.fspath(dst)
+    Returns the files written. ``src`` may be a hub cache snapshot or repo root."""
+    src, dst = resolve_checkpoint_path(src), os.fspath(dst)
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ValueError(f"--dst must differ from --src ({src}).")
     if not is_jax_dir(src):
@@ -175,9 +175,8 @@ def jax_to_hf(src: str, dst: str, max_shard_size: int | str = DEFAULT_MAX_SHARD_
     extra_dir = os.path.join(src, EXTRA_DIR)
     for name in manifest.get("extra_files", []):
         p = os.path.join(extra_dir, name)
-        if os.path.isfile(p) and os.path.basename(name) == name:
-            shutil.copyfile(p, os.path.join(dst, name) + ".part")
-            os.replace(os.path.join(dst, name) + ".part", os.path.join(dst, name))
+        if os.path.basename(name) == name and os.path.isfile(checked_file(p)):
+            copy_file(p, os.path.join(dst, name))
             written.append(name)
     _atomic_write_text(os.path.join(dst, CONFIG_NAME), _read_text(os.path.join(src, CONFIG_NAME)))
     written.append(CONFIG_NAME)

@@ -41,6 +41,7 @@ from jax.sharding import Mesh
 from deepspec_jax.config import load_config_json
 from deepspec_jax.dtypes import castable, dtype_name, np_dtype, parse_dtype
 from deepspec_jax.errors import CheckpointError, ConfigError
+from deepspec_jax.hub_cache import checked_file, copy_file
 from deepspec_jax.sharding import make_mesh, named_sharding
 from deepspec_jax.version import __version__
 from deepspec_jax.weights.loader import flat_variables, rule_for_path, stream_params
@@ -309,17 +310,17 @@ def restore_params(directory: str, abstract: Mapping[str, jax.ShapeDtypeStruct])
 
 def copy_extra_files(src: str, dst: str) -> list[str]:
     """Copy the auxiliary files of a checkpoint directory (tokenizer, generation config,
-    model card, ...): every top-level regular file except config.json, the manifest,
-    weights, weight indexes and pickles."""
+    model card, ...): every top-level file except config.json, the manifest, weights,
+    weight indexes and pickles. Symlinks (every file of a hub cache snapshot) count as
+    the file they lead to and are copied as regular files; one to a missing blob raises."""
     names = []
     for name in sorted(os.listdir(src)):
         p = os.path.join(src, name)
-        if (not os.path.isfile(p) or os.path.islink(p) or name in (CONFIG_NAME, MANIFEST_NAME)
-                or _WEIGHT_FILE.match(name) or _HF_INDEX.match(name) or ".tmp." in name):
+        if (name in (CONFIG_NAME, MANIFEST_NAME) or _WEIGHT_FILE.match(name)
+                or _HF_INDEX.match(name) or ".tmp." in name or not os.path.isfile(checked_file(p))):
             continue
         os.makedirs(dst, exist_ok=True)
-        shutil.copyfile(p, os.path.join(dst, name) + ".part")
-        os.replace(os.path.join(dst, name) + ".part", os.path.join(dst, name))
+        copy_file(p, os.path.join(dst, name))
         names.append(name)
     return names
 

@@ -32,8 +32,9 @@ from deepspec_jax import cli, compile_cache
 from deepspec_jax.drafts import load_draft
 from deepspec_jax.errors import ConfigError, DeepSpecError
 from deepspec_jax.evaluation import datasets, report, runner
+from deepspec_jax.hub_cache import resolve_checkpoint_path
 from deepspec_jax.spec_decode import check_compatible, parse_tree
-from deepspec_jax.target import NAMED_TARGETS, load_target
+from deepspec_jax.target import NAMED_TARGETS, load_target, resolve_target_path
 
 QUICK_MAX_SAMPLES = 2
 QUICK_MAX_NEW_TOKENS = 64
@@ -116,13 +117,24 @@ def _tree_setting() -> tuple[int, int] | None:
         raise UsageError(f"--tree={FLAGS.tree}: {e}".replace(f"tree={FLAGS.tree!r}: ", "")) from None
 
 
+def _resolved(flag: str, resolve, path: str) -> str:
+    try:
+        return resolve(path)
+    except DeepSpecError as e:
+        raise SetupError(f"--{flag}: {e}") from None
+
+
 def _resolve_paths() -> tuple[str | None, str]:
-    """(target path or None for the embedded one, draft path); fails fast before loading."""
+    """(target path or None for the embedded one, draft path); fails fast before loading.
+    Hub cache repo roots become their snapshots; links to missing blobs fail here."""
     target = FLAGS.target
+    if target is not None and target not in NAMED_TARGETS:
+        target = _resolved("target", resolve_target_path, target)
+    draft = _resolved("draft", resolve_checkpoint_path,
+                      FLAGS.draft if FLAGS.draft is not None else DEFAULT_DRAFT_DIR)
     if target is not None and target not in NAMED_TARGETS and not os.path.exists(target):
         raise SetupError(f"--target: {target}: no such file or directory (pass an HF model "
                          f"directory, a .gguf file, or one of {sorted(NAMED_TARGETS)}).")
-    draft = FLAGS.draft if FLAGS.draft is not None else DEFAULT_DRAFT_DIR
     if not os.path.isdir(draft):
         raise SetupError(f"--draft: {draft}: no such directory (pass a draft checkpoint "
                          "directory: HF config.json + model.safetensors, or a JAX dir).")

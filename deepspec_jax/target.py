@@ -26,6 +26,7 @@ from deepspec_jax.config import TargetConfig, load_config_json, target_config_fr
 from deepspec_jax.data.chat_templates import TEMPLATES
 from deepspec_jax.dtypes import COMPUTE_DTYPES, DTYPES
 from deepspec_jax.errors import ConfigError, DeepSpecError
+from deepspec_jax.hub_cache import resolve_checkpoint_path
 from deepspec_jax.models.transformer import CausalLM, ForwardOut, KVCache, init_cache
 from deepspec_jax.sampling import SamplingParams, sample
 from deepspec_jax.sharding import batch_sharding, make_mesh
@@ -85,11 +86,23 @@ NAMED_TARGETS = {DEFAULT_TARGET: smollm2_gguf_path, GEMMA3_TARGET: gemma3_gguf_p
 
 
 def resolve_target_path(path: str | None) -> str:
-    """A target argument -> a path: None / a name in ``NAMED_TARGETS`` -> its file."""
+    """A target argument -> a path: None / a name in ``NAMED_TARGETS`` -> its file; a hub
+    cache repo root -> its snapshot; a directory with no config.json and a single .gguf
+    (a GGUF repo's snapshot) -> that file."""
     if path is None:
         path = DEFAULT_TARGET
     path = os.fspath(path)
-    return NAMED_TARGETS[path]() if path in NAMED_TARGETS else path
+    if path in NAMED_TARGETS:
+        return NAMED_TARGETS[path]()
+    path = resolve_checkpoint_path(path)
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+        if len(ggufs) == 1:
+            return os.path.join(path, ggufs[0])
+        if ggufs:
+            raise ConfigError(f"{path}: no config.json and {len(ggufs)} GGUF files {ggufs}; pass "
+                              "the path of the one to load.")
+    return path
 
 
 def round_up(n: int, multiple: int) -> int:

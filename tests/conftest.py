@@ -52,6 +52,39 @@ def gemma4_fixture_set() -> str:
     return sets[0]
 
 
+def hub_snapshot(src: str, cache_dir: str, repo: str = "deepspec/model", commit: str | None = None,
+                 ref: bool = True) -> str:
+    """``src`` (file or directory, walked recursively) laid out the way huggingface_hub
+    caches a download: ``cache_dir/models--org--name/`` with ``blobs/<sha256>`` (no
+    extension), ``snapshots/<commit>/<file>`` relative symlinks into them and, if ``ref``,
+    ``refs/main`` holding the commit. Returns the snapshot directory (the repo root is
+    two levels up)."""
+    import hashlib
+
+    repo_dir = os.path.join(cache_dir, "models--" + repo.replace("/", "--"))
+    commit = commit or hashlib.sha1(os.path.abspath(src).encode()).hexdigest()
+    snap = os.path.join(repo_dir, "snapshots", commit)
+    files = ([(os.path.dirname(src), os.path.basename(src))] if os.path.isfile(src) else
+             [(d, f) for d, _, fs in os.walk(src) for f in fs])
+    top = os.path.dirname(src) if os.path.isfile(src) else src
+    for d, name in files:
+        with open(os.path.join(d, name), "rb") as f:
+            data = f.read()
+        blob = os.path.join(repo_dir, "blobs", hashlib.sha256(data).hexdigest())
+        if not os.path.exists(blob):
+            os.makedirs(os.path.dirname(blob), exist_ok=True)
+            with open(blob, "wb") as f:
+                f.write(data)
+        link = os.path.join(snap, os.path.relpath(os.path.join(d, name), top))
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        os.symlink(os.path.relpath(blob, os.path.dirname(link)), link)
+    if ref:
+        os.makedirs(os.path.join(repo_dir, "refs"), exist_ok=True)
+        with open(os.path.join(repo_dir, "refs", "main"), "w", encoding="utf-8") as f:
+            f.write(commit)
+    return snap
+
+
 def write_llama_gguf(path: str, tensor: str, data, raw_dtype=None, **metadata: int) -> str:
     """A minimal llama GGUF: a 1-layer, 32-wide, 64-token config (``metadata`` overrides or
     adds ``llama.*`` uint32 fields) and one tensor."""

@@ -28,6 +28,7 @@ from deepspec_jax.drafts.common import DraftFamily
 from deepspec_jax.drafts.registry import resolve_spec
 from deepspec_jax.dtypes import dtype_name
 from deepspec_jax.errors import ConfigError
+from deepspec_jax.hub_cache import resolve_checkpoint_path
 from deepspec_jax.sharding import make_mesh, named_sharding
 
 SHARED_WITH_TARGET = ("embed", "lm_head")
@@ -96,14 +97,15 @@ def target_shared_params(target) -> dict:
 
 
 def load_draft(path: str, dtype=None, mesh: Mesh | None = None, target=None) -> Draft:
-    """Load a draft from an HF directory or a JAX dir.
+    """Load a draft from an HF directory or a JAX dir (either also as a Hugging Face hub
+    cache snapshot, or the cache's ``models--org--name`` root).
 
     ``dtype``: None/"keep" keeps the stored dtypes (a bf16 release stays bf16); a name
     ("float32", "bfloat16") or dtype casts every parameter. Parameters are placed
     directly into their shardings on ``mesh`` (default: all devices, FSDP).
     ``target``: needed for JAX dirs saved with ``share_with_target`` (their embed and
     lm_head come from the target)."""
-    path = os.fspath(path)
+    path = resolve_checkpoint_path(path)
     if not os.path.isdir(path):
         raise ConfigError(f"{path}: no such checkpoint directory; pass a draft directory "
                           "(HF: config.json + model.safetensors, or a JAX dir from "

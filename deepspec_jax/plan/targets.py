@@ -27,7 +27,7 @@ from deepspec_jax.dtypes import COMPUTE_DTYPES, DTYPES
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.sharding import shardings_of
 from deepspec_jax.models.transformer import CausalLM
-from deepspec_jax.target import DEFAULT_TARGET, Target
+from deepspec_jax.target import DEFAULT_TARGET, NAMED_TARGETS, Target, resolve_target_path
 from deepspec_jax.weights.gguf_loader import read_gguf
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
@@ -54,12 +54,14 @@ def resolve_target_arch(path: str, override: str = "") -> TargetArch:
     if override:
         return TargetArch(target_config_from_dict(load_config_json(override), override), override)
     path = os.fspath(path or DEFAULT_TARGET)
-    cfg = os.path.join(path, "config.json")
+    # a hub cache repo root -> its snapshot (a named target's file is not needed here)
+    local = path if path in NAMED_TARGETS else resolve_target_path(path)
+    cfg = os.path.join(local, "config.json")
     if os.path.isfile(cfg):
         return TargetArch(target_config_from_dict(load_config_json(cfg), cfg), cfg)
-    if path.endswith(".gguf") and os.path.isfile(path):
-        raw, _ = read_gguf(path)
-        return TargetArch(target_config_from_dict(raw, path), path)
+    if local.endswith(".gguf") and os.path.isfile(local):
+        raw, _ = read_gguf(local)
+        return TargetArch(target_config_from_dict(raw, local), local)
     name = _ALIASES.get(path, os.path.basename(os.path.normpath(path)))
     shipped = shipped_configs()
     key = _SAME_ARCH.get(name.lower(), name.lower())

@@ -17,6 +17,7 @@ import ml_dtypes
 import numpy as np
 
 from deepspec_jax.errors import CheckpointError
+from deepspec_jax.hub_cache import dangling_error
 
 _DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -37,6 +38,8 @@ class SafetensorsFile:
         try:
             f = open(path, "rb")
         except FileNotFoundError:
+            if os.path.islink(path):
+                raise dangling_error(path) from None
             raise CheckpointError(f"{path}: file not found; re-download or re-export the checkpoint.") from None
         with f:
             size = os.fstat(f.fileno()).st_size
