@@ -101,7 +101,8 @@ def load_draft(path: str, dtype=None, mesh: Mesh | None = None, target=None) -> 
     cache snapshot, or the cache's ``models--org--name`` root).
 
     ``dtype``: None/"keep" keeps the stored dtypes (a bf16 release stays bf16); a name
-    ("float32", "bfloat16") or dtype casts every parameter. Parameters are placed
+    ("float32", "bfloat16") or dtype casts every floating parameter (a reduced
+    vocabulary's d2t/t2d index buffers keep their integer/bool dtypes). Parameters are placed
     directly into their shardings on ``mesh`` (default: all devices, FSDP).
     ``target``: needed for JAX dirs saved with ``share_with_target`` (their embed and
     lm_head come from the target)."""
