@@ -2,7 +2,8 @@
 
     python -m benchmarks.train_step [--configs dspark,dflash,eagle3] [--modes online,cached]
         [--steps 3] [--eagle3_steps 1] [--batch 4] [--eagle3_batch 2] [--seq 256] [--micro N]
-        [--set train.lr=1e-4 ...] [--variant NAME:FIELD=VALUE[,FIELD=VALUE] ...] [--json out.json]
+        [--set train.lr=1e-4 ...] [--variant NAME:FIELD=VALUE[,FIELD=VALUE] ...]
+        [--draft_vocab_size K] [--json out.json]
 
 For each config (``configs/<arch>/<arch>_smollm2_135m.py``) and feature mode the run is
 built by the trainer's own ``setup`` on a synthetic token store (random token ids,
@@ -15,7 +16,10 @@ online target forward (``online``) or features read from a feature cache built w
 ``--variant`` adds, for every config and mode, a run with further overrides (e.g.
 ``--variant old:loss.vocab_grad=recompute,train.cpu_library_fusion=all``), timed in the
 same rounds as the plain run, so "before / after" of a config choice is one run's
-round-paired ratio.
+round-paired ratio. ``--draft_vocab_size K`` is the variant ``vocabK``
+(``draft.draft_vocab_size=K``: a reduced draft vocabulary of the K most frequent tokens
+of the synthetic store, whose vocabulary projections then cost K columns instead of V;
+the ids are near-uniform here, which does not change the step's cost).
 
 Per run: compile seconds (trace + lower + compile, excluded from the step time), one
 untimed warm-up step, then the median of ``--steps`` steps each ended by
@@ -444,6 +448,9 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:FIELD=VALUE[,...]",
                     help="also time every config/mode with these overrides (after --set), in "
                          "the same rounds; ratios report variant / plain")
+    ap.add_argument("--draft_vocab_size", type=int, default=0, metavar="K",
+                    help="also time a reduced draft vocabulary of K tokens (the variant "
+                         "vocabK: draft.draft_vocab_size=K)")
     ap.add_argument("--cache_dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--peak_n", type=int, default=2048)
     ap.add_argument("--peak_repeats", type=int, default=5)
@@ -468,6 +475,11 @@ def main(argv=None) -> int:
         if not sep or not name or not body or name in {n for n, _ in variants}:
             ap.error(f"--variant {v!r}: want a new NAME:FIELD=VALUE[,FIELD=VALUE...]")
         variants.append((name, [x for x in body.split(",") if x]))
+    if args.draft_vocab_size:
+        if args.draft_vocab_size < 0 or f"vocab{args.draft_vocab_size}" in {n for n, _ in variants}:
+            ap.error(f"--draft_vocab_size {args.draft_vocab_size}: want K > 0 (once).")
+        variants.append((f"vocab{args.draft_vocab_size}",
+                         [f"draft.draft_vocab_size={args.draft_vocab_size}"]))
     batch_of = {a: (args.eagle3_batch or args.batch) if a == "eagle3" else args.batch for a in archs}
     steps_of = {a: (args.eagle3_steps or args.steps) if a == "eagle3" else args.steps for a in archs}
     cfgs = {a: load_config(a) for a in archs}

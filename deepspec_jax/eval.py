@@ -197,9 +197,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"loaded target {target.source} and {draft.kind} draft {draft.source} in "
           f"{time.perf_counter() - t0:.1f}s", flush=True)
     tree = _tree_setting()
-    if tree is not None and tree[0] > int(draft.config.vocab_size):
+    if tree is not None and tree[0] > int(draft.config.out_vocab_size):
         return _fail(f"--tree={FLAGS.tree}: topk {tree[0]} exceeds the draft's vocabulary "
-                     f"({draft.config.vocab_size}).", 2)
+                     f"({draft.config.out_vocab_size}).", 2)
     if FLAGS.confidence_threshold > 0 and not runner.has_confidence_head(draft):
         print("note: --confidence_threshold has no effect: the draft has no confidence head.",
               flush=True)

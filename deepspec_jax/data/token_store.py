@@ -2,7 +2,9 @@
 
 A directory with ``input_ids.npy`` (int32 [T]), ``loss_mask.npy`` (uint8 [T]),
 ``offsets.npy`` (int64 [N+1]; sample i is ``[offsets[i], offsets[i+1])``) and
-``manifest.json`` (written last). Flat arrays + offsets make random access O(1) with no
+``manifest.json`` (written last), plus ``token_counts.json``: how often each token id
+occurs at loss-mask positions (what a reduced draft vocabulary is selected from,
+``deepspec_jax.draft_vocab``). Flat arrays + offsets make random access O(1) with no
 per-sample files, and ``np.load(mmap_mode="r")`` keeps a many-GB store out of RAM (only
 the pages a batch touches are read). Writing streams samples to disk (the sizes are not
 known up front: the npy headers are rewritten at the end) in a temporary directory that
@@ -24,6 +26,8 @@ from deepspec_jax.data.jsonl import DataError
 FORMAT = "deepspec_jax.token_store"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+COUNTS = "token_counts.json"
+COUNTS_FORMAT = "deepspec_jax.token_counts"
 ARRAYS = {"input_ids": np.int32, "loss_mask": np.uint8}
 _HEADER_LEN = 128  # fixed npy (v1.0) header size, so it can be rewritten in place
 
@@ -77,6 +81,7 @@ class TokenStoreWriter:
         self.lengths: list[int] = []
         self.num_tokens = 0
         self.num_supervised = 0
+        self.counts = np.zeros(0, np.int64)   # supervised occurrences per token id
         self._closed = False
 
     def add(self, input_ids, loss_mask) -> None:
@@ -92,6 +97,7 @@ class TokenStoreWriter:
         self.lengths.append(len(ids))
         self.num_tokens += len(ids)
         self.num_supervised += int(np.count_nonzero(mask))
+        self.counts = _add_counts(self.counts, ids[mask != 0])
 
     def close(self) -> None:
         """Finalise: rewrite headers, write offsets, the manifest last, then rename."""
@@ -114,6 +120,7 @@ class TokenStoreWriter:
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
                     "num_samples": len(self.lengths), "num_tokens": self.num_tokens,
                     "num_supervised": self.num_supervised, **self.meta}
+        _write_json(os.path.join(self.tmp, COUNTS), _counts_json(self.counts))
         with open(os.path.join(self.tmp, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
             f.flush()
@@ -143,6 +150,61 @@ class TokenStoreWriter:
         else:
             self.abort()
         return False
+
+
+def _add_counts(counts: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    ids = np.asarray(ids, np.int64)
+    if ids.size and ids.min() < 0:
+        raise ValueError(f"negative token id {int(ids.min())} in a sample.")
+    add = np.bincount(ids, minlength=len(counts)) if ids.size else np.zeros(len(counts), np.int64)
+    if len(add) > len(counts):
+        counts = np.pad(counts, (0, len(add) - len(counts)))
+    return counts + add
+
+
+def _counts_json(counts: np.ndarray) -> dict:
+    nz = np.flatnonzero(counts)
+    return {"format": COUNTS_FORMAT, "num_supervised": int(counts.sum()),
+            "counts": {str(int(i)): int(counts[i]) for i in nz}}
+
+
+def _write_json(path: str, obj: dict) -> None:
+    """Write JSON atomically (temporary file, fsync, rename)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def token_counts(store: "TokenStore") -> dict[int, int]:
+    """{token id: occurrences at loss-mask positions} of a store, from its
+    ``token_counts.json``; a store written before that file existed is counted once
+    (one pass over the memory-mapped arrays) and the file is added atomically when the
+    directory is writable."""
+    path = os.path.join(store.path, COUNTS)
+    if os.path.exists(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                obj = json.load(f)
+            if obj.get("format") != COUNTS_FORMAT or not isinstance(obj.get("counts"), dict):
+                raise ValueError("not a token count file")
+            counts = {int(k): int(v) for k, v in obj["counts"].items()}
+        except (ValueError, TypeError, AttributeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: unreadable token counts ({e}); delete it to recount.") from None
+        if sum(counts.values()) != store.manifest["num_supervised"]:
+            raise DataError(f"{path}: counts sum to {sum(counts.values())}, the store has "
+                            f"{store.manifest['num_supervised']} supervised tokens; delete the file "
+                            "to recount.")
+        return counts
+    counts = _add_counts(np.zeros(0, np.int64), store.input_ids[np.asarray(store.loss_mask) != 0])
+    obj = _counts_json(counts)
+    try:
+        _write_json(path, obj)
+    except OSError:
+        pass  # a read-only store: counted again next time
+    return {int(k): v for k, v in obj["counts"].items()}
 
 
 def write_token_store(path: str, samples, **meta) -> str:

@@ -46,6 +46,8 @@ def base_config(kind: str) -> ml_collections.ConfigDict:
         confidence_head_with_markov=False,
         ttt_length=7,             # Eagle3
         step_loss_decay=0.8,      # Eagle3
+        draft_vocab_size=0,       # > 0: reduced draft vocabulary of the K most frequent target
+                                  # tokens of data.train (draft_vocab; 0 = the full vocabulary)
     ))
 
     c.loss = ml_collections.ConfigDict(dict(

@@ -3,7 +3,9 @@
 The draft's HF config is derived from the target's the way DeepSpec derives it (a
 Qwen3 layer config with the target's width, heads and rope, plus the draft fields),
 so the trained draft exports to a checkpoint in DeepSpec's HF format.
-Embeddings and lm_head are copied from the target and stay frozen.
+Embeddings and lm_head are copied from the target and stay frozen; with a reduced
+draft vocabulary (``draft.draft_vocab_size`` = K > 0) the lm_head is the target's at
+the K most frequent target tokens of the training data (``draft_vocab``).
 """
 
 from __future__ import annotations
@@ -11,10 +13,13 @@ from __future__ import annotations
 import json
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from deepspec_jax.checkpoint import ModelSpec
 from deepspec_jax.config import TargetConfig
+from deepspec_jax.data.token_store import TokenStore, token_counts
+from deepspec_jax.draft_vocab import D2T, FIELD, T2D, select_draft_vocab, selected_ids
 from deepspec_jax.drafts.common import GEMMA4_TEXT_TYPES
 from deepspec_jax.drafts.registry import family_for_kind, resolve_spec
 from deepspec_jax.errors import ConfigError
@@ -43,6 +48,15 @@ def reserved_mask_token(tokenizer, vocab_size: int) -> int:
 
 def draft_hf_config(c, tcfg: TargetConfig, tokenizer=None, target_name: str = "") -> dict:
     """The draft's HF config.json dict for run config ``c`` and target config ``tcfg``."""
+    raw = _draft_hf_config(c, tcfg, tokenizer, target_name)
+    k = int(c.draft.draft_vocab_size)
+    if k < 0:
+        raise ConfigError(f"config field draft.draft_vocab_size = {k} must be >= 0 (0 = the full "
+                          "vocabulary, K > 0 = a reduced draft vocabulary of K tokens).")
+    return {**raw, FIELD: k} if k else raw
+
+
+def _draft_hf_config(c, tcfg: TargetConfig, tokenizer=None, target_name: str = "") -> dict:
     d = c.draft
     kind = d.kind
     ids = [int(i) for i in d.target_layer_ids]
@@ -142,15 +156,41 @@ def _gemma4_draft_config(c, tcfg: TargetConfig, family, ids, tokenizer, target_n
     return raw
 
 
-def build_draft(spec: ModelSpec, *, compute_dtype, seed: int, embed, lm_head):
+def build_draft(spec: ModelSpec, *, compute_dtype, seed: int, embed, lm_head, vocab=None):
     """A randomly initialised draft (fp32 master weights) whose frozen embed [V, d] and
     lm_head [d, V] are the target's, stored in ``compute_dtype``: the draft casts them
-    to it at every use, so a float32 copy would only double their memory."""
+    to it at every use, so a float32 copy would only double their memory. ``vocab``
+    (d2t, t2d) of a reduced draft vocabulary: the lm_head keeps the target's columns at
+    the draft's K ids and the maps are set (None with one: the abstract build)."""
     model = spec.build_fn(spec.config, dtype=compute_dtype, param_dtype=jnp.float32,
                           rngs=nnx.Rngs(seed))
     model.embed.set_value(jnp.asarray(embed, compute_dtype))
+    if getattr(spec.config, "draft_vocab_size", None) is not None and vocab is not None:
+        d2t, t2d = vocab
+        lm_head = jnp.take(lm_head, jnp.asarray(selected_ids(d2t), jnp.int32), axis=1)
+        getattr(model, D2T).set_value(jnp.asarray(d2t, jnp.int32))
+        getattr(model, T2D).set_value(jnp.asarray(t2d, bool))
+    elif getattr(spec.config, "draft_vocab_size", None) is not None:
+        lm_head = lm_head[:, :spec.config.draft_vocab_size]
     model.lm_head.set_value(jnp.asarray(lm_head, compute_dtype))
     return model
+
+
+def draft_vocab_for_run(c, spec: ModelSpec) -> tuple[np.ndarray, np.ndarray] | None:
+    """(d2t, t2d) of the run's reduced draft vocabulary: the ``draft.draft_vocab_size``
+    most frequent target tokens at loss-mask positions of ``data.train`` (the stores'
+    token counts, summed), selected as vLLM's speculators does; None without one."""
+    k = getattr(spec.config, "draft_vocab_size", None)
+    if k is None:
+        return None
+    if not c.data.train:
+        raise ConfigError("config field draft.draft_vocab_size needs data.train: the draft "
+                          "vocabulary is selected from the training data's token counts.")
+    total: dict[int, int] = {}
+    for path in c.data.train:
+        for t, n in token_counts(TokenStore(path)).items():
+            total[t] = total.get(t, 0) + n
+    return select_draft_vocab(total, k, spec.config.vocab_size)
 
 
 def spec_for_run(c, tcfg: TargetConfig, tokenizer=None, target_name: str = "") -> ModelSpec:
@@ -158,4 +198,5 @@ def spec_for_run(c, tcfg: TargetConfig, tokenizer=None, target_name: str = "") -
     return resolve_spec(raw, f"run config '{c.name}' (draft section)")
 
 
-__all__ = ["draft_hf_config", "build_draft", "spec_for_run", "reserved_mask_token"]
+__all__ = ["draft_hf_config", "build_draft", "spec_for_run", "reserved_mask_token",
+           "draft_vocab_for_run"]

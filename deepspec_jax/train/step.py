@@ -131,7 +131,7 @@ def micro_loss(sc: StepConfig, params, rest, mb: dict, key):
     # is split over the batch axes, and per-device tiles of a few rows would re-read the
     # whole lm_head once per handful of rows
     shards = math.prod(sc.mesh.shape[a] for a in batch_axes(sc.mesh))
-    rows = logit_tile(model.cfg.vocab_size)[1] * shards
+    rows = logit_tile(model.cfg.out_vocab_size)[1] * shards
     res = eagle3_loss(model, mb["input_ids"], feats, mb["target_last_hidden"], mb["loss_mask"],
                       mb["attention_mask"], corrected=sc.eagle3_corrected, row_chunk=rows,
                       constrain=lambda x: jax.lax.with_sharding_constraint(

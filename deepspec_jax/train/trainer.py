@@ -32,7 +32,8 @@ from deepspec_jax.checkpoint import ModelSpec, save_jax_dir
 from deepspec_jax.data.feature_cache import FeatureCache, target_name
 from deepspec_jax.data.pipeline import BatchIterator, make_batches
 from deepspec_jax.data.token_store import TokenStore
-from deepspec_jax.drafts import load_draft
+from deepspec_jax.draft_vocab import D2T, FIELD as DRAFT_VOCAB_FIELD
+from deepspec_jax.drafts import load_draft, restrict_vocab
 from deepspec_jax.drafts.dspark import DSparkLossConfig
 from deepspec_jax.drafts.registry import family_for_kind
 from deepspec_jax.dtypes import compute_dtype
@@ -40,7 +41,7 @@ from deepspec_jax.errors import ConfigError
 from deepspec_jax.sharding import make_mesh, replicated, shardings_of
 from deepspec_jax.target import Target, load_target
 from deepspec_jax.train.checkpoints import Checkpoints
-from deepspec_jax.train.draft_init import build_draft, spec_for_run
+from deepspec_jax.train.draft_init import build_draft, draft_vocab_for_run, spec_for_run
 from deepspec_jax.train.optimizer import make_optimizer
 from deepspec_jax.train.step import (StepConfig, TrainState, batch_shardings, check_micro_batch,
                                     compile_step)
@@ -192,10 +193,11 @@ def setup_draft(c, ts: TargetSetup, schedule_steps: int, mesh, *, shapes_only: b
     spec = ts.spec
     compute = _dtype(c.train.compute_dtype, "train.compute_dtype")
     tx, schedule = make_optimizer(c.train, schedule_steps)
+    vocab = None if shapes_only else draft_vocab_for_run(c, spec)  # reduced draft vocabulary
 
     def init_fn(embed, lm_head_src):
         model = build_draft(spec, compute_dtype=compute, seed=int(c.train.seed),
-                            embed=embed, lm_head=lm_head_src)
+                            embed=embed, lm_head=lm_head_src, vocab=vocab)
         _, p, r = nnx.split(model, nnx.Param, ...)
         return p.to_pure_dict(), r.to_pure_dict()
 
@@ -213,7 +215,7 @@ def setup_draft(c, ts: TargetSetup, schedule_steps: int, mesh, *, shapes_only: b
         return _abstract_draft(init.eval_shape(ts.target.state), graphdef, r_sh, tx, schedule, mesh)
     params, rest = init(ts.target.state)
     if c.draft.init_from:
-        params = _warm_start(c.draft.init_from, spec, params, mesh)
+        params = _warm_start(c.draft.init_from, spec, params, mesh, vocab)
     opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
     rng = jax.random.key_data(jax.random.key(int(c.train.seed) + 1))
     rep = replicated(mesh)
@@ -243,16 +245,31 @@ def _abstract_draft(params_rest, graphdef, r_sh, tx, schedule, mesh) -> DraftSet
     return DraftSetup(graphdef, state, rest, r_sh, tx, schedule)
 
 
-def _warm_start(path, spec, params, mesh):
+def _warm_start(path, spec, params, mesh, vocab=None):
+    """Trainable parameters of the draft at ``path`` (a full-vocabulary one is restricted
+    to the run's reduced vocabulary ``vocab`` first; a reduced one must have the same)."""
     d = load_draft(path, dtype="float32", mesh=mesh)
     if d.raw_config.get("architectures") != spec.raw.get("architectures"):
         raise ConfigError(f"draft.init_from={path}: architecture {d.raw_config.get('architectures')} "
                           f"differs from the run's {spec.raw.get('architectures')}.")
+    if vocab is not None and d.config.draft_vocab_size is None:
+        d = restrict_vocab(d, *vocab)
+    elif vocab is not None and not np.array_equal(
+            np.asarray(jax.device_get(getattr(d.model, D2T).get_value())), vocab[0]):
+        raise ConfigError(f"draft.init_from={path}: its reduced vocabulary (d2t) differs from the "
+                          "one selected from data.train; warm-start from a full-vocabulary draft.")
+    elif vocab is None and d.config.draft_vocab_size is not None:
+        raise ConfigError(f"draft.init_from={path}: has a reduced vocabulary (draft_vocab_size = "
+                          f"{d.config.draft_vocab_size}) but the run's draft.draft_vocab_size is 0.")
     _, p, _ = nnx.split(d.model, nnx.Param, ...)
     loaded = p.to_pure_dict()
     if jax.tree.structure(loaded) != jax.tree.structure(params):
         raise ConfigError(f"draft.init_from={path}: its parameters do not match the run's draft "
                           "config (layers, heads or head types differ).")
+    shapes = jax.tree.map(lambda x: x.shape, loaded), jax.tree.map(lambda x: x.shape, params)
+    if shapes[0] != shapes[1]:
+        raise ConfigError(f"draft.init_from={path}: its parameter shapes do not match the run's "
+                          "draft config (hidden, intermediate or vocabulary sizes differ).")
     return jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding),
                         loaded, params)
 
@@ -393,7 +410,12 @@ def export(run: Run, dst: str | None = None) -> str:
     model = nnx.merge(run.step_config.graphdef, nnx.State(run.state.params), nnx.State(rest))
     save_jax_dir(dst, run.spec, nnx.state(model), source=f"trained by deepspec_jax ({run.config.name})")
     if run.config.train.export_hf and jax.process_index() == 0:
-        jax_to_hf(dst, os.path.join(run.out_dir, "hf"))
+        if run.spec.raw.get(DRAFT_VOCAB_FIELD):  # DeepSpec's format has no reduced vocabulary
+            print(f"train: not exporting {run.out_dir}/hf: a reduced draft vocabulary "
+                  f"({DRAFT_VOCAB_FIELD}) has no DeepSpec HF form; use python -m "
+                  f"convert.to_speculators --src={dst} --dst=...")
+        else:
+            jax_to_hf(dst, os.path.join(run.out_dir, "hf"))
     return dst
 
 
