@@ -24,6 +24,7 @@ import numpy as np
 from deepspec_jax.checkpoint import (CONFIG_NAME, EXTRA_DIR, MANIFEST_NAME,
                                      _atomic_write_text, is_jax_dir, load_hf_dir, load_jax_dir,
                                      params_to_hf, read_config, save_jax_dir)
+from deepspec_jax.draft_vocab import FIELD as DRAFT_VOCAB_FIELD
 from deepspec_jax.drafts.registry import resolve_spec
 from deepspec_jax.dtypes import parse_dtype
 from deepspec_jax.errors import CheckpointError, ConfigError
@@ -156,6 +157,13 @@ def jax_to_hf(src: str, dst: str, max_shard_size: int | str = DEFAULT_MAX_SHARD_
             f"{src}: not a JAX checkpoint (no deepspec_jax.json / params/); convert an HF "
             "directory with convert.torch_to_jax first.")
     parse_size(max_shard_size)  # fail before any work
+    raw, cfg_path = read_config(src)
+    if raw.get(DRAFT_VOCAB_FIELD) is not None:
+        raise ConfigError(
+            f"{cfg_path}: field '{DRAFT_VOCAB_FIELD}' = {raw[DRAFT_VOCAB_FIELD]}: this draft has a "
+            "reduced vocabulary (d2t/t2d maps), which DeepSpec's HF format and loader cannot "
+            "express; export it in vLLM's speculators format instead: python -m "
+            f"convert.to_speculators --src={src} --dst=...")
     loaded, manifest = load_jax_dir(src, resolve_spec, host=True)
     tensors = params_to_hf(loaded.spec, loaded.state, loaded.hf_dtypes)
     missing = sorted(set(manifest["hf"].get("tensors", {})) - set(tensors))

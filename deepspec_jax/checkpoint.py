@@ -39,7 +39,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from deepspec_jax.config import load_config_json
-from deepspec_jax.dtypes import dtype_name, np_dtype, parse_dtype
+from deepspec_jax.dtypes import castable, dtype_name, np_dtype, parse_dtype
 from deepspec_jax.errors import CheckpointError, ConfigError
 from deepspec_jax.sharding import make_mesh, named_sharding
 from deepspec_jax.version import __version__
@@ -111,8 +111,13 @@ def _set_abstract_dtype(var: nnx.Variable, dt: np.dtype) -> None:
     var.set_value(jax.ShapeDtypeStruct(v.shape, dt))
 
 
+def _cast_hf_dtypes(hf_dtypes: Mapping[str, str], cast) -> dict[str, str]:
+    """HF dtypes after a cast to ``cast``: floating tensors take it, others keep theirs."""
+    return {k: dtype_name(cast) if castable(np_dtype(v)) else v for k, v in hf_dtypes.items()}
+
+
 def _compute_dtype(dtypes) -> np.dtype:
-    dts = [np.dtype(d) for d in dtypes]
+    dts = [np.dtype(d) for d in dtypes if castable(d)]
     if not dts:
         return np.dtype(np.float32)
     out = dts[0] if all(d == dts[0] for d in dts) else np.dtype(np.float32)
@@ -154,10 +159,12 @@ def load_hf_dir(root: str, spec: ModelSpec, dtype=None, mesh: Mesh | None = None
     variables = flat_variables(abstract_state)
     if cast is None:
         for path, var in variables.items():
-            if path in stored and stored[path] != var.get_value().dtype:
+            if (path in stored and stored[path] != var.get_value().dtype
+                    and castable(var.get_value().dtype)):
                 _set_abstract_dtype(var, stored[path])
-    hf_dtypes = {k: dtype_name(source.info(k)[1] if cast is None else cast)
-                 for p in variables for k in keys_of.get(p, [])}
+    hf_dtypes = {k: dtype_name(source.info(k)[1]) for p in variables for k in keys_of.get(p, [])}
+    if cast is not None:
+        hf_dtypes = _cast_hf_dtypes(hf_dtypes, cast)
     what = f"{spec.role} checkpoint ({spec.architecture})"
     model = stream_params(graphdef, abstract_state, spec.rules, source, spec.num_layers, mesh,
                           None, spec.ignorable, what)
@@ -339,11 +346,12 @@ def save_jax_dir(dst: str, spec: ModelSpec, state: nnx.State, hf_dtypes: Mapping
     if unknown:
         raise ValueError(f"shared_from_target {unknown} are not parameters of this model.")
     keys_of = spec.param_hf_keys()
+    fixed = {r.ours: r.hf_dtype for r in spec.rules if r.hf_dtype}
     params = {p: {"shape": list(np.shape(a)), "dtype": dtype_name(a.dtype)} for p, a in flat.items()}
     hf = {}
     for p, info in params.items():
         for k in keys_of[p][0]:
-            hf[k] = (hf_dtypes or {}).get(k, info["dtype"])
+            hf[k] = (hf_dtypes or {}).get(k, fixed.get(p, info["dtype"]))
     if config_text is None:
         config_text = config_json_text(with_dtype_field(spec.raw, hf))
     if main:
@@ -426,7 +434,7 @@ def load_jax_dir(root: str, resolve: Callable[[dict, str], ModelSpec], dtype=Non
                 f"{params_dir}: parameter {path!r} has shape {s_shape}, but {cfg_path} implies "
                 f"{shape}; the config.json does not describe this checkpoint (check "
                 "hidden_size / heads / intermediate_size / vocab_size / layer counts).")
-        dt = s_dtype if cast is None else cast
+        dt = s_dtype if cast is None or not castable(s_dtype) else cast
         sharding = cpu or named_sharding(var.get_metadata().get("logical_axes", (None,) * len(shape)),
                                          shape, mesh)
         abstract[path] = jax.ShapeDtypeStruct(shape, dt, sharding=sharding)
@@ -437,7 +445,7 @@ def load_jax_dir(root: str, resolve: Callable[[dict, str], ModelSpec], dtype=Non
         var.set_value(values[path])
     hf_dtypes = dict(manifest["hf"].get("tensors", {}))
     if cast is not None:
-        hf_dtypes = {k: dtype_name(cast) for k in hf_dtypes}
+        hf_dtypes = _cast_hf_dtypes(hf_dtypes, cast)
     loaded = Loaded(spec, graphdef, abstract_state, np.dtype(compute), hf_dtypes,
                     dict(manifest["hf"].get("metadata", {})), [])
     return loaded, manifest
@@ -457,7 +465,7 @@ def params_to_hf(spec: ModelSpec, state: nnx.State, hf_dtypes: Mapping[str, str]
         arr = np.asarray(jax.device_get(variables[path].get_value()))
         for i, key in enumerate(keys):
             a = arr[i] if stacked else arr
-            want = (hf_dtypes or {}).get(key)
+            want = (hf_dtypes or {}).get(key) or rule.hf_dtype
             a = rule.to_hf(a)
             out[key] = a if want is None else a.astype(np_dtype(want), copy=False)
     return out

@@ -54,3 +54,10 @@ def compute_dtype(dtype, what: str = "dtype") -> np.dtype:
     if dt is None or dtype_name(dt) not in COMPUTE_DTYPES:
         raise ValueError(f"{what} must be one of {list(COMPUTE_DTYPES)}, got {dtype!r}.")
     return dt
+
+
+def castable(dtype) -> bool:
+    """Whether a parameter of this dtype follows a load/export dtype cast: floating ones
+    only (a reduced-vocabulary draft's d2t/t2d index buffers never change dtype)."""
+    dt = np.dtype(dtype)
+    return bool(np.issubdtype(dt, np.floating) or dt == DTYPES["bfloat16"])

@@ -516,7 +516,7 @@ def speculative_generate(target: Target, draft: Any, prompt_ids: Sequence[Sequen
     args = (target.graphdef, target.state, draft.graphdef, draft.state, draft.kind,
             target._put(prompt), target._put(lens), jnp.asarray(stop),
             jnp.float32(confidence_threshold), int(max_new_tokens))
-    shape = None if tree is None else parse_tree(tree, draft.config.vocab_size)
+    shape = None if tree is None else parse_tree(tree, draft.config.out_vocab_size)
     cache_len = spec_cache_len(draft.kind, draft.config, prompt.shape[1], max_new_tokens, shape,
                                cache_bucket)
     # Traced under the target's mesh: Pallas kernels (tree attention) run per device

@@ -21,17 +21,52 @@ import dataclasses
 from typing import Callable, Mapping, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from deepspec_jax.config import TargetConfig, target_config_from_dict
+from deepspec_jax import draft_vocab as vocab
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.models.transformer import _layer_params, _param
+from deepspec_jax.weights.name_map import Rule
 
 
 class Frozen(nnx.Variable):
     """A draft parameter copied from the target and never trained (embed_tokens,
     lm_head). A distinct Variable type lets ``nnx.split(model, nnx.Param, Frozen)``
     separate trainable from frozen state, so optimisers and gradients never see it."""
+
+
+def add_vocab_map(module: nnx.Module, draft_vocab_size: int | None, vocab_size: int) -> None:
+    """Give a reduced-vocabulary draft its frozen ``d2t`` [K] int32 / ``t2d`` [V] bool
+    buffers (``draft_vocab``; filled by loading or ``train.draft_init``). The initial
+    map is the first K ids. Not floating, so checkpoint loading never casts them."""
+    if draft_vocab_size is None:
+        return
+    K, V = int(draft_vocab_size), int(vocab_size)
+    module.d2t = Frozen(jnp.zeros((K,), jnp.int32), logical_axes=(None,))
+    module.t2d = Frozen(jnp.arange(V) < K, logical_axes=(None,))
+
+
+def vocab_map_of(module: nnx.Module) -> jax.Array | None:
+    """A draft's d2t offsets (int32 [K]), None for a full-vocabulary draft."""
+    d2t = getattr(module, vocab.D2T, None)
+    return None if d2t is None else d2t.get_value()
+
+
+def vocab_mask_of(module: nnx.Module) -> jax.Array | None:
+    """A draft's t2d mask (bool [V]), None for a full-vocabulary draft."""
+    t2d = getattr(module, vocab.T2D, None)
+    return None if t2d is None else t2d.get_value()
+
+
+def vocab_rules(draft_vocab_size: int | None) -> list[Rule]:
+    """Name-map rules of the reduced-vocabulary buffers (HF names = ours, speculators'
+    on-disk dtypes)."""
+    if draft_vocab_size is None:
+        return []
+    return [Rule(vocab.D2T, vocab.D2T, hf_dtype=vocab.D2T_HF_DTYPE),
+            Rule(vocab.T2D, vocab.T2D, hf_dtype=vocab.T2D_HF_DTYPE)]
 
 
 # per-layer tensors DeepSpec registers as buffers (saved, never trained): Gemma-4's
@@ -72,10 +107,13 @@ class DraftLayers(nnx.Module):
 
 
 class Proposal(NamedTuple):
-    """A chain of ``W`` draft tokens per row, as every family's proposer returns it."""
+    """A chain of ``W`` draft tokens per row, as every family's proposer returns it.
+    With a reduced draft vocabulary (K of the target's V tokens, ``draft_vocab``) the
+    tokens are already target ids and ``dists`` the K probabilities scattered into V;
+    ``logits`` stay over the draft vocabulary."""
 
-    tokens: jax.Array             # [B, W] int32 draft tokens x_1..x_W
-    logits: jax.Array             # [B, W, V] fp32 draft logits (before temperature)
+    tokens: jax.Array             # [B, W] int32 draft tokens x_1..x_W (target ids)
+    logits: jax.Array             # [B, W, K] fp32 draft logits (before temperature)
     dists: jax.Array              # [B, W, V] the distributions the tokens were drawn from
     token_probs: jax.Array        # [B, W] dists at the drawn tokens
     confidence_logits: jax.Array  # [B, W] fp32 (zeros for a draft without confidence head)
@@ -121,7 +159,8 @@ DRAFT_ONLY_FIELDS = frozenset({
     "architectures", "block_size", "num_target_layers", "target_layer_ids", "mask_token_id",
     "num_anchors", "enable_confidence_head", "confidence_head_with_markov", "markov_rank",
     "markov_head_type", "target_model_type", "target_text_model_type", "ttt_length",
-    "step_loss_decay", "draft_num_hidden_layers", "target_model_name_or_path"})
+    "step_loss_decay", "draft_num_hidden_layers", "target_model_name_or_path",
+    vocab.FIELD})
 
 
 def _gemma4_draft_layer_fields(raw: dict, source: str) -> dict:

@@ -26,7 +26,9 @@ from jax.sharding import Mesh
 
 from deepspec_jax.config import TargetConfig, load_config_json, target_config_from_dict
 from deepspec_jax.drafts.common import (DraftFamily, DraftLayers, Frozen, Proposal,
-                                        draft_layer_config)
+                                        add_vocab_map, draft_layer_config, vocab_map_of,
+                                        vocab_rules)
+from deepspec_jax.draft_vocab import parse_draft_vocab_size, scatter_to_target, to_target_ids
 from deepspec_jax.dtypes import compute_dtype
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.kernels.attention import dense_attention, merge_attention, span_attention
@@ -64,11 +66,17 @@ class DSparkConfig:
     confidence_head_with_markov: bool
     markov_rank: int
     markov_head_type: str | None
+    draft_vocab_size: int | None = None  # reduced draft vocabulary K (None: the target's V)
     raw: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def vocab_size(self) -> int:
         return self.layer.vocab_size
+
+    @property
+    def out_vocab_size(self) -> int:
+        """Columns of lm_head / markov_w2: K with a reduced draft vocabulary, else V."""
+        return self.draft_vocab_size or self.vocab_size
 
     @property
     def hidden_size(self) -> int:
@@ -172,7 +180,9 @@ def dspark_config_from_dict(raw: dict, source: str = "config.json") -> DSparkCon
     return DSparkConfig(layer=layer, block_size=block_size, num_target_layers=n_target,
                         target_layer_ids=ids, mask_token_id=mask_id, num_anchors=num_anchors,
                         enable_confidence_head=conf, confidence_head_with_markov=conf_markov,
-                        markov_rank=rank, markov_head_type=head_type, raw=dict(raw))
+                        markov_rank=rank, markov_head_type=head_type,
+                        draft_vocab_size=parse_draft_vocab_size(raw, layer.vocab_size, source),
+                        raw=dict(raw))
 
 
 # ---------------------------------------------------------------------------
@@ -269,16 +279,18 @@ class DSparkDraft(nnx.Module):
         self.dtype = dtype
         lc = cfg.layer
         d, V, r = lc.hidden_size, lc.vocab_size, cfg.markov_rank
+        Vo = cfg.out_vocab_size   # output vocabulary (K when reduced); inputs stay over V
         p = lambda shape, axes, init="normal": _param(rngs, shape, axes, param_dtype, init)  # noqa: E731
         self.embed = _frozen(rngs, (V, d), ("vocab", "embed"), param_dtype)
-        self.lm_head = _frozen(rngs, (d, V), ("embed", "vocab"), param_dtype)
+        self.lm_head = _frozen(rngs, (d, Vo), ("embed", "vocab"), param_dtype)
+        add_vocab_map(self, cfg.draft_vocab_size, V)
         self.fc = p((cfg.num_features, d), ("feature", "embed"))
         self.hidden_norm = p((d,), ("norm",), "ones")
         self.norm = p((d,), ("norm",), "ones")
         self.layers = DraftLayers(lc, param_dtype=param_dtype, rngs=rngs)
         if r > 0:
             self.markov_w1 = p((V, r), ("vocab", "rank"))
-            self.markov_w2 = p((r, V), ("rank", "vocab"))
+            self.markov_w2 = p((r, Vo), ("rank", "vocab"))
             if cfg.markov_head_type == "gated":
                 self.gate_w = p((d + r, r), ("feature", "rank"))
                 self.gate_b = p((r,), ("rank",), "zeros")
@@ -457,15 +469,19 @@ class DSparkDraft(nnx.Module):
         distribution as ``tree_propose`` and Eagle3), which also returns the
         distribution rejection sampling must divide by (one-hot when greedy). The RNN
         state is carried across positions (the reference's single-step helper does not).
+        A reduced draft vocabulary samples over its K ids and maps each drawn id to its
+        target id (``draft_vocab.to_target_ids``) before it feeds the Markov head or
+        anything else; ``dists`` are the K probabilities scattered into V.
         """
         if not isinstance(sp, SamplingParams):
             raise TypeError(f"propose: sp must be a SamplingParams, got {type(sp).__name__} "
                             "(pass SamplingParams(temperature, top_k, top_p)).")
         hidden = self.propose_hidden(cache, current)           # [B,K,d]
-        base = self.logits(hidden)                             # [B,K,V]
+        base = self.logits(hidden)                             # [B,K,Vo]
         cfg = self.cfg
         r = max(cfg.markov_rank, 1)
         keys = jax.random.split(key, cfg.block_size)
+        d2t = vocab_map_of(self)
 
         def step(carry, xs):
             prev, s = carry
@@ -477,13 +493,15 @@ class DSparkDraft(nnx.Module):
             conf = self.confidence(h_k, prev)
             conf = jnp.zeros(prev.shape, jnp.float32) if conf is None else conf
             tok, probs = sample_with_probs(logits, key_k, sp)
-            return (tok, s), (tok, logits, probs, conf)
+            p_tok = jnp.take_along_axis(probs, tok[..., None], axis=-1)[..., 0]
+            tok = to_target_ids(tok, d2t)
+            return (tok, s), (tok, logits, probs, p_tok, conf)
 
         s0 = jnp.zeros(current.shape + (r,), self.dtype)
         xs = (jnp.moveaxis(hidden, 1, 0), jnp.moveaxis(base, 1, 0), keys)
-        _, (tok, logits, probs, conf) = jax.lax.scan(step, (current.astype(jnp.int32), s0), xs)
-        tok, logits, probs, conf = (jnp.moveaxis(x, 0, 1) for x in (tok, logits, probs, conf))
-        token_probs = jnp.take_along_axis(probs, tok[..., None], axis=-1)[..., 0]
+        _, outs = jax.lax.scan(step, (current.astype(jnp.int32), s0), xs)
+        tok, logits, probs, token_probs, conf = (jnp.moveaxis(x, 0, 1) for x in outs)
+        probs = scatter_to_target(probs, d2t, cfg.vocab_size)
         return Proposal(tok, logits, probs, token_probs, conf)
 
     def tree_propose(self, cache: DraftCache, current: jax.Array, key: jax.Array, sp,
@@ -501,7 +519,9 @@ class DSparkDraft(nnx.Module):
         so verification stays lossless). The confidence is not used as the children's
         acceptance prior in the score: on the fixture drafts that made sampled trees
         shallower and lowered tau below the chain's, while the default prior (1)
-        always keeps the chain of first draws.
+        always keeps the chain of first draws. A reduced draft vocabulary draws children
+        over its K ids; ``build_tree`` maps them to target ids (``d2t``) before they are
+        expanded and scatters the log-distributions into V.
         """
         cfg = self.cfg
         hidden = self.propose_hidden(cache, current)                     # [B,K,d]
@@ -535,7 +555,8 @@ class DSparkDraft(nnx.Module):
 
         return build_tree(logits0[:, 0], None if prior0 is None else prior0[:, 0], s1[:, 0],
                           expand, None, topk=topk, num_nodes=num_nodes,
-                          max_depth=cfg.block_size, sp=sp, key=key)
+                          max_depth=cfg.block_size, sp=sp, key=key,
+                          d2t=vocab_map_of(self), vocab_size=cfg.vocab_size)
 
 
 # ---------------------------------------------------------------------------
@@ -561,7 +582,7 @@ def dspark_rules(cfg: DSparkConfig) -> list[Rule]:
     if cfg.enable_confidence_head:
         rules += [Rule("conf_w", "confidence_head.proj.weight", True),
                   Rule("conf_b", "confidence_head.proj.bias")]
-    return rules
+    return rules + vocab_rules(cfg.draft_vocab_size)
 
 
 def build_dspark(cfg: DSparkConfig, *, dtype=jnp.float32, param_dtype=jnp.float32,

@@ -12,6 +12,14 @@ holds the full ``[tokens, vocab]`` draft/target logits. Two ways to get the grad
 (``fused_token_stats``: each vocab matmul once per step, plus [tokens, d] gradients kept
 for the backward); "recompute" rematerialises each chunk in the backward (two more
 [rows, d] x [d, vocab] matmuls per chunk, nothing vocab-sized kept).
+
+With a reduced draft vocabulary (K of the target's V tokens, ``draft_vocab``) every
+vocabulary tensor is over the K draft ids: the target distribution is the target's
+logits restricted to them and renormalised (softmax over K, the EAGLE-3 / speculators
+convention: the target's mass outside the draft vocabulary is dropped), so TV and the
+confidence label compare two distributions over K; a CE label outside the draft
+vocabulary gets zero weight (CE is averaged over the in-vocabulary labels). The
+training step's vocabulary projection shrinks from V to K columns.
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import numpy as np
 from flax import nnx
 from jax.custom_derivatives import SymbolicZero
 
+from deepspec_jax.draft_vocab import to_draft_ids
+from deepspec_jax.drafts.common import vocab_mask_of
 from deepspec_jax.drafts.dspark import DSparkDraft, DSparkLossConfig, dspark_rules
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.layers import softcap_and_slope
@@ -406,6 +416,7 @@ def check_vocab_grad(vocab_grad: str) -> None:
 def dspark_loss(model: DSparkDraft, out: TrainOutputs, loss_cfg: DSparkLossConfig,
                 token_chunk: int = 2048, vocab_grad: str = "fused") -> LossOut:
     """CE + TV + confidence BCE with position decay, normalised over the whole batch.
+    A reduced draft vocabulary: labels outside it carry no CE weight (module docstring).
 
     ``vocab_grad`` (``VOCAB_GRADS``): "fused" differentiates the CE/TV terms through
     ``fused_token_stats`` (gradient formed in the forward's chunk pass, exact: the
@@ -418,16 +429,23 @@ def dspark_loss(model: DSparkDraft, out: TrainOutputs, loss_cfg: DSparkLossConfi
     w = loss_weight_mask(ev, loss_cfg.loss_decay_gamma)
     zero = jnp.zeros((), jnp.float32)
     den = jnp.sum(w)
+    t2d = vocab_mask_of(model)
+    w_ce, den_ce = w, den
+    if t2d is not None:  # labels as draft ids; those outside the draft vocabulary weigh 0
+        labels, inside = to_draft_ids(out.targets.target_ids, t2d)
+        out = out._replace(targets=out.targets._replace(target_ids=labels))
+        w_ce = w * inside.astype(jnp.float32)
+        den_ce = jnp.sum(w_ce)
     if vocab_grad == "fused":
         # d total / d ce and d total / d tv per token (the normalised CE and L1 terms below)
-        a_ce = loss_cfg.ce_alpha * w / (den + 1e-6)
+        a_ce = loss_cfg.ce_alpha * w_ce / (den_ce + 1e-6)
         a_tv = (jnp.where(den > 0, loss_cfg.l1_alpha * w / (den + 1e-6), 0.0)
                 if loss_cfg.l1_alpha > 0 else None)
         vocab_s, ce_tok, tv_tok = fused_token_stats(model, out, a_ce, a_tv, token_chunk)
     else:
         ce_tok, tv_tok = token_stats(model, out, token_chunk)
     c_star = jnp.clip(1.0 - 0.5 * tv_tok, 0.0, 1.0)
-    terms = {"ce_loss_num": jnp.sum(ce_tok * w), "ce_loss_den": den}
+    terms = {"ce_loss_num": jnp.sum(ce_tok * w_ce), "ce_loss_den": den_ce}
     if loss_cfg.l1_alpha > 0:
         terms["l1_loss_num"], terms["l1_loss_den"] = jnp.sum(tv_tok * w), den
     else:

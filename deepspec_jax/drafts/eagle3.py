@@ -23,8 +23,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepspec_jax.config import TargetConfig, load_config_json, target_config_from_dict
+from deepspec_jax.draft_vocab import parse_draft_vocab_size, scatter_to_target, to_target_ids
 from deepspec_jax.drafts.common import (DraftFamily, DraftLayers, Frozen, Proposal,
-                                        draft_layer_config)
+                                        add_vocab_map, draft_layer_config, vocab_map_of,
+                                        vocab_rules)
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.kernels.attention import dense_attention, merge_attention
 from deepspec_jax.layers import embed_lookup, softcap
@@ -57,6 +59,7 @@ class Eagle3Config:
     ttt_length: int = 7
     step_loss_decay: float = 0.8
     draft_num_hidden_layers: int = 1
+    draft_vocab_size: int | None = None  # reduced draft vocabulary K (None: the target's V)
     raw: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     # Convenience views of the backbone (keeps model code short).
@@ -72,6 +75,11 @@ class Eagle3Config:
     @property
     def vocab_size(self) -> int:
         return self.backbone.vocab_size
+
+    @property
+    def out_vocab_size(self) -> int:
+        """Columns of lm_head: K with a reduced draft vocabulary, else V."""
+        return self.draft_vocab_size or self.vocab_size
 
     @property
     def feature_size(self) -> int:
@@ -130,7 +138,9 @@ def eagle3_config_from_dict(raw: dict, source: str = "config.json") -> Eagle3Con
     backbone = draft_layer_config(FAMILY, raw, source, num_hidden_layers=n_draft)
     return Eagle3Config(backbone=backbone, target_layer_ids=ids, num_target_layers=n_target,
                         ttt_length=ttt, step_loss_decay=float(raw.get("step_loss_decay", 0.8)),
-                        draft_num_hidden_layers=n_draft, raw=dict(raw))
+                        draft_num_hidden_layers=n_draft,
+                        draft_vocab_size=parse_draft_vocab_size(raw, backbone.vocab_size, source),
+                        raw=dict(raw))
 
 
 # ---------------------------------------------------------------------------
@@ -155,7 +165,8 @@ class Eagle3Draft(nnx.Module):
         frozen = lambda shape, axes: Frozen(  # noqa: E731
             _param(rngs, shape, axes, param_dtype).get_value(), logical_axes=axes)
         self.embed = frozen((V, d), ("vocab", "embed"))
-        self.lm_head = frozen((d, V), ("embed", "vocab"))
+        self.lm_head = frozen((d, cfg.out_vocab_size), ("embed", "vocab"))
+        add_vocab_map(self, cfg.draft_vocab_size, V)
         self.fc = _param(rngs, (cfg.feature_size, d), ("feature", "embed"), param_dtype)
         self.norm = _param(rngs, (d,), ("norm",), param_dtype, "ones")
         self.layers = eagle3_layers(cfg, param_dtype=param_dtype, rngs=rngs)
@@ -213,7 +224,7 @@ def eagle3_rules(cfg: Eagle3Config) -> list[Rule]:
         Rule("norm", "norm.weight"),
         Rule("layers.hidden_norm", "layers.{i}.hidden_norm.weight"),
     ] + layer_rules("", "layers.", qk_norm=True, attention_bias=cfg.backbone.attention_bias,
-                    cfg=cfg.backbone)
+                    cfg=cfg.backbone) + vocab_rules(cfg.draft_vocab_size)
 
 
 EAGLE3_IGNORABLE = (re.compile(r".*rotary_emb\.inv_freq$"),)
@@ -307,16 +318,20 @@ def propose(model: Eagle3Draft, state: Eagle3State, num_steps: int, key: jax.Arr
     previous output hidden at position lengths+j-1. That is num_steps-1 layer
     forwards (no forward after the last token). The returned state has the proposal
     keys written past ``lengths`` but the same ``lengths``: nothing is committed.
-    Eagle3 has no confidence head: ``confidence_logits`` are zeros.
+    Eagle3 has no confidence head: ``confidence_logits`` are zeros. A reduced draft
+    vocabulary samples over its K ids and maps each drawn id to its target id before
+    it is embedded for the next step; ``dists`` are scattered into V.
     """
     keys = jax.random.split(key, num_steps)
+    d2t = vocab_map_of(model)
 
     def draw(h, k):
         logits = model.logits(h)
         tok, dist = sample_with_probs(logits, k, sp)
-        return tok, logits, dist
+        p = jnp.take_along_axis(dist, tok[..., None], axis=-1)[..., 0]
+        return to_target_ids(tok, d2t), logits, dist, p
 
-    tok, logit, dist = draw(state.hidden, keys[0])
+    tok, logit, dist, p0 = draw(state.hidden, keys[0])
 
     def body(carry, xs):
         ck, cv, h, tok = carry
@@ -324,15 +339,15 @@ def propose(model: Eagle3Draft, state: Eagle3State, num_steps: int, key: jax.Arr
         st = Eagle3State(ck, cv, state.lengths, h)
         out, ck, cv = _cached_step(model, st, tok[:, None], h[:, None], state.lengths + j)
         h = out[:, 0]
-        nxt, logits, dist = draw(h, k)
-        return (ck, cv, h, nxt), (nxt, logits, dist)
+        nxt, logits, dist, p = draw(h, k)
+        return (ck, cv, h, nxt), (nxt, logits, dist, p)
 
     carry = (state.k, state.v, state.hidden, tok)
-    (ck, cv, _, _), (toks, logits, dists) = jax.lax.scan(
+    (ck, cv, _, _), (toks, logits, dists, p) = jax.lax.scan(
         body, carry, (jnp.arange(num_steps - 1, dtype=jnp.int32), keys[1:]))
     first = lambda x0, xs: jnp.concatenate([x0[:, None], jnp.moveaxis(xs, 0, 1)], axis=1)  # noqa: E731
-    toks, logits, dists = first(tok, toks), first(logit, logits), first(dist, dists)
-    p = jnp.take_along_axis(dists, toks[..., None], axis=-1)[..., 0]
+    toks, logits, dists, p = first(tok, toks), first(logit, logits), first(dist, dists), first(p0, p)
+    dists = scatter_to_target(dists, d2t, model.cfg.vocab_size)
     return (Proposal(toks, logits, dists, p, jnp.zeros(toks.shape, jnp.float32)),
             Eagle3State(ck, cv, state.lengths, state.hidden))
 
@@ -387,7 +402,8 @@ def tree_propose(model: Eagle3Draft, state: Eagle3State, key: jax.Array, sp: Sam
         return model.logits(h), None, h, scratch
 
     return build_tree(model.logits(state.hidden), None, state.hidden, expand, scratch,
-                      topk=k, num_nodes=num_nodes, max_depth=D, sp=sp, key=key)
+                      topk=k, num_nodes=num_nodes, max_depth=D, sp=sp, key=key,
+                      d2t=vocab_map_of(model), vocab_size=cfg.vocab_size)
 
 
 # ---------------------------------------------------------------------------

@@ -15,6 +15,12 @@ projection is fused into the loss and tiled ([rows, vocab chunk] logits), so no
 [tokens, V] float32 tensor is materialised, forward or backward; by default
 (``vocab_grad="fused"``) the gradient is formed in the loss's own pass and each target
 logit is computed about once per position (``ttt_weighted_soft_ce``).
+
+With a reduced draft vocabulary (K of the target's V tokens, ``draft_vocab``) the
+lm_head is the target's at the K draft ids, so both sides are over K: the target
+distribution is the target's logits restricted to the draft vocabulary and
+renormalised (softmax over K, the EAGLE-3 / speculators convention; the target's mass
+outside it is dropped), and the vocabulary projection costs K instead of V columns.
 """
 
 from __future__ import annotations

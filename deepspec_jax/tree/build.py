@@ -42,6 +42,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from deepspec_jax.draft_vocab import scatter_to_target, to_target_ids
 from deepspec_jax.sampling import SamplingParams, log_probs
 
 
@@ -123,7 +124,8 @@ ExpandFn = Callable[[int, jax.Array, Any, jax.Array, Any], tuple]
 
 def build_tree(root_logits: jax.Array, root_prior: jax.Array | None, root_child_state: Any,
                expand: ExpandFn, carry: Any, *, topk: int, num_nodes: int, max_depth: int,
-               sp: SamplingParams, key: jax.Array, _realized_scores: bool = False) -> DraftTree:
+               sp: SamplingParams, key: jax.Array, d2t: jax.Array | None = None,
+               vocab_size: int | None = None, _realized_scores: bool = False) -> DraftTree:
     """Grow a tree of at most ``max_depth`` levels and keep ``tree_size(...)`` nodes.
 
     ``root_logits`` [B,V]: draft logits of the root's children; ``root_prior`` [B] (or
@@ -133,6 +135,9 @@ def build_tree(root_logits: jax.Array, root_prior: jax.Array | None, root_child_
     expansion slots (slot (level-1)*topk + j = frontier node j of that level), which
     slots are the node itself or its expanded ancestors -- what an autoregressive
     draft attends to among its own scratch keys. ``carry`` is threaded through.
+    ``d2t`` (a reduced draft vocabulary, ``draft_vocab``): logits are over its K ids;
+    drawn children are mapped to target ids before ``expand`` sees them and in the
+    tree, and ``logq`` is scattered into the target's ``vocab_size`` (-inf elsewhere).
     ``_realized_scores`` (private, tests only) ranks by the drawn tokens' own
     log-probabilities -- plain EAGLE-2 -- which is lossy at T>0.
     """
@@ -152,7 +157,7 @@ def build_tree(root_logits: jax.Array, root_prior: jax.Array | None, root_child_
     logq0 = draft_log_probs(root_logits, sp)
     tok, srt = draw_children(logq0, k, keys[0], sp.greedy)
     score = _increments(logq0, tok, srt, root_prior, sp, _realized_scores)
-    lv = dict(tok=tok, score=score, parent=jnp.full((b, k), -1, jnp.int32),
+    lv = dict(tok=to_target_ids(tok, d2t), score=score, parent=jnp.full((b, k), -1, jnp.int32),
               depth=jnp.ones((b, k), jnp.int32),
               rank=jnp.broadcast_to(jnp.arange(k, dtype=jnp.int32), (b, k)),
               amask=jnp.zeros((b, k, R), bool),
@@ -174,6 +179,7 @@ def build_tree(root_logits: jax.Array, root_prior: jax.Array | None, root_child_
         logq = draft_log_probs(logits, sp)                              # [B,k,V]
         ctok, csrt = draw_children(logq, k, keys[d], sp.greedy)         # [B,k,k]
         cscore = fscore[:, :, None] + _increments(logq, ctok, csrt, prior, sp, _realized_scores)
+        ctok = to_target_ids(ctok, d2t)
         dist_ids = 1 + (d - 1) * k + jnp.arange(k, dtype=jnp.int32)
         od = jnp.full((b, width), -1, jnp.int32).at[jnp.arange(b)[:, None], fpos].set(
             jnp.broadcast_to(dist_ids, (b, k)))
@@ -208,7 +214,8 @@ def build_tree(root_logits: jax.Array, root_prior: jax.Array | None, root_child_
                      depth=pick(cat("depth")), rank=pick(cat("rank")),
                      valid=scores > -jnp.inf,
                      dist_id=pick(jnp.concatenate(own_dist, axis=1)),
-                     scores=scores, logq=jnp.concatenate(logqs, axis=1))
+                     scores=scores, logq=scatter_to_target(jnp.concatenate(logqs, axis=1), d2t,
+                                                           vocab_size, -jnp.inf))
 
 
 __all__ = ["DraftTree", "build_tree", "candidate_count", "tree_size", "draft_log_probs",

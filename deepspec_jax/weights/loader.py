@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from deepspec_jax.dtypes import castable
 from deepspec_jax.errors import CheckpointError
 from deepspec_jax.sharding import named_sharding
 from deepspec_jax.weights.name_map import Rule
@@ -118,7 +119,9 @@ def stream_params(graphdef, abstract_state: nnx.State, rules: Sequence[Rule], so
         shape = tuple(var.get_value().shape)
         # dtype=None keeps each variable's own (abstract) dtype, so a checkpoint can be
         # loaded in its stored dtypes, mixed ones included, without casting.
-        want = np.dtype(var.get_value().dtype if dtype is None else dtype)
+        # Integer/bool buffers (a draft's d2t/t2d) are never cast.
+        own = np.dtype(var.get_value().dtype)
+        want = own if dtype is None or not castable(own) else np.dtype(dtype)
         host = _assemble(rule, source, num_layers, shape, want, layer)
         sharding = named_sharding(var.get_metadata().get("logical_axes", (None,) * len(shape)),
                                   shape, mesh)

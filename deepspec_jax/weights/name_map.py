@@ -21,6 +21,8 @@ class Rule:
     hf: str                # HF key; "{i}" stands for the layer index of stacked params
     transpose: bool = False  # HF Linear [out, in] <-> ours [in, out]
     layers: tuple[int, ...] | None = None  # the layers that have it (None: all; Gemma-4 KV sharing)
+    hf_dtype: str | None = None  # fixed on-disk dtype of an integer/bool buffer (a draft's
+                                 # d2t: int64, t2d: bool); such tensors are never cast
 
     @property
     def stacked(self) -> bool:

@@ -1,0 +1,252 @@
+"""Reduced draft vocabulary (``deepspec_jax.draft_vocab``): selection as vLLM's
+speculators does it, lossless decoding (T=0 identity, T=1 joint distribution), the
+training losses' convention, and bit-exact JAX-dir round trips."""
+
+from __future__ import annotations
+
+import ast
+import collections
+import importlib.util
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import fixture_sets
+from deepspec_jax import load_draft
+from deepspec_jax.draft_vocab import (check_vocab_map, parse_draft_vocab_size,
+                                      scatter_to_target, select_draft_vocab, selected_ids,
+                                      to_draft_ids, to_target_ids)
+from deepspec_jax.drafts import restrict_vocab
+from deepspec_jax.errors import ConfigError
+from deepspec_jax.sampling import SamplingParams
+from deepspec_jax.spec_decode import speculative_generate
+from test_spec_decode_lossless import _prompts, _target
+from test_spec_decode_sampled import N_TOK, PROMPT, _assert_target_joint, _pair
+
+
+def _speculators_selection():
+    """speculators' ``build_vocab_mappings_from_distribution``, compiled from the installed
+    package's source with only torch: importing ``speculators.train.vocab_mapping`` pulls
+    in datasets and transformers (~14 s here) for a 20-line function."""
+    spec = importlib.util.find_spec("speculators")   # locates, does not import
+    path = os.path.join(spec.submodule_search_locations[0], "train", "vocab_mapping.py")
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), path)
+    fn = [n for n in tree.body if isinstance(n, ast.FunctionDef)
+          and n.name == "build_vocab_mappings_from_distribution"]
+    assert fn, f"{path}: build_vocab_mappings_from_distribution not found"
+    fn[0].returns = None
+    for a in fn[0].args.args:
+        a.annotation = None
+    scope = {"torch": pytest.importorskip("torch")}
+    exec(compile(ast.Module(fn, []), path, "exec"), scope)
+    return scope["build_vocab_mappings_from_distribution"]
+
+
+def test_selection_matches_speculators():
+    build_vocab_mappings_from_distribution = _speculators_selection()
+
+    rng = np.random.default_rng(0)
+    ids = rng.choice(300, 120, replace=False)
+    counts = {int(t): int(c) for t, c in zip(ids, rng.integers(1, 6, 120))}  # many ties
+    for K, V in ((40, 300), (150, 300), (7, 64)):
+        cnt = {t: c for t, c in counts.items() if t < V}
+        d2t, t2d = select_draft_vocab(cnt, K, V)
+        ref_d2t, ref_t2d = build_vocab_mappings_from_distribution(cnt, K, V)
+        assert d2t.dtype == np.int64 and t2d.dtype == np.bool_
+        np.testing.assert_array_equal(d2t, ref_d2t.numpy())
+        np.testing.assert_array_equal(t2d, ref_t2d.numpy())
+        check_vocab_map(d2t, t2d, K, V, "test")
+
+
+def test_mapping_helpers():
+    d2t, t2d = select_draft_vocab({5: 3, 2: 3, 9: 1, 0: 2}, 3, 12)
+    np.testing.assert_array_equal(selected_ids(d2t), [0, 2, 5])
+    dj = jax.numpy.asarray(d2t, jax.numpy.int32)
+    np.testing.assert_array_equal(to_target_ids(jax.numpy.asarray([2, 0, 1]), dj), [5, 0, 2])
+    ids, inside = to_draft_ids(jax.numpy.asarray([5, 3, 0, 2]), jax.numpy.asarray(t2d))
+    np.testing.assert_array_equal(ids, [2, 0, 0, 1])
+    np.testing.assert_array_equal(inside, [True, False, True, True])
+    out = scatter_to_target(jax.numpy.asarray([[0.5, 0.25, 0.25]]), dj, 12)
+    np.testing.assert_array_equal(out[0, [0, 2, 5]], [0.5, 0.25, 0.25])
+    assert float(out.sum()) == 1.0
+
+
+@pytest.mark.parametrize("value,match", [(0, r"\[1, 511\]"), (512, r"\[1, 511\]"),
+                                         ("64", "integer"), (True, "integer")])
+def test_config_field_validated(value, match):
+    fs = fixture_sets()[0]
+    with open(os.path.join(fs, "dspark_vanilla", "config.json")) as f:
+        raw = json.load(f)
+    with pytest.raises(ConfigError, match=f"'draft_vocab_size'.*{match}"):
+        parse_draft_vocab_size({**raw, "draft_vocab_size": value}, raw["vocab_size"], "cfg")
+    assert parse_draft_vocab_size(raw, raw["vocab_size"], "cfg") is None
+
+
+def _reduced(name: str, K: int = 64):
+    """A fixture draft restricted to the K tokens the target generates most often."""
+    fs = fixture_sets()[0]
+    target = _target(fs)
+    gen = target.generate(_prompts(target.config.vocab_size, [6, 11, 17, 25], seed=3),
+                          max_new_tokens=24)
+    d2t, t2d = select_draft_vocab(collections.Counter(t for g in gen for t in g), K,
+                                  target.config.vocab_size)
+    return target, restrict_vocab(load_draft(os.path.join(fs, name)), d2t, t2d)
+
+
+@pytest.mark.parametrize("name,tree", [("dspark_gated_distilled", None),
+                                       ("eagle3_distilled", (3, 8)),
+                                       pytest.param("dspark_gated_distilled", (2, 6),
+                                                    marks=pytest.mark.slow),
+                                       pytest.param("eagle3_distilled", None,
+                                                    marks=pytest.mark.slow)])
+def test_greedy_identity(name, tree):
+    """T=0: a reduced-vocabulary draft's speculative output is the target's greedy output,
+    and it still gets drafts accepted."""
+    target, draft = _reduced(name)
+    assert draft.config.draft_vocab_size == 64
+    prompts = _prompts(target.config.vocab_size, [5, 12, 23], seed=4)
+    ref = target.generate(prompts, max_new_tokens=20)
+    res = speculative_generate(target, draft, prompts, max_new_tokens=20, tree=tree)
+    assert [r.tokens for r in res] == ref
+    assert any(a > 1 for r in res for a in r.accepted_lengths)
+
+
+@pytest.mark.parametrize("kind,sp,tree", [
+    ("dspark", SamplingParams(1.0), None),
+    pytest.param("eagle3", SamplingParams(1.0, top_k=3), (2, 4), marks=pytest.mark.slow)])
+def test_sampled_joint_distribution(kind, sp, tree):
+    """T>0: with a draft over 5 of the 8 target tokens the output still has the target's
+    exact joint distribution (test_spec_decode_sampled's family of chi-square tests)."""
+    target, draft = _pair(kind)
+    d2t, t2d = select_draft_vocab({1: 5, 2: 4, 4: 3, 5: 2, 7: 1}, 5, 8)
+    draft = restrict_vocab(draft, d2t, t2d)
+    rows = 8192
+    res = speculative_generate(target, draft, [PROMPT] * rows, max_new_tokens=N_TOK,
+                               temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p,
+                               seed=5, prompt_bucket=8, cache_bucket=16, tree=tree)
+    seqs = np.asarray([r.tokens for r in res])
+    assert seqs.shape == (rows, N_TOK)
+    first = np.asarray([r.accepted_lengths[0] for r in res])
+    assert (first > 1).mean() > 0.2   # drafts are accepted: the reduced path is exercised
+    _assert_target_joint(kind, sp, seqs)
+
+
+def _flat(draft) -> dict[str, np.ndarray]:
+    from deepspec_jax.weights.loader import flat_variables
+
+    return {p: np.asarray(jax.device_get(v.get_value())) for p, v in
+            flat_variables(draft.state).items()}
+
+
+def test_save_load_round_trip_and_export_refusal(tmp_path):
+    """A reduced draft's JAX dir reloads bit-exactly (d2t/t2d never cast, on disk as
+    speculators stores them), also with share_with_target (its lm_head is not the
+    target's, so it is stored), and the DeepSpec HF export refuses it."""
+    from convert.common import jax_to_hf
+
+    target, draft = _reduced("dspark_gated_distilled")
+    want = _flat(draft)
+    assert want["d2t"].dtype == np.int32 and want["t2d"].dtype == np.bool_
+    assert want["lm_head"].shape == (64, 64) and want["markov_w2"].shape[1] == 64
+    manifest = draft.save(tmp_path / "d")
+    assert manifest["hf"]["tensors"]["d2t"] == "int64"
+    assert manifest["hf"]["tensors"]["t2d"] == "bool"
+    got = _flat(load_draft(tmp_path / "d"))
+    assert set(got) == set(want)
+    for p in want:
+        assert got[p].dtype == want[p].dtype and np.array_equal(got[p], want[p]), p
+    bf16 = _flat(load_draft(tmp_path / "d", dtype="bfloat16"))
+    assert bf16["d2t"].dtype == np.int32 and np.array_equal(bf16["d2t"], want["d2t"])
+    assert bf16["t2d"].dtype == np.bool_ and str(bf16["lm_head"].dtype) == "bfloat16"
+
+    manifest = draft.save(tmp_path / "s", share_with_target=True)
+    assert manifest["shared_from_target"] == ["embed"]
+    shared = _flat(load_draft(tmp_path / "s", target=target))
+    for p in want:
+        assert shared[p].dtype == want[p].dtype and np.array_equal(shared[p], want[p]), p
+
+    with pytest.raises(ConfigError, match="draft_vocab_size.*convert.to_speculators"):
+        jax_to_hf(str(tmp_path / "d"), str(tmp_path / "hf"))
+
+    bad = dict(want)
+    with pytest.raises(ConfigError, match="t2d"):
+        check_vocab_map(bad["d2t"], ~bad["t2d"], 64, 512, "bad")
+
+
+def _batch(draft, seed: int = 0, S: int = 24):
+    rng = np.random.default_rng(seed)
+    cfg = draft.config
+    d = cfg.hidden_size
+    ids = jax.numpy.asarray(rng.integers(0, cfg.vocab_size - 1, (2, S)), jax.numpy.int32)
+    mask = np.ones((2, S), np.int32)
+    mask[:, :4] = 0
+    feats = jax.numpy.asarray(rng.normal(size=(2, S, len(cfg.target_layer_ids) * d)),
+                              jax.numpy.float32)
+    last = jax.numpy.asarray(rng.normal(size=(2, S, d)), jax.numpy.float32)
+    return ids, jax.numpy.asarray(mask), feats, last
+
+
+def test_dspark_loss_follows_the_reduced_vocabulary_convention():
+    """CE/TV/confidence over K: the target distribution is softmax of the FULL lm_head's
+    logits at the draft ids; CE labels outside the draft vocabulary weigh nothing."""
+    from deepspec_jax.drafts import dspark_train as dt
+    from deepspec_jax.drafts.dspark import DSparkLossConfig
+
+    jnp = jax.numpy
+    _, draft = _reduced("dspark_gated_distilled", K=128)
+    full = load_draft(os.path.join(fixture_sets()[0], "dspark_gated_distilled"))
+    ids, mask, feats, last = _batch(draft)
+    batch = dt.DSparkBatch(ids, mask, feats, last)
+    model = draft.model
+    anchors, keep = dt.sample_anchors(jax.random.key(0), mask, model.cfg.num_anchors)
+    out = dt.train_forward(model, batch, anchors, keep)
+    lc = DSparkLossConfig()
+    res = dt.dspark_loss(model, out, lc)
+    # direct: draft logits over K; target = full-vocabulary target logits restricted
+    sel = jnp.asarray(selected_ids(np.asarray(model.d2t.get_value())))
+    logp = jax.nn.log_softmax(dt.draft_logits(model, out), -1)
+    pt = jax.nn.softmax(full.model.logits(out.target_hidden)[..., sel], -1)
+    t2d = np.asarray(model.t2d.get_value())
+    labels = np.asarray(out.targets.target_ids)
+    inside = t2d[labels]
+    assert 0 < inside.mean() < 1          # both kinds of labels occur
+    lab = np.cumsum(t2d)[labels] - 1
+    ce = -np.take_along_axis(np.asarray(logp), np.where(inside, lab, 0)[..., None], -1)[..., 0]
+    tv = np.abs(np.exp(np.asarray(logp)) - np.asarray(pt)).sum(-1)
+    w = np.asarray(dt.loss_weight_mask(out.targets.eval_mask, lc.loss_decay_gamma))
+    wc = w * inside
+    conf = np.asarray(out.confidence_logits)
+    c_star = np.clip(1 - 0.5 * tv, 0, 1)
+    bce = np.maximum(conf, 0) - conf * c_star + np.log1p(np.exp(-np.abs(conf)))
+    want = (lc.ce_alpha * (ce * wc).sum() / (wc.sum() + 1e-6)
+            + lc.l1_alpha * (tv * w).sum() / (w.sum() + 1e-6)
+            + lc.confidence_alpha * (bce * w).sum() / (w.sum() + 1e-6))
+    np.testing.assert_allclose(float(res.total), want, rtol=2e-5)
+    rec = dt.dspark_loss(model, out, lc, vocab_grad="recompute")
+    np.testing.assert_allclose(float(rec.total), float(res.total), rtol=1e-6)
+
+
+def test_eagle3_loss_follows_the_reduced_vocabulary_convention():
+    from deepspec_jax.drafts import eagle3_train as et
+
+    _, draft = _reduced("eagle3_distilled", K=128)
+    full = load_draft(os.path.join(fixture_sets()[0], "eagle3_distilled"))
+    ids, mask, feats, last = _batch(draft, seed=1)
+    model = draft.model
+    res = et.eagle3_loss(model, ids, feats, last, mask)
+    ttt = model.cfg.ttt_length
+    hs = et.ttt_forward(model, ids, feats, None, ttt)
+    sel = jax.numpy.asarray(selected_ids(np.asarray(model.d2t.get_value())))
+    logp = jax.nn.log_softmax(model.logits(hs), -1)                       # [ttt,B,T,K]
+    pt = jax.nn.softmax((et.target_inputs(last, ttt) @ full.model.lm_head.get_value())[..., sel],
+                        -1)
+    ce = -(pt * logp).sum(-1)
+    pm = et.position_masks(mask, None, ttt)
+    B, T = ids.shape
+    want = sum(model.cfg.step_loss_decay ** s * float((pm[s] * ce[s]).sum()) / (B * T)
+               for s in range(ttt))
+    np.testing.assert_allclose(float(res.loss), want, rtol=2e-5)
