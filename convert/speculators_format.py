@@ -20,7 +20,8 @@ from deepspec_jax.checkpoint import (CONFIG_NAME, _atomic_write_text, config_jso
                                      params_to_hf, read_config, with_dtype_field)
 from deepspec_jax.drafts import Draft, load_draft, target_shared_params
 from deepspec_jax.drafts.speculators import (SHARED, Verifier, is_speculators_config,
-                                             speculators_config, speculators_tensors)
+                                             shared_params, speculators_config,
+                                             speculators_tensors)
 from deepspec_jax.errors import CheckpointError, ConfigError
 from deepspec_jax.target import Target, load_target
 
@@ -49,7 +50,8 @@ def _check_against_target(draft: Draft, tgt: Target, src: str, target: str) -> N
         return
     shared = target_shared_params(tgt)
     model = draft.model
-    for p, key in SHARED.items():
+    for p in shared_params(draft.config):
+        key = SHARED[p]
         ours = np.asarray(getattr(model, p).get_value())
         if not np.array_equal(ours, np.asarray(shared[p]).astype(ours.dtype)):
             raise CheckpointError(
@@ -83,7 +85,7 @@ def to_speculators(src: str, dst: str, target: str | None = None,
         warnings.warn(f"{src}: no --target given: the {draft.kind} draft's embed_tokens/lm_head "
                       "are left out unchecked (speculators and vLLM use the verifier's).")
     hf = params_to_hf(draft.spec, draft.state, draft.hf_dtypes)
-    tensors = speculators_tensors(draft.kind, hf)
+    tensors = speculators_tensors(draft.kind, draft.config, hf)
     os.makedirs(dst, exist_ok=True)
     _atomic_write_text(os.path.join(dst, CONFIG_NAME), config_json_text(cfg))
     # Weights last: the directory is loadable only once complete.

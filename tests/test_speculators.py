@@ -31,15 +31,17 @@ from safetensors.numpy import load_file  # noqa: E402
 from conftest import fixture_sets, fp32_tol, load_manifest  # noqa: E402
 from convert.speculators_format import from_speculators, to_speculators  # noqa: E402
 from deepspec_jax import load_draft, load_target, speculative_generate  # noqa: E402
+from deepspec_jax.draft_vocab import select_draft_vocab  # noqa: E402
+from deepspec_jax.drafts import restrict_vocab  # noqa: E402
 from deepspec_jax.drafts.dspark_train import DSparkBatch, draft_logits, train_forward  # noqa: E402
 from deepspec_jax.drafts.eagle3_train import ttt_forward  # noqa: E402
+from deepspec_jax.checkpoint import params_to_hf  # noqa: E402
 from deepspec_jax.drafts.speculators import deepspec_config  # noqa: E402
 from deepspec_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from deepspec_jax.weights.loader import flat_variables  # noqa: E402
 
 FS = fixture_sets()[0]   # the Qwen3 set (speculators has no Gemma-4 draft layers)
 TARGET_DIR = os.path.join(FS, load_manifest(FS)["global"]["target_dir"])
-KINDS = ("dspark_vanilla", "dspark_gated", "dspark_rnn", "dflash", "eagle3")
 ANCHORS = [9, 14, 22, 30, 36]        # row 0 of the fixture inputs; blocks end inside it
 
 
@@ -64,9 +66,31 @@ def _assert_same_params(a, b):
         assert pa[p].dtype == pb[p].dtype and np.array_equal(pa[p], pb[p]), p
 
 
+K = 96   # reduced draft vocabulary of the tests (of the target's 512)
+
+
+def _reduced(name: str, tmp_path) -> str:
+    """The fixture draft restricted to K tokens (``restrict_vocab``, speculators' selection
+    from seeded counts), saved as a JAX dir shared with the target (lm_head stored)."""
+    rng = np.random.default_rng(7)
+    d2t, t2d = select_draft_vocab(dict(enumerate(rng.integers(0, 1000, 512).tolist())), K, 512)
+    out = str(tmp_path / f"{name}_k{K}")
+    restrict_vocab(load_draft(os.path.join(FS, name)), d2t, t2d).save(out, share_with_target=True)
+    return out
+
+
+def _src(name: str, tmp_path) -> str:
+    """A fixture draft dir; ``<name>@K``: its reduced-vocabulary JAX dir."""
+    return _reduced(name[:-2], tmp_path) if name.endswith("@K") else os.path.join(FS, name)
+
+
+def _load_src(name: str, tmp_path):
+    return load_draft(_src(name, tmp_path), target=_target())
+
+
 def _export(name: str, tmp_path) -> str:
     dst = str(tmp_path / f"spec_{name}")
-    to_speculators(os.path.join(FS, name), dst, target=TARGET_DIR)
+    to_speculators(_src(name, tmp_path), dst, target=TARGET_DIR)
     return dst
 
 
@@ -131,8 +155,9 @@ def _our_block_logits(draft):
     return np.asarray(logits), None if conf is None else np.asarray(conf[0])
 
 
-# vanilla is gated's bias without the gate: its Markov path is covered by gated and rnn
-@pytest.mark.parametrize("name", ["dspark_gated", "dspark_rnn", "dflash"])
+# vanilla is gated's bias without the gate: its Markov path is covered by gated and rnn.
+# "@K": the draft with a reduced vocabulary (logits over K; markov_w2, lm_head [K, .]).
+@pytest.mark.parametrize("name", ["dspark_rnn", "dflash", "dspark_gated@K"])
 def test_block_drafts_match_speculators(name, tmp_path, monkeypatch):
     from speculators import SpeculatorModel
 
@@ -140,24 +165,27 @@ def test_block_drafts_match_speculators(name, tmp_path, monkeypatch):
     model = _eager(SpeculatorModel.from_pretrained(dst))
     assert type(model).__name__ == ("DFlashDraftModel" if name == "dflash" else "DSparkDraftModel")
     assert not torch.isnan(model.embed_tokens.weight).any()
+    assert model.use_draft_vocab == name.endswith("@K")
     want_logits, want_conf = _spec_block_logits(model, monkeypatch)
-    logits, conf = _our_block_logits(load_draft(os.path.join(FS, name)))
-    assert logits.shape == want_logits.shape
+    ours = _load_src(name, tmp_path)
+    logits, conf = _our_block_logits(ours)
+    assert logits.shape == want_logits.shape == (5, 4, K if name.endswith("@K") else 512)
     np.testing.assert_allclose(logits, want_logits, rtol=0, atol=fp32_tol(want_logits, 2e-5))
     assert (want_conf is None) == (conf is None) == (name == "dflash")
     if conf is not None:
         np.testing.assert_allclose(conf, want_conf, rtol=0, atol=2e-5)
     # the same draft read back here is the original, bit for bit
-    _assert_same_params(load_draft(dst, target=_target()), load_draft(os.path.join(FS, name)))
+    _assert_same_params(load_draft(dst, target=_target()), ours)
 
 
-def test_eagle3_matches_speculators(tmp_path):
+@pytest.mark.parametrize("name", ["eagle3", "eagle3@K"])
+def test_eagle3_matches_speculators(name, tmp_path):
     """Two TTT steps (the second on the draft's own hidden states, teacher-forced ids):
     speculators' forward with its data shift (hidden i with token i+1), logits taken at
     its lm_head, against ``eagle3_train.ttt_forward``."""
     from speculators import SpeculatorModel
 
-    dst = _export("eagle3", tmp_path)
+    dst = _export(name, tmp_path)
     model = _eager(SpeculatorModel.from_pretrained(dst))
     x = _inputs()
     T = x["input_ids"].shape[1]
@@ -167,7 +195,7 @@ def test_eagle3_matches_speculators(tmp_path):
         model(torch.from_numpy(x["target_hidden_states_eagle3"][:1, :-1]),
               torch.from_numpy(x["input_ids"][:1, 1:]), torch.zeros(1, T - 1, dtype=torch.long),
               position_ids=torch.arange(T - 1)[None], ttt_steps=2)
-    draft = load_draft(os.path.join(FS, "eagle3"))
+    draft = _load_src(name, tmp_path)
 
     @jax.jit
     def run(state, ids, feats):
@@ -176,6 +204,7 @@ def test_eagle3_matches_speculators(tmp_path):
 
     ours = np.asarray(run(draft.state, jnp.asarray(x["input_ids"][:1]),
                           jnp.asarray(x["target_hidden_states_eagle3"][:1])))  # [steps, T, V]
+    assert ours.shape[-1] == got[0].shape[-1] == (K if name.endswith("@K") else 512)
     for s in range(2):
         n = T - 2 - s                                          # positions with real tokens
         np.testing.assert_allclose(ours[s, :n], got[s][:n], rtol=0,
@@ -187,11 +216,12 @@ def test_eagle3_matches_speculators(tmp_path):
 # round trips
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", KINDS)
+# the library comparisons above check the round trip of their drafts too
+@pytest.mark.parametrize("name", ["dspark_vanilla", "eagle3", "dflash@K"])
 def test_round_trip_bit_exact(name, tmp_path):
-    """DeepSpec HF dir and JAX dir (shared with the target) -> speculators -> ours, and
-    speculators -> JAX dir via convert.from_speculators: identical parameters."""
-    orig = load_draft(os.path.join(FS, name))
+    """JAX dir (shared with the target) -> speculators -> ours, and speculators -> JAX dir
+    via convert.from_speculators: identical parameters (d2t/t2d included)."""
+    orig = _load_src(name, tmp_path)
     target = _target()
     orig.save(str(tmp_path / "jax"), share_with_target=True)
     spec = str(tmp_path / "spec")
@@ -200,12 +230,17 @@ def test_round_trip_bit_exact(name, tmp_path):
     raw = json.load(open(os.path.join(spec, "config.json")))
     assert raw["speculators_config"]["verifier"] == {"architectures": ["Qwen3ForCausalLM"],
                                                      "name_or_path": "Qwen/Qwen3-tiny"}
+    if name.endswith("@K"):
+        assert raw["draft_vocab_size"] == K
+        sp = load_file(os.path.join(spec, "model.safetensors"))
+        assert sp["d2t"].dtype == np.int64 and sp["t2d"].dtype == np.bool_
+        assert sp["lm_head.weight"].shape == (K, 64)
     back = load_draft(spec, target=target)
     _assert_same_params(back, orig)
     assert back.kind == orig.kind and back.config.target_layer_ids == orig.config.target_layer_ids
     from_speculators(spec, str(tmp_path / "jax2"), target=TARGET_DIR)
     _assert_same_params(load_draft(str(tmp_path / "jax2"), target=target), orig)
-    if name != "eagle3":   # embed/lm_head are not in the file: the target is required
+    if not name.startswith("eagle3"):   # embed is not in the file: the target is required
         with pytest.raises(CheckpointError, match="load_draft\\(path, target="):
             load_draft(spec)
 
@@ -226,9 +261,10 @@ def test_cli(tmp_path):
 # a draft saved by speculators decodes here losslessly
 # ---------------------------------------------------------------------------
 
-def _speculators_draft(kind: str, path: str) -> str:
+def _speculators_draft(kind: str, path: str, reduced: bool) -> str:
     """A speculators draft built with its own classes (seeded random init; embed/lm_head
-    loaded from the fixture target as its loader does), saved with save_pretrained."""
+    loaded from the fixture target as its loader does; ``reduced``: K tokens, its d2t/t2d
+    from our selection), saved with save_pretrained."""
     from transformers import Qwen3Config
 
     from speculators.config import SpeculatorsConfig, VerifierConfig
@@ -237,7 +273,7 @@ def _speculators_draft(kind: str, path: str) -> str:
     from speculators.proposals.greedy import GreedyTokenProposalConfig
 
     t = json.load(open(os.path.join(TARGET_DIR, "config.json")))
-    layers = 1 if kind == "eagle3" else 2
+    V, layers = t["vocab_size"], 1 if kind == "eagle3" else 2
     tl = Qwen3Config(**{k: t[k] for k in ("vocab_size", "hidden_size", "intermediate_size",
                                           "num_attention_heads", "num_key_value_heads",
                                           "head_dim", "max_position_embeddings", "rms_norm_eps",
@@ -250,44 +286,56 @@ def _speculators_draft(kind: str, path: str) -> str:
     torch.manual_seed(0)
     if kind == "eagle3":
         model = Eagle3DraftModel(Eagle3SpeculatorConfig(
-            transformer_layer_config=tl, draft_vocab_size=t["vocab_size"],
+            transformer_layer_config=tl, draft_vocab_size=K if reduced else V,
             eagle_aux_hidden_state_layer_ids=[1, 2, 3, 4, 5], speculators_config=sc))
     else:
         model = DSparkDraftModel(DSparkSpeculatorConfig(
-            transformer_layer_config=tl, draft_vocab_size=t["vocab_size"], block_size=3,
-            aux_hidden_state_layer_ids=[0, 2, 4], mask_token_id=t["vocab_size"] - 1,
+            transformer_layer_config=tl, draft_vocab_size=K if reduced else V, block_size=3,
+            aux_hidden_state_layer_ids=[0, 2, 4], mask_token_id=V - 1,
             markov_rank=8, markov_head_type="rnn", speculators_config=sc))
+    if reduced:
+        d2t, t2d = select_draft_vocab({i: (i * 7919) % 1000 for i in range(V)}, K, V)
+        model.load_vocab_mappings(torch.from_numpy(t2d), torch.from_numpy(d2t))
     model.load_verifier_weights()
     model.save_pretrained(path)
     return path
 
 
-@pytest.mark.parametrize("kind", ["dspark", "eagle3"])
-def test_speculators_saved_draft_loads(kind, tmp_path):
-    """Every parameter is the tensor speculators holds (transposed where ours is [in, out])."""
-    path = _speculators_draft(kind, str(tmp_path / kind))
+def _check_speculators_saved(kind: str, path: str):
+    """load_draft of a speculators-saved dir: every parameter is the tensor speculators
+    holds (transposed where ours is [in, out]), d2t/t2d included."""
     from speculators import SpeculatorModel
 
     sd = {k: v.numpy() for k, v in SpeculatorModel.from_pretrained(path).state_dict().items()
-          if v is not None}
+          if v is not None and not k.startswith("verifier_")}
     draft = load_draft(path, target=_target())
     assert draft.kind == kind and draft.family.width(draft.config) == 3
     if kind == "dspark":
         assert draft.config.target_layer_ids == (-1, 1, 3)   # aux 0 = the embeddings
-    from deepspec_jax.checkpoint import params_to_hf
-    hf = params_to_hf(draft.spec, draft.state)
-    assert set(hf) == {k for k in sd if not k.startswith("verifier_")}
+    hf = params_to_hf(draft.spec, draft.state, draft.hf_dtypes)
+    assert set(hf) == set(sd)
     for k, v in hf.items():
-        assert np.array_equal(v, sd[k]), k
+        assert v.dtype == sd[k].dtype and np.array_equal(v, sd[k]), k
+    return draft
+
+
+@pytest.mark.parametrize("kind,reduced", [("eagle3", False), ("eagle3", True), ("dspark", False)])
+def test_speculators_saved_draft_loads(kind, reduced, tmp_path):
+    _check_speculators_saved(kind, _speculators_draft(kind, str(tmp_path / kind), reduced))
 
 
 def test_speculators_saved_draft_decodes_losslessly(tmp_path):
+    """A reduced-vocabulary DSpark saved by speculators: T=0 output = the target's greedy."""
     target = _target()
-    draft = load_draft(_speculators_draft("dspark", str(tmp_path / "d")), target=target)
-    rng = np.random.default_rng(3)
-    prompts = [rng.integers(0, 510, n).tolist() for n in (6, 17)]
-    ref = target.generate(prompts, max_new_tokens=12)
-    out = speculative_generate(target, draft, prompts, max_new_tokens=12)
+    draft = _check_speculators_saved("dspark", _speculators_draft("dspark", str(tmp_path), True))
+    assert draft.config.draft_vocab_size == K
+    # the target's greedy continuations recorded by the reference (no near ties early on)
+    greedy = load_file(os.path.join(FS, "fixtures", "decode_target_greedy.safetensors"))
+    n = 12
+    prompts = [greedy[f"prompt_{i}"].tolist() for i in range(2)]
+    ref = [greedy[f"output_ids_{i}"][len(p):len(p) + n].tolist() for i, p in enumerate(prompts)]
+    assert all(greedy[f"margins_{i}"][:n].min() > 1e-3 for i in range(2))
+    out = speculative_generate(target, draft, prompts, max_new_tokens=n)
     assert [r.tokens for r in out] == ref
 
 
@@ -302,7 +350,7 @@ def _spec_raw(tmp_path, name="dspark_rnn") -> dict:
 @pytest.mark.parametrize("field,value,match", [
     ("speculators_model_type", "mtp", "speculators_model_type"),
     ("sample_from_anchor", False, "sample_from_anchor"),
-    ("draft_vocab_size", 256, "draft_vocab_size"),
+    ("draft_vocab_size", 1024, "draft_vocab_size"),
     ("target_hidden_size", 128, "target_hidden_size"),
     ("mask_token_id", None, "mask_token_id"),
     ("aux_hidden_state_layer_ids", [1, 3, 6], "final hidden state"),

@@ -10,6 +10,9 @@ side leaves out:
 
 * DFlash/DSpark files omit ``embed_tokens`` and, at full vocabulary, ``lm_head``
   (speculators reloads both from the verifier); Eagle3 files keep them.
+* A reduced draft vocabulary (``draft_vocab``) is the same in both: config field
+  ``draft_vocab_size`` = K (speculators writes V for the full one), ``lm_head`` [K,d],
+  DSpark ``markov_head.markov_w2`` [K,r], buffers ``d2t`` int64 [K] / ``t2d`` bool [V].
 * ``verifier_lm_head`` / ``verifier_norm`` (training-only copies of the verifier's)
   are never stored; a file that has them is read without them.
 
@@ -29,6 +32,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from deepspec_jax.checkpoint import Loaded, load_hf_dir, read_config
+from deepspec_jax.draft_vocab import D2T, FIELD, T2D
 from deepspec_jax.drafts.common import DRAFT_ONLY_FIELDS
 from deepspec_jax.drafts.registry import resolve_spec
 from deepspec_jax.errors import CheckpointError, ConfigError
@@ -49,6 +53,12 @@ SHARED = {"embed": "embed_tokens.weight", "lm_head": "lm_head.weight"}
 _NOT_LAYER = frozenset(DRAFT_ONLY_FIELDS) | {"dtype", "torch_dtype", "transformers_version",
                                              "_name_or_path", "auto_map"}
 DEFAULT_NUM_ANCHORS = 512   # DeepSpec's training default; speculators stores no such field
+
+
+def shared_params(config) -> tuple[str, ...]:
+    """Our parameters a speculators DFlash/DSpark file leaves out (the verifier's): embed,
+    and lm_head unless the vocabulary is reduced (a reduced lm_head is stored)."""
+    return ("embed",) if getattr(config, FIELD, None) is not None else ("embed", "lm_head")
 
 
 def is_speculators_config(raw: Any) -> bool:
@@ -143,11 +153,10 @@ def deepspec_config(raw: dict, source: str, target_layers: int | None = None) ->
                     "(dflash2, peagle, mtp, xpress and others have no DeepSpec counterpart).")
     layer = _layer_config(raw, source)
     vocab = int(layer["vocab_size"])
-    dv = raw.get("draft_vocab_size", vocab)
-    if int(dv) != vocab:
-        raise _fail(source, "draft_vocab_size", dv, f"a reduced draft vocabulary (target "
-                    f"vocab_size {vocab}) is not supported by this build; export the draft with "
-                    "the full vocabulary.")
+    dv = raw.get(FIELD, vocab)
+    if isinstance(dv, bool) or not isinstance(dv, int) or not 0 < dv <= vocab:
+        raise _fail(source, FIELD, dv, f"must be an integer in [1, {vocab}] (the target's "
+                    "transformer_layer_config.vocab_size; equal = the full vocabulary).")
     ths = raw.get("target_hidden_size")
     if ths is not None and int(ths) != int(layer["hidden_size"]):
         raise _fail(source, "target_hidden_size", ths, "DeepSpec drafts read target features of "
@@ -157,6 +166,8 @@ def deepspec_config(raw: dict, source: str, target_layers: int | None = None) ->
     out = dict(layer)
     out.update({"architectures": [OUR_ARCHITECTURES[kind]], "num_target_layers": n_target,
                 "tie_word_embeddings": False})
+    if dv < vocab:
+        out[FIELD] = dv        # reduced: lm_head over K, d2t/t2d in the file
     if ver:
         out["target_model_name_or_path"] = ver
     if raw.get("dtype"):
@@ -251,12 +262,20 @@ def load_speculators_dir(path: str, shared: Mapping[str, Any] | None, target_lay
             f"them from the verifier {ver!r}); load the draft with its target: "
             "load_draft(path, target=load_target(...)).")
     spec = resolve_spec(deepspec_config(raw, cfg_path, target_layers), cfg_path)
+    reduced = getattr(spec.config, FIELD, None) is not None
+    if reduced and not all(k in base for k in (D2T, T2D)):
+        raise CheckpointError(f"{path}: {FIELD} = {raw.get(FIELD)} but the tensors 'd2t'/'t2d' "
+                              "are not stored; save the draft with its vocabulary mapping "
+                              "(speculators: load_vocab_mappings before save_pretrained).")
     extra = {}
     for p in missing:
         a = np.asarray(shared[p])
-        extra[SHARED[p]] = a.T if p == "lm_head" else a    # ours [d,V] -> HF [V,d]
+        if p == "lm_head":       # ours [d,V] -> HF [V,d]; reduced: the K rows t2d marks
+            a = a.T[base.get(T2D).astype(bool)] if reduced else a.T
+        extra[SHARED[p]] = a
     loaded = load_hf_dir(path, spec, dtype, mesh, want_role="draft", source=_Source(base, extra))
-    return SpeculatorsLoad(loaded, tuple(missing))
+    # a reduced lm_head derived from the target's is stored by a later save, not shared
+    return SpeculatorsLoad(loaded, tuple(p for p in missing if p in shared_params(spec.config)))
 
 
 # ---------------------------------------------------------------------------
@@ -309,7 +328,7 @@ def speculators_config(kind: str, config, raw: dict, verifier: Verifier, source:
                            "enable_confidence_head": bool(config.enable_confidence_head),
                            "confidence_head_with_markov": bool(config.confidence_head_with_markov)})
     out = {"architectures": [SPEC_ARCHITECTURES[kind]],
-           "draft_vocab_size": int(layer_cfg.vocab_size),
+           FIELD: int(config.draft_vocab_size or layer_cfg.vocab_size),
            "speculators_config": {
                "algorithm": kind, "default_proposal_method": "greedy",
                "proposal_methods": [{"accept_tolerance": 0.0, "proposal_type": "greedy",
@@ -325,12 +344,14 @@ def speculators_config(kind: str, config, raw: dict, verifier: Verifier, source:
     return out
 
 
-def speculators_tensors(kind: str, hf: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def speculators_tensors(kind: str, config, hf: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Our draft's HF-named tensors (``checkpoint.params_to_hf``) as a speculators file holds
-    them: DFlash/DSpark without embed_tokens and (full vocabulary) lm_head."""
+    them: DFlash/DSpark without embed_tokens and (full vocabulary) lm_head; a reduced
+    vocabulary's d2t (int64) / t2d (bool) under the same names."""
     if kind == "eagle3":
         return dict(hf)
-    return {k: v for k, v in hf.items() if k not in SHARED.values()}
+    drop = {SHARED[p] for p in shared_params(config)}
+    return {k: v for k, v in hf.items() if k not in drop}
 
 
 __all__ = ["is_speculators_config", "deepspec_config", "load_speculators_dir",
