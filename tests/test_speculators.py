@@ -378,6 +378,10 @@ def test_import_refuses_eagle3_norm_variants(tmp_path, field):
     deepspec_config(raw, "config.json", target_layers=6)
     with pytest.raises(ConfigError, match=field):
         deepspec_config({**raw, field: True}, "config.json", target_layers=6)
+    for aux in ([1, 2, 3], [0, 1, 2, 3, 4]):
+        with pytest.raises(ConfigError, match="eagle_aux_hidden_state_layer_ids"):
+            deepspec_config({**raw, "eagle_aux_hidden_state_layer_ids": aux}, "config.json",
+                            target_layers=6)
     layers = copy.deepcopy(raw)
     layers["transformer_layer_config"].update(num_hidden_layers=2,
                                               layer_types=["full_attention"] * 2)

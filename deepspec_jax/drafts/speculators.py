@@ -34,6 +34,7 @@ import numpy as np
 from deepspec_jax.checkpoint import Loaded, load_hf_dir, read_config
 from deepspec_jax.draft_vocab import D2T, FIELD, T2D
 from deepspec_jax.drafts.common import DRAFT_ONLY_FIELDS
+from deepspec_jax.drafts.eagle3 import NUM_FEATURE_LAYERS
 from deepspec_jax.drafts.registry import resolve_spec
 from deepspec_jax.errors import CheckpointError, ConfigError
 from deepspec_jax.weights.safetensors_io import TensorSource
@@ -182,8 +183,12 @@ def deepspec_config(raw: dict, source: str, target_layers: int | None = None) ->
             raise _fail(source, "transformer_layer_config.num_hidden_layers",
                         layer["num_hidden_layers"], "DeepSpec's Eagle3 draft has exactly one "
                         "decoder layer.")
-        ids = _our_layer_ids(raw.get("eagle_aux_hidden_state_layer_ids"),
-                             "eagle_aux_hidden_state_layer_ids", source, n_target)
+        field = "eagle_aux_hidden_state_layer_ids"
+        ids = _our_layer_ids(raw.get(field), field, source, n_target)
+        if len(ids) != NUM_FEATURE_LAYERS or -1 in ids:
+            raise _fail(source, field, raw[field], f"DeepSpec's Eagle3 reads exactly "
+                        f"{NUM_FEATURE_LAYERS} decoder-layer outputs (ids 1..{n_target - 1}; 0, "
+                        "the embeddings, is not one); such a draft cannot be mapped.")
         out.update({"target_layer_ids": ids, "draft_num_hidden_layers": 1,
                     "ttt_length": _speculative_tokens(raw, source)})
         return out
