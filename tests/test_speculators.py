@@ -170,10 +170,10 @@ def test_block_drafts_match_speculators(name, tmp_path, monkeypatch):
     ours = _load_src(name, tmp_path)
     logits, conf = _our_block_logits(ours)
     assert logits.shape == want_logits.shape == (5, 4, K if name.endswith("@K") else 512)
-    np.testing.assert_allclose(logits, want_logits, rtol=0, atol=fp32_tol(want_logits, 2e-5))
+    np.testing.assert_allclose(logits, want_logits, rtol=0, atol=fp32_tol(want_logits, 2e-6))
     assert (want_conf is None) == (conf is None) == (name == "dflash")
     if conf is not None:
-        np.testing.assert_allclose(conf, want_conf, rtol=0, atol=2e-5)
+        np.testing.assert_allclose(conf, want_conf, rtol=0, atol=2e-6)
     # the same draft read back here is the original, bit for bit
     _assert_same_params(load_draft(dst, target=_target()), ours)
 
@@ -208,7 +208,7 @@ def test_eagle3_matches_speculators(name, tmp_path):
     for s in range(2):
         n = T - 2 - s                                          # positions with real tokens
         np.testing.assert_allclose(ours[s, :n], got[s][:n], rtol=0,
-                                   atol=fp32_tol(got[s][:n], 2e-5))
+                                   atol=fp32_tol(got[s][:n], 2e-6))
     _assert_same_params(load_draft(dst), draft)   # Eagle3 files keep embed/lm_head
 
 
@@ -243,6 +243,12 @@ def test_round_trip_bit_exact(name, tmp_path):
     if not name.startswith("eagle3"):   # embed is not in the file: the target is required
         with pytest.raises(CheckpointError, match="load_draft\\(path, target="):
             load_draft(spec)
+    if name == "dflash@K":   # no lm_head stored: the target's rows at t2d, as speculators does
+        sp = load_file(os.path.join(spec, "model.safetensors"))
+        del sp["lm_head.weight"]
+        from safetensors.numpy import save_file
+        save_file(sp, os.path.join(spec, "model.safetensors"), metadata={"format": "pt"})
+        _assert_same_params(load_draft(spec, target=target), orig)
 
 
 def test_cli(tmp_path):
