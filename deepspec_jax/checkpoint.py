@@ -143,13 +143,14 @@ class Loaded:
 
 
 def load_hf_dir(root: str, spec: ModelSpec, dtype=None, mesh: Mesh | None = None,
-                want_role: str | None = None) -> Loaded:
+                want_role: str | None = None, source=None) -> Loaded:
     """Stream the HF checkpoint ``spec`` describes (resolved from ``root``'s config.json)
     into sharded parameters. ``dtype=None`` keeps every tensor's stored dtype (no cast,
-    so a bf16 release stays bf16 bit for bit)."""
+    so a bf16 release stays bf16 bit for bit). ``source`` (a ``TensorSource``-like
+    object) replaces the directory's tensors (a speculators dir plus the target's)."""
     mesh = mesh if mesh is not None else make_mesh()
     _check_role(spec, want_role, root)
-    source = TensorSource.from_dir(root)
+    source = TensorSource.from_dir(root) if source is None else source
     cast = parse_dtype(dtype)
     # Stored dtype of each parameter (a stack of layers takes the widest of its tensors).
     keys_of = {p: [k for k in ks if k in source] for p, (ks, _) in spec.param_hf_keys().items()}

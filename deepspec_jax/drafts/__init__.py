@@ -1,8 +1,9 @@
 """Draft models (Eagle3, DFlash/DSpark) and their public loader.
 
-``load_draft`` accepts either checkpoint format users hold -- an HF directory as
-DeepSpec's trainer writes it (config.json + safetensors) or a JAX dir written by
-``convert.torch_to_jax`` / ``Draft.save`` -- and returns a ``Draft`` handle. The
+``load_draft`` accepts every checkpoint format users hold -- an HF directory as
+DeepSpec's trainer writes it (config.json + safetensors), a JAX dir written by
+``convert.torch_to_jax`` / ``Draft.save``, or a vLLM ``speculators`` directory
+(``drafts.speculators``) -- and returns a ``Draft`` handle. The
 family is chosen from config.json's ``architectures`` through the registry, so this
 module never names a family. Kind, family and architecture are defined in
 ``drafts.common``.
@@ -26,6 +27,7 @@ from deepspec_jax.draft_vocab import (D2T, D2T_HF_DTYPE, FIELD, T2D, T2D_HF_DTYP
                                       check_vocab_map, selected_ids)
 from deepspec_jax.drafts.common import DraftFamily
 from deepspec_jax.drafts.registry import resolve_spec
+from deepspec_jax.drafts.speculators import is_speculators_config, load_speculators_dir
 from deepspec_jax.dtypes import dtype_name
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.hub_cache import resolve_checkpoint_path
@@ -55,6 +57,7 @@ class Draft:
     dtype: str = "float32"         # compute dtype the module was built with
     hf_dtypes: dict = dataclasses.field(default_factory=dict, repr=False)
     hf_metadata: dict = dataclasses.field(default_factory=dict, repr=False)
+    from_target: tuple = ()        # parameters the target supplied at load (speculators)
 
     @property
     def kind(self) -> str:
@@ -76,10 +79,13 @@ class Draft:
         matches the release layout. ``share_with_target=True`` leaves out the frozen
         embed/lm_head (copies of the target's: most of a small draft's bytes); such a
         dir loads only with ``load_draft(path, target=...)``. A reduced-vocabulary
-        draft's lm_head is the target's at K columns, not a copy of it: it is stored."""
-        shared = shared_with_target(self.config) if share_with_target else ()
+        draft's lm_head is the target's at K columns, not a copy of it: it is stored.
+        Parameters the target supplied at load (``from_target``) are always left out."""
+        shared = set(shared_with_target(self.config) if share_with_target else ())
+        shared |= set(self.from_target)
         return save_jax_dir(os.fspath(path), self.spec, self.state, self.hf_dtypes,
-                            self.hf_metadata, source=self.source, shared_from_target=shared)
+                            self.hf_metadata, source=self.source,
+                            shared_from_target=tuple(p for p in SHARED_WITH_TARGET if p in shared))
 
 
 def shared_with_target(config) -> tuple[str, ...]:
@@ -97,15 +103,17 @@ def target_shared_params(target) -> dict:
 
 
 def load_draft(path: str, dtype=None, mesh: Mesh | None = None, target=None) -> Draft:
-    """Load a draft from an HF directory or a JAX dir (either also as a Hugging Face hub
-    cache snapshot, or the cache's ``models--org--name`` root).
+    """Load a draft from an HF directory, a JAX dir or a speculators directory (each also
+    as a Hugging Face hub cache snapshot, or the cache's ``models--org--name`` root).
 
     ``dtype``: None/"keep" keeps the stored dtypes (a bf16 release stays bf16); a name
     ("float32", "bfloat16") or dtype casts every floating parameter (a reduced
     vocabulary's d2t/t2d index buffers keep their integer/bool dtypes). Parameters are placed
     directly into their shardings on ``mesh`` (default: all devices, FSDP).
-    ``target``: needed for JAX dirs saved with ``share_with_target`` (their embed and
-    lm_head come from the target)."""
+    ``target``: needed for JAX dirs saved with ``share_with_target`` and for speculators
+    DFlash/DSpark dirs (their embed and lm_head come from the target; a speculators
+    draft also takes the target's depth from it). A speculators draft loaded this way
+    remembers which parameters came from the target: ``save`` then leaves them out."""
     path = resolve_checkpoint_path(path)
     if not os.path.isdir(path):
         raise ConfigError(f"{path}: no such checkpoint directory; pass a draft directory "
@@ -116,8 +124,13 @@ def load_draft(path: str, dtype=None, mesh: Mesh | None = None, target=None) -> 
         loaded, _ = load_jax_dir(path, resolve_spec, dtype, mesh, want_role="draft",
                                  shared=None if target is None else target_shared_params(target))
     else:
-        loaded = load_hf_dir(path, resolve_spec(*read_config(path)), dtype, mesh,
-                             want_role="draft")
+        raw, cfg_path = read_config(path)
+        if is_speculators_config(raw):
+            shared = None if target is None else target_shared_params(target)
+            depth = None if target is None else target.config.num_hidden_layers
+            sp = load_speculators_dir(path, shared, depth, dtype, mesh)
+            return _draft_from(sp.loaded, mesh, path, sp.from_target)
+        loaded = load_hf_dir(path, resolve_spec(raw, cfg_path), dtype, mesh, want_role="draft")
     return _draft_from(loaded, mesh, path)
 
 
@@ -155,7 +168,7 @@ def restrict_vocab(draft: Draft, d2t, t2d) -> Draft:
                  draft.dtype, hf_dtypes, dict(draft.hf_metadata))
 
 
-def _draft_from(loaded: Loaded, mesh: Mesh, path: str) -> Draft:
+def _draft_from(loaded: Loaded, mesh: Mesh, path: str, from_target: tuple = ()) -> Draft:
     spec = loaded.spec
     k = getattr(spec.config, "draft_vocab_size", None)
     if k is not None:  # a reduced vocabulary: its d2t/t2d must describe one and the same map
@@ -163,7 +176,8 @@ def _draft_from(loaded: Loaded, mesh: Mesh, path: str) -> Draft:
         check_vocab_map(jax.device_get(flat[D2T].get_value()),
                         jax.device_get(flat[T2D].get_value()), k, spec.config.vocab_size, path)
     return Draft(spec.config, spec.family, loaded.graphdef, loaded.state, mesh, spec,
-                 path, dtype_name(loaded.compute_dtype), loaded.hf_dtypes, loaded.hf_metadata)
+                 path, dtype_name(loaded.compute_dtype), loaded.hf_dtypes, loaded.hf_metadata,
+                 from_target)
 
 
 __all__ = ["Draft", "load_draft", "shared_with_target", "restrict_vocab"]
