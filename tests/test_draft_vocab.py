@@ -309,7 +309,7 @@ def test_train_with_reduced_vocabulary(tmp_path, arch):
     JAX dir reloads as a reduced draft."""
     from deepspec_jax.data.token_store import COUNTS, TokenStore, token_counts
     from deepspec_jax.train.trainer import export, setup, train
-    from train_helpers import make_store, tiny_config
+    from train_helpers import TINY_TARGET, make_store, tiny_config
 
     store = make_store(str(tmp_path / "tok"))
     assert os.path.exists(os.path.join(store, COUNTS))
@@ -330,3 +330,12 @@ def test_train_with_reduced_vocabulary(tmp_path, arch):
     target_head = np.asarray(run.target.model.lm_head_weight())
     np.testing.assert_array_equal(got["lm_head"], target_head[:, selected_ids(want_d2t)])
     assert not os.path.exists(tmp_path / "run" / "hf")   # DeepSpec's format cannot hold it
+    # the trained reduced draft -> vLLM's speculators format -> back: bit-exact
+    from convert.speculators_format import to_speculators
+
+    spec_dir = str(tmp_path / "speculators")
+    to_speculators(export(run), spec_dir, target=TINY_TARGET)
+    back = _flat(load_draft(spec_dir, target=run.target))
+    assert back.keys() == got.keys()
+    for name, value in got.items():
+        assert back[name].dtype == value.dtype and np.array_equal(back[name], value), name
