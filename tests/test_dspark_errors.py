@@ -255,7 +255,7 @@ def test_gemma4_draft_config_derived_as_deepspec(name):
         tcfg = target_config_from_dict(json.load(f))
     kind = "eagle3" if "ttt_length" in args else "dspark" if args["markov_rank"] else "dflash"
     draft = types.SimpleNamespace(
-        kind=kind, target_layer_ids=args["target_layer_ids"], intermediate_size=-1,
+        draft_vocab_size=0, kind=kind, target_layer_ids=args["target_layer_ids"], intermediate_size=-1,
         num_hidden_layers=args.get("num_draft_layers", args.get("draft_num_hidden_layers")),
         ttt_length=args.get("ttt_length"), step_loss_decay=args.get("step_loss_decay"),
         block_size=args.get("block_size"), num_anchors=args.get("num_anchors"),
@@ -291,7 +291,7 @@ def test_gemma4_unified_target_gets_the_same_draft_layers(kind):
               "hidden_size_per_layer_input", "vocab_size_per_layer_input"):
         text.pop(k)
     draft = types.SimpleNamespace(
-        kind=kind, target_layer_ids=[0, 2, 4] if kind == "dspark" else [0, 1, 2, 3, 4],
+        draft_vocab_size=0, kind=kind, target_layer_ids=[0, 2, 4] if kind == "dspark" else [0, 1, 2, 3, 4],
         intermediate_size=-1, num_hidden_layers=2 if kind == "dspark" else 1,
         ttt_length=3, step_loss_decay=0.8, block_size=4, num_anchors=6, mask_token_id=511,
         markov_rank=8, markov_head_type="vanilla", enable_confidence_head=True,
@@ -324,7 +324,7 @@ def test_gemma3_target_gets_qwen3_draft_layers(scaling):
                                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}
     tcfg = target_config_from_dict(raw)
     draft = types.SimpleNamespace(
-        kind="dspark", target_layer_ids=[1, 3, 4], intermediate_size=-1, num_hidden_layers=1,
+        draft_vocab_size=0, kind="dspark", target_layer_ids=[1, 3, 4], intermediate_size=-1, num_hidden_layers=1,
         block_size=4, num_anchors=6, mask_token_id=4, markov_rank=8, markov_head_type="gated",
         enable_confidence_head=True, confidence_head_with_markov=True)
     spec = resolve_spec(draft_hf_config(types.SimpleNamespace(draft=draft), tcfg), "derived")
