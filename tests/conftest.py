@@ -5,9 +5,32 @@ from __future__ import annotations
 import gc
 import json
 import os
+import tempfile
 
-import jax
-import pytest
+# The suite compiles many identical programs in different modules (the fixture sets'
+# targets and drafts, the SmolLM2 decode loops) and drops the in-memory caches between
+# modules (below). A persistent compilation cache, shared by the pytest-xdist workers
+# and the subprocesses the tests start (they inherit the environment), compiles each
+# once per run. Set before jax is imported: jax reads these at import.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"deepspec_jax_tests_xla_{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+# Longest test files first: pytest-xdist (--dist loadfile, README's test command) hands
+# files to workers in collection order, so these start at once and the short files fill
+# in around them instead of a long one starting last.
+_LONGEST_FIRST = ("test_plan_reference.py", "test_decode_plan.py", "test_train.py",
+                  "test_benchmarks_smoke.py", "test_tree_decode.py",
+                  "test_spec_decode_sampled.py", "test_spec_decode_lossless.py",
+                  "test_eval_cli.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.path)), len(rank)))
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ../shared/fixtures holds the Qwen3 set deepspec_v1, ../shared/fixtures-next the Gemma-4
