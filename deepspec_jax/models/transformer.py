@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepspec_jax.config import TargetConfig
-from deepspec_jax.kernels.attention import causal_span, segment_attention, span_attention
+from deepspec_jax.kernels.attention import (causal_span, filled_cache_attention, segment_attention,
+                                            span_attention)
 from deepspec_jax.kernels.tree_attention import tree_attention
 from deepspec_jax.layers import apply_rope, embed_lookup, gated_mlp, rms_norm, softcap
 
@@ -398,22 +399,29 @@ class CausalLM(nnx.Module):
         start = cache.lengths
         positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
         s_max = cache.max_len
-        slot = jnp.arange(s_max, dtype=jnp.int32)[None, None, :]
-        old_mask = slot < start[:, None, None]
         new_mask = jnp.tril(jnp.ones((t, t), bool))[None]
+        filled = jnp.max(start)
 
         # Attention reads the old cache and the new keys/values as separate segments,
-        # so the cache is read before the new entries are written (in place, by _run).
-        # A fresh prefill (long T) is a causal span over the new tokens alone. Sliding
-        # layers also hide keys before each query's window.
+        # so the cache is read before the new entries are written (in place, by _run),
+        # and reads it only up to the longest row's length (block by block): a step
+        # costs what the context holds, not what the cache could. A fresh prefill (long
+        # T) is a causal span over the new tokens alone. Sliding layers also hide keys
+        # before each query's window.
         def attend(q, kt, vt, ck, cv, window, scale):
-            om, nm = old_mask, new_mask
+            nm = new_mask
+            first = None
             if window is not None:
                 first = window_start(positions, window)[:, :, None]      # [B, T, 1]
-                om = om & (slot >= first)
                 nm = nm & (positions[:, None, :] >= first)                # new key j at positions[b, j]
-            segments = [(ck.astype(q.dtype), cv.astype(q.dtype), om), (kt, vt, nm)]
-            return segment_attention(q, segments, scale=scale)[0].astype(q.dtype)
+
+            def cache_mask(slots):                                        # [B, T, n]
+                m = jnp.broadcast_to(slots[None, None, :] < start[:, None, None],
+                                     (b, t, slots.shape[0]))
+                return m if first is None else m & (slots[None, None, :] >= first)
+
+            return filled_cache_attention(q, ck, cv, cache_mask, filled, (kt, vt, nm),
+                                          scale=scale).astype(q.dtype)
 
         out, cache = self._run(input_ids, positions, layer_ids,
                                _causal_attend(b, t) if fresh else attend, cache)

@@ -26,6 +26,9 @@ Public API (all return ``(out [B,T,H,D] float32, lse [B,T,H] float32)``):
 * ``segment_attention(q, [(kt, v, mask), ...])``: dense attention over segments in the
   KV-cache layout (kt [B,K,D,S], v [B,K,S,D]) with one softmax: decode and verify
   steps read the cache in place, without a transpose or concatenation copy.
+* ``filled_cache_attention(q, ck, cv, cache_mask, filled, (kt, v, mask))``: the same over
+  a cache and the new tokens, reading the cache block by block only up to its filled
+  length (online softmax in a ``fori_loop``): ``CausalLM.extend``'s decode/verify path.
 
 ``impl``: "reference" is the jnp path (CPU, and GPU through XLA); "pallas" the Pallas
 TPU kernel (``interpret=True`` runs it on CPU); "auto" = the kernel on TPU, the
@@ -57,10 +60,10 @@ from deepspec_jax.kernels.fallback import warn_fallback
 from deepspec_jax.kernels.attention.flash_tpu import span_attention_pallas, span_flops
 from deepspec_jax.kernels.attention.reference import (dense_attention, merge_attention,
                                                       span_attention_reference, span_mask)
-from deepspec_jax.kernels.attention.segments import segment_attention
+from deepspec_jax.kernels.attention.segments import filled_cache_attention, segment_attention
 
 __all__ = ["span_attention", "span_attention_reference", "dense_attention", "merge_attention",
-           "span_mask", "causal_span", "segment_attention", "span_flops"]
+           "span_mask", "causal_span", "segment_attention", "filled_cache_attention", "span_flops"]
 
 _IMPLS = ("auto", "pallas", "reference")
 
