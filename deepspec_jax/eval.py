@@ -77,6 +77,10 @@ flags.DEFINE_string("tree", None, "Also decode with draft trees, 'topk,nodes' (e
                     "are reported in a row next to the chain's.", flag_values=FLAGS)
 flags.DEFINE_boolean("autoregressive", True, "Also time plain autoregressive decoding of the "
                      "target for the speedup (--noautoregressive skips it).", flag_values=FLAGS)
+flags.DEFINE_boolean("calibration", True, "Use the draft's STS calibration "
+                     "(<draft>/calibration.json, from `python -m deepspec_jax.calibrate`) when "
+                     "present: the confidence threshold compares calibrated confidences and the "
+                     "reliability report shows raw and calibrated metrics.", flag_values=FLAGS)
 
 
 class UsageError(Exception):
@@ -208,20 +212,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         max_new_tokens=max_new, temperature=FLAGS.temperature,
         confidence_threshold=FLAGS.confidence_threshold, seed=FLAGS.seed,
         batch_size=FLAGS.batch_size, output_dir=FLAGS.output_dir, max_samples=max_samples,
-        run_autoregressive=FLAGS.autoregressive, tree=_tree_setting())
+        run_autoregressive=FLAGS.autoregressive, tree=_tree_setting(),
+        use_calibration=FLAGS.calibration)
     config = {"target": target.source, "draft": draft.source, "datasets": names,
               "max_samples": max_samples, "max_new_tokens": max_new,
               "temperature": FLAGS.temperature,
               "confidence_threshold": FLAGS.confidence_threshold, "seed": FLAGS.seed,
               "batch_size": FLAGS.batch_size, "quick_demo": quick,
-              "tree": list(_tree_setting()) if FLAGS.tree else None}
+              "tree": list(_tree_setting()) if FLAGS.tree else None,
+              "calibration": FLAGS.calibration}
     if quick:  # few short prompts: one compilation per decoder for the whole demo
         try:
             settings = dataclasses.replace(settings, prompt_bucket=runner.shared_prompt_bucket(
                 names, target, settings))
         except DeepSpecError as e:
             return _fail(str(e), 1)
-    decoders = runner.Decoders(target, draft, settings)
+    try:
+        decoders = runner.Decoders(target, draft, settings)
+    except DeepSpecError as e:
+        return _fail(str(e), 1)
+    if decoders.calibration is not None:
+        temps = ", ".join(f"{t:.2f}" for t in decoders.calibration.temperatures)
+        print(f"using the draft's STS calibration (temperatures {temps}; --nocalibration "
+              "ignores it)", flush=True)
     rows = []
     for i, name in enumerate(names):
         print(f"[{i + 1}/{len(names)}] {datasets.dataset_label(name)}", flush=True)
@@ -236,7 +249,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = report.results_table(rows, target.source, draft.source)
     text = table
     if any(r.get("confidence") for r in rows):
-        text += "\nConfidence head reliability (threshold 0):\n"
+        text += "\nConfidence head reliability (threshold 0; '(STS)' rows: after calibration):\n"
         text += report.confidence_table(rows, draft.source)
     print("\n" + text, flush=True)
     os.makedirs(FLAGS.output_dir, exist_ok=True)

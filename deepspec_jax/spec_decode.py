@@ -280,7 +280,10 @@ def _next_carry(c, active, new_pos, limit, acc, nxt, stopped, stop_ids, prop_rec
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 4, 9, 10, 11, 12, 13))
 def _spec_generate(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prompt_len, stop_ids,
-                   threshold, max_new, cache_len, sp, layer_ids, rule, key):
+                   gate, max_new, cache_len, sp, layer_ids, rule, key):
+    """``gate`` = (confidence threshold [], confidence-logit scale [width]: 1 / the STS
+    temperatures, ones without a calibration)."""
+    threshold, conf_scale = gate
     target = nnx.merge(tgraphdef, tstate)
     draft = nnx.merge(dgraphdef, dstate)
     width = _proposal_width(kind, draft.cfg)
@@ -305,7 +308,7 @@ def _spec_generate(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prompt_le
         drafts, p_d, conf, dstate = _draft_propose(kind, draft, c["dstate"], cur, k_draft, sp)
         n_prop = jnp.full((b,), width, jnp.int32)
         if has_conf:
-            sure = (jax.nn.sigmoid(conf) >= threshold).astype(jnp.int32)
+            sure = (jax.nn.sigmoid(conf * conf_scale[None]) >= threshold).astype(jnp.int32)
             n_prop = jnp.where(threshold > 0, jnp.sum(jnp.cumprod(sure, axis=1), axis=1), n_prop)
 
         # Verify [current, d_1..d_W] in one target pass (the padding past n_prop is
@@ -346,14 +349,13 @@ def _tree_depth(kind: str, cfg) -> int:
     return _proposal_width(kind, cfg)
 
 
-def _draft_tree(kind, dmodel, dstate, current, key, sp, topk, num_nodes, threshold):
-    return family_for_kind(kind).tree(dmodel, dstate, current, key, sp, topk, num_nodes,
-                                      threshold)
+def _draft_tree(kind, dmodel, dstate, current, key, sp, topk, num_nodes, gate):
+    return family_for_kind(kind).tree(dmodel, dstate, current, key, sp, topk, num_nodes, *gate)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 4, 9, 10, 11, 12, 13, 15, 16))
 def _spec_generate_tree(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prompt_len, stop_ids,
-                        threshold, max_new, cache_len, sp, layer_ids, rule, key, topk, num_nodes):
+                        gate, max_new, cache_len, sp, layer_ids, rule, key, topk, num_nodes):
     """``_spec_generate`` with a draft tree per round: build (``tree.build``), one target
     pass over the flattened tree (``CausalLM.extend_tree``), lossless tree verification
     (``tree.verify``), then the target cache is compacted to the accepted path and the
@@ -378,7 +380,7 @@ def _spec_generate_tree(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prom
         active = ~c["done"]
         pos, cur = c["pos"], c["cur"]
         k_draft, k_verify = jax.random.split(jax.random.fold_in(key, c["i"]))
-        tree = _draft_tree(kind, draft, c["dstate"], cur, k_draft, sp, topk, num_nodes, threshold)
+        tree = _draft_tree(kind, draft, c["dstate"], cur, k_draft, sp, topk, num_nodes, gate)
 
         # Verify: [current, nodes] at positions pos + depth, tree-masked attention.
         ids = jnp.concatenate([cur[:, None], tree.tokens], axis=1)
@@ -472,11 +474,27 @@ def parse_tree(tree, vocab_size: int | None = None) -> tuple[int, int]:
     return topk, num_nodes
 
 
+def _confidence_scale(draft, temperatures: Sequence[float] | None) -> jax.Array:
+    """[width] float32 multipliers of the confidence logits: 1 / the STS temperatures."""
+    width = _proposal_width(draft.kind, draft.config)
+    if temperatures is None:
+        return jnp.ones((width,), jnp.float32)
+    if not family_for_kind(draft.kind).has_confidence(draft.config):
+        raise ValueError(f"confidence_temperatures given, but the {draft.kind} draft "
+                         f"{draft.source} has no confidence head.")
+    t = np.asarray(temperatures, np.float64).reshape(-1)
+    if t.size != width or not np.all(np.isfinite(t) & (t > 0)):
+        raise ValueError(f"confidence_temperatures must be {width} positive numbers (one per "
+                         f"block position of {draft.source}), got {list(temperatures)}.")
+    return jnp.asarray(1.0 / t, jnp.float32)
+
+
 def speculative_generate(target: Target, draft: Any, prompt_ids: Sequence[Sequence[int]],
                          max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
                          confidence_threshold: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                          stop_token_ids: Sequence[int] | None = None, prompt_bucket: int = 64,
                          cache_bucket: int = 256, tree: tuple[int, int] | None = None,
+                         confidence_temperatures: Sequence[float] | None = None,
                          _rule: str = "exact") -> list[SpecResult]:
     """Speculative decoding of a batch of prompts with ``draft`` (a ``load_draft`` result,
     or any object with ``config``, ``kind``, ``source``, ``graphdef``, ``state``) against
@@ -492,7 +510,10 @@ def speculative_generate(target: Target, draft: Any, prompt_ids: Sequence[Sequen
     pass (see ``deepspec_jax.tree``); ``None`` is the chain. At T=0 children are the
     draft's top-k tokens; at T>0 they are drawn from the draft without replacement
     (lossless multi-candidate rejection sampling needs sampled children). DSpark's
-    confidence threshold then prunes branches. ``_rule`` is private: a deliberately
+    confidence threshold then prunes branches. ``confidence_temperatures`` (one per
+    block position; the STS calibration, ``deepspec_jax.calibrate``) divide the
+    confidence logits before the threshold compares them; the recorded confidences stay
+    raw. ``_rule`` is private: a deliberately
     wrong acceptance rule for tests.
 
     Raises ValueError when a prompt plus ``max_new_tokens`` exceeds the target's context
@@ -509,13 +530,14 @@ def speculative_generate(target: Target, draft: Any, prompt_ids: Sequence[Sequen
     if _rule not in rules:
         raise ValueError(f"_rule must be one of {rules}, got {_rule!r}.")
     layer_ids = check_compatible(target, draft)
+    conf_scale = _confidence_scale(draft, confidence_temperatures)
     prompt, lens = pad_prompts(prompt_ids, prompt_bucket)
     target._check_ids(prompt, "prompt_ids")
     target.check_context(lens, max_new_tokens)
     stop = target.resolve_stop_ids(stop_token_ids)
     args = (target.graphdef, target.state, draft.graphdef, draft.state, draft.kind,
             target._put(prompt), target._put(lens), jnp.asarray(stop),
-            jnp.float32(confidence_threshold), int(max_new_tokens))
+            (jnp.float32(confidence_threshold), conf_scale), int(max_new_tokens))
     shape = None if tree is None else parse_tree(tree, draft.config.out_vocab_size)
     cache_len = spec_cache_len(draft.kind, draft.config, prompt.shape[1], max_new_tokens, shape,
                                cache_bucket)

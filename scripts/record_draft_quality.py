@@ -2,7 +2,7 @@
 
 Runs the eval's quick demo (embedded SmolLM2 target + the default draft) greedily on
 its held-out samples, with the arguments stored in
-``deepspec_jax/assets/default_draft/quality.json`` (or the defaults below when that file
+``deepspec_jax/assets/default_draft_quality.json`` (or the defaults below when that file
 does not exist yet), and rewrites that file with the per-dataset and mean acceptance
 lengths. ``tests/test_draft_quality.py`` reruns the same command and fails when the mean
 moves by more than the recorded tolerance: a re-shipped draft must be re-recorded, a code
@@ -22,7 +22,7 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-QUALITY_PATH = os.path.join(REPO, "deepspec_jax", "assets", "default_draft", "quality.json")
+QUALITY_PATH = os.path.join(REPO, "deepspec_jax", "assets", "default_draft_quality.json")
 DEFAULT_ARGS = ["--temperature=0", "--noautoregressive", "--max_samples=4",
                 "--max_new_tokens=64", "--datasets=gsm8k,humaneval,mt-bench"]
 DEFAULT_TOLERANCE = 0.1

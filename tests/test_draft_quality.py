@@ -1,6 +1,6 @@
 """Quality guard of the shipped default draft: greedy acceptance on held-out samples.
 
-Reruns the recorded command (``deepspec_jax/assets/default_draft/quality.json``, written
+Reruns the recorded command (``deepspec_jax/assets/default_draft_quality.json``, written
 by ``scripts/record_draft_quality.py``) and requires the mean acceptance length over the
 datasets to stay within the recorded tolerance (0.1) of the recorded value: a code change
 that degrades drafting, or a re-shipped draft that was not re-recorded, fails here.

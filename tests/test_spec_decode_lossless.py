@@ -96,6 +96,22 @@ def test_greedy_matches_target(fs, name):
         for r in conf:
             sure = 1 / (1 + np.exp(-r.confidences)) >= 0.5
             assert r.proposal_lengths == np.cumprod(sure, axis=1).sum(axis=1).tolist()
+        # STS temperatures (calibration.json) divide the logits before the threshold;
+        # the recorded confidences stay raw. Same compiled program.
+        temps = np.resize([0.25, 4.0], draft.config.block_size)
+        gated = speculative_generate(target, draft, prompts, max_new_tokens=max_new,
+                                     confidence_threshold=0.7, confidence_temperatures=temps)
+        assert [r.tokens for r in gated] == ref
+        differs = False
+        for r in gated:
+            sure = 1 / (1 + np.exp(-r.confidences / temps)) >= 0.7
+            assert r.proposal_lengths == np.cumprod(sure, axis=1).sum(axis=1).tolist()
+            raw = np.cumprod(1 / (1 + np.exp(-r.confidences)) >= 0.7, axis=1).sum(axis=1)
+            differs |= raw.tolist() != r.proposal_lengths
+        assert differs        # the temperatures changed some proposal
+        with pytest.raises(ValueError, match="confidence_temperatures must be"):
+            speculative_generate(target, draft, prompts, max_new_tokens=max_new,
+                                 confidence_temperatures=temps[:-1])
     else:
         assert ours[0].confidences is None
 

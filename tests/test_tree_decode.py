@@ -89,6 +89,10 @@ def test_tree_greedy_matches_target(fs, name, tree):
                                           tree=tree, confidence_threshold=threshold)
             assert [r.tokens for r in pruned] == ref
         assert all(set(r.tree_nodes) == {0} and set(r.accepted_lengths) == {1} for r in pruned)
+        temps = np.resize([0.25, 4.0], draft.config.block_size)    # STS temperatures
+        gated = speculative_generate(target, draft, prompts, max_new_tokens=MAX_NEW, tree=tree,
+                                     confidence_threshold=0.7, confidence_temperatures=temps)
+        assert [r.tokens for r in gated] == ref
 
 
 @pytest.mark.slow

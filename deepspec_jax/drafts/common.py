@@ -140,7 +140,7 @@ class DraftFamily:
     init: Callable             # (model, batch, cache_len, prompt, prompt_len, first, feats) -> state
     propose: Callable          # (model, state, current, key, sp) -> (Proposal, state)
     commit: Callable           # (model, state, feats, committed, num_new) -> state
-    tree: Callable             # (model, state, current, key, sp, topk, num_nodes, threshold) -> DraftTree
+    tree: Callable             # (model, state, current, key, sp, topk, num_nodes, threshold, conf_scale) -> DraftTree
 
     def architecture_for(self, model_type: str, source: str) -> str:
         """The HF architecture of this family's drafts whose layers are ``model_type``

@@ -505,7 +505,7 @@ class DSparkDraft(nnx.Module):
         return Proposal(tok, logits, probs, token_probs, conf)
 
     def tree_propose(self, cache: DraftCache, current: jax.Array, key: jax.Array, sp,
-                     topk: int, num_nodes: int, threshold=0.0):
+                     topk: int, num_nodes: int, threshold=0.0, conf_scale=None):
         """Draft a tree (``deepspec_jax.tree.DraftTree``) instead of a chain.
 
         One backbone pass gives the hidden states of all block slots (they do not
@@ -516,7 +516,8 @@ class DSparkDraft(nnx.Module):
         keeps the best ``num_nodes``. With a confidence head and ``threshold`` > 0 a
         node whose children's confidence ``sigmoid(c)`` is below the threshold gets no
         children (the chain's early stop, per branch; it depends only on the parent,
-        so verification stays lossless). The confidence is not used as the children's
+        so verification stays lossless); ``conf_scale`` [block] (1 / the STS
+        temperatures) multiplies the confidence logit of each depth first. The confidence is not used as the children's
         acceptance prior in the score: on the fixture drafts that made sampled trees
         shallower and lowered tau below the chain's, while the default prior (1)
         always keeps the chain of first draws. A reduced draft vocabulary draws children
@@ -541,6 +542,8 @@ class DSparkDraft(nnx.Module):
                 logits = logits + self.markov_bias(u)
             conf = self.confidence(h, prev)
             prior = None
+            if conf is not None and conf_scale is not None:
+                conf = conf * jnp.asarray(conf_scale, conf.dtype)[slot]
             if conf is not None:
                 keep = (threshold <= 0) | (jax.nn.sigmoid(conf) >= threshold)
                 prior = jnp.where(keep, 0.0, -jnp.inf)
@@ -639,8 +642,8 @@ def decode_commit(model: DSparkDraft, cache: DraftCache, feats, committed, num_n
 
 
 def decode_tree(model: DSparkDraft, cache: DraftCache, current, key, sp, topk: int,
-                num_nodes: int, threshold) -> DraftTree:
-    return model.tree_propose(cache, current, key, sp, topk, num_nodes, threshold)
+                num_nodes: int, threshold, conf_scale=None) -> DraftTree:
+    return model.tree_propose(cache, current, key, sp, topk, num_nodes, threshold, conf_scale)
 
 
 FAMILY = DraftFamily(

@@ -435,8 +435,8 @@ def decode_commit(model: Eagle3Draft, state: Eagle3State, feats, committed, num_
 
 
 def decode_tree(model: Eagle3Draft, state: Eagle3State, current, key, sp, topk: int,
-                num_nodes: int, threshold) -> DraftTree:
-    """``threshold`` is unused: Eagle3 has no confidence head."""
+                num_nodes: int, threshold, conf_scale=None) -> DraftTree:
+    """``threshold``/``conf_scale`` are unused: Eagle3 has no confidence head."""
     return tree_propose(model, state, key, sp, topk, num_nodes)
 
 

@@ -106,15 +106,18 @@ def reliability(probs, labels, num_bins: int = NUM_BINS) -> list[dict]:
 
 
 def prefix_predictions(confidence_logits: Sequence[float], proposal_length: int,
-                       accepted_drafts: int) -> tuple[np.ndarray, np.ndarray]:
+                       accepted_drafts: int, temperatures: Sequence[float] | None = None
+                       ) -> tuple[np.ndarray, np.ndarray]:
     """(cumulative confidence, prefix-acceptance label) for positions 1..proposal_length
-    of one round. ``confidence_logits`` are the raw head logits of all block positions."""
+    of one round. ``confidence_logits`` are the raw head logits of all block positions;
+    ``temperatures`` (STS, one per position) divide them first."""
     logits = np.asarray(confidence_logits, np.float64).reshape(-1)
     n = int(proposal_length)
     if n > logits.size:
         raise ValueError(f"round proposed {n} tokens but carries only {logits.size} "
                          "confidence logits.")
-    sig = 1.0 / (1.0 + np.exp(-logits[:n]))
+    z = logits[:n] if temperatures is None else logits[:n] / np.asarray(temperatures)[:n]
+    sig = 1.0 / (1.0 + np.exp(-z))
     labels = (np.arange(n) < int(accepted_drafts)).astype(np.float64)
     return np.cumprod(sig), labels
 
@@ -124,6 +127,7 @@ class ConfidenceCalibration:
     """Collects (prediction, label) pairs per block position over a dataset."""
 
     num_positions: int
+    temperatures: Sequence[float] | None = None    # STS temperatures (None: raw)
     preds: list[list[float]] = dataclasses.field(default_factory=list)
     labels: list[list[float]] = dataclasses.field(default_factory=list)
 
@@ -133,7 +137,8 @@ class ConfidenceCalibration:
             self.labels = [[] for _ in range(self.num_positions)]
 
     def add_round(self, confidence_logits, proposal_length: int, accepted_drafts: int) -> None:
-        p, y = prefix_predictions(confidence_logits, proposal_length, accepted_drafts)
+        p, y = prefix_predictions(confidence_logits, proposal_length, accepted_drafts,
+                                  self.temperatures)
         for k in range(min(p.size, self.num_positions)):
             self.preds[k].append(float(p[k]))
             self.labels[k].append(float(y[k]))

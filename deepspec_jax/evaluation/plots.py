@@ -47,9 +47,11 @@ def plot_acceptance(path: str, dataset: str, metrics: dict) -> str:
     return path
 
 
-def plot_reliability(path: str, dataset: str, per_position: list[dict]) -> str:
+def plot_reliability(path: str, dataset: str, per_position: list[dict],
+                     calibrated: list[dict] | None = None) -> str:
     """One reliability panel per block position: mean cumulative confidence vs observed
-    prefix acceptance per bin, with the bin counts as a faint bar chart."""
+    prefix acceptance per bin, with the bin counts as a faint bar chart; with
+    ``calibrated`` (the same rounds after STS) its curve too, and both ECEs."""
     n = max(len(per_position), 1)
     ncols = min(4, n)
     nrows = (n + ncols - 1) // ncols
@@ -60,7 +62,12 @@ def plot_reliability(path: str, dataset: str, per_position: list[dict]) -> str:
         bins = entry.get("reliability") or []
         if bins:
             ax.plot([b["avg_pred"] for b in bins], [b["avg_target"] for b in bins], "o-",
-                    color="C1", markersize=4)
+                    color="C1", markersize=4, label="raw")
+            if calibrated is not None and calibrated[i].get("reliability"):
+                cb = calibrated[i]["reliability"]
+                ax.plot([b["avg_pred"] for b in cb], [b["avg_target"] for b in cb], "s-",
+                        color="C2", markersize=4, label="STS")
+                ax.legend(loc="upper left", fontsize=7)
             ax2 = ax.twinx()
             ax2.bar([(b["range"][0] + b["range"][1]) / 2 for b in bins],
                     [b["count"] for b in bins],
@@ -74,7 +81,10 @@ def plot_reliability(path: str, dataset: str, per_position: list[dict]) -> str:
         ax.grid(True, alpha=0.25)
         ax.set_xlabel("predicted prefix acceptance")
         ax.set_ylabel("observed prefix acceptance")
-        ax.set_title(f"pos {entry['position']}  n={entry['count']}\nECE={_num(entry['ece']):.3f}  "
+        ece_txt = f"ECE={_num(entry['ece']):.3f}"
+        if calibrated is not None:
+            ece_txt += f"->{_num(calibrated[i]['ece']):.3f} (STS)"
+        ax.set_title(f"pos {entry['position']}  n={entry['count']}\n{ece_txt}  "
                      f"AUROC={_num(entry['auroc']):.3f}  Brier={_num(entry['brier']):.3f}",
                      fontsize=9)
     for i in range(len(per_position), nrows * ncols):

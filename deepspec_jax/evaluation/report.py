@@ -93,10 +93,14 @@ def confidence_table(rows: Sequence[dict], draft: str) -> str:
             "brier_mean", "pred_mean", "target_mean"]
     head += [f"ece@{k + 1}" for k in range(max_pos)] + [f"auroc@{k + 1}" for k in range(max_pos)]
     body = []
-    for r in rows:
-        c = r["confidence"]
+    views = []
+    for r in rows:      # raw, then after STS (the draft's calibration.json) when present
+        views.append((r, r["confidence"], r["dataset"]))
+        if r.get("confidence_sts"):
+            views.append((r, r["confidence_sts"], r["dataset"] + " (STS)"))
+    for r, c, name in views:
         per = c["per_position"]
-        cells = [r["dataset"], display_name(draft), str(r["num_samples"]), str(r["num_rounds"]),
+        cells = [name, display_name(draft), str(r["num_samples"]), str(r["num_rounds"]),
                  _fmt(c["ece_mean"], ".4f"), _fmt(c["auroc_mean"], ".4f"),
                  _fmt(c["brier_mean"], ".4f"), _fmt(c["pred_mean"], ".4f"),
                  _fmt(c["target_mean"], ".4f")]

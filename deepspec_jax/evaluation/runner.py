@@ -32,7 +32,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from deepspec_jax.drafts.registry import family_for_kind
-from deepspec_jax.evaluation import calibration, datasets, metrics, plots, report
+from deepspec_jax.evaluation import calibration, datasets, metrics, plots, report, sts
 from deepspec_jax.spec_decode import speculative_generate
 
 PROMPT_BUCKET = 64
@@ -89,6 +89,7 @@ class Settings:
     prompt_bucket: int | None = None     # one padded prompt length for all datasets
                                          # (None: per dataset; see shared_prompt_bucket)
     tree: tuple[int, int] | None = None  # also decode with draft trees (topk, num_nodes)
+    use_calibration: bool = True         # apply <draft>/calibration.json (STS) when present
 
 
 def max_proposal_tokens(draft) -> int:
@@ -98,6 +99,14 @@ def max_proposal_tokens(draft) -> int:
 
 def has_confidence_head(draft) -> bool:
     return family_for_kind(draft.kind, draft.source).has_confidence(draft.config)
+
+
+def load_calibration(draft) -> "sts.Calibration | None":
+    """``<draft dir>/calibration.json`` (STS), validated against this draft; None when the
+    draft has no confidence head or no calibration file."""
+    if not has_confidence_head(draft) or not os.path.isdir(str(draft.source)):
+        return None
+    return sts.load(str(draft.source), max_proposal_tokens(draft))
 
 
 def encode_prompts(target, prompts: Sequence[datasets.Prompt], dataset: str) -> list[list[int]]:
@@ -143,7 +152,14 @@ class Decoders:
                  spec_fn: Callable = speculative_generate):
         self.target, self.draft, self.settings, self.spec_fn = target, draft, settings, spec_fn
         self._warm = {"spec": False, "ar": False, "tree": False}
+        self.calibration = load_calibration(draft) if settings.use_calibration else None
         CompileClock.install()
+
+    def _conf_kwargs(self) -> dict:
+        """The STS temperatures for the threshold, when the draft has a calibration."""
+        if self.calibration is None:
+            return {}
+        return {"confidence_temperatures": self.calibration.temperatures}
 
     prompt_bucket: int = PROMPT_BUCKET   # set per dataset by ``timed``
 
@@ -152,7 +168,7 @@ class Decoders:
         return self.spec_fn(self.target, self.draft, ids, max_new_tokens=s.max_new_tokens,
                             temperature=s.temperature, seed=seed,
                             confidence_threshold=s.confidence_threshold,
-                            prompt_bucket=self.prompt_bucket)
+                            prompt_bucket=self.prompt_bucket, **self._conf_kwargs())
 
     def tree(self, ids: list[list[int]], seed: int):
         """Speculative decoding with draft trees (same settings as ``spec``)."""
@@ -160,7 +176,7 @@ class Decoders:
         return self.spec_fn(self.target, self.draft, ids, max_new_tokens=s.max_new_tokens,
                             temperature=s.temperature, seed=seed,
                             confidence_threshold=s.confidence_threshold, tree=tuple(s.tree),
-                            prompt_bucket=self.prompt_bucket)
+                            prompt_bucket=self.prompt_bucket, **self._conf_kwargs())
 
     def _fn(self, kind: str):
         return {"spec": self.spec, "ar": self.ar, "tree": self.tree}[kind]
@@ -255,12 +271,16 @@ def evaluate_dataset(name: str, decoders: Decoders, *, target_name: str,
     stats = metrics.RoundStats(gamma)
     calib = (calibration.ConfidenceCalibration(gamma)
              if has_confidence_head(draft) and s.confidence_threshold == 0.0 else None)
+    calib_sts = (calibration.ConfidenceCalibration(gamma, decoders.calibration.temperatures)
+                 if calib is not None and decoders.calibration is not None else None)
     samples = []
     for prompt, ids, r in zip(prompts, prompt_ids, spec_out):
         drafts = [int(a) - 1 for a in r.accepted_lengths]
         stats.add(r.accepted_lengths, r.proposal_lengths, drafts)
         if calib is not None and r.confidences is not None:
             calib.add_sample(r.confidences, drafts, r.proposal_lengths)
+            if calib_sts is not None:
+                calib_sts.add_sample(r.confidences, drafts, r.proposal_lengths)
         samples.append({"row": prompt.index, "prompt_tokens": len(ids),
                         "output_tokens": len(r.tokens), "rounds": int(r.num_rounds)})
     out_tokens = sum(x["output_tokens"] for x in samples)
@@ -291,8 +311,11 @@ def evaluate_dataset(name: str, decoders: Decoders, *, target_name: str,
                     if ar_block and spec_tps and ar_block["output_tokens_per_second"] else None),
     })
     row["accept_rate"] = {f"@{k}": v for k, v in enumerate(row["accept_rates_by_position"])}
+    row["sts_temperatures"] = (None if decoders.calibration is None
+                               else list(decoders.calibration.temperatures))
     if calib is not None:
         row["confidence"] = calib.summary()
+        row["confidence_sts"] = None if calib_sts is None else calib_sts.summary()
     else:
         row["confidence"] = None
         row["confidence_note"] = (
@@ -308,6 +331,7 @@ def evaluate_dataset(name: str, decoders: Decoders, *, target_name: str,
         os.path.join(out_dir, ACCEPTANCE_PNG), label, row)}
     if calib is not None:
         row["artifacts"]["reliability_png"] = plots.plot_reliability(
-            os.path.join(out_dir, RELIABILITY_PNG), label, row["confidence"]["per_position"])
+            os.path.join(out_dir, RELIABILITY_PNG), label, row["confidence"]["per_position"],
+            None if calib_sts is None else row["confidence_sts"]["per_position"])
     report.write_json(os.path.join(out_dir, RESULTS_NAME), row)
     return row

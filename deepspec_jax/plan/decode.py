@@ -34,8 +34,9 @@ from deepspec_jax.dtypes import COMPUTE_DTYPES, DTYPES
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.sampling import SamplingParams
 from deepspec_jax.sharding import batch_sharding, replicated
-from deepspec_jax.spec_decode import (_prefill, _spec_generate, _spec_generate_tree,
-                                      check_compatible, parse_tree, spec_cache_len)
+from deepspec_jax.spec_decode import (_prefill, _proposal_width, _spec_generate,
+                                      _spec_generate_tree, check_compatible, parse_tree,
+                                      spec_cache_len)
 from deepspec_jax.target import _generate, round_up
 from deepspec_jax.plan.targets import TargetArch, abstract_model, abstract_target
 
@@ -113,7 +114,8 @@ def decode_thunks(target_cfg: TargetConfig, draft: ModelSpec, mesh: Mesh,
     key = rep(key_shape.shape, key_shape.dtype)
     sp = SamplingParams(float(s.temperature)).validate()
     loop_args = (tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prompt_len, stop_ids,
-                 rep((), jnp.float32), int(s.max_new_tokens))
+                 (rep((), jnp.float32), rep((_proposal_width(kind, draft.config),), jnp.float32)),
+                 int(s.max_new_tokens))
 
     def compile_(fn, *args) -> jax.stages.Compiled:
         with jax.set_mesh(mesh):
