@@ -320,7 +320,7 @@ def _root_dists(tgraph, tstate, dgraph, dstate, kind, sp, prompt, key):
     layer_ids = tuple(int(i) for i in draft.cfg.target_layer_ids)
     _, first, ds, _ = _prefill(target, draft, kind, prompt, lens, 16, sp, layer_ids, key, 4)
     toks, p_d, _, _ = _draft_propose(kind, draft, ds, first, key, sp)
-    tree = _draft_tree(kind, draft, ds, first, key, sp, 2, 4, jnp.float32(0))
+    tree = _draft_tree(kind, draft, ds, first, key, sp, 2, 4, (jnp.float32(0), None))
     return p_d[:, 0], jnp.exp(tree.logq[:, 0]), toks[:, 0]
 
 
