@@ -31,10 +31,8 @@ from absl import flags, logging
 
 from deepspec_jax import cli, compile_cache
 from deepspec_jax.errors import DeepSpecError
-from deepspec_jax.eval import DEFAULT_DRAFT_DIR, SetupError, UsageError, _fail, _load
+from deepspec_jax.eval import SetupError, UsageError, _fail, _load, resolve_paths
 from deepspec_jax.evaluation import datasets, report, runner, sts
-from deepspec_jax.hub_cache import resolve_checkpoint_path
-from deepspec_jax.target import NAMED_TARGETS, resolve_target_path
 
 HELDOUT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
                                "calibration_prompts.jsonl")
@@ -58,19 +56,6 @@ flags.DEFINE_integer("seed", 0, "Seed of prompt selection and decoding.", flag_v
 flags.DEFINE_integer("batch_size", 1, "Prompts per decoding call.", flag_values=FLAGS)
 flags.DEFINE_string("output", None, "Where to write the calibration (default: "
                     "<draft>/calibration.json, where the eval looks for it).", flag_values=FLAGS)
-
-
-def _paths() -> tuple[str | None, str]:
-    target = FLAGS.target
-    try:
-        if target is not None and target not in NAMED_TARGETS:
-            target = resolve_target_path(target)
-        draft = resolve_checkpoint_path(FLAGS.draft or DEFAULT_DRAFT_DIR)
-    except DeepSpecError as e:
-        raise SetupError(str(e)) from None
-    if not os.path.isdir(draft):
-        raise SetupError(f"--draft: {draft}: no such directory.")
-    return target, draft
 
 
 def _heldout_names() -> list[str]:
@@ -104,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, datasets.DatasetError) as e:
         return _fail(str(e), 2)
     try:
-        target_path, draft_path = _paths()
+        target_path, draft_path = resolve_paths(FLAGS.target, FLAGS.draft)
         compile_cache.enable(compile_cache.DEFAULT_DIR)
         target, draft = _load(target_path, draft_path)
     except SetupError as e:

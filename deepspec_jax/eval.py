@@ -128,14 +128,14 @@ def _resolved(flag: str, resolve, path: str) -> str:
         raise SetupError(f"--{flag}: {e}") from None
 
 
-def _resolve_paths() -> tuple[str | None, str]:
-    """(target path or None for the embedded one, draft path); fails fast before loading.
+def resolve_paths(target: str | None, draft: str | None) -> tuple[str | None, str]:
+    """(target path or None for the embedded one, draft path; None = the default draft)
+    from the --target/--draft flags; fails fast before loading (shared by the CLIs).
     Hub cache repo roots become their snapshots; links to missing blobs fail here."""
-    target = FLAGS.target
     if target is not None and target not in NAMED_TARGETS:
         target = _resolved("target", resolve_target_path, target)
     draft = _resolved("draft", resolve_checkpoint_path,
-                      FLAGS.draft if FLAGS.draft is not None else DEFAULT_DRAFT_DIR)
+                      draft if draft is not None else DEFAULT_DRAFT_DIR)
     if target is not None and target not in NAMED_TARGETS and not os.path.exists(target):
         raise SetupError(f"--target: {target}: no such file or directory (pass an HF model "
                          f"directory, a .gguf file, or one of {sorted(NAMED_TARGETS)}).")
@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not FLAGS["max_new_tokens"].present:
             max_new = QUICK_MAX_NEW_TOKENS
     try:
-        target_path, draft_path = _resolve_paths()
+        target_path, draft_path = resolve_paths(FLAGS.target, FLAGS.draft)
     except SetupError as e:
         return _fail(str(e), 1)
     for note in notes:

@@ -186,10 +186,10 @@ def test_eval_resolves_both_paths(tmp_path):
     ev.FLAGS(["eval", f"--draft={os.path.dirname(os.path.dirname(snap))}",
               f"--target={os.path.dirname(os.path.dirname(tsnap))}"])
     try:
-        assert ev._resolve_paths() == (tsnap, snap)
+        assert ev.resolve_paths(ev.FLAGS.target, ev.FLAGS.draft) == (tsnap, snap)
         os.remove(_blob_of(os.path.join(tsnap, "generation_config.json")))
         with pytest.raises(ev.SetupError, match="--target: .*generation_config.json: symlink"):
-            ev._resolve_paths()
+            ev.resolve_paths(ev.FLAGS.target, ev.FLAGS.draft)
     finally:
         ev.FLAGS.unparse_flags()
 

@@ -15,6 +15,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from deepspec_jax.kernels.attention.reference import merge_attention
+
 
 def segment_attention(q: jax.Array, segments: Sequence[tuple[jax.Array, jax.Array, jax.Array]],
                       scale: float | None = None,
@@ -72,42 +74,20 @@ def filled_cache_attention(q: jax.Array, ck: jax.Array, cv: jax.Array, cache_mas
 
     ``ck`` [B,K,D,S] / ``cv`` [B,K,S,D] is the cache, ``cache_mask(slots)`` gives the
     [B,T,n] visibility of cache slots ``slots`` [n] (int32), ``new`` = (kt, v, mask) the
-    segment of the new tokens. The cache is read block by block in a ``fori_loop`` with
-    a running (online) softmax started from the new segment. Returns out [B,T,H,D]
-    float32."""
-    kt_new, v_new, new_mask = new
-    b, t, h, d = q.shape
-    kv, s_cap = ck.shape[1], ck.shape[3]
-    g = h // kv
-    scale = d ** -0.5 if scale is None else scale
+    segment of the new tokens. Each cache block is one ``segment_attention`` in a
+    ``fori_loop`` (traced trip count: one program for every length), folded into the
+    running result with ``merge_attention``. Returns out [B,T,H,D] float32."""
+    s_cap = ck.shape[3]
     blk = cache_block(s_cap, block)
-    qg = q.reshape(b, t, kv, g, d).transpose(0, 2, 3, 1, 4)  # [B,K,G,T,D]
-
-    def scores(k, mask):
-        s = jnp.einsum("bkgtd,bkds->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-        return jnp.where(jnp.broadcast_to(mask, (b, t, k.shape[3]))[:, None, None], s, -jnp.inf)
-
-    def fold(carry, s, v):
-        m, l, acc = carry
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.exp(s - m_safe)                                   # masked: exp(-inf) = 0
-        corr = jnp.exp(jnp.where(jnp.isfinite(m), m, m_safe) - m_safe)
-        pv = jnp.einsum("bkgts,bksd->bkgtd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return m_new, l * corr + jnp.sum(p, axis=-1, keepdims=True), acc * corr + pv
-
-    init = (jnp.full((b, kv, g, t, 1), -jnp.inf, jnp.float32),
-            jnp.zeros((b, kv, g, t, 1), jnp.float32), jnp.zeros((b, kv, g, t, d), jnp.float32))
-    carry = fold(init, scores(kt_new, new_mask), v_new)
 
     def body(i, carry):
         start = i * blk
         slots = start + jnp.arange(blk, dtype=jnp.int32)
         k = jax.lax.dynamic_slice_in_dim(ck, start, blk, axis=3).astype(q.dtype)
         v = jax.lax.dynamic_slice_in_dim(cv, start, blk, axis=2).astype(q.dtype)
-        return fold(carry, scores(k, cache_mask(slots)), v)
+        return merge_attention([carry, segment_attention(q, [(k, v, cache_mask(slots))],
+                                                         scale=scale)])
 
     n_blocks = (jnp.minimum(filled.astype(jnp.int32), s_cap) + blk - 1) // blk
-    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, carry)
-    out = acc / jnp.where(l > 0, l, 1.0)
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    out, _ = jax.lax.fori_loop(0, n_blocks, body, segment_attention(q, [new], scale=scale))
+    return out
