@@ -31,8 +31,7 @@ from absl import flags
 from flax import nnx
 
 from deepspec_jax import cli, load_target
-from deepspec_jax.drafts import load_draft
-from deepspec_jax.eval import DEFAULT_DRAFT_DIR
+from deepspec_jax.drafts import DEFAULT_DRAFT_DIR, load_draft
 from deepspec_jax.sampling import SamplingParams
 from deepspec_jax.spec_decode import _draft_init, _draft_propose, _proposal_width, check_compatible
 

@@ -29,7 +29,7 @@ from typing import Sequence
 from absl import flags, logging
 
 from deepspec_jax import cli, compile_cache
-from deepspec_jax.drafts import load_draft
+from deepspec_jax.drafts import DEFAULT_DRAFT_DIR, load_draft
 from deepspec_jax.errors import ConfigError, DeepSpecError
 from deepspec_jax.evaluation import datasets, report, runner
 from deepspec_jax.hub_cache import resolve_checkpoint_path
@@ -38,8 +38,6 @@ from deepspec_jax.target import NAMED_TARGETS, load_target, resolve_target_path
 
 QUICK_MAX_SAMPLES = 2
 QUICK_MAX_NEW_TOKENS = 64
-DEFAULT_DRAFT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
-                                 "default_draft")
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("target", None, "Target model: HF directory, .gguf file, 'smollm2-135m' or "
@@ -62,6 +60,14 @@ flags.DEFINE_float("temperature", 1.0, "Sampling temperature (< 1e-5 means greed
 flags.DEFINE_float("confidence_threshold", 0.0, "DSpark early stop: propose only the prefix "
                    "before the first position whose confidence is below this (0 = off; "
                    "calibration metrics are collected only at 0).", flag_values=FLAGS)
+flags.DEFINE_enum("policy", "fixed", ["fixed", "threshold", "scheduler", "production"],
+                  "How many drafts the target verifies per request each round: the whole block "
+                  "(fixed), the drafts before --confidence_threshold (threshold), or DSpark's "
+                  "prefix scheduler under this machine's measured verify cost (scheduler; "
+                  "production: its variant whose budget is chosen two rounds ahead; the cost "
+                  "profile is measured once per target/batch size and cached, see "
+                  "`python -m deepspec_jax.sps`). The #propose column is then the verified "
+                  "drafts per round.", flag_values=FLAGS)
 flags.DEFINE_integer("seed", 980406, "Seed of sample selection and decoding (sample i uses "
                      "seed + i).", flag_values=FLAGS)
 flags.DEFINE_string("output_dir", "eval_results", "Directory for results.json and PNGs.",
@@ -204,6 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if tree is not None and tree[0] > int(draft.config.out_vocab_size):
         return _fail(f"--tree={FLAGS.tree}: topk {tree[0]} exceeds the draft's vocabulary "
                      f"({draft.config.out_vocab_size}).", 2)
+    if FLAGS.policy != "fixed" and (tree is not None or not runner.has_confidence_head(draft)):
+        return _fail(f"--policy={FLAGS.policy} needs a chain (no --tree) and a draft with a "
+                     f"confidence head ({draft.kind} draft {draft.source}); use --policy=fixed.", 2)
     if FLAGS.confidence_threshold > 0 and not runner.has_confidence_head(draft):
         print("note: --confidence_threshold has no effect: the draft has no confidence head.",
               flush=True)
@@ -213,14 +222,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         confidence_threshold=FLAGS.confidence_threshold, seed=FLAGS.seed,
         batch_size=FLAGS.batch_size, output_dir=FLAGS.output_dir, max_samples=max_samples,
         run_autoregressive=FLAGS.autoregressive, tree=_tree_setting(),
-        use_calibration=FLAGS.calibration)
+        use_calibration=FLAGS.calibration, policy=FLAGS.policy)
     config = {"target": target.source, "draft": draft.source, "datasets": names,
               "max_samples": max_samples, "max_new_tokens": max_new,
               "temperature": FLAGS.temperature,
               "confidence_threshold": FLAGS.confidence_threshold, "seed": FLAGS.seed,
               "batch_size": FLAGS.batch_size, "quick_demo": quick,
               "tree": list(_tree_setting()) if FLAGS.tree else None,
-              "calibration": FLAGS.calibration}
+              "calibration": FLAGS.calibration, "policy": FLAGS.policy}
     if quick:  # few short prompts: one compilation per decoder for the whole demo
         try:
             settings = dataclasses.replace(settings, prompt_bucket=runner.shared_prompt_bucket(

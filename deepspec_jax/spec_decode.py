@@ -41,7 +41,7 @@ from flax import nnx
 from deepspec_jax.drafts.registry import family_for_kind
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.kernels.tree_attention import ancestor_bits
-from deepspec_jax.models.transformer import init_cache as target_init_cache
+from deepspec_jax.models.transformer import init_cache as target_init_cache, write_new_kv
 from deepspec_jax.sampling import SamplingParams, probs as sampling_probs, sample as sampling_sample
 from deepspec_jax.target import (NonFiniteLogitsError, Target, nonfinite_rows, pad_prompts,
                                  raise_if_nonfinite, round_up)
@@ -278,11 +278,111 @@ def _next_carry(c, active, new_pos, limit, acc, nxt, stopped, stop_ids, prop_rec
                 bad_round=jnp.where(bad, c["rounds"], c["bad_round"])), r
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 4, 9, 10, 11, 12, 13))
+POLICIES = ("fixed", "threshold", "scheduler", "production")
+
+
+def verify_buckets(rows: int, width: int) -> tuple[int, ...]:
+    """The packed verify sizes compiled for ``rows`` requests of up to ``width`` tokens
+    (current + drafts): powers of two below rows x width, and rows x width itself. A
+    round runs the smallest one that holds its tokens (at most 2x padding)."""
+    full = rows * width
+    return tuple(sorted({1 << k for k in range(full.bit_length()) if (1 << k) < full} | {full}))
+
+
+def schedule_lengths(conf: jax.Array, active: jax.Array, sps: jax.Array) -> jax.Array:
+    """Algorithm 1 of the DSpark paper (SPEC §6): how many drafts [R] each request verifies.
+
+    ``conf`` [R, W]: per-position acceptance probabilities (calibrated confidences);
+    ``active`` [R]; ``sps`` [N]: target verify steps/s at B = 1..N verify tokens. Every
+    active request verifies its anchor (B = R, expected accepted tokens tau = R); the
+    candidates (r, j) are admitted in descending order of their prefix survival
+    a_rj = prod_{i<=j} c_ri (ties: earlier position first, so each request's admitted
+    candidates form a prefix), each adding 1 to B and a_rj to tau, while tau x SPS(B)
+    improves; the first non-improvement stops the search. The stop keeps the decision
+    non-anticipating: whether draft j is verified never depends on the draft at j or
+    later (a_rj depends on drafts before j only), so rejection sampling stays lossless.
+    B past the table's end is clamped to its last entry."""
+    a_sorted, order, n_act = _ranked(conf, active)
+    table = lambda bsz: sps[jnp.clip(bsz - 1, 0, sps.shape[0] - 1)]   # noqa: E731
+    k = jnp.arange(1, a_sorted.shape[0] + 1, dtype=jnp.int32)
+    obj = (n_act + jnp.cumsum(a_sorted)) * table(n_act + k)
+    prev = jnp.concatenate([(n_act * table(n_act))[None], obj[:-1]])
+    admit_sorted = jnp.cumprod(((obj > prev) & (a_sorted >= 0)).astype(jnp.int32))
+    return _admitted_lengths(admit_sorted, order, conf.shape)
+
+
+def capacity_lengths(conf: jax.Array, active: jax.Array, capacity: jax.Array) -> jax.Array:
+    """The production variant's admission: a verify budget of ``capacity`` tokens (fixed
+    before this round's drafts exist) is filled with the anchors, then the candidates
+    of highest prefix survival (``schedule_lengths``' order; survival > 0 only). Whether
+    draft j is admitted depends on earlier drafts and other requests only."""
+    a_sorted, order, n_act = _ranked(conf, active)
+    k = jnp.arange(a_sorted.shape[0], dtype=jnp.int32)
+    admit_sorted = ((k < capacity - n_act) & (a_sorted > 0)).astype(jnp.int32)
+    return _admitted_lengths(admit_sorted, order, conf.shape)
+
+
+def _ranked(conf: jax.Array, active: jax.Array):
+    """Candidates (r, j) by descending prefix survival (earlier position first on ties;
+    finished requests' last, at -1): (survivals, flat indices, active count)."""
+    r, w = conf.shape
+    a = jnp.cumprod(jnp.clip(conf.astype(jnp.float32), 0.0, 1.0), axis=1)
+    a = jnp.where(active[:, None], a, -1.0).reshape(-1)
+    j = jnp.tile(jnp.arange(w, dtype=jnp.int32), r)
+    order = jnp.lexsort((j, -a))
+    return a[order], order, jnp.sum(active.astype(jnp.int32))
+
+
+def _admitted_lengths(admit_sorted: jax.Array, order: jax.Array, shape) -> jax.Array:
+    """Per request, the length of the admitted prefix of its candidates."""
+    admitted = jnp.zeros((shape[0] * shape[1],), jnp.int32).at[order].set(admit_sorted)
+    return jnp.sum(jnp.cumprod(admitted.reshape(shape), axis=1), axis=1).astype(jnp.int32)
+
+
+def _anticipating_lengths(conf: jax.Array, sps: jax.Array) -> jax.Array:
+    """Private (tests only): a scheduler that is NOT lossless, the DSpark paper's
+    appendix counterexample. Each row alone takes the prefix length l maximising
+    (1 + sum_{j<=l} a_j) x SPS(1 + l) over the whole block (``sps``'s first W + 1
+    entries), so whether draft j is verified depends on the confidences after it, which
+    depend on draft j itself."""
+    a = jnp.cumprod(jnp.clip(conf.astype(jnp.float32), 0.0, 1.0), axis=1)
+    tau = 1.0 + jnp.concatenate([jnp.zeros_like(a[:, :1]), jnp.cumsum(a, axis=1)], axis=1)
+    return jnp.argmax(tau * sps[None, :a.shape[1] + 1], axis=1).astype(jnp.int32)
+
+
+def _packed_verify(target, tcache, ids, counts, layer_ids, buckets):
+    """``target.extend_packed`` of the ``counts[b]`` real tokens of each row, at the
+    smallest compiled size in ``buckets`` that holds them (``lax.switch``: one program,
+    only the chosen branch runs). Returns (logits, features) in the [B, T] layout and
+    the cache with the new entries written and lengths advanced."""
+    total = jnp.sum(counts)
+    idx = jnp.sum((total > jnp.asarray(buckets, jnp.int32)).astype(jnp.int32))
+
+    # The branches only read the cache; its in-place update happens after the switch
+    # (a cache written inside a branch is copied whole: ~5 ms per round per SmolLM2 row).
+    def branch(size):
+        def run(cache):
+            out, new_kv = target.extend_packed(cache, ids, counts, size, layer_ids, write=False)
+            return out.logits, out.features, new_kv
+        return run
+
+    logits, feats, new_kv = jax.lax.switch(jnp.minimum(idx, len(buckets) - 1),
+                                           [branch(s) for s in buckets], tcache)
+    return logits, feats, write_new_kv(tcache, new_kv, counts, logits)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 4, 9, 10, 11, 12, 13),
+                   static_argnames=("policy",))
 def _spec_generate(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prompt_len, stop_ids,
-                   gate, max_new, cache_len, sp, layer_ids, rule, key):
+                   gate, max_new, cache_len, sp, layer_ids, rule, key, policy="fixed", sps=None):
     """``gate`` = (confidence threshold [], confidence-logit scale [width]: 1 / the STS
-    temperatures, ones without a calibration)."""
+    temperatures, ones without a calibration). ``policy`` (static, ``POLICIES``): how
+    many drafts each row verifies. "fixed" runs every row's whole block through the
+    target (``extend``); "threshold" (the proposal cut at the confidence threshold) and
+    "scheduler" (``schedule_lengths`` over ``sps`` [N], steps/s per verify batch size;
+    "production": ``capacity_lengths`` under the budget it chose two rounds earlier)
+    verify only the chosen tokens, packed (``_packed_verify``); finished rows cost
+    nothing there."""
     threshold, conf_scale = gate
     target = nnx.merge(tgraphdef, tstate)
     draft = nnx.merge(dgraphdef, dstate)
@@ -295,7 +395,8 @@ def _spec_generate(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prompt_le
                                                   cache_len, sp, layer_ids, key, max_new)
     carry = dict(_init_carry(prompt_len, first, tcache, dstate, stop_ids, prefill_bad, max_new,
                              max_new + width + 2),
-                 conf=jnp.zeros((b, max_new, width), jnp.float32))
+                 conf=jnp.zeros((b, max_new, width), jnp.float32),
+                 cap=jnp.full((2,), -1, jnp.int32))   # production: budgets ahead (-1: none yet)
     limit = prompt_len + max_new   # a row runs rounds while its current token's position < limit
 
     def cond(c):
@@ -305,19 +406,42 @@ def _spec_generate(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prompt_le
         active = ~c["done"]
         pos, cur = c["pos"], c["cur"]
         k_draft, k_verify = jax.random.split(jax.random.fold_in(key, c["i"]))
+        cap = c["cap"]
         drafts, p_d, conf, dstate = _draft_propose(kind, draft, c["dstate"], cur, k_draft, sp)
         n_prop = jnp.full((b,), width, jnp.int32)
         if has_conf:
-            sure = (jax.nn.sigmoid(conf * conf_scale[None]) >= threshold).astype(jnp.int32)
+            prob = jax.nn.sigmoid(conf * conf_scale[None])
+            sure = (prob >= threshold).astype(jnp.int32)
             n_prop = jnp.where(threshold > 0, jnp.sum(jnp.cumprod(sure, axis=1), axis=1), n_prop)
+            if policy == "scheduler":
+                n_prop = schedule_lengths(prob, active, sps)
+            elif policy == "production":
+                # this round's Algorithm-1 budget (rounded up to its compiled size) is
+                # used two rounds later; now, the budget chosen two rounds ago (the first
+                # two rounds, without one: Algorithm 1's own choice)
+                sched = schedule_lengths(prob, active, sps)
+                n_prop = jnp.where(c["cap"][0] < 0, sched,
+                                   capacity_lengths(prob, active, c["cap"][0]))
+                want = jnp.sum(jnp.where(active, sched + 1, 0))
+                sizes = jnp.asarray(verify_buckets(b, width + 1), jnp.int32)
+                cap = jnp.stack([c["cap"][1], sizes[jnp.argmax(sizes >= want)]])
+            elif policy == "_anticipating":
+                n_prop = _anticipating_lengths(prob, sps)
 
         # Verify [current, d_1..d_W] in one target pass (the padding past n_prop is
-        # causal-invisible to the positions that decide the round).
+        # causal-invisible to the positions that decide the round); packed, only the
+        # current token and the n_prop drafts of each active row.
         ids = jnp.concatenate([cur[:, None], drafts], axis=1)
-        vout, tcache = target.extend(c["tcache"], ids, jnp.full((b,), width + 1, jnp.int32),
-                                     layer_ids)
-        p_t = sampling_probs(vout.logits, sp)
-        p_t, p_d = _planted_dists(rule, p_t, vout.logits, p_d, sp)
+        if policy == "fixed":
+            vout, tcache = target.extend(c["tcache"], ids, jnp.full((b,), width + 1, jnp.int32),
+                                         layer_ids)
+            logits, feats = vout.logits, vout.features
+        else:
+            logits, feats, tcache = _packed_verify(target, c["tcache"], ids,
+                                                   jnp.where(active, n_prop + 1, 0), layer_ids,
+                                                   verify_buckets(b, width + 1))
+        p_t = sampling_probs(logits, sp)
+        p_t, p_d = _planted_dists(rule, p_t, logits, p_d, sp)
         acc, nxt, stopped = verify(p_t, p_d, drafts, n_prop, stop_ids, k_verify, sp.greedy, rule)
 
         # Commit: the target cache keeps [current, accepted drafts]; the rest rolls back.
@@ -326,13 +450,13 @@ def _spec_generate(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prompt_le
         tcache = tcache._replace(lengths=new_pos)
         committed, gen = _commit_tokens(c["gen"], active, pos, prompt_len, drafts, acc, nxt,
                                         stopped)
-        dstate = _draft_commit(kind, draft, dstate, vout.features, committed,
+        dstate = _draft_commit(kind, draft, dstate, feats, committed,
                                jnp.where(active & ~stopped, acc + 1, 0))
-        bad_tok = _first_nonfinite(nonfinite_rows(vout.logits), acc, stopped, pos, prompt_len)
+        bad_tok = _first_nonfinite(nonfinite_rows(logits), acc, stopped, pos, prompt_len)
         nc, r = _next_carry(c, active, new_pos, limit, acc, nxt, stopped, stop_ids,
                             jnp.where(stopped, acc, n_prop), max_new, bad_tok)
         return dict(nc, tcache=tcache, dstate=dstate, gen=gen,
-                    conf=c["conf"].at[rows, r].set(conf, mode="drop"))
+                    conf=c["conf"].at[rows, r].set(conf, mode="drop"), cap=cap)
 
     c = jax.lax.while_loop(cond, body, carry)
     n_out = c["pos"] - prompt_len + 1
@@ -489,12 +613,40 @@ def _confidence_scale(draft, temperatures: Sequence[float] | None) -> jax.Array:
     return jnp.asarray(1.0 / t, jnp.float32)
 
 
+def _policy_table(policy: str, sps: Any, draft, tree, rows: int) -> jax.Array | None:
+    """Checks ``policy``; for the scheduler, the steps/s table [rows x (width + 1)] it
+    reads (``sps``: an ``SPSProfile`` or steps/s for B = 1, 2, ...)."""
+    if policy not in POLICIES + ("_anticipating",):
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}.")
+    if policy == "fixed":
+        return None
+    if tree is not None:
+        raise ValueError(f"policy={policy!r} verifies a chain; tree={tree} verifies every "
+                         "node of its tree (use policy='fixed' with a tree).")
+    if not family_for_kind(draft.kind).has_confidence(draft.config):
+        raise ValueError(f"policy={policy!r} needs a draft with a confidence head; the "
+                         f"{draft.kind} draft {draft.source} has none (use policy='fixed').")
+    if policy == "threshold":
+        return jnp.ones((1,), jnp.float32)   # unread; one pytree structure for the loop
+    if sps is None:
+        raise ValueError(f"policy={policy!r} needs sps: the target's verify cost profile "
+                         "(deepspec_jax.sps.measure / `python -m deepspec_jax.sps`).")
+    n = rows * (_proposal_width(draft.kind, draft.config) + 1)
+    table = (sps.steps_per_second(n) if hasattr(sps, "steps_per_second")
+             else np.asarray(sps, np.float64).reshape(-1))
+    if table.size == 0 or not np.all(np.isfinite(table) & (table > 0)):
+        raise ValueError(f"sps must be positive steps/s per verify batch size, got {table}.")
+    table = np.concatenate([table[:n], np.full(max(n - table.size, 0), table[-1])])
+    return jnp.asarray(table, jnp.float32)
+
+
 def speculative_generate(target: Target, draft: Any, prompt_ids: Sequence[Sequence[int]],
                          max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
                          confidence_threshold: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                          stop_token_ids: Sequence[int] | None = None, prompt_bucket: int = 64,
                          cache_bucket: int = 256, tree: tuple[int, int] | None = None,
                          confidence_temperatures: Sequence[float] | None = None,
+                         policy: str = "fixed", sps: Any = None,
                          _rule: str = "exact") -> list[SpecResult]:
     """Speculative decoding of a batch of prompts with ``draft`` (a ``load_draft`` result,
     or any object with ``config``, ``kind``, ``source``, ``graphdef``, ``state``) against
@@ -513,8 +665,16 @@ def speculative_generate(target: Target, draft: Any, prompt_ids: Sequence[Sequen
     confidence threshold then prunes branches. ``confidence_temperatures`` (one per
     block position; the STS calibration, ``deepspec_jax.calibrate``) divide the
     confidence logits before the threshold compares them; the recorded confidences stay
-    raw. ``_rule`` is private: a deliberately
-    wrong acceptance rule for tests.
+    raw. ``policy`` (chain only) says how many drafts the target verifies per row:
+    "fixed" (the whole block, ``confidence_threshold`` only ends the acceptance early),
+    "threshold" (only the drafts before the confidence threshold, packed: fewer tokens
+    cost less) or "scheduler" (DSpark's hardware-aware prefix scheduler over the whole
+    batch, ``schedule_lengths``; needs ``sps``, a ``deepspec_jax.sps.SPSProfile`` of the
+    target on this machine, or steps/s for B = 1, 2, ... verify tokens) or "production"
+    (its production variant: the verify budget comes from the scheduler's choice two
+    rounds earlier, rounded up to a compiled size, and is filled by prefix survival,
+    ``capacity_lengths``; in the first two rounds the scheduler decides). ``_rule`` is
+    private: a deliberately wrong acceptance rule for tests.
 
     Raises ValueError when a prompt plus ``max_new_tokens`` exceeds the target's context
     (``Target.check_context``), and NonFiniteLogitsError (a FloatingPointError) naming
@@ -531,6 +691,7 @@ def speculative_generate(target: Target, draft: Any, prompt_ids: Sequence[Sequen
         raise ValueError(f"_rule must be one of {rules}, got {_rule!r}.")
     layer_ids = check_compatible(target, draft)
     conf_scale = _confidence_scale(draft, confidence_temperatures)
+    sps_table = _policy_table(policy, sps, draft, tree, len(prompt_ids))
     prompt, lens = pad_prompts(prompt_ids, prompt_bucket)
     target._check_ids(prompt, "prompt_ids")
     target.check_context(lens, max_new_tokens)
@@ -545,7 +706,8 @@ def speculative_generate(target: Target, draft: Any, prompt_ids: Sequence[Sequen
     # inside shard_map on it (XLA cannot partition them).
     with jax.set_mesh(target.mesh):
         if shape is None:
-            out = _spec_generate(*args, cache_len, sp, layer_ids, _rule, jax.random.key(seed))
+            out = _spec_generate(*args, cache_len, sp, layer_ids, _rule, jax.random.key(seed),
+                                 policy=policy, sps=sps_table)
         else:
             out = _spec_generate_tree(*args, cache_len, sp, layer_ids, _rule,
                                       jax.random.key(seed), *shape)
@@ -570,4 +732,5 @@ def speculative_generate(target: Target, draft: Any, prompt_ids: Sequence[Sequen
 
 
 __all__ = ["SpecResult", "speculative_generate", "check_compatible", "verify", "parse_tree",
-           "spec_cache_len", "NonFiniteLogitsError"]
+           "spec_cache_len", "NonFiniteLogitsError", "POLICIES", "schedule_lengths",
+           "capacity_lengths", "verify_buckets"]

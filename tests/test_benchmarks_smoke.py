@@ -54,6 +54,10 @@ BENCHMARKS = {
     "break_even.py": ["--context=8", "--cache_len=16", "--repeats=1", "--sweep=1,5",
                       "--json={out}"],
     "decode_step.py": ["--context=8", "--cache_len=16", "--rounds=1", "--calls=1", "--json={out}"],
+    # R=1, two tokens: the SPS profile (measured at context 16 into the work dir), plain
+    # decoding and the policies, outputs checked identical to plain greedy by the program
+    "serving.py": ["--rows=1", "--new_tokens=2", "--context=16",
+                   "--policies=prefill,ar,fixed,threshold,scheduler,none", "--out={out}"],
     "tree_attention.py": ["--batch=1", "--nodes=4", "--kv_heads=1", "--group=1", "--head_dim=16",
                           "--cache_lens=128", "--repeats=1", "--out={out}"],
 }
@@ -61,14 +65,15 @@ BENCHMARKS = {
 # transformers); each runs its list in order, so spec_decode finds the batch-1 generate
 # that ar_decode compiled in the shared compilation cache
 WORKERS = [["train_step.py", "decode_step.py", "break_even.py", "tree_attention.py"],
-           ["ar_decode.py", "spec_decode.py", "train_step_ab.py"]]
+           ["ar_decode.py", "spec_decode.py", "serving.py", "train_step_ab.py"]]
 
 
 def _run(name: str, work: str) -> dict:
     out = os.path.join(work, name.replace(".py", ".json"))
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,   # this checkout's package
                JAX_COMPILATION_CACHE_DIR=os.path.join(work, "xla_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5",
+               DEEPSPEC_JAX_SPS_DIR=os.path.join(work, "sps"))
     argv = [a.replace("{out}", out) for a in BENCHMARKS[name]]
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, os.path.join("benchmarks", name), *argv], cwd=REPO,
@@ -193,3 +198,17 @@ def test_tree_attention(results):
     _finite(row, ["kernel_s", "dense_s", "kernel_bytes", "dense_bytes"])
     _finite(row, ["kernel_max_err", "dense_max_err"], positive=False)
     assert row["kernel_max_err"] < 1e-4 and row["dense_max_err"] < 1e-4, row   # fp32
+
+
+def test_serving(results):
+    out = _ran(results, "serving.py")
+    rows = {r["policy"]: r for r in out["results"]}
+    assert set(rows) == {"prefill", "ar", "fixed", "threshold", "scheduler", "none"}
+    _finite(rows["prefill"], ["seconds"])
+    for name, r in rows.items():
+        if name != "prefill":
+            _finite(r, ["tokens_per_s", "latency_ms_per_token"])
+        if name not in ("prefill", "ar"):
+            _finite(r, ["tau"])
+            _finite(r, ["verified"], positive=False)
+    assert rows["none"]["verified"] == 0 and rows["fixed"]["verified"] > 0

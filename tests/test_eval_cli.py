@@ -25,8 +25,8 @@ EAGLE3 = os.path.join(FIX, "eagle3")             # ttt_length 3, no confidence h
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
+def run_cli(*args: str, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", **(env or {}))
     return subprocess.run([sys.executable, "-m", "deepspec_jax.eval", *args], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -263,3 +263,31 @@ def test_cli_no_flags_quick_demo(tmp_path):
         assert len(res["confidence"]["per_position"]) == 4    # the shipped draft: block 4
         assert_png(os.path.join(tmp_path, res["artifacts"]["acceptance_png"]))  # relative to cwd
         assert_png(os.path.join(tmp_path, res["artifacts"]["reliability_png"]))
+
+
+def test_cli_policies_same_greedy_output(ids_dataset, tmp_path):
+    """--policy=threshold/scheduler (variable-length verification; the scheduler measures
+    and caches this machine's SPS profile first) decode what --policy=fixed decodes at
+    T=0, and report the verified drafts per round next to tau."""
+    env_dir = tmp_path / "sps"
+    res = {}
+    for policy in ("fixed", "threshold", "scheduler"):
+        out = tmp_path / policy
+        proc = run_cli(f"--target={TARGET}", f"--draft={DSPARK}", f"--datasets={ids_dataset}",
+                       "--max_samples=3", "--max_new_tokens=10", "--temperature=0",
+                       "--batch_size=3", "--confidence_threshold=0.5", "--noautoregressive",
+                       f"--policy={policy}", f"--output_dir={out}",
+                       env={"DEEPSPEC_JAX_SPS_DIR": str(env_dir)})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        res[policy] = json.loads((out / "tiny_ids" / "results.json").read_text())
+        assert res[policy]["policy"] == policy
+        assert (res[policy]["verified_drafts_per_round"]
+                == res[policy]["draft_tokens_per_proposal"])
+    assert list(env_dir.glob("sps_*.json")) and list(env_dir.glob("sps_*.png"))
+    outs = {p: [s["output_tokens"] for s in r["samples"]] for p, r in res.items()}
+    assert outs["threshold"] == outs["fixed"] == outs["scheduler"]
+    # the fixed policy verifies whole blocks; the others verify fewer drafts
+    assert res["threshold"]["verified_drafts_per_round"] <= 4
+    proc = run_cli(f"--target={TARGET}", f"--draft={EAGLE3}", f"--datasets={ids_dataset}",
+                   "--policy=scheduler")
+    assert proc.returncode == 2 and "needs a chain (no --tree) and a draft with a confidence head" in proc.stderr

@@ -193,10 +193,13 @@ MIN_CELL = 50         # cells rarer than this (pooled) are merged into one bin
 
 
 def _tiny_pair(kind: str, vocab: int = VOCAB, target_scale: float = 40.0,
-               draft_scale: float = 1.0):
+               draft_scale: float = 1.0, confidence: float = 0.0):
     """A random Qwen3 target (default vocab 16) with peaked distributions (lm_head x
     ``target_scale``: logits std ~4 at 40) and a random draft that shares its
-    embeddings / lm_head (as DeepSpec's drafts do), the latter x ``draft_scale``."""
+    embeddings / lm_head (as DeepSpec's drafts do), the latter x ``draft_scale``.
+    ``confidence`` > 0 (DSpark): a confidence head reading the Markov embedding of the
+    previous token only, its weights x ``confidence`` (confidences that depend on the
+    drafted tokens: what a non-anticipating scheduler must not look ahead at)."""
     raw = dict(model_type="qwen3", vocab_size=vocab, hidden_size=32, intermediate_size=64,
                num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
                rope_theta=10000.0, tie_word_embeddings=False)
@@ -208,7 +211,9 @@ def _tiny_pair(kind: str, vocab: int = VOCAB, target_scale: float = 40.0,
     if kind == "dspark":
         draw = dict(raw, num_hidden_layers=1, block_size=3, num_target_layers=6,
                     target_layer_ids=[0, 2, 4], mask_token_id=vocab - 1, num_anchors=4,
-                    markov_rank=4, markov_head_type="gated", enable_confidence_head=False,
+                    markov_rank=4, markov_head_type="gated",
+                    enable_confidence_head=confidence > 0,
+                    confidence_head_with_markov=confidence > 0,
                     architectures=["Qwen3DSparkModel"])
     else:
         draw = dict(raw, num_hidden_layers=1, num_target_layers=6, target_layer_ids=[0, 1, 2, 3, 4],
@@ -218,6 +223,10 @@ def _tiny_pair(kind: str, vocab: int = VOCAB, target_scale: float = 40.0,
     dmodel = family.build(dcfg, rngs=nnx.Rngs(1))
     dmodel.embed.set_value(model.embed.get_value())
     dmodel.lm_head.set_value(model.lm_head.get_value() * draft_scale)
+    if confidence > 0:
+        w = np.zeros((dcfg.conf_in, 1), np.float32)
+        w[dcfg.hidden_size:, 0] = np.random.default_rng(7).standard_normal(dcfg.markov_rank)
+        dmodel.conf_w.set_value(jnp.asarray(w * confidence, dmodel.conf_w.get_value().dtype))
     dgraph, dstate = nnx.split(dmodel)
     return target, Draft(dcfg, family, dgraph, dstate, target.mesh, None)
 

@@ -56,6 +56,7 @@ TRIPLES = [(1, 2, 3), (3, 4, 5)]   # round-1 drafts; last draft + bonus + later 
 N_TESTS = N_TOK + len(PAIRS) + len(TRIPLES) + N_TOK + 1   # GOF + row-agreement tests
 MIN_EXPECTED = 5.0
 TARGET_SCALE, DRAFT_SCALE = 8.0, 0.5    # target logits std ~0.8, draft flatter: see _check_coverage
+CONFIDENCE = 300.0        # confidence-head weight scale of the policy tests' draft
 
 
 @functools.lru_cache(maxsize=None)
@@ -198,13 +199,23 @@ def _rows_for_power(stat: float, df: int, n_used: int, power: float = 0.99) -> i
 # engine samples
 # ---------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
+def _confident_pair():
+    """The dspark pair's target (the same weights: the same exact joint) with a draft
+    whose confidence head reads the previous token (sigmoid spread ~0.04..1)."""
+    return _tiny_pair("dspark", VOCAB, TARGET_SCALE, DRAFT_SCALE, confidence=CONFIDENCE)
+
+
 def _sample(kind: str, sp: SamplingParams, rule: str = "exact", rows: int = ROWS, seed: int = 1,
-            tree=None):
-    target, draft = _pair(kind)
+            tree=None, policy: str = "fixed", **policy_kw):
+    target, draft = _pair(kind) if policy == "fixed" else _confident_pair()
     res = speculative_generate(target, draft, [PROMPT] * rows, max_new_tokens=N_TOK,
                                temperature=sp.temperature, top_k=sp.top_k, top_p=sp.top_p,
                                seed=seed, prompt_bucket=8, cache_bucket=16, tree=tree,
-                               _rule=rule)
+                               _rule=rule, policy=policy, **policy_kw)
+    if policy != "fixed":
+        return (np.asarray([r.tokens for r in res]),
+                np.concatenate([r.proposal_lengths for r in res]))
     seqs = np.asarray([r.tokens for r in res])
     assert seqs.shape == (rows, N_TOK)
     return seqs, np.asarray([r.accepted_lengths[0] for r in res])
@@ -338,3 +349,49 @@ def test_chain_and_tree_share_the_draft_distribution(kind):
     assert (chain == 0).sum(axis=1).min() >= VOCAB - 4, "top-k must cut the draft's support"
     np.testing.assert_allclose(chain, tree, atol=1e-6)
     assert np.all(chain[np.arange(len(toks)), toks] > 0)
+
+
+# ---------------------------------------------------------------------------
+# verification policies: each row verifies a variable number of drafts
+# ---------------------------------------------------------------------------
+
+POLICY_CASES = [
+    pytest.param("threshold", dict(confidence_threshold=0.5), id="threshold0.5"),
+    # steps/s 1 / (R + B/2) at B verify tokens over the batch of R rows: admits
+    # candidates down to a prefix survival of ~0.5
+    pytest.param("scheduler", dict(sps=[1.0 / (ROWS + 0.5 * b) for b in range(1, ROWS * (WIDTH + 1) + 1)]),
+                 id="scheduler"),
+    pytest.param("production", dict(sps=[1.0 / (ROWS + 0.5 * b) for b in range(1, ROWS * (WIDTH + 1) + 1)]),
+                 id="production"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy,kw", POLICY_CASES)
+def test_policy_sampling_has_target_joint_distribution(policy, kw):
+    """Variable-length verification keeps the target's joint distribution: the number
+    of drafts verified (each of 0..WIDTH in >= 5% of rounds) is decided from confidences
+    that depend on earlier drafts only."""
+    sp = SamplingParams(1.0)
+    seqs, verified = _sample("dspark", sp, rows=ROWS, seed=4, policy=policy, **kw)
+    share = np.bincount(verified, minlength=WIDTH + 1) / len(verified)
+    assert share.min() >= 0.05, f"verified-length shares {share.round(3)}"
+    _assert_target_joint("dspark", sp, seqs)
+
+
+@pytest.mark.slow
+def test_anticipating_scheduler_is_rejected():
+    """The DSpark paper's counterexample: a scheduler that picks a request's length
+    after looking at the confidences of later drafts (``_anticipating``: the best
+    prefix of the whole block under a staircase cost) verifies draft 1 mostly when draft
+    2's confidence -- a function of draft 1 -- is high, which biases draft 1's
+    acceptance. Measured: (y1, y2) pair, needs ~2.6k rows for power 0.99."""
+    sp = SamplingParams(1.0)
+    seqs, verified = _sample("dspark", sp, rows=RULE_ROWS, seed=4, policy="_anticipating",
+                             sps=[1.0, 0.4, 0.55, 0.55])
+    assert set(np.unique(verified)) == {0, WIDTH}
+    res = _tests(seqs, _exact_joint("dspark", sp))
+    gof = {k: v for k, v in res.items() if not k.startswith("agree")}
+    name, (p, stat, df) = min(gof.items(), key=lambda kv: kv[1][0])
+    assert p < ALPHA / N_TESTS, f"anticipating scheduler not rejected (best {name}: p={p:.3g})"
+    assert _power(stat, df, len(seqs), len(seqs)) >= 0.99

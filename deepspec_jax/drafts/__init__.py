@@ -28,6 +28,10 @@ from deepspec_jax.draft_vocab import (D2T, D2T_HF_DTYPE, FIELD, T2D, T2D_HF_DTYP
 from deepspec_jax.drafts.common import DraftFamily
 from deepspec_jax.drafts.registry import resolve_spec
 from deepspec_jax.drafts.speculators import is_speculators_config, load_speculators_dir
+
+# The project's shipped DSpark draft for the embedded SmolLM2 target (the tools' default).
+DEFAULT_DRAFT_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                 "assets", "default_draft")
 from deepspec_jax.dtypes import dtype_name
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.hub_cache import resolve_checkpoint_path
@@ -180,4 +184,4 @@ def _draft_from(loaded: Loaded, mesh: Mesh, path: str, from_target: tuple = ()) 
                  from_target)
 
 
-__all__ = ["Draft", "load_draft", "shared_with_target", "restrict_vocab"]
+__all__ = ["Draft", "load_draft", "shared_with_target", "restrict_vocab", "DEFAULT_DRAFT_DIR"]

@@ -31,6 +31,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from deepspec_jax import sps
 from deepspec_jax.drafts.registry import family_for_kind
 from deepspec_jax.evaluation import calibration, datasets, metrics, plots, report, sts
 from deepspec_jax.spec_decode import speculative_generate
@@ -90,6 +91,7 @@ class Settings:
                                          # (None: per dataset; see shared_prompt_bucket)
     tree: tuple[int, int] | None = None  # also decode with draft trees (topk, num_nodes)
     use_calibration: bool = True         # apply <draft>/calibration.json (STS) when present
+    policy: str = "fixed"                # verification policy (spec_decode.POLICIES)
 
 
 def max_proposal_tokens(draft) -> int:
@@ -161,6 +163,20 @@ class Decoders:
             return {}
         return {"confidence_temperatures": self.calibration.temperatures}
 
+    def _policy_kwargs(self) -> dict:
+        """The chain's verification policy; the scheduler's SPS profile for this batch
+        size (measured once per target and machine, then cached: ``deepspec_jax.sps``)."""
+        s = self.settings
+        if s.policy == "fixed":
+            return {}
+        uses_cost = s.policy in ("scheduler", "production")
+        if uses_cost and self._sps is None:
+            self._sps = sps.cached(self.target, s.batch_size,
+                                   max_proposal_tokens(self.draft) + 1)
+        return {"policy": s.policy, **({"sps": self._sps} if uses_cost else {})}
+
+    _sps = None
+
     prompt_bucket: int = PROMPT_BUCKET   # set per dataset by ``timed``
 
     def spec(self, ids: list[list[int]], seed: int):
@@ -168,7 +184,8 @@ class Decoders:
         return self.spec_fn(self.target, self.draft, ids, max_new_tokens=s.max_new_tokens,
                             temperature=s.temperature, seed=seed,
                             confidence_threshold=s.confidence_threshold,
-                            prompt_bucket=self.prompt_bucket, **self._conf_kwargs())
+                            prompt_bucket=self.prompt_bucket, **self._conf_kwargs(),
+                            **self._policy_kwargs())
 
     def tree(self, ids: list[list[int]], seed: int):
         """Speculative decoding with draft trees (same settings as ``spec``)."""
@@ -270,7 +287,8 @@ def evaluate_dataset(name: str, decoders: Decoders, *, target_name: str,
     spec_out, spec_s, spec_compile = decoders.timed("spec", prompt_ids, f"{label} speculative")
     stats = metrics.RoundStats(gamma)
     calib = (calibration.ConfidenceCalibration(gamma)
-             if has_confidence_head(draft) and s.confidence_threshold == 0.0 else None)
+             if has_confidence_head(draft) and s.confidence_threshold == 0.0
+             and s.policy in ("fixed", "threshold") else None)
     calib_sts = (calibration.ConfidenceCalibration(gamma, decoders.calibration.temperatures)
                  if calib is not None and decoders.calibration is not None else None)
     samples = []
@@ -311,6 +329,9 @@ def evaluate_dataset(name: str, decoders: Decoders, *, target_name: str,
                     if ar_block and spec_tps and ar_block["output_tokens_per_second"] else None),
     })
     row["accept_rate"] = {f"@{k}": v for k, v in enumerate(row["accept_rates_by_position"])}
+    # proposal lengths are what the target verified: the policy's verified length
+    row["policy"] = s.policy
+    row["verified_drafts_per_round"] = row["draft_tokens_per_proposal"]
     row["sts_temperatures"] = (None if decoders.calibration is None
                                else list(decoders.calibration.temperatures))
     if calib is not None:
@@ -320,7 +341,8 @@ def evaluate_dataset(name: str, decoders: Decoders, *, target_name: str,
         row["confidence"] = None
         row["confidence_note"] = (
             "no confidence head" if not has_confidence_head(draft)
-            else "calibration is collected only at confidence_threshold 0")
+            else "calibration is collected only at confidence_threshold 0 and a policy "
+                 "that verifies whole blocks")
     if s.tree is not None:
         row["tree"] = _tree_block(decoders, prompt_ids, label, gamma, samples, spec_tps, ar_block)
     row["config"] = dict(config or {})

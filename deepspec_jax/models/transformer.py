@@ -180,6 +180,17 @@ def write_kv_after(ck: jax.Array, cv: jax.Array, kt: jax.Array, vt: jax.Array,
     return write_rows(ck, kt + after, start, 3), write_rows(cv, vt + after, start, 2)
 
 
+def write_new_kv(cache: KVCache, new_kv, num_new: jax.Array, read: jax.Array) -> KVCache:
+    """Store ``extend_packed(..., write=False)``'s new keys/values at each row's length,
+    in place, after ``read`` (a result computed from the old cache), and advance the
+    lengths by ``num_new``."""
+    ks, vs = new_kv
+    bufs = [write_kv_after(ck, cv, kt, vt, cache.lengths, read)
+            for ck, cv, kt, vt in zip(cache.k, cache.v, ks, vs)]
+    return KVCache(tuple(b[0] for b in bufs), tuple(b[1] for b in bufs),
+                   jnp.minimum(cache.lengths + num_new.astype(jnp.int32), cache.max_len))
+
+
 def window_start(positions: jax.Array, window: int | None) -> jax.Array | int:
     """First key position a query at ``positions`` sees: 0, or for a sliding-window
     layer ``position - window + 1`` (HF: key k is visible iff q - k < window)."""
@@ -201,6 +212,53 @@ def _causal_attend(b: int, t: int):
         return span_attention(q, k, v, start, stop, scale=scale)[0].astype(q.dtype)
 
     return attend
+
+
+def _cache_attend(start: jax.Array, positions: jax.Array):
+    """``attend`` of ``extend``: T new tokens per row (``positions`` [B, T]) after each
+    row's ``start`` cached ones.
+
+    Attention reads the old cache and the new keys/values as separate segments, so the
+    cache is read before the new entries are written (in place, by ``_run``), and reads
+    it only up to the longest row's length (block by block): a step costs what the
+    context holds, not what the cache could. Sliding layers also hide keys before each
+    query's window."""
+    b, t = positions.shape
+    new_mask = jnp.tril(jnp.ones((t, t), bool))[None]
+    filled = jnp.max(start)
+
+    def attend(q, kt, vt, ck, cv, window, scale):
+        nm = new_mask
+        first = None
+        if window is not None:
+            first = window_start(positions, window)[:, :, None]      # [B, T, 1]
+            nm = nm & (positions[:, None, :] >= first)                # new key j at positions[b, j]
+
+        def cache_mask(slots):                                        # [B, T, n]
+            m = jnp.broadcast_to(slots[None, None, :] < start[:, None, None],
+                                 (b, t, slots.shape[0]))
+            return m if first is None else m & (slots[None, None, :] >= first)
+
+        return filled_cache_attention(q, ck, cv, cache_mask, filled, (kt, vt, nm),
+                                      scale=scale).astype(q.dtype)
+
+    return attend
+
+
+def packed_layout(num_new: jax.Array, width: int, size: int):
+    """Where the real tokens of a [B, width] batch go in a packed sequence of ``size``
+    tokens: rows one after another, row b's first ``num_new[b]`` tokens. Returns
+    (row [size], slot [size]) of each packed token -- row = B (out of range: dropped by
+    scatters) for the padding past sum(num_new) -- and ``gather`` [B, width], the packed
+    index of each row's slot (clamped into range past ``num_new[b]``)."""
+    b = num_new.shape[0]
+    ends = jnp.cumsum(num_new)
+    starts = ends - num_new
+    p = jnp.arange(size, dtype=jnp.int32)
+    row = jnp.sum(p[:, None] >= ends[None, :], axis=1).astype(jnp.int32)
+    slot = p - starts[jnp.minimum(row, b - 1)]
+    gather = jnp.minimum(starts[:, None] + jnp.arange(width, dtype=jnp.int32)[None], size - 1)
+    return row, slot, gather
 
 
 class ForwardOut(NamedTuple):
@@ -320,7 +378,8 @@ class CausalLM(nnx.Module):
         return self.logits(h)[:, 0]
 
     # ---- the decoder ----
-    def _run(self, input_ids, positions, layer_ids, attend, cache: KVCache | None):
+    def _run(self, input_ids, positions, layer_ids, attend, cache: KVCache | None,
+             regroup=None, write: bool = True):
         """Embed, run the decoder layers, collect features; returns (ForwardOut, cache).
 
         ``attend(q, kt, vt, ck, cv, window, scale)`` -> attention output, given the
@@ -333,7 +392,11 @@ class CausalLM(nnx.Module):
         written into its cache buffer in place after the attention read
         (``write_kv_after``); a Gemma-4 KV-shared layer attends to its source layer's
         new keys/values and buffer, which is written after the last such reader (the
-        readers are sequential, so that one's output depends on all earlier reads)."""
+        readers are sequential, so that one's output depends on all earlier reads).
+        ``regroup(kt, vt)`` (packed verification) maps the new keys/values from the
+        token layout of ``input_ids`` to the per-row layout the cache is written in.
+        ``write=False`` leaves the cache untouched and returns, in its place, the new
+        (keys, values) per layer with its own (``write_new_kv`` stores them)."""
         cfg = self.cfg
         layer_ids = tuple(layer_ids)
         for lid in layer_ids:
@@ -362,15 +425,20 @@ class CausalLM(nnx.Module):
             src = cfg.kv_source(l)
             if k is not None:
                 new_kv[l] = k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)  # [B,K,D,T], [B,K,T,D]
+                if regroup is not None:
+                    new_kv[l] = regroup(*new_kv[l])
             kt, vt = new_kv[src]
             ck, cv = (None, None) if cache is None else (cache.k[src], cache.v[src])
             attn = attend(q, kt, vt, ck, cv, cfg.layer_window(l),
                           cfg.attention_scale(q.shape[-1]))
             h = layer_finish(cfg, p, h, attn)
             feats = jax.lax.dynamic_update_index_in_dim(feats, h, slots[l], axis=2)
-            if cache is not None and last_reader[src] == l:
+            if cache is not None and write and last_reader[src] == l:
                 bufs[src] = write_kv_after(ck, cv, kt, vt, start, attn)
-        if cache is not None:
+        if cache is not None and not write:
+            cache = (tuple(new_kv[l][0] for l in range(cfg.first_kv_shared)),
+                     tuple(new_kv[l][1] for l in range(cfg.first_kv_shared)))
+        elif cache is not None:
             cache = KVCache(tuple(bufs[l][0] for l in range(cfg.first_kv_shared)),
                             tuple(bufs[l][1] for l in range(cfg.first_kv_shared)),
                             cache.lengths)
@@ -398,35 +466,51 @@ class CausalLM(nnx.Module):
         b, t = input_ids.shape
         start = cache.lengths
         positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
-        s_max = cache.max_len
-        new_mask = jnp.tril(jnp.ones((t, t), bool))[None]
-        filled = jnp.max(start)
-
-        # Attention reads the old cache and the new keys/values as separate segments,
-        # so the cache is read before the new entries are written (in place, by _run),
-        # and reads it only up to the longest row's length (block by block): a step
-        # costs what the context holds, not what the cache could. A fresh prefill (long
-        # T) is a causal span over the new tokens alone. Sliding layers also hide keys
-        # before each query's window.
-        def attend(q, kt, vt, ck, cv, window, scale):
-            nm = new_mask
-            first = None
-            if window is not None:
-                first = window_start(positions, window)[:, :, None]      # [B, T, 1]
-                nm = nm & (positions[:, None, :] >= first)                # new key j at positions[b, j]
-
-            def cache_mask(slots):                                        # [B, T, n]
-                m = jnp.broadcast_to(slots[None, None, :] < start[:, None, None],
-                                     (b, t, slots.shape[0]))
-                return m if first is None else m & (slots[None, None, :] >= first)
-
-            return filled_cache_attention(q, ck, cv, cache_mask, filled, (kt, vt, nm),
-                                          scale=scale).astype(q.dtype)
-
         out, cache = self._run(input_ids, positions, layer_ids,
-                               _causal_attend(b, t) if fresh else attend, cache)
-        new_len = jnp.minimum(start + num_new.astype(jnp.int32), s_max)
+                               _causal_attend(b, t) if fresh else _cache_attend(start, positions),
+                               cache)
+        new_len = jnp.minimum(start + num_new.astype(jnp.int32), cache.max_len)
         return out, cache._replace(lengths=new_len)
+
+    def extend_packed(self, cache: KVCache, input_ids: jax.Array, num_new: jax.Array,
+                      size: int, layer_ids: Sequence[int] = (), write: bool = True):
+        """``extend`` that computes only the real tokens: row b's first ``num_new[b]``
+        tokens of ``input_ids`` [B, T] (0 allowed) are packed into one sequence of
+        ``size`` (static, >= sum(num_new)) tokens for the per-token work (projections,
+        MLP, lm_head), so verifying fewer tokens costs less (``packed_layout``).
+        Attention and the cache writes regroup them into the [B, T] layout of
+        ``extend``, whose results this equals at every real position. Outputs are in
+        that [B, T] layout; entries past ``num_new[b]`` are unspecified (finite).
+        Returns (ForwardOut, cache) -- or with ``write=False`` (static) (ForwardOut, new
+        keys/values per layer in the cache layout) for ``write_new_kv``: a caller that
+        picks ``size`` at run time (``lax.switch``) keeps the cache out of the branches,
+        which would otherwise copy it."""
+        b, t = input_ids.shape
+        start = cache.lengths
+        num_new = num_new.astype(jnp.int32)
+        row, slot, gather = packed_layout(num_new, t, size)
+        rc, sc = jnp.minimum(row, b - 1), jnp.minimum(slot, t - 1)
+        positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+        attend_rows = _cache_attend(start, positions)
+
+        def to_rows(x, axis):   # packed [1, ..., size (at axis), ...] -> [B, ..., T, ...]
+            x = jnp.moveaxis(x[0], axis - 1, 0)                      # [size, ...]
+            out = jnp.zeros((b, t) + x.shape[1:], x.dtype).at[row, slot].set(x, mode="drop")
+            return jnp.moveaxis(out, 1, axis)
+
+        def regroup(kt, vt):    # [1,K,D,size] / [1,K,size,D] -> [B,K,D,T] / [B,K,T,D]
+            return to_rows(kt, 3), to_rows(vt, 2)
+
+        def attend(q, kt, vt, ck, cv, window, scale):
+            o = attend_rows(to_rows(q, 1), kt, vt, ck, cv, window, scale)  # [B,T,H,D]
+            return o[rc, sc][None]
+
+        out, cache = self._run(input_ids[rc, sc][None], (start[rc] + slot)[None], layer_ids,
+                               attend, cache, regroup=regroup, write=write)
+        out = ForwardOut(*(x[0][gather] for x in out))
+        if not write:
+            return out, cache
+        return out, cache._replace(lengths=jnp.minimum(start + num_new, cache.max_len))
 
     def extend_tree(self, cache: KVCache, input_ids: jax.Array, depths: jax.Array,
                     tree_bits: jax.Array, layer_ids: Sequence[int] = (),

@@ -1,0 +1,166 @@
+"""Will speculative decoding pay off at batch size R on this (or another) machine?
+
+A cost calculator: tokens/s of plain decoding and of speculative decoding under a
+verification policy, predicted from
+
+* acceptance statistics: tau (accepted + 1 per round) and the drafts verified per round
+  v, from an eval's ``results.json`` (``--policy`` decides v: the fixed policy verifies
+  the whole block) or from ``benchmarks/serving.py``'s JSON (one row per R and policy);
+* an SPS profile per R (``deepspec_jax.sps``: verify seconds per verify batch size B,
+  one plain decode step, the draft's propose + commit), measured here and cached, or
+  read from files measured on another machine (``--sps``).
+
+The model: a round of R requests verifies B = R (1 + v) tokens and costs
+verify(B) + propose(R); it commits R x tau tokens. Plain decoding commits R tokens per
+step. With serving-benchmark input it also prints the measured tokens/s and the
+prediction's error.
+
+    python -m deepspec_jax.simulate --stats=eval_results/gsm8k/results.json --rows=1,4,16,32
+    python -m deepspec_jax.simulate --stats=serving.json          # prediction error
+    python -m deepspec_jax.simulate --stats=results.json --sps=a.json,b.json   # their machine
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from typing import Sequence
+
+from absl import flags
+
+from deepspec_jax import cli, sps as sps_lib
+from deepspec_jax.drafts import DEFAULT_DRAFT_DIR, load_draft
+from deepspec_jax.errors import ConfigError
+from deepspec_jax.spec_decode import _proposal_width
+from deepspec_jax.target import load_target
+
+
+def predict(profile: sps_lib.SPSProfile, tau: float, verified: float) -> dict:
+    """Predicted tokens/s (all requests) of a policy with acceptance length ``tau`` and
+    ``verified`` drafts per request per round, and of plain decoding, at
+    ``profile.rows`` requests."""
+    if profile.propose_seconds is None or profile.ar_seconds is None:
+        raise ConfigError("the SPS profile has no proposal / plain-step timing: measure it "
+                          "with a draft (`python -m deepspec_jax.sps --draft=...`).")
+    r = profile.rows
+    b = max(r, math.ceil(r * (1.0 + verified) - 1e-9))
+    round_s = profile.seconds_at(b) + profile.propose_seconds
+    spec = r * tau / round_s
+    ar = r / profile.ar_seconds
+    return dict(rows=r, tau=tau, verified=verified, verify_tokens=b,
+                round_ms=round(round_s * 1e3, 2), tokens_per_s=round(spec, 2),
+                ar_tokens_per_s=round(ar, 2), speedup=round(spec / ar, 3))
+
+
+def read_stats(path: str) -> list[dict]:
+    """Rows of (label, policy, tau, verified[, rows, measured tokens/s]) from an eval
+    results.json or a serving-benchmark JSON."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read acceptance statistics ({e}).") from e
+    if isinstance(raw, dict) and "results" in raw:          # benchmarks/serving.py
+        out = []
+        for r in raw["results"]:
+            if r["policy"] == "prefill":
+                continue
+            # the decode phase alone when the benchmark measured its prefill
+            meas = r.get("decode_tokens_per_s", r["tokens_per_s"])
+            if r["policy"] == "ar":
+                out.append(dict(label="ar", policy="ar", rows=r["rows"], measured=meas))
+            else:
+                out.append(dict(label=r["policy"], policy=r["policy"], rows=r["rows"],
+                                tau=r["tau"], verified=r["verified"], measured=meas))
+        return out
+    if isinstance(raw, dict) and "acceptance_length" in raw:   # eval results.json
+        v = raw.get("verified_drafts_per_round", raw.get("draft_tokens_per_proposal"))
+        if raw.get("acceptance_length") is None or v is None:
+            raise ConfigError(f"{path}: fields 'acceptance_length' and "
+                              "'draft_tokens_per_proposal' are needed (an eval results.json).")
+        return [dict(label=raw.get("dataset", path), policy=raw.get("policy", "fixed"),
+                     tau=float(raw["acceptance_length"]), verified=float(v))]
+    raise ConfigError(f"{path}: neither an eval results.json (field 'acceptance_length') "
+                      "nor a benchmarks/serving.py output (field 'results').")
+
+
+def simulate(stats: Sequence[dict], profiles: dict[int, sps_lib.SPSProfile],
+             rows: Sequence[int] | None = None) -> list[dict]:
+    """Predictions for every stats row at every R (``rows``; a stats row that carries its
+    own R is predicted at that R only), with the measured figure and error when known."""
+    out = []
+    for st in stats:
+        for r in ([st["rows"]] if "rows" in st else rows or sorted(profiles)):
+            if r not in profiles:
+                raise ConfigError(f"no SPS profile for R={r} requests (have "
+                                  f"{sorted(profiles)}); measure it: `python -m "
+                                  f"deepspec_jax.sps --rows={r}`.")
+            prof = profiles[r]
+            if st["policy"] == "ar":
+                pred = dict(rows=r, tokens_per_s=round(r / prof.ar_seconds, 2))
+            else:
+                pred = predict(prof, st["tau"], st["verified"])
+            row = dict(label=st["label"], policy=st["policy"], **pred)
+            if "measured" in st:
+                row["measured_tokens_per_s"] = st["measured"]
+                row["error"] = round(pred["tokens_per_s"] / st["measured"] - 1.0, 4)
+            out.append(row)
+    return out
+
+
+def main(argv=None) -> int:
+    fv = flags.FlagValues()
+    flags.DEFINE_string("stats", None, "Comma-separated eval results.json files or a "
+                        "benchmarks/serving.py JSON.", flag_values=fv)
+    flags.DEFINE_string("rows", "1,4,16,32", "Batch sizes R to predict (eval statistics).",
+                        flag_values=fv)
+    flags.DEFINE_string("sps", None, "Comma-separated SPS profile JSON files (default: measure "
+                        "on this machine, cached).", flag_values=fv)
+    flags.DEFINE_string("target", None, "Target for measuring profiles (default SmolLM2).",
+                        flag_values=fv)
+    flags.DEFINE_string("draft", None, "Draft for measuring profiles (default: shipped).",
+                        flag_values=fv)
+    flags.DEFINE_integer("context", 256, "Context of measured profiles.", flag_values=fv)
+    flags.DEFINE_string("json", None, "Also write the predictions here.", flag_values=fv)
+    args = cli.parse(fv, argv, __doc__)
+    if not args.stats:
+        print("error: --stats is required (an eval results.json or a serving benchmark JSON).",
+              file=sys.stderr)
+        return 2
+    try:
+        stats = [row for p in args.stats.split(",") for row in read_stats(p)]
+        want = sorted({s["rows"] for s in stats if "rows" in s}
+                      or {int(r) for r in args.rows.split(",")})
+        if args.sps:
+            profiles = {}
+            for p in args.sps.split(","):
+                prof = sps_lib.load(p)
+                profiles[prof.rows] = prof
+        else:
+            target = load_target(args.target)
+            draft = load_draft(args.draft or DEFAULT_DRAFT_DIR, dtype=target.dtype, target=target)
+            width = _proposal_width(draft.kind, draft.config) + 1
+            profiles = {r: sps_lib.cached(target, r, width, args.context, draft=draft)
+                        for r in want}
+        rows = simulate(stats, profiles, want)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{'R':>3} {'stats':>12} {'policy':>10} {'tau':>5} {'verified':>8} {'tok/s':>8} "
+          f"{'speedup':>7} {'measured':>8} {'error':>7}")
+    for r in rows:
+        meas = r.get("measured_tokens_per_s")
+        print(f"{r['rows']:>3} {r['label'][:12]:>12} {r['policy']:>10} "
+              f"{r.get('tau', float('nan')):>5.2f} {r.get('verified', float('nan')):>8.2f} "
+              f"{r['tokens_per_s']:>8.1f} {r.get('speedup', float('nan')):>7.2f} "
+              f"{meas if meas is not None else float('nan'):>8.1f} "
+              f"{100 * r['error'] if 'error' in r else float('nan'):>6.1f}%")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,316 @@
+"""SPS profile: the target's verify steps per second at each verify batch size B.
+
+The scheduler policy (``spec_decode.schedule_lengths``) trades expected accepted tokens
+against what verifying costs on *this* machine: SPS(B) = target steps/s when a round
+verifies B tokens in total over R requests of up to ``width`` tokens each (current
+token + drafts). ``measure`` times exactly the engine's packed verify programs
+(``CausalLM.extend_packed`` at every compiled size of ``spec_decode.verify_buckets``)
+at a given context; between two compiled sizes the cost is the larger one's (a
+staircase: the engine pads up to the next size).
+
+Profiles are cached as JSON (with a PNG of the curve) under
+``~/.cache/deepspec_jax/sps`` (or ``$DEEPSPEC_JAX_SPS_DIR``), keyed by the target's config, dtype, device kind, jax
+version, rows, width and context; a stale or foreign file is refused by name.
+
+    python -m deepspec_jax.sps                      # SmolLM2, rows 1 and 4, width 5
+    python -m deepspec_jax.sps --rows=1,4,16,32 --width=5 --context=256
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from flax import nnx
+
+from deepspec_jax import cli
+from deepspec_jax.errors import ConfigError
+from deepspec_jax.evaluation.plots import plt
+from deepspec_jax.sampling import SamplingParams
+from deepspec_jax.spec_decode import (_draft_commit, _draft_init, _draft_propose,
+                                      _proposal_width, check_compatible, verify_buckets)
+from deepspec_jax.drafts import DEFAULT_DRAFT_DIR, load_draft
+from deepspec_jax.target import load_target
+
+VERSION = 1
+DEFAULT_DIR = os.environ.get("DEEPSPEC_JAX_SPS_DIR") or os.path.join(
+    os.path.expanduser("~"), ".cache", "deepspec_jax", "sps")
+
+
+@dataclasses.dataclass(frozen=True)
+class SPSProfile:
+    """Median seconds per verify step at each compiled packed size (``buckets``)."""
+
+    buckets: tuple[int, ...]
+    seconds: tuple[float, ...]
+    rows: int
+    width: int            # tokens per request per round: current token + drafts
+    context: int
+    key: str              # what it was measured on (``profile_key``)
+    propose_seconds: float | None = None   # the draft's round (propose + commit), if measured
+    draft: str | None = None               # which draft that was
+    ar_seconds: float | None = None        # one plain decode step of ``rows`` requests
+
+    def seconds_at(self, b: int) -> float:
+        """Cost of a round verifying ``b`` tokens: the smallest measured size >= b
+        (past the largest, linear in b)."""
+        for size, sec in zip(self.buckets, self.seconds):
+            if b <= size:
+                return sec
+        return self.seconds[-1] * b / self.buckets[-1]
+
+    def steps_per_second(self, n: int) -> np.ndarray:
+        """SPS(B) for B = 1..n: the table ``speculative_generate(sps=...)`` reads."""
+        return np.asarray([1.0 / self.seconds_at(b) for b in range(1, n + 1)], np.float64)
+
+    def to_json(self) -> dict:
+        return dict(version=VERSION, buckets=list(self.buckets), seconds=list(self.seconds),
+                    rows=self.rows, width=self.width, context=self.context, key=self.key,
+                    propose_seconds=self.propose_seconds, draft=self.draft,
+                    ar_seconds=self.ar_seconds)
+
+
+def profile_key(target, rows: int, width: int, context: int, draft=None) -> str:
+    """What a profile is valid for: the target's architecture and dtype, the device kind
+    and the jax version (the compiler), the shape of the batch, and the draft (by
+    path) whose proposal was timed with it."""
+    cfg = json.dumps(dataclasses.asdict(target.config), sort_keys=True, default=str)
+    dev = jax.devices()[0]
+    raw = json.dumps(dict(cfg=cfg, dtype=str(jnp.dtype(target.dtype)), device=dev.device_kind,
+                          platform=dev.platform, ndev=len(jax.devices()), jax=jax.__version__,
+                          rows=rows, width=width, context=context,
+                          draft=None if draft is None else os.path.abspath(draft.source)),
+                     sort_keys=True)
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+
+def save(profile: SPSProfile, path: str) -> None:
+    """Atomic JSON write (tmp + rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(profile.to_json(), f, indent=1)
+    os.replace(tmp, path)
+
+
+def load(path: str, key: str | None = None) -> SPSProfile:
+    """A saved profile, validated; ``key`` (``profile_key``) refuses one measured on
+    another target/machine/shape."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not a readable SPS profile ({e}); re-measure it with "
+                          "`python -m deepspec_jax.sps`.") from e
+    if not isinstance(raw, dict) or raw.get("version") != VERSION:
+        raise ConfigError(f"{path}: field 'version' is {raw.get('version') if isinstance(raw, dict) else raw!r}, "
+                          f"expected {VERSION}; re-measure with `python -m deepspec_jax.sps`.")
+    buckets, seconds = raw.get("buckets"), raw.get("seconds")
+    if (not isinstance(buckets, list) or not isinstance(seconds, list) or not buckets
+            or len(buckets) != len(seconds) or buckets != sorted(set(buckets))
+            or not all(isinstance(s, (int, float)) and s > 0 for s in seconds)):
+        raise ConfigError(f"{path}: fields 'buckets'/'seconds' must be equally long, buckets "
+                          "strictly increasing and seconds positive; re-measure it.")
+    if key is not None and raw.get("key") != key:
+        raise ConfigError(f"{path}: measured for {raw.get('key')!r}, not this target/machine "
+                          f"({key!r}: config, dtype, device, jax version, rows, width, context); "
+                          "re-measure with `python -m deepspec_jax.sps`.")
+    prop, ar = raw.get("propose_seconds"), raw.get("ar_seconds")
+    for name, v in (("propose_seconds", prop), ("ar_seconds", ar)):
+        if v is not None and not (isinstance(v, (int, float)) and v > 0):
+            raise ConfigError(f"{path}: field '{name}' must be a positive number or null.")
+    return SPSProfile(tuple(int(b) for b in buckets), tuple(float(s) for s in seconds),
+                      int(raw["rows"]), int(raw["width"]), int(raw["context"]), str(raw["key"]),
+                      None if prop is None else float(prop), raw.get("draft"),
+                      None if ar is None else float(ar))
+
+
+def _counts(b: int, rows: int, width: int) -> np.ndarray:
+    """B verify tokens over ``rows`` requests as the engine packs them: every request
+    its anchor, the rest spread evenly (at most ``width`` per request); B < rows means
+    finished requests (0 tokens)."""
+    out = np.zeros(rows, np.int32)
+    for i in range(b):
+        out[i % rows] += 1
+    return np.minimum(out, width)
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` (which returns something to block on) after one
+    untimed call (the compile)."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def measure_proposal(target, draft, rows: int, context: int = 256, repeats: int = 7) -> float:
+    """Seconds of the draft's part of a round for ``rows`` requests: propose a block,
+    then commit it whole (its target features), at ``context`` tokens."""
+    layer_ids = check_compatible(target, draft)
+    w = _proposal_width(draft.kind, draft.config)
+    cache_len = int(-(-(context + 2 * (w + 1)) // 256) * 256)
+    rng = np.random.default_rng(1)
+    vocab = target.config.vocab_size
+    prompt = jnp.asarray(rng.integers(0, vocab - 1, (rows, context)), jnp.int32)
+    lens = jnp.full((rows,), context, jnp.int32)
+    out = target.forward(np.asarray(prompt), layer_ids=layer_ids)
+    sp = SamplingParams(0.0).validate()
+    g = draft.graphdef
+
+    dstate = jax.jit(lambda s, p, pl, f: _draft_init(
+        draft.kind, nnx.merge(g, s), rows, cache_len, p, pl, jnp.zeros((rows,), jnp.int32),
+        f))(draft.state, prompt, lens, out.features)
+    feats = out.features[:, : w + 1]
+
+    @jax.jit
+    def round_(s, ds, key):
+        d = nnx.merge(g, s)
+        cur = jnp.zeros((rows,), jnp.int32)
+        toks, _, _, ds2 = _draft_propose(draft.kind, d, ds, cur, key, sp)
+        committed = jnp.concatenate([toks, cur[:, None]], axis=1)
+        ds2 = _draft_commit(draft.kind, d, ds2, feats, committed, jnp.full((rows,), w + 1))
+        return toks, ds2
+
+    return _median_seconds(lambda: round_(draft.state, dstate, jax.random.key(0))[0], repeats)
+
+
+def measure(target, rows: int, width: int, context: int = 256, repeats: int = 7,
+            cache_len: int | None = None, draft=None, log=print) -> SPSProfile:
+    """Time the engine's packed verify at every compiled size (``verify_buckets``) for
+    ``rows`` requests at ``context`` cached tokens each; median of ``repeats`` calls.
+    With ``draft``, also its proposal (``measure_proposal``)."""
+    if rows < 1 or width < 1 or context < 1:
+        raise ValueError(f"rows, width and context must be >= 1, got {rows}, {width}, {context}.")
+    cache_len = cache_len or int(-(-(context + width + 1) // 256) * 256)
+    vocab = target.config.vocab_size
+    rng = np.random.default_rng(0)
+    prompt = target._put(rng.integers(0, vocab - 1, (rows, context)).astype(np.int32))
+    lens = target._put(np.full((rows,), context, np.int32))
+    _, cache = target.extend(target.init_cache(rows, cache_len), prompt, lens)
+    ids = target._put(rng.integers(0, vocab - 1, (rows, width)).astype(np.int32))
+    graphdef = target.graphdef
+
+    @jax.jit
+    def reset(c):
+        return c._replace(lengths=jnp.full_like(c.lengths, context))
+
+    buckets = verify_buckets(rows, width)
+    seconds = []
+    for size in buckets:
+        counts = jnp.asarray(_counts(size, rows, width))
+        step = jax.jit(lambda state, c, i, n, size=size: _extend_packed(graphdef, state, c, i,
+                                                                         n, size),
+                       donate_argnums=1)
+        times = []
+        for rep in range(repeats + 1):
+            t0 = time.perf_counter()
+            logits, cache = step(target.state, cache, ids, counts)
+            jax.block_until_ready(logits)
+            if rep:   # the first call compiles
+                times.append(time.perf_counter() - t0)
+            cache = reset(cache)
+        seconds.append(float(np.median(times)))
+        if log:
+            log(f"  B={size:4d}: {seconds[-1] * 1e3:8.2f} ms/step ({1 / seconds[-1]:7.2f} steps/s)")
+    # one plain decode step ([rows, 1] through ``extend``, as ``Target.generate`` runs it)
+    one = ids[:, :1]
+
+    def ar_step():
+        nonlocal cache
+        logits, cache = plain(target.state, cache, one)
+        cache = reset(cache)
+        return logits
+
+    plain = jax.jit(lambda state, c, i: _extend(graphdef, state, c, i), donate_argnums=1)
+    ar = _median_seconds(ar_step, repeats)
+    if log:
+        log(f"  plain decode step ({rows} requests): {ar * 1e3:.2f} ms")
+    prop = None
+    if draft is not None:
+        prop = measure_proposal(target, draft, rows, context, repeats)
+        if log:
+            log(f"  proposal ({draft.kind}, {rows} requests): {prop * 1e3:.2f} ms/round")
+    return SPSProfile(buckets, tuple(seconds), rows, width, context,
+                      profile_key(target, rows, width, context, draft), prop,
+                      None if draft is None else draft.source, ar)
+
+
+def _extend(graphdef, state, cache, ids):
+    out, cache = nnx.merge(graphdef, state).extend(cache, ids, jnp.ones(ids.shape[:1], jnp.int32))
+    return out.logits, cache
+
+
+def _extend_packed(graphdef, state, cache, ids, counts, size):
+    out, cache = nnx.merge(graphdef, state).extend_packed(cache, ids, counts, size)
+    return out.logits, cache
+
+
+def cached(target, rows: int, width: int, context: int = 256, directory: str = DEFAULT_DIR,
+           draft=None, log=print) -> SPSProfile:
+    """The profile for this target/machine/shape (and ``draft``'s proposal) from
+    ``directory``, measured (and saved, with its PNG) the first time."""
+    key = profile_key(target, rows, width, context, draft)
+    path = os.path.join(directory, f"sps_{key}.json")
+    if os.path.exists(path):
+        return load(path, key)
+    if log:
+        log(f"measuring the SPS profile (rows {rows}, width {width}, context {context}) -> {path}")
+    prof = measure(target, rows, width, context, draft=draft, log=log)
+    save(prof, path)
+    plot(prof, path[:-5] + ".png")
+    return prof
+
+
+def plot(profile: SPSProfile, path: str) -> None:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.step(profile.buckets, [1 / s for s in profile.seconds], where="post", marker="o")
+    ax.set_xlabel("verify tokens per round B")
+    ax.set_ylabel("target steps / s")
+    ax.set_title(f"SPS: {profile.rows} requests x {profile.width}, context {profile.context}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+    fv = flags.FlagValues()
+    flags.DEFINE_string("target", None, "Target (default: embedded SmolLM2-135M).", flag_values=fv)
+    flags.DEFINE_string("rows", "1,4", "Comma-separated request counts R.", flag_values=fv)
+    flags.DEFINE_integer("width", 5, "Tokens per request per round (current + drafts).",
+                         flag_values=fv)
+    flags.DEFINE_integer("context", 256, "Cached tokens per request.", flag_values=fv)
+    flags.DEFINE_string("dir", DEFAULT_DIR, "Where profiles are cached.", flag_values=fv)
+    flags.DEFINE_string("draft", None, "Draft whose proposal is timed too (default: the "
+                        "shipped draft; 'none': the target alone).", flag_values=fv)
+    args = cli.parse(fv, argv, __doc__)
+    target = load_target(args.target)
+    draft = None
+    if args.draft != "none":
+        draft = load_draft(args.draft or DEFAULT_DRAFT_DIR, dtype=target.dtype, target=target)
+    for rows in (int(r) for r in args.rows.split(",")):
+        prof = cached(target, rows, args.width, args.context, args.dir, draft=draft)
+        path = os.path.join(args.dir, f"sps_{prof.key}.json")
+        print(json.dumps(dict(rows=rows, buckets=prof.buckets, path=path,
+                              ms=[round(s * 1e3, 2) for s in prof.seconds],
+                              propose_ms=prof.propose_seconds and round(prof.propose_seconds * 1e3, 2),
+                              ar_ms=prof.ar_seconds and round(prof.ar_seconds * 1e3, 2))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
