@@ -32,6 +32,7 @@ from absl import flags
 from flax import nnx
 
 from deepspec_jax import cli
+from deepspec_jax.checkpoint import _atomic_write_text
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.evaluation.plots import plt
 from deepspec_jax.sampling import SamplingParams
@@ -95,10 +96,7 @@ def profile_key(target, rows: int, width: int, context: int, draft=None) -> str:
 def save(profile: SPSProfile, path: str) -> None:
     """Atomic JSON write (tmp + rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(profile.to_json(), f, indent=1)
-    os.replace(tmp, path)
+    _atomic_write_text(path, json.dumps(profile.to_json(), indent=1))
 
 
 def load(path: str, key: str | None = None) -> SPSProfile:
