@@ -289,7 +289,8 @@ def verify_buckets(rows: int, width: int) -> tuple[int, ...]:
     return tuple(sorted({1 << k for k in range(full.bit_length()) if (1 << k) < full} | {full}))
 
 
-def schedule_lengths(conf: jax.Array, active: jax.Array, sps: jax.Array) -> jax.Array:
+def schedule_lengths(conf: jax.Array, active: jax.Array, sps: jax.Array,
+                     ranked=None) -> jax.Array:
     """Algorithm 1 of the DSpark paper (SPEC §6): how many drafts [R] each request verifies.
 
     ``conf`` [R, W]: per-position acceptance probabilities (calibrated confidences);
@@ -301,8 +302,9 @@ def schedule_lengths(conf: jax.Array, active: jax.Array, sps: jax.Array) -> jax.
     improves; the first non-improvement stops the search. The stop keeps the decision
     non-anticipating: whether draft j is verified never depends on the draft at j or
     later (a_rj depends on drafts before j only), so rejection sampling stays lossless.
-    B past the table's end is clamped to its last entry."""
-    a_sorted, order, n_act = _ranked(conf, active)
+    B past the table's end is clamped to its last entry. ``ranked``: ``_ranked(conf,
+    active)`` when the caller already has it."""
+    a_sorted, order, n_act = _ranked(conf, active) if ranked is None else ranked
     table = lambda bsz: sps[jnp.clip(bsz - 1, 0, sps.shape[0] - 1)]   # noqa: E731
     k = jnp.arange(1, a_sorted.shape[0] + 1, dtype=jnp.int32)
     obj = (n_act + jnp.cumsum(a_sorted)) * table(n_act + k)
@@ -311,12 +313,13 @@ def schedule_lengths(conf: jax.Array, active: jax.Array, sps: jax.Array) -> jax.
     return _admitted_lengths(admit_sorted, order, conf.shape)
 
 
-def capacity_lengths(conf: jax.Array, active: jax.Array, capacity: jax.Array) -> jax.Array:
+def capacity_lengths(conf: jax.Array, active: jax.Array, capacity: jax.Array,
+                     ranked=None) -> jax.Array:
     """The production variant's admission: a verify budget of ``capacity`` tokens (fixed
     before this round's drafts exist) is filled with the anchors, then the candidates
     of highest prefix survival (``schedule_lengths``' order; survival > 0 only). Whether
     draft j is admitted depends on earlier drafts and other requests only."""
-    a_sorted, order, n_act = _ranked(conf, active)
+    a_sorted, order, n_act = _ranked(conf, active) if ranked is None else ranked
     k = jnp.arange(a_sorted.shape[0], dtype=jnp.int32)
     admit_sorted = ((k < capacity - n_act) & (a_sorted > 0)).astype(jnp.int32)
     return _admitted_lengths(admit_sorted, order, conf.shape)
@@ -326,11 +329,15 @@ def _ranked(conf: jax.Array, active: jax.Array):
     """Candidates (r, j) by descending prefix survival (earlier position first on ties;
     finished requests' last, at -1): (survivals, flat indices, active count)."""
     r, w = conf.shape
-    a = jnp.cumprod(jnp.clip(conf.astype(jnp.float32), 0.0, 1.0), axis=1)
-    a = jnp.where(active[:, None], a, -1.0).reshape(-1)
+    a = jnp.where(active[:, None], _survival(conf), -1.0).reshape(-1)
     j = jnp.tile(jnp.arange(w, dtype=jnp.int32), r)
     order = jnp.lexsort((j, -a))
     return a[order], order, jnp.sum(active.astype(jnp.int32))
+
+
+def _survival(conf: jax.Array) -> jax.Array:
+    """Prefix survival a_rj = prod_{i<=j} c_ri of confidences in [0, 1]."""
+    return jnp.cumprod(jnp.clip(conf.astype(jnp.float32), 0.0, 1.0), axis=1)
 
 
 def _admitted_lengths(admit_sorted: jax.Array, order: jax.Array, shape) -> jax.Array:
@@ -345,7 +352,7 @@ def _anticipating_lengths(conf: jax.Array, sps: jax.Array) -> jax.Array:
     (1 + sum_{j<=l} a_j) x SPS(1 + l) over the whole block (``sps``'s first W + 1
     entries), so whether draft j is verified depends on the confidences after it, which
     depend on draft j itself."""
-    a = jnp.cumprod(jnp.clip(conf.astype(jnp.float32), 0.0, 1.0), axis=1)
+    a = _survival(conf)
     tau = 1.0 + jnp.concatenate([jnp.zeros_like(a[:, :1]), jnp.cumsum(a, axis=1)], axis=1)
     return jnp.argmax(tau * sps[None, :a.shape[1] + 1], axis=1).astype(jnp.int32)
 
@@ -419,9 +426,10 @@ def _spec_generate(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prompt_le
                 # this round's Algorithm-1 budget (rounded up to its compiled size) is
                 # used two rounds later; now, the budget chosen two rounds ago (the first
                 # two rounds, without one: Algorithm 1's own choice)
-                sched = schedule_lengths(prob, active, sps)
+                ranked = _ranked(prob, active)   # one sort for both admissions
+                sched = schedule_lengths(prob, active, sps, ranked)
                 n_prop = jnp.where(c["cap"][0] < 0, sched,
-                                   capacity_lengths(prob, active, c["cap"][0]))
+                                   capacity_lengths(prob, active, c["cap"][0], ranked))
                 want = jnp.sum(jnp.where(active, sched + 1, 0))
                 sizes = jnp.asarray(verify_buckets(b, width + 1), jnp.int32)
                 cap = jnp.stack([c["cap"][1], sizes[jnp.argmax(sizes >= want)]])
