@@ -11,12 +11,14 @@ verification policy, predicted from
   read from files measured on another machine (``--sps``).
 
 The model: a round of R requests verifies B = R (1 + v) tokens and costs
-verify(B) + propose(R); it commits R x tau tokens. Plain decoding commits R tokens per
+verify(B) + propose(R) (the fixed policy: ``extend`` of R x (block + 1) tokens instead of
+the packed verify); it commits R x tau tokens. Plain decoding commits R tokens per
 step. With serving-benchmark input it also prints the measured tokens/s and the
 prediction's error.
 
     python -m deepspec_jax.simulate --stats=eval_results/gsm8k/results.json --rows=1,4,16,32
     python -m deepspec_jax.simulate --stats=serving.json          # prediction error
+                                                   # (profiles at the benchmark's contexts)
     python -m deepspec_jax.simulate --stats=results.json --sps=a.json,b.json   # their machine
 """
 
@@ -36,16 +38,21 @@ from deepspec_jax.spec_decode import _proposal_width
 from deepspec_jax.target import load_target
 
 
-def predict(profile: sps_lib.SPSProfile, tau: float, verified: float) -> dict:
+def predict(profile: sps_lib.SPSProfile, tau: float, verified: float,
+            fixed: bool = False) -> dict:
     """Predicted tokens/s (all requests) of a policy with acceptance length ``tau`` and
     ``verified`` drafts per request per round, and of plain decoding, at
-    ``profile.rows`` requests."""
+    ``profile.rows`` requests. ``fixed``: the fixed policy, whose verify is ``extend``
+    of every request's whole block (``profile.fixed_seconds``), not the packed path."""
     if profile.propose_seconds is None or profile.ar_seconds is None:
         raise ConfigError("the SPS profile has no proposal / plain-step timing: measure it "
                           "with a draft (`python -m deepspec_jax.sps --draft=...`).")
     r = profile.rows
     b = max(r, math.ceil(r * (1.0 + verified) - 1e-9))
-    round_s = profile.seconds_at(b) + profile.propose_seconds
+    verify_s = profile.seconds_at(b)
+    if fixed and profile.fixed_seconds is not None:   # the fixed policy runs ``extend``
+        b, verify_s = r * profile.width, profile.fixed_seconds
+    round_s = verify_s + profile.propose_seconds
     spec = r * tau / round_s
     ar = r / profile.ar_seconds
     return dict(rows=r, tau=tau, verified=verified, verify_tokens=b,
@@ -68,11 +75,12 @@ def read_stats(path: str) -> list[dict]:
                 continue
             # the decode phase alone when the benchmark measured its prefill
             meas = r.get("decode_tokens_per_s", r["tokens_per_s"])
+            ctx = {"context": int(r["context"])} if r.get("context") else {}
             if r["policy"] == "ar":
-                out.append(dict(label="ar", policy="ar", rows=r["rows"], measured=meas))
+                out.append(dict(label="ar", policy="ar", rows=r["rows"], measured=meas, **ctx))
             else:
                 out.append(dict(label=r["policy"], policy=r["policy"], rows=r["rows"],
-                                tau=r["tau"], verified=r["verified"], measured=meas))
+                                tau=r["tau"], verified=r["verified"], measured=meas, **ctx))
         return out
     if isinstance(raw, dict) and "acceptance_length" in raw:   # eval results.json
         v = raw.get("verified_drafts_per_round", raw.get("draft_tokens_per_proposal"))
@@ -100,7 +108,7 @@ def simulate(stats: Sequence[dict], profiles: dict[int, sps_lib.SPSProfile],
             if st["policy"] == "ar":
                 pred = dict(rows=r, tokens_per_s=round(r / prof.ar_seconds, 2))
             else:
-                pred = predict(prof, st["tau"], st["verified"])
+                pred = predict(prof, st["tau"], st["verified"], fixed=st["policy"] == "fixed")
             row = dict(label=st["label"], policy=st["policy"], **pred)
             if "measured" in st:
                 row["measured_tokens_per_s"] = st["measured"]
@@ -121,7 +129,9 @@ def main(argv=None) -> int:
                         flag_values=fv)
     flags.DEFINE_string("draft", None, "Draft for measuring profiles (default: shipped).",
                         flag_values=fv)
-    flags.DEFINE_integer("context", 256, "Context of measured profiles.", flag_values=fv)
+    flags.DEFINE_integer("context", None, "Context of measured profiles (default: the "
+                         "serving benchmark's per-R context when --stats has it, else 256).",
+                         flag_values=fv)
     flags.DEFINE_string("json", None, "Also write the predictions here.", flag_values=fv)
     args = cli.parse(fv, argv, __doc__)
     if not args.stats:
@@ -141,7 +151,9 @@ def main(argv=None) -> int:
             target = load_target(args.target)
             draft = load_draft(args.draft or DEFAULT_DRAFT_DIR, dtype=target.dtype, target=target)
             width = _proposal_width(draft.kind, draft.config) + 1
-            profiles = {r: sps_lib.cached(target, r, width, args.context, draft=draft)
+            ctx = {s["rows"]: s["context"] for s in stats if "context" in s}
+            profiles = {r: sps_lib.cached(target, r, width, args.context or ctx.get(r, 256),
+                                          draft=draft)
                         for r in want}
         rows = simulate(stats, profiles, want)
     except ConfigError as e:

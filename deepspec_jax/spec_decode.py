@@ -157,6 +157,28 @@ def _planted_dists(rule: str, p_t, target_logits, p_d, sp: SamplingParams):
     return p_t, p_d
 
 
+def _accepted_prefix(ok, drafts, stop_ids):
+    """(accepted [B], stopped [B]) from the per-draft acceptance ``ok`` [B,W]: the
+    accepted prefix, cut after its first stop token."""
+    j = jnp.arange(drafts.shape[1], dtype=jnp.int32)[None]
+    accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
+    hit = jnp.any(drafts[..., None] == stop_ids, axis=-1) & (j < accepted[:, None])
+    stopped = jnp.any(hit, axis=1)
+    return jnp.where(stopped, jnp.argmax(hit, axis=1) + 1, accepted), stopped
+
+
+def verify_greedy(target_tokens, drafts, n_prop, stop_ids):
+    """``verify`` at T=0 from the target's argmax tokens [B,W+1] alone: a draft is
+    accepted while it equals the target's choice, and the next token is the target's
+    choice after the accepted prefix. This is what ``verify`` computes on one-hot
+    distributions (the ratio is 1 on a match, 0 otherwise; the residual of a rejection
+    is the target's one-hot), without building [B,W+1,V] distributions."""
+    w = drafts.shape[1]
+    ok = (drafts == target_tokens[:, :w]) & (jnp.arange(w)[None] < n_prop[:, None])
+    accepted, stopped = _accepted_prefix(ok, drafts, stop_ids)
+    return accepted, target_tokens[jnp.arange(drafts.shape[0]), accepted], stopped
+
+
 def verify(p_t, p_d, drafts, n_prop, stop_ids, key, greedy: bool, rule: str = "exact"):
     """Rejection sampling for one round, per row.
 
@@ -173,10 +195,7 @@ def verify(p_t, p_d, drafts, n_prop, stop_ids, key, greedy: bool, rule: str = "e
     pd_x = jnp.maximum(jnp.take_along_axis(p_d, drafts[..., None], axis=-1)[..., 0], _MIN_DRAFT_PROB)
     u = jax.random.uniform(k_acc, (b, w))
     ok = valid if rule == "always_accept" else (u < jnp.minimum(pt_x / pd_x, 1.0)) & valid
-    accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1)
-    hit = jnp.any(drafts[..., None] == stop_ids, axis=-1) & (j < accepted[:, None])
-    stopped = jnp.any(hit, axis=1)
-    accepted = jnp.where(stopped, jnp.argmax(hit, axis=1) + 1, accepted)
+    accepted, stopped = _accepted_prefix(ok, drafts, stop_ids)
     rows = jnp.arange(b)
     # position of the rejection / bonus (the wrong rule takes the bonus from the last
     # draft's position, the distribution that verified d_W, instead of the one after it)
@@ -357,24 +376,48 @@ def _anticipating_lengths(conf: jax.Array, sps: jax.Array) -> jax.Array:
     return jnp.argmax(tau * sps[None, :a.shape[1] + 1], axis=1).astype(jnp.int32)
 
 
-def _packed_verify(target, tcache, ids, counts, layer_ids, buckets):
+def verify_programs(rows: int, width: int) -> tuple[tuple[int, int], ...]:
+    """The compiled packed-verify programs, (size, attention grid width) pairs: every
+    size of ``verify_buckets`` with the full grid (capped at the size), and the size
+    that holds one token per request with a grid one token wide: a round in which no
+    request verifies a draft then attends like a plain decode step (and never costs
+    more than one in which every request is active)."""
+    buckets = verify_buckets(rows, width)
+    return tuple(sorted({(s, min(width, s)) for s in buckets} | {(_holding(buckets, rows), 1)}))
+
+
+def _holding(buckets: tuple[int, ...], n: int) -> int:
+    """The smallest of ``buckets`` that holds ``n`` tokens."""
+    return next(s for s in buckets if s >= n)
+
+
+def _packed_verify(target, tcache, ids, counts, layer_ids):
     """``target.extend_packed`` of the ``counts[b]`` real tokens of each row, at the
-    smallest compiled size in ``buckets`` that holds them (``lax.switch``: one program,
-    only the chosen branch runs). Returns (logits, features) in the [B, T] layout and
-    the cache with the new entries written and lengths advanced."""
-    total = jnp.sum(counts)
-    idx = jnp.sum((total > jnp.asarray(buckets, jnp.int32)).astype(jnp.int32))
+    smallest compiled size that holds them, or with at most one token per row on the
+    one-token grid (``verify_programs``; ``lax.switch``: one program, only the chosen
+    branch runs).
+    Returns (logits, features) in the [B, T] layout and the cache with the new entries
+    written and lengths advanced."""
+    b, t = ids.shape
+    sizes, progs = verify_buckets(b, t), verify_programs(b, t)
+    wide = jnp.asarray([progs.index((s, min(t, s))) for s in sizes], jnp.int32)
+    size_idx = jnp.minimum(jnp.sum((jnp.sum(counts) > jnp.asarray(sizes)).astype(jnp.int32)),
+                           len(sizes) - 1)
+    idx = jnp.where(jnp.max(counts) <= 1, progs.index((_holding(sizes, b), 1)), wide[size_idx])
 
     # The branches only read the cache; its in-place update happens after the switch
     # (a cache written inside a branch is copied whole: ~5 ms per round per SmolLM2 row).
-    def branch(size):
+    def branch(size, grid):
         def run(cache):
-            out, new_kv = target.extend_packed(cache, ids, counts, size, layer_ids, write=False)
-            return out.logits, out.features, new_kv
+            out, (ks, vs) = target.extend_packed(cache, ids, counts, size, layer_ids,
+                                                 write=False, grid=grid)
+            pad = lambda x, axis: jnp.pad(x, [(0, t - grid if a == axis else 0)  # noqa: E731
+                                              for a in range(x.ndim)])
+            return out.logits, out.features, ([pad(k, 3) for k in ks], [pad(v, 2) for v in vs])
         return run
 
-    logits, feats, new_kv = jax.lax.switch(jnp.minimum(idx, len(buckets) - 1),
-                                           [branch(s) for s in buckets], tcache)
+    logits, feats, new_kv = jax.lax.switch(idx, [branch(*p) for p in verify_programs(b, t)],
+                                           tcache)
     return logits, feats, write_new_kv(tcache, new_kv, counts, logits)
 
 
@@ -446,11 +489,15 @@ def _spec_generate(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prompt_le
             logits, feats = vout.logits, vout.features
         else:
             logits, feats, tcache = _packed_verify(target, c["tcache"], ids,
-                                                   jnp.where(active, n_prop + 1, 0), layer_ids,
-                                                   verify_buckets(b, width + 1))
-        p_t = sampling_probs(logits, sp)
-        p_t, p_d = _planted_dists(rule, p_t, logits, p_d, sp)
-        acc, nxt, stopped = verify(p_t, p_d, drafts, n_prop, stop_ids, k_verify, sp.greedy, rule)
+                                                   jnp.where(active, n_prop + 1, 0), layer_ids)
+        if sp.greedy and rule == "exact":
+            acc, nxt, stopped = verify_greedy(jnp.argmax(logits, axis=-1).astype(jnp.int32),
+                                              drafts, n_prop, stop_ids)
+        else:
+            p_t = sampling_probs(logits, sp)
+            p_t, p_d = _planted_dists(rule, p_t, logits, p_d, sp)
+            acc, nxt, stopped = verify(p_t, p_d, drafts, n_prop, stop_ids, k_verify, sp.greedy,
+                                       rule)
 
         # Commit: the target cache keeps [current, accepted drafts]; the rest rolls back.
         n_commit = jnp.where(active, jnp.where(stopped, acc, acc + 1), 0)
@@ -741,4 +788,4 @@ def speculative_generate(target: Target, draft: Any, prompt_ids: Sequence[Sequen
 
 __all__ = ["SpecResult", "speculative_generate", "check_compatible", "verify", "parse_tree",
            "spec_cache_len", "NonFiniteLogitsError", "POLICIES", "schedule_lengths",
-           "capacity_lengths", "verify_buckets"]
+           "capacity_lengths", "verify_buckets", "verify_programs"]

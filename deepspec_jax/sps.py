@@ -19,6 +19,7 @@ version, rows, width and context; a stale or foreign file is refused by name.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -37,11 +38,13 @@ from deepspec_jax.errors import ConfigError
 from deepspec_jax.evaluation.plots import plt
 from deepspec_jax.sampling import SamplingParams
 from deepspec_jax.spec_decode import (_draft_commit, _draft_init, _draft_propose,
-                                      _proposal_width, check_compatible, verify_buckets)
+                                      _holding, _proposal_width, check_compatible, verify_buckets)
 from deepspec_jax.drafts import DEFAULT_DRAFT_DIR, load_draft
 from deepspec_jax.target import load_target
 
-VERSION = 1
+# 2: sizes of one token per request timed on the one-token grid; the fixed policy's
+#    extend; the cache reset and the draft state updated in place (not copied) when timed
+VERSION = 2
 DEFAULT_DIR = os.environ.get("DEEPSPEC_JAX_SPS_DIR") or os.path.join(
     os.path.expanduser("~"), ".cache", "deepspec_jax", "sps")
 
@@ -59,6 +62,7 @@ class SPSProfile:
     propose_seconds: float | None = None   # the draft's round (propose + commit), if measured
     draft: str | None = None               # which draft that was
     ar_seconds: float | None = None        # one plain decode step of ``rows`` requests
+    fixed_seconds: float | None = None     # ``extend`` of [rows, width]: the fixed policy's verify
 
     def seconds_at(self, b: int) -> float:
         """Cost of a round verifying ``b`` tokens: the smallest measured size >= b
@@ -76,18 +80,18 @@ class SPSProfile:
         return dict(version=VERSION, buckets=list(self.buckets), seconds=list(self.seconds),
                     rows=self.rows, width=self.width, context=self.context, key=self.key,
                     propose_seconds=self.propose_seconds, draft=self.draft,
-                    ar_seconds=self.ar_seconds)
+                    ar_seconds=self.ar_seconds, fixed_seconds=self.fixed_seconds)
 
 
 def profile_key(target, rows: int, width: int, context: int, draft=None) -> str:
     """What a profile is valid for: the target's architecture and dtype, the device kind
-    and the jax version (the compiler), the shape of the batch, and the draft (by
-    path) whose proposal was timed with it."""
+    and the jax version (the compiler), the shape of the batch, the draft (by path)
+    whose proposal was timed with it, and the format version (what was timed)."""
     cfg = json.dumps(dataclasses.asdict(target.config), sort_keys=True, default=str)
     dev = jax.devices()[0]
     raw = json.dumps(dict(cfg=cfg, dtype=str(jnp.dtype(target.dtype)), device=dev.device_kind,
                           platform=dev.platform, ndev=len(jax.devices()), jax=jax.__version__,
-                          rows=rows, width=width, context=context,
+                          rows=rows, width=width, context=context, version=VERSION,
                           draft=None if draft is None else os.path.abspath(draft.source)),
                      sort_keys=True)
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
@@ -121,14 +125,14 @@ def load(path: str, key: str | None = None) -> SPSProfile:
         raise ConfigError(f"{path}: measured for {raw.get('key')!r}, not this target/machine "
                           f"({key!r}: config, dtype, device, jax version, rows, width, context); "
                           "re-measure with `python -m deepspec_jax.sps`.")
-    prop, ar = raw.get("propose_seconds"), raw.get("ar_seconds")
-    for name, v in (("propose_seconds", prop), ("ar_seconds", ar)):
+    prop, ar, fixed = raw.get("propose_seconds"), raw.get("ar_seconds"), raw.get("fixed_seconds")
+    for name, v in (("propose_seconds", prop), ("ar_seconds", ar), ("fixed_seconds", fixed)):
         if v is not None and not (isinstance(v, (int, float)) and v > 0):
             raise ConfigError(f"{path}: field '{name}' must be a positive number or null.")
     return SPSProfile(tuple(int(b) for b in buckets), tuple(float(s) for s in seconds),
                       int(raw["rows"]), int(raw["width"]), int(raw["context"]), str(raw["key"]),
                       None if prop is None else float(prop), raw.get("draft"),
-                      None if ar is None else float(ar))
+                      None if ar is None else float(ar), None if fixed is None else float(fixed))
 
 
 def _counts(b: int, rows: int, width: int) -> np.ndarray:
@@ -158,7 +162,8 @@ def measure_proposal(target, draft, rows: int, context: int = 256, repeats: int 
     then commit it whole (its target features), at ``context`` tokens."""
     layer_ids = check_compatible(target, draft)
     w = _proposal_width(draft.kind, draft.config)
-    cache_len = int(-(-(context + 2 * (w + 1)) // 256) * 256)
+    # every timed round commits w + 1 tokens into the carried (donated) draft state
+    cache_len = int(-(-(context + (repeats + 2) * (w + 1)) // 256) * 256)
     rng = np.random.default_rng(1)
     vocab = target.config.vocab_size
     prompt = jnp.asarray(rng.integers(0, vocab - 1, (rows, context)), jnp.int32)
@@ -172,7 +177,7 @@ def measure_proposal(target, draft, rows: int, context: int = 256, repeats: int 
         f))(draft.state, prompt, lens, out.features)
     feats = out.features[:, : w + 1]
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=1)   # the state is updated in place, as in the loop
     def round_(s, ds, key):
         d = nnx.merge(g, s)
         cur = jnp.zeros((rows,), jnp.int32)
@@ -181,7 +186,12 @@ def measure_proposal(target, draft, rows: int, context: int = 256, repeats: int 
         ds2 = _draft_commit(draft.kind, d, ds2, feats, committed, jnp.full((rows,), w + 1))
         return toks, ds2
 
-    return _median_seconds(lambda: round_(draft.state, dstate, jax.random.key(0))[0], repeats)
+    def one_round():
+        nonlocal dstate
+        toks, dstate = round_(draft.state, dstate, jax.random.key(0))
+        return toks
+
+    return _median_seconds(one_round, repeats)
 
 
 def measure(target, rows: int, width: int, context: int = 256, repeats: int = 7,
@@ -200,17 +210,21 @@ def measure(target, rows: int, width: int, context: int = 256, repeats: int = 7,
     ids = target._put(rng.integers(0, vocab - 1, (rows, width)).astype(np.int32))
     graphdef = target.graphdef
 
-    @jax.jit
+    @functools.partial(jax.jit, donate_argnums=0)   # in place: a copy of the cache is not a step
     def reset(c):
         return c._replace(lengths=jnp.full_like(c.lengths, context))
 
     buckets = verify_buckets(rows, width)
     seconds = []
     for size in buckets:
-        counts = jnp.asarray(_counts(size, rows, width))
-        step = jax.jit(lambda state, c, i, n, size=size: _extend_packed(graphdef, state, c, i,
-                                                                         n, size),
-                       donate_argnums=1)
+        counts = _counts(size, rows, width)
+        # the program the engine runs for these counts (``spec_decode._packed_verify``):
+        # at most one token per request -> the one-token grid at the size holding rows
+        prog = ((_holding(buckets, rows), 1) if counts.max() <= 1
+                else (size, min(width, size)))
+        counts = jnp.asarray(counts)
+        step = jax.jit(lambda state, c, i, n, prog=prog: _extend_packed(
+            graphdef, state, c, i, n, *prog), donate_argnums=1)
         times = []
         for rep in range(repeats + 1):
             t0 = time.perf_counter()
@@ -222,19 +236,23 @@ def measure(target, rows: int, width: int, context: int = 256, repeats: int = 7,
         seconds.append(float(np.median(times)))
         if log:
             log(f"  B={size:4d}: {seconds[-1] * 1e3:8.2f} ms/step ({1 / seconds[-1]:7.2f} steps/s)")
-    # one plain decode step ([rows, 1] through ``extend``, as ``Target.generate`` runs it)
-    one = ids[:, :1]
-
-    def ar_step():
-        nonlocal cache
-        logits, cache = plain(target.state, cache, one)
-        cache = reset(cache)
-        return logits
-
+    # one plain decode step ([rows, 1] through ``extend``, as ``Target.generate`` runs
+    # it) and the fixed policy's verify ([rows, width] through ``extend``)
     plain = jax.jit(lambda state, c, i: _extend(graphdef, state, c, i), donate_argnums=1)
-    ar = _median_seconds(ar_step, repeats)
+
+    def extend_step(toks):
+        def run():
+            nonlocal cache
+            logits, cache = plain(target.state, cache, toks)
+            cache = reset(cache)
+            return logits
+        return run
+
+    ar = _median_seconds(extend_step(ids[:, :1]), repeats)
+    fixed = _median_seconds(extend_step(ids), repeats)
     if log:
-        log(f"  plain decode step ({rows} requests): {ar * 1e3:.2f} ms")
+        log(f"  plain decode step ({rows} requests): {ar * 1e3:.2f} ms; "
+            f"extend of {width} tokens each (fixed policy): {fixed * 1e3:.2f} ms")
     prop = None
     if draft is not None:
         prop = measure_proposal(target, draft, rows, context, repeats)
@@ -242,16 +260,17 @@ def measure(target, rows: int, width: int, context: int = 256, repeats: int = 7,
             log(f"  proposal ({draft.kind}, {rows} requests): {prop * 1e3:.2f} ms/round")
     return SPSProfile(buckets, tuple(seconds), rows, width, context,
                       profile_key(target, rows, width, context, draft), prop,
-                      None if draft is None else draft.source, ar)
+                      None if draft is None else draft.source, ar, fixed)
 
 
 def _extend(graphdef, state, cache, ids):
-    out, cache = nnx.merge(graphdef, state).extend(cache, ids, jnp.ones(ids.shape[:1], jnp.int32))
+    out, cache = nnx.merge(graphdef, state).extend(
+        cache, ids, jnp.full(ids.shape[:1], ids.shape[1], jnp.int32))
     return out.logits, cache
 
 
-def _extend_packed(graphdef, state, cache, ids, counts, size):
-    out, cache = nnx.merge(graphdef, state).extend_packed(cache, ids, counts, size)
+def _extend_packed(graphdef, state, cache, ids, counts, size, grid):
+    out, cache = nnx.merge(graphdef, state).extend_packed(cache, ids, counts, size, grid=grid)
     return out.logits, cache
 
 
@@ -306,7 +325,8 @@ def main(argv=None) -> int:
         print(json.dumps(dict(rows=rows, buckets=prof.buckets, path=path,
                               ms=[round(s * 1e3, 2) for s in prof.seconds],
                               propose_ms=prof.propose_seconds and round(prof.propose_seconds * 1e3, 2),
-                              ar_ms=prof.ar_seconds and round(prof.ar_seconds * 1e3, 2))))
+                              ar_ms=prof.ar_seconds and round(prof.ar_seconds * 1e3, 2),
+                              fixed_ms=prof.fixed_seconds and round(prof.fixed_seconds * 1e3, 2))))
     return 0
 
 

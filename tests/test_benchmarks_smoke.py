@@ -56,7 +56,7 @@ BENCHMARKS = {
     "decode_step.py": ["--context=8", "--cache_len=16", "--rounds=1", "--calls=1", "--json={out}"],
     # R=1, two tokens: the SPS profile (measured at context 16 into the work dir), plain
     # decoding and the policies, outputs checked identical to plain greedy by the program
-    "serving.py": ["--rows=1", "--new_tokens=2", "--context=16",
+    "serving.py": ["--rows=1", "--new_tokens=2", "--context=16", "--repeats=1",
                    "--policies=prefill,ar,fixed,threshold,scheduler,none", "--out={out}"],
     "tree_attention.py": ["--batch=1", "--nodes=4", "--kv_heads=1", "--group=1", "--head_dim=16",
                           "--cache_lens=128", "--repeats=1", "--out={out}"],

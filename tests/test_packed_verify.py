@@ -1,7 +1,8 @@
 """``CausalLM.extend_packed`` (variable-length verification): packing the real tokens of
 a ragged [B, T] batch into one sequence gives, at every real position, the logits,
 features and cache entries of ``extend`` over the padded batch -- rows of 0 tokens,
-sliding-window layers (Gemma) and every packed size from the tight one up included."""
+sliding-window layers (Gemma), every packed size from the tight one up and an
+attention grid as narrow as the widest row included."""
 
 from __future__ import annotations
 
@@ -53,9 +54,9 @@ def test_matches_extend_at_real_positions(raw, num_new):
     ids = jnp.asarray(np.random.default_rng(1).integers(0, 60, (3, t)), jnp.int32)
     n = jnp.asarray(num_new, jnp.int32)
     want, wcache = model.extend(_prefilled(model, lengths), ids, n, layer_ids=(0, 2))
-    for size in sorted({sum(num_new), 15}):
+    for size, grid in [(sum(num_new), None), (15, None), (15, max(num_new))]:
         got, gcache = model.extend_packed(_prefilled(model, lengths), ids, n, size,
-                                          layer_ids=(0, 2))
+                                          layer_ids=(0, 2), grid=grid)
         np.testing.assert_array_equal(gcache.lengths, wcache.lengths)
         for b, k in enumerate(num_new):
             for name in ("logits", "features", "last_hidden"):
@@ -81,3 +82,12 @@ def test_one_compile_for_every_ragged_count():
     for n in ([1, 2, 3], [0, 0, 1], [5, 3, 0]):
         f(state, _prefilled(model, [4, 5, 6]), ids, jnp.asarray(n, jnp.int32))
     assert f._cache_size() == 1
+
+
+def test_grid_must_hold_the_row_width():
+    model = _model(LLAMA)
+    ids = jnp.zeros((3, 5), jnp.int32)
+    for grid in (0, 6):
+        with pytest.raises(ValueError, match="grid"):
+            model.extend_packed(_prefilled(model, [4, 5, 6]), ids, jnp.ones(3, jnp.int32), 3,
+                                grid=grid)

@@ -30,7 +30,7 @@ from deepspec_jax.drafts.registry import family_for
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.models.transformer import CausalLM
 from deepspec_jax.sharding import make_mesh
-from deepspec_jax.spec_decode import _spec_generate, speculative_generate
+from deepspec_jax.spec_decode import _spec_generate, speculative_generate, verify, verify_greedy
 from deepspec_jax.target import Target, _generate
 
 
@@ -151,6 +151,27 @@ def test_greedy_batch1_matches_batch(fs, name):
     batch = speculative_generate(target, draft, prompts, max_new_tokens=40)
     assert single[0].tokens == ref[0] == batch[2].tokens
     assert single[0].accepted_lengths == batch[2].accepted_lengths
+
+
+def test_greedy_verify_equals_rejection_sampling_on_one_hots():
+    """The T=0 fast path (argmax tokens only) decides every round as ``verify`` does on
+    the one-hot distributions T=0 sampling produces: all match / mismatch patterns of a
+    4-token block over a 3-token vocabulary, every proposal length, stop tokens."""
+    v, w = 3, 4
+    rng = np.random.default_rng(0)
+    drafts = jnp.asarray(rng.integers(0, v, (512, w)), jnp.int32)
+    target = jnp.asarray(rng.integers(0, v, (512, w + 1)), jnp.int32)
+    n_prop = jnp.asarray(rng.integers(0, w + 1, 512), jnp.int32)
+    stop = jnp.asarray([2], jnp.int32)
+    want = verify(jax.nn.one_hot(target, v), jax.nn.one_hot(drafts, v), drafts, n_prop, stop,
+                  jax.random.key(0), True)
+    got = verify_greedy(target, drafts, n_prop, stop)
+    for name, a, b in zip(("accepted", "next", "stopped"), got, want):
+        stopped = np.asarray(want[2])
+        if name == "next":          # no next token is committed after an accepted stop
+            a, b = np.asarray(a)[~stopped], np.asarray(b)[~stopped]
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    assert 0 < int(np.sum(want[2])) < 512 and len(set(np.asarray(want[0]).tolist())) == w + 1
 
 
 def test_incompatible_draft_errors():

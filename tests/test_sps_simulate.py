@@ -21,6 +21,7 @@ def test_measure_cache_and_refuse(tmp_path):
     prof = sps.cached(target, 2, 4, context=16, directory=str(tmp_path), draft=draft, log=None)
     assert prof.buckets == verify_buckets(2, 4)
     assert all(s > 0 for s in prof.seconds) and prof.propose_seconds > 0 and prof.ar_seconds > 0
+    assert prof.fixed_seconds > 0
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) == 2 and files[0].endswith(".json") and files[1].endswith(".png")
     again = sps.cached(target, 2, 4, context=16, directory=str(tmp_path), draft=draft, log=None)
@@ -61,6 +62,16 @@ def test_prediction_arithmetic_and_stats_formats(tmp_path):
                                "draft_tokens_per_proposal": 4.0, "policy": "fixed"}))
     rows = simulate.simulate(simulate.read_stats(str(res)), {4: prof}, [4])
     assert rows[0]["verify_tokens"] == 20 and "error" not in rows[0]
+    assert rows[0]["round_ms"] == pytest.approx(100.0)          # packed size 20 + propose
+    # with the fixed policy's own verify (``extend`` of [4, 5]) timed, that is its cost
+    timed = sps.SPSProfile(prof.buckets, prof.seconds, 4, 5, 256, "k", propose_seconds=0.02,
+                           ar_seconds=0.04, fixed_seconds=0.07)
+    rows = simulate.simulate(simulate.read_stats(str(res)), {4: timed}, [4])
+    assert rows[0]["verify_tokens"] == 20 and rows[0]["round_ms"] == pytest.approx(90.0)
+    # the serving benchmark's per-R context travels with its statistics
+    serving.write_text(json.dumps({"results": [
+        {"rows": 4, "policy": "ar", "tokens_per_s": 90.0, "context": 288}]}))
+    assert simulate.read_stats(str(serving))[0]["context"] == 288
     with pytest.raises(ConfigError, match="no SPS profile for R=8"):
         simulate.simulate(simulate.read_stats(str(res)), {4: prof}, [8])
     (tmp_path / "x.json").write_text("{}")

@@ -14,15 +14,19 @@ scheduler) are in tests/test_spec_decode_sampled.py.
 
 from __future__ import annotations
 
+import ast
 import functools
 import itertools
+import os
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import REPO
+from deepspec_jax.drafts.registry import FAMILIES, KINDS
 from deepspec_jax.spec_decode import (_spec_generate, capacity_lengths, schedule_lengths,
-                                      speculative_generate, verify_buckets)
+                                      speculative_generate, verify_buckets, verify_programs)
 from test_spec_decode_lossless import _tiny_pair
 
 VOCAB = 64
@@ -137,6 +141,14 @@ def test_verify_buckets():
     assert verify_buckets(1, 1) == (1,)
 
 
+def test_verify_programs():
+    # every size with the full grid (capped at the size); the size that holds one token
+    # per request also with a one-token grid
+    assert verify_programs(1, 5) == ((1, 1), (2, 2), (4, 4), (5, 5))
+    assert verify_programs(4, 5) == ((1, 1), (2, 2), (4, 1), (4, 4), (8, 5), (16, 5), (20, 5))
+    assert verify_programs(3, 5) == ((1, 1), (2, 2), (4, 1), (4, 4), (8, 5), (15, 5))
+
+
 def test_one_program_across_rounds_prompts_and_tables():
     target, draft = _pair()
     speculative_generate(target, draft, _prompts(2), max_new_tokens=MAX_NEW, policy="scheduler",
@@ -159,3 +171,20 @@ def test_policy_errors():
     plain_target, plain = _tiny_pair("eagle3", vocab=VOCAB)
     with pytest.raises(ValueError, match="confidence head"):
         speculative_generate(plain_target, plain, _prompts(), policy="threshold")
+
+
+def test_decoding_engine_names_no_draft_kind():
+    """Drafts plug into the engine through ``drafts.common.DraftFamily``'s decode
+    interface (init / propose / commit / tree), which every family implements: the
+    engine modules never branch on a kind or family name."""
+    names = set(KINDS) | set(FAMILIES)
+    engine = ["deepspec_jax/spec_decode.py", "deepspec_jax/sps.py", "deepspec_jax/simulate.py",
+              "deepspec_jax/evaluation/runner.py"]
+    engine += [os.path.join("deepspec_jax/tree", f)
+               for f in sorted(os.listdir(os.path.join(REPO, "deepspec_jax/tree")))
+               if f.endswith(".py")]
+    for rel in engine:
+        tree = ast.parse(open(os.path.join(REPO, rel)).read())
+        found = sorted({n.value for n in ast.walk(tree)
+                        if isinstance(n, ast.Constant) and n.value in names})
+        assert not found, f"{rel} names draft kinds {found}: go through the DraftFamily interface"

@@ -473,7 +473,8 @@ class CausalLM(nnx.Module):
         return out, cache._replace(lengths=new_len)
 
     def extend_packed(self, cache: KVCache, input_ids: jax.Array, num_new: jax.Array,
-                      size: int, layer_ids: Sequence[int] = (), write: bool = True):
+                      size: int, layer_ids: Sequence[int] = (), write: bool = True,
+                      grid: int | None = None):
         """``extend`` that computes only the real tokens: row b's first ``num_new[b]``
         tokens of ``input_ids`` [B, T] (0 allowed) are packed into one sequence of
         ``size`` (static, >= sum(num_new)) tokens for the per-token work (projections,
@@ -484,25 +485,33 @@ class CausalLM(nnx.Module):
         Returns (ForwardOut, cache) -- or with ``write=False`` (static) (ForwardOut, new
         keys/values per layer in the cache layout) for ``write_new_kv``: a caller that
         picks ``size`` at run time (``lax.switch``) keeps the cache out of the branches,
-        which would otherwise copy it."""
+        which would otherwise copy it.
+
+        ``grid`` (static, default T): the attention runs over a [B, grid] layout, so
+        its cost follows the widest row rather than T; the caller promises
+        ``num_new <= grid`` (e.g. 1 when no row verifies a draft). The new keys/values
+        (and the cache writes) then have ``grid`` slots per row."""
         b, t = input_ids.shape
+        g = t if grid is None else int(grid)
+        if not 1 <= g <= t:
+            raise ValueError(f"extend_packed: grid={g} must be in 1..{t} (the row width).")
         start = cache.lengths
         num_new = num_new.astype(jnp.int32)
         row, slot, gather = packed_layout(num_new, t, size)
-        rc, sc = jnp.minimum(row, b - 1), jnp.minimum(slot, t - 1)
-        positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+        rc, sc = jnp.minimum(row, b - 1), jnp.minimum(slot, g - 1)
+        positions = start[:, None] + jnp.arange(g, dtype=jnp.int32)[None]
         attend_rows = _cache_attend(start, positions)
 
-        def to_rows(x, axis):   # packed [1, ..., size (at axis), ...] -> [B, ..., T, ...]
+        def to_rows(x, axis):   # packed [1, ..., size (at axis), ...] -> [B, ..., g, ...]
             x = jnp.moveaxis(x[0], axis - 1, 0)                      # [size, ...]
-            out = jnp.zeros((b, t) + x.shape[1:], x.dtype).at[row, slot].set(x, mode="drop")
+            out = jnp.zeros((b, g) + x.shape[1:], x.dtype).at[row, slot].set(x, mode="drop")
             return jnp.moveaxis(out, 1, axis)
 
-        def regroup(kt, vt):    # [1,K,D,size] / [1,K,size,D] -> [B,K,D,T] / [B,K,T,D]
+        def regroup(kt, vt):    # [1,K,D,size] / [1,K,size,D] -> [B,K,D,g] / [B,K,g,D]
             return to_rows(kt, 3), to_rows(vt, 2)
 
         def attend(q, kt, vt, ck, cv, window, scale):
-            o = attend_rows(to_rows(q, 1), kt, vt, ck, cv, window, scale)  # [B,T,H,D]
+            o = attend_rows(to_rows(q, 1), kt, vt, ck, cv, window, scale)  # [B,g,H,D]
             return o[rc, sc][None]
 
         out, cache = self._run(input_ids[rc, sc][None], (start[rc] + slot)[None], layer_ids,
