@@ -15,12 +15,18 @@ forced to ``--new_tokens`` tokens (no stop token: every method does the same wor
 
 Reports tokens/s (all requests), the per-request latency (the batch finishes together:
 wall time per request, and per token), the acceptance length tau and the mean number of
-drafts verified per request per round. Compilation is excluded (one warm-up call each); the timed calls run round-robin over
-the policies, best of ``--repeats`` each.
-Every call also prefills its prompts (hundreds of tokens each: at R = 32 most of an
-AR call), so the ``prefill`` row times ``Target.generate`` of one token and the
-``decode_tokens_per_s`` column subtracts it: the decode phase alone, what
-``python -m deepspec_jax.simulate`` predicts.
+drafts verified per request per round. Compilation is excluded (one warm-up call each); the
+timed calls run round-robin over the policies, best of ``--repeats`` each.
+Every call also prefills its prompts (hundreds of tokens each: at R = 32 most of an AR
+call) and, speculative ones, the draft's state over them. So each policy is timed twice,
+at ``--new_tokens`` and at ``--base_tokens``, and ``decode_tokens_per_s`` is the
+difference: R x (new - base) tokens over t(new) - t(base), the decode phase alone with
+every per-call cost of that policy taken out (greedy: the first ``base_tokens`` of both
+calls are the same tokens). That is what ``python -m deepspec_jax.simulate`` predicts.
+The batch is static: it runs rounds until its slowest request has its tokens, so its
+rate follows ``tokens_per_round`` (tokens per request per round of the batch over the
+same span: (new - base) / rounds) rather than the mean acceptance length ``tau`` (a
+server that refills finished slots runs at tau).
 
     python benchmarks/serving.py --rows=1,4,16,32 --new_tokens=48 --out=serving.json
 """
@@ -33,6 +39,7 @@ import platform
 import sys
 import time
 
+import jax
 import numpy as np
 from absl import flags
 
@@ -46,13 +53,14 @@ FLAGS = flags.FlagValues()
 flags.DEFINE_string("rows", "1,4,16,32", "Comma-separated numbers of concurrent requests R.",
                     flag_values=FLAGS)
 flags.DEFINE_integer("new_tokens", 64, "Tokens generated per request.", flag_values=FLAGS)
-flags.DEFINE_string("policies", "prefill,ar,fixed,threshold,scheduler,production,none",
-                    "What to run (prefill first: the decode-only columns need it).",
-                    flag_values=FLAGS)
+flags.DEFINE_string("policies", "ar,fixed,threshold,scheduler,production,none",
+                    "What to run.", flag_values=FLAGS)
+flags.DEFINE_integer("base_tokens", 8, "Each policy is also timed at this many new tokens; the "
+                     "decode-only rate is the difference (0: not measured).", flag_values=FLAGS)
 flags.DEFINE_float("threshold", 0.5, "Confidence threshold of the threshold policy.",
                    flag_values=FLAGS)
 flags.DEFINE_integer("context", None, "Context of the SPS profile measurement (default: the "
-                     "workload's mean decode context, mean prompt + half the new tokens, "
+                     "workload's decode context, longest prompt + half the new tokens, "
                      "rounded to 16).", flag_values=FLAGS)
 flags.DEFINE_integer("repeats", 3, "Timed runs per policy, interleaved across policies (best "
                      "reported).", flag_values=FLAGS)
@@ -68,21 +76,27 @@ def _prompts(target, rows: int) -> list[list[int]]:
 
 
 def workload_context(prompts: list[list[int]], new_tokens: int) -> int:
-    """The mean context a decode step of these requests attends over (mean prompt
-    length + half the generated tokens), rounded to 16: the SPS profile's context."""
-    mean = sum(len(p) for p in prompts) / len(prompts) + new_tokens / 2
-    return max(16, int(round(mean / 16)) * 16)
+    """The context a decode step of these requests costs: the longest prompt + half the
+    generated tokens, rounded to 16 (the SPS profile's context). ``extend`` reads every
+    row's cache up to the longest row's length, so the batch's cost follows its longest
+    request (R = 32: plain step 310 ms at the real lengths, 302 with every row at the
+    longest, 257 with every row at the mean; the loop ran 311)."""
+    longest = max(len(p) for p in prompts) + new_tokens / 2
+    return max(16, int(round(longest / 16)) * 16)
 
 
 def _run(target, draft, prompts, policy, new_tokens, kw):
-    if policy == "prefill":
-        return target.generate(prompts, max_new_tokens=1, stop_token_ids=[]), None
     if policy == "ar":
         out = target.generate(prompts, max_new_tokens=new_tokens, stop_token_ids=[])
         return out, None
     res = speculative_generate(target, draft, prompts, max_new_tokens=new_tokens,
                                stop_token_ids=[], policy=policy, **kw)
     return [r.tokens for r in res], res
+
+
+def _loop_rounds(res) -> int:
+    """Rounds the batch ran: the loop runs until its slowest request is done."""
+    return int(max(r.num_rounds for r in res))
 
 
 def main(argv=None) -> int:
@@ -92,6 +106,9 @@ def main(argv=None) -> int:
     width = _proposal_width(draft.kind, draft.config) + 1
     results = []
     for rows in (int(r) for r in args.rows.split(",")):
+        # drop the previous R's executables: 12 compiled loops per R, kept for all four
+        # R, exhaust the process's memory mappings (LLVM: "Cannot allocate memory")
+        jax.clear_caches()
         prompts = _prompts(target, rows)
         context = args.context or workload_context(prompts, args.new_tokens)
         profile = sps_lib.cached(target, rows, width, context, draft=draft)
@@ -99,43 +116,49 @@ def main(argv=None) -> int:
         kws = {"ar": {}, "fixed": {},
                "threshold": dict(confidence_threshold=args.threshold),
                "scheduler": dict(sps=profile), "production": dict(sps=profile),
-               "none": dict(sps=[1.0 / b ** 3 for b in range(1, n + 1)]), "prefill": {}}
+               "none": dict(sps=[1.0 / b ** 3 for b in range(1, n + 1)])}
         names = args.policies.split(",")
         policy = {name: "scheduler" if name == "none" else name for name in names}
-        run = {name: (lambda name=name: _run(target, draft, prompts, policy[name],
-                                             args.new_tokens, kws[name])) for name in names}
-        outs = {name: run[name]() for name in names}                          # compile
-        # timed calls interleaved round-robin (best of --repeats per policy): a slow
-        # spell of the machine then hits every policy alike instead of one
-        best = dict.fromkeys(names, float("inf"))
+        lengths = [args.new_tokens] + ([args.base_tokens] if 0 < args.base_tokens < args.new_tokens
+                                       else [])
+        calls = [(name, n) for name in names for n in lengths]
+        run = {(name, n): (lambda name=name, n=n: _run(target, draft, prompts, policy[name], n,
+                                                       kws[name])) for name, n in calls}
+        outs = {call: run[call]() for call in calls}                          # compile
+        # timed calls interleaved round-robin (best of --repeats per call): a slow spell
+        # of the machine then hits every policy alike instead of one
+        best = dict.fromkeys(calls, float("inf"))
         for _ in range(args.repeats):
-            for name in names:
+            for call in calls:
                 t0 = time.perf_counter()
-                outs[name] = run[name]()
-                best[name] = min(best[name], time.perf_counter() - t0)
-        prefill = best.get("prefill")
-        if prefill is not None:
-            results.append(dict(rows=rows, policy="prefill", seconds=round(prefill, 3),
-                                context=context))
-            print(json.dumps(results[-1]), flush=True)
-        base = outs["ar"][0] if "ar" in outs else None
+                outs[call] = run[call]()
+                best[call] = min(best[call], time.perf_counter() - t0)
+        for n in lengths:
+            base = outs[("ar", n)][0] if "ar" in names else None
+            for name in names:
+                if base is not None:
+                    assert outs[(name, n)][0] == [list(t) for t in base], \
+                        f"{name} ({n} tokens): output differs from plain greedy"
         for name in names:
-            if name == "prefill":
-                continue
-            toks, res = outs[name]
-            if base is not None:
-                assert toks == [list(t) for t in base], f"{name}: output differs from plain greedy"
-            sec = best[name]
+            _, res = outs[(name, args.new_tokens)]
+            sec = best[(name, args.new_tokens)]
             row = dict(rows=rows, policy=name, seconds=round(sec, 3), context=context,
                        tokens_per_s=round(rows * args.new_tokens / sec, 2),
                        latency_ms_per_token=round(sec / args.new_tokens * 1e3, 2))
-            if prefill is not None and sec > prefill:
-                row["decode_tokens_per_s"] = round(rows * (args.new_tokens - 1) / (sec - prefill), 2)
+            if len(lengths) == 2:
+                base_sec = best[(name, lengths[1])]
+                row["base_seconds"] = round(base_sec, 3)
+                if sec > base_sec:
+                    row["decode_tokens_per_s"] = round(
+                        rows * (args.new_tokens - lengths[1]) / (sec - base_sec), 2)
             if res is not None:
                 acc = np.concatenate([r.accepted_lengths for r in res])
                 ver = np.concatenate([r.proposal_lengths for r in res])
                 row.update(tau=round(float(acc.mean()), 3), verified=round(float(ver.mean()), 3),
-                           rounds=int(max(r.num_rounds for r in res)))
+                           rounds=_loop_rounds(res))
+                if len(lengths) == 2 and row["rounds"] > _loop_rounds(outs[(name, lengths[1])][1]):
+                    row["tokens_per_round"] = round((args.new_tokens - lengths[1]) / (
+                        row["rounds"] - _loop_rounds(outs[(name, lengths[1])][1])), 3)
             results.append(row)
             print(json.dumps(row), flush=True)
     ar = {r["rows"]: r["tokens_per_s"] for r in results if r["policy"] == "ar"}
@@ -146,9 +169,6 @@ def main(argv=None) -> int:
           f"{'vs AR':>6} {'tau':>6} {'verified':>8}")
     nan = float("nan")
     for r in results:
-        if r["policy"] == "prefill":
-            print(f"{r['rows']:>3} {'prefill':>10} ({r['seconds']:.2f} s)")
-            continue
         rel = r["tokens_per_s"] / ar[r["rows"]] if r["rows"] in ar else nan
         dec = r.get("decode_tokens_per_s")
         rel_dec = dec / ar_dec[r["rows"]] if dec and ar_dec.get(r["rows"]) else nan
@@ -159,6 +179,7 @@ def main(argv=None) -> int:
         with open(args.out, "w") as f:
             json.dump(dict(machine=platform.processor() or platform.machine(),
                            date=time.strftime("%Y-%m-%d"), new_tokens=args.new_tokens,
+                           base_tokens=args.base_tokens,
                            load=os.getloadavg()[0], results=results), f, indent=1)
     return 0
 

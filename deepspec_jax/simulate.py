@@ -5,7 +5,9 @@ verification policy, predicted from
 
 * acceptance statistics: tau (accepted + 1 per round) and the drafts verified per round
   v, from an eval's ``results.json`` (``--policy`` decides v: the fixed policy verifies
-  the whole block) or from ``benchmarks/serving.py``'s JSON (one row per R and policy);
+  the whole block) or from ``benchmarks/serving.py``'s JSON (one row per R and policy;
+  its static batch runs until the slowest request is done, so there tau is the batch's
+  ``tokens_per_round`` when measured);
 * an SPS profile per R (``deepspec_jax.sps``: verify seconds per verify batch size B,
   one plain decode step, the draft's propose + commit), measured here and cached, or
   read from files measured on another machine (``--sps``).
@@ -71,16 +73,19 @@ def read_stats(path: str) -> list[dict]:
     if isinstance(raw, dict) and "results" in raw:          # benchmarks/serving.py
         out = []
         for r in raw["results"]:
-            if r["policy"] == "prefill":
+            if r["policy"] == "prefill":      # outputs before the per-policy base timing
                 continue
-            # the decode phase alone when the benchmark measured its prefill
+            # the decode phase alone (each policy's per-call costs taken out) when measured
             meas = r.get("decode_tokens_per_s", r["tokens_per_s"])
             ctx = {"context": int(r["context"])} if r.get("context") else {}
             if r["policy"] == "ar":
                 out.append(dict(label="ar", policy="ar", rows=r["rows"], measured=meas, **ctx))
             else:
+                # a static batch commits tokens_per_round per request per round (it runs
+                # until its slowest request is done), not the mean acceptance length
                 out.append(dict(label=r["policy"], policy=r["policy"], rows=r["rows"],
-                                tau=r["tau"], verified=r["verified"], measured=meas, **ctx))
+                                tau=r.get("tokens_per_round", r["tau"]), verified=r["verified"],
+                                measured=meas, **ctx))
         return out
     if isinstance(raw, dict) and "acceptance_length" in raw:   # eval results.json
         v = raw.get("verified_drafts_per_round", raw.get("draft_tokens_per_proposal"))

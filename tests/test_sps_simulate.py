@@ -57,6 +57,12 @@ def test_prediction_arithmetic_and_stats_formats(tmp_path):
     rows = simulate.simulate(simulate.read_stats(str(serving)), {4: prof})
     assert rows[0]["error"] == pytest.approx(100.0 / 90.0 - 1, abs=1e-4)
     assert rows[1]["error"] == pytest.approx(p["tokens_per_s"] / 80.0 - 1, abs=1e-4)
+    # a static batch advances at its slowest request: its tokens per round, not tau
+    serving.write_text(json.dumps({"results": [
+        {"rows": 4, "policy": "fixed", "tokens_per_s": 50.0, "tau": 2.0, "verified": 4.0,
+         "tokens_per_round": 1.25}]}))
+    (st,) = simulate.read_stats(str(serving))
+    assert st["tau"] == 1.25 and st["verified"] == 4.0
     res = tmp_path / "results.json"
     res.write_text(json.dumps({"dataset": "gsm8k", "acceptance_length": 1.6,
                                "draft_tokens_per_proposal": 4.0, "policy": "fixed"}))
