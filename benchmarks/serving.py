@@ -156,9 +156,10 @@ def main(argv=None) -> int:
                 ver = np.concatenate([r.proposal_lengths for r in res])
                 row.update(tau=round(float(acc.mean()), 3), verified=round(float(ver.mean()), 3),
                            rounds=_loop_rounds(res))
-                if len(lengths) == 2 and row["rounds"] > _loop_rounds(outs[(name, lengths[1])][1]):
-                    row["tokens_per_round"] = round((args.new_tokens - lengths[1]) / (
-                        row["rounds"] - _loop_rounds(outs[(name, lengths[1])][1])), 3)
+                spent = row["rounds"] - (_loop_rounds(outs[(name, lengths[1])][1])
+                                         if len(lengths) == 2 else 0)
+                if len(lengths) == 2 and spent > 0:
+                    row["tokens_per_round"] = round((args.new_tokens - lengths[1]) / spent, 3)
             results.append(row)
             print(json.dumps(row), flush=True)
     ar = {r["rows"]: r["tokens_per_s"] for r in results if r["policy"] == "ar"}
