@@ -26,7 +26,10 @@ calls are the same tokens). That is what ``python -m deepspec_jax.simulate`` pre
 The batch is static: it runs rounds until its slowest request has its tokens, so its
 rate follows ``tokens_per_round`` (tokens per request per round of the batch over the
 same span: (new - base) / rounds) rather than the mean acceptance length ``tau`` (a
-server that refills finished slots runs at tau).
+server that refills finished slots runs at tau). Between the timed calls it also re-times
+the SPS profile's plain decode step (``plain_step_seconds``, median of 5, best over the
+repeats): the calculator scales the profile by it, so a profile measured in another
+spell of a shared machine still predicts this run.
 
     python benchmarks/serving.py --rows=1,4,16,32 --new_tokens=48 --out=serving.json
 """
@@ -125,6 +128,11 @@ def main(argv=None) -> int:
         run = {(name, n): (lambda name=name, n=n: _run(target, draft, prompts, policy[name], n,
                                                        kws[name])) for name, n in calls}
         outs = {call: run[call]() for call in calls}                          # compile
+        # the profile's plain step, re-timed between the runs: the calculator scales the
+        # profile by it (a profile measured in a slower spell of the machine is not wrong)
+        plain = sps_lib.plain_step(target, rows, width, context)
+        jax.block_until_ready(plain())
+        plain_best = float("inf")
         # timed calls interleaved round-robin (best of --repeats per call): a slow spell
         # of the machine then hits every policy alike instead of one
         best = dict.fromkeys(calls, float("inf"))
@@ -133,6 +141,13 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 outs[call] = run[call]()
                 best[call] = min(best[call], time.perf_counter() - t0)
+            steps = []
+            for _ in range(5):
+                t0 = time.perf_counter()
+                jax.block_until_ready(plain())
+                steps.append(time.perf_counter() - t0)
+            plain_best = min(plain_best, float(np.median(steps)))
+        del plain
         for n in lengths:
             base = outs[("ar", n)][0] if "ar" in names else None
             for name in names:
@@ -143,6 +158,7 @@ def main(argv=None) -> int:
             _, res = outs[(name, args.new_tokens)]
             sec = best[(name, args.new_tokens)]
             row = dict(rows=rows, policy=name, seconds=round(sec, 3), context=context,
+                       plain_step_seconds=round(plain_best, 5),
                        tokens_per_s=round(rows * args.new_tokens / sec, 2),
                        latency_ms_per_token=round(sec / args.new_tokens * 1e3, 2))
             if len(lengths) == 2:

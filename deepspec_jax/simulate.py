@@ -16,7 +16,9 @@ The model: a round of R requests verifies B = R (1 + v) tokens and costs
 verify(B) + propose(R) (the fixed policy: ``extend`` of R x (block + 1) tokens instead of
 the packed verify); it commits R x tau tokens. Plain decoding commits R tokens per
 step. With serving-benchmark input it also prints the measured tokens/s and the
-prediction's error.
+prediction's error; the profile is first scaled by the run's re-timed plain step over the
+profile's own (``scale``: on a shared machine the two may be measured in spells 20-30%
+apart), and ``unscaled`` is the error without that (``--norescale``).
 
     python -m deepspec_jax.simulate --stats=eval_results/gsm8k/results.json --rows=1,4,16,32
     python -m deepspec_jax.simulate --stats=serving.json          # prediction error
@@ -78,6 +80,8 @@ def read_stats(path: str) -> list[dict]:
             # the decode phase alone (each policy's per-call costs taken out) when measured
             meas = r.get("decode_tokens_per_s", r["tokens_per_s"])
             ctx = {"context": int(r["context"])} if r.get("context") else {}
+            if r.get("plain_step_seconds"):   # the profile's plain step re-timed in the run
+                ctx["plain_step"] = float(r["plain_step_seconds"])
             if r["policy"] == "ar":
                 out.append(dict(label="ar", policy="ar", rows=r["rows"], measured=meas, **ctx))
             else:
@@ -98,10 +102,19 @@ def read_stats(path: str) -> list[dict]:
                       "nor a benchmarks/serving.py output (field 'results').")
 
 
+def _predict_row(prof: sps_lib.SPSProfile, st: dict) -> dict:
+    if st["policy"] == "ar":
+        return dict(rows=prof.rows, tokens_per_s=round(prof.rows / prof.ar_seconds, 2))
+    return predict(prof, st["tau"], st["verified"], fixed=st["policy"] == "fixed")
+
+
 def simulate(stats: Sequence[dict], profiles: dict[int, sps_lib.SPSProfile],
-             rows: Sequence[int] | None = None) -> list[dict]:
+             rows: Sequence[int] | None = None, rescale: bool = True) -> list[dict]:
     """Predictions for every stats row at every R (``rows``; a stats row that carries its
-    own R is predicted at that R only), with the measured figure and error when known."""
+    own R is predicted at that R only), with the measured figure and error when known.
+    ``rescale``: a row carrying the profile's plain step re-timed in its run
+    (``plain_step``) is predicted from the profile scaled to that run's speed
+    (``scale``), and ``error_unscaled`` keeps the error of the profile as measured."""
     out = []
     for st in stats:
         for r in ([st["rows"]] if "rows" in st else rows or sorted(profiles)):
@@ -110,14 +123,19 @@ def simulate(stats: Sequence[dict], profiles: dict[int, sps_lib.SPSProfile],
                                   f"{sorted(profiles)}); measure it: `python -m "
                                   f"deepspec_jax.sps --rows={r}`.")
             prof = profiles[r]
-            if st["policy"] == "ar":
-                pred = dict(rows=r, tokens_per_s=round(r / prof.ar_seconds, 2))
-            else:
-                pred = predict(prof, st["tau"], st["verified"], fixed=st["policy"] == "fixed")
+            scale = None
+            if rescale and st.get("plain_step") and prof.ar_seconds:
+                scale = st["plain_step"] / prof.ar_seconds
+                unscaled, prof = _predict_row(prof, st), prof.scaled(scale)
+            pred = _predict_row(prof, st)
             row = dict(label=st["label"], policy=st["policy"], **pred)
+            if scale is not None:
+                row["scale"] = round(scale, 4)
             if "measured" in st:
                 row["measured_tokens_per_s"] = st["measured"]
                 row["error"] = round(pred["tokens_per_s"] / st["measured"] - 1.0, 4)
+                if scale is not None:
+                    row["error_unscaled"] = round(unscaled["tokens_per_s"] / st["measured"] - 1, 4)
             out.append(row)
     return out
 
@@ -137,6 +155,8 @@ def main(argv=None) -> int:
     flags.DEFINE_integer("context", None, "Context of measured profiles (default: the "
                          "serving benchmark's per-R context when --stats has it, else 256).",
                          flag_values=fv)
+    flags.DEFINE_bool("rescale", True, "Scale each profile to its serving run's speed (the "
+                      "plain step the run re-timed, over the profile's).", flag_values=fv)
     flags.DEFINE_string("json", None, "Also write the predictions here.", flag_values=fv)
     args = cli.parse(fv, argv, __doc__)
     if not args.stats:
@@ -160,19 +180,21 @@ def main(argv=None) -> int:
             profiles = {r: sps_lib.cached(target, r, width, args.context or ctx.get(r, 256),
                                           draft=draft)
                         for r in want}
-        rows = simulate(stats, profiles, want)
+        rows = simulate(stats, profiles, want, rescale=args.rescale)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"{'R':>3} {'stats':>12} {'policy':>10} {'tau':>5} {'verified':>8} {'tok/s':>8} "
-          f"{'speedup':>7} {'measured':>8} {'error':>7}")
+          f"{'speedup':>7} {'measured':>8} {'error':>7} {'scale':>6} {'unscaled':>8}")
+    nan = float("nan")
     for r in rows:
         meas = r.get("measured_tokens_per_s")
         print(f"{r['rows']:>3} {r['label'][:12]:>12} {r['policy']:>10} "
-              f"{r.get('tau', float('nan')):>5.2f} {r.get('verified', float('nan')):>8.2f} "
-              f"{r['tokens_per_s']:>8.1f} {r.get('speedup', float('nan')):>7.2f} "
-              f"{meas if meas is not None else float('nan'):>8.1f} "
-              f"{100 * r['error'] if 'error' in r else float('nan'):>6.1f}%")
+              f"{r.get('tau', nan):>5.2f} {r.get('verified', nan):>8.2f} "
+              f"{r['tokens_per_s']:>8.1f} {r.get('speedup', nan):>7.2f} "
+              f"{meas if meas is not None else nan:>8.1f} "
+              f"{100 * r['error'] if 'error' in r else nan:>6.1f}% {r.get('scale', nan):>6.3f} "
+              f"{100 * r['error_unscaled'] if 'error_unscaled' in r else nan:>7.1f}%")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

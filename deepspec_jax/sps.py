@@ -44,7 +44,8 @@ from deepspec_jax.target import load_target
 
 # 2: sizes of one token per request timed on the one-token grid; the fixed policy's
 #    extend; the cache reset and the draft state updated in place (not copied) when timed
-VERSION = 2
+# 3: every program timed round-robin (a slow spell no longer lands on one entry)
+VERSION = 3
 DEFAULT_DIR = os.environ.get("DEEPSPEC_JAX_SPS_DIR") or os.path.join(
     os.path.expanduser("~"), ".cache", "deepspec_jax", "sps")
 
@@ -75,6 +76,14 @@ class SPSProfile:
     def steps_per_second(self, n: int) -> np.ndarray:
         """SPS(B) for B = 1..n: the table ``speculative_generate(sps=...)`` reads."""
         return np.asarray([1.0 / self.seconds_at(b) for b in range(1, n + 1)], np.float64)
+
+    def scaled(self, factor: float) -> "SPSProfile":
+        """Every time x ``factor``: the same machine in a slower (> 1) or faster spell."""
+        mul = lambda v: None if v is None else v * factor   # noqa: E731
+        return dataclasses.replace(self, seconds=tuple(v * factor for v in self.seconds),
+                                   propose_seconds=mul(self.propose_seconds),
+                                   ar_seconds=mul(self.ar_seconds),
+                                   fixed_seconds=mul(self.fixed_seconds))
 
     def to_json(self) -> dict:
         return dict(version=VERSION, buckets=list(self.buckets), seconds=list(self.seconds),
@@ -145,25 +154,30 @@ def _counts(b: int, rows: int, width: int) -> np.ndarray:
     return np.minimum(out, width)
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` (which returns something to block on) after one
-    untimed call (the compile)."""
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def _interleaved_medians(fns: dict, repeats: int) -> dict:
+    """Median wall time of each ``fns[name]()`` (which returns something to block on),
+    after one untimed call each (the compiles), timed round-robin: a slow spell of a
+    shared machine then hits every entry of the profile alike, so its parts stay
+    consistent with each other (one scale, which ``simulate`` can correct)."""
+    for fn in fns.values():
         jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def measure_proposal(target, draft, rows: int, context: int = 256, repeats: int = 7) -> float:
-    """Seconds of the draft's part of a round for ``rows`` requests: propose a block,
-    then commit it whole (its target features), at ``context`` tokens."""
+def proposal_round(target, draft, rows: int, context: int = 256, calls: int = 8):
+    """A callable running the draft's part of a round for ``rows`` requests: propose a
+    block, then commit it whole (its target features), at ``context`` tokens; its
+    state is carried (donated) across up to ``calls`` calls."""
     layer_ids = check_compatible(target, draft)
     w = _proposal_width(draft.kind, draft.config)
-    # every timed round commits w + 1 tokens into the carried (donated) draft state
-    cache_len = int(-(-(context + (repeats + 2) * (w + 1)) // 256) * 256)
+    # every call commits w + 1 tokens into the carried draft state
+    cache_len = int(-(-(context + (calls + 1) * (w + 1)) // 256) * 256)
     rng = np.random.default_rng(1)
     vocab = target.config.vocab_size
     prompt = jnp.asarray(rng.integers(0, vocab - 1, (rows, context)), jnp.int32)
@@ -191,76 +205,92 @@ def measure_proposal(target, draft, rows: int, context: int = 256, repeats: int 
         toks, dstate = round_(draft.state, dstate, jax.random.key(0))
         return toks
 
-    return _median_seconds(one_round, repeats)
+    return one_round
 
 
 def measure(target, rows: int, width: int, context: int = 256, repeats: int = 7,
             cache_len: int | None = None, draft=None, log=print) -> SPSProfile:
     """Time the engine's packed verify at every compiled size (``verify_buckets``) for
-    ``rows`` requests at ``context`` cached tokens each; median of ``repeats`` calls.
-    With ``draft``, also its proposal (``measure_proposal``)."""
+    ``rows`` requests at ``context`` cached tokens each, one plain decode step, the fixed
+    policy's ``extend`` and, with ``draft``, its proposal (``proposal_round``): median
+    of ``repeats`` calls each, round-robin over all of them."""
     if rows < 1 or width < 1 or context < 1:
         raise ValueError(f"rows, width and context must be >= 1, got {rows}, {width}, {context}.")
+    cache, ids = _filled_cache(target, rows, width, context, cache_len)
+    box = {"cache": cache}                    # one cache, stepped and reset by every program
+    buckets = verify_buckets(rows, width)
+    fns = {}
+    for size in buckets:
+        counts = jnp.asarray(_counts(size, rows, width))
+        # the program the engine runs for these counts (``spec_decode._packed_verify``):
+        # at most one token per request -> the one-token grid at the size holding rows
+        prog = ((_holding(buckets, rows), 1) if int(counts.max()) <= 1
+                else (size, min(width, size)))
+        fns[size] = CacheStep(target, box, context, lambda g, st, c, n=counts, prog=prog:
+                              _extend_packed(g, st, c, ids, n, *prog))
+    # one plain decode step ([rows, 1] through ``extend``, as ``Target.generate`` runs
+    # it) and the fixed policy's verify ([rows, width] through ``extend``)
+    fns["plain"] = CacheStep(target, box, context, lambda g, st, c: _extend(g, st, c, ids[:, :1]))
+    fns["fixed"] = CacheStep(target, box, context, lambda g, st, c: _extend(g, st, c, ids))
+    if draft is not None:
+        fns["propose"] = proposal_round(target, draft, rows, context, repeats + 1)
+    med = _interleaved_medians(fns, repeats)
+    seconds = [med[size] for size in buckets]
+    ar, fixed, prop = med["plain"], med["fixed"], med.get("propose")
+    if log:
+        for size, sec in zip(buckets, seconds):
+            log(f"  B={size:4d}: {sec * 1e3:8.2f} ms/step ({1 / sec:7.2f} steps/s)")
+        log(f"  plain decode step ({rows} requests): {ar * 1e3:.2f} ms; "
+            f"extend of {width} tokens each (fixed policy): {fixed * 1e3:.2f} ms")
+        if prop is not None:
+            log(f"  proposal ({draft.kind}, {rows} requests): {prop * 1e3:.2f} ms/round")
+    return SPSProfile(buckets, tuple(seconds), rows, width, context,
+                      profile_key(target, rows, width, context, draft), prop,
+                      None if draft is None else draft.source, ar, fixed)
+
+
+def _filled_cache(target, rows: int, width: int, context: int, cache_len: int | None = None):
+    """A cache of ``rows`` random prompts of ``context`` tokens (capacity: context +
+    width + 1 rounded up to 256, as the engine allocates) and ``width`` random ids per row."""
     cache_len = cache_len or int(-(-(context + width + 1) // 256) * 256)
     vocab = target.config.vocab_size
     rng = np.random.default_rng(0)
     prompt = target._put(rng.integers(0, vocab - 1, (rows, context)).astype(np.int32))
     lens = target._put(np.full((rows,), context, np.int32))
     _, cache = target.extend(target.init_cache(rows, cache_len), prompt, lens)
-    ids = target._put(rng.integers(0, vocab - 1, (rows, width)).astype(np.int32))
-    graphdef = target.graphdef
+    return cache, target._put(rng.integers(0, vocab - 1, (rows, width)).astype(np.int32))
 
-    @functools.partial(jax.jit, donate_argnums=0)   # in place: a copy of the cache is not a step
-    def reset(c):
-        return c._replace(lengths=jnp.full_like(c.lengths, context))
 
-    buckets = verify_buckets(rows, width)
-    seconds = []
-    for size in buckets:
-        counts = _counts(size, rows, width)
-        # the program the engine runs for these counts (``spec_decode._packed_verify``):
-        # at most one token per request -> the one-token grid at the size holding rows
-        prog = ((_holding(buckets, rows), 1) if counts.max() <= 1
-                else (size, min(width, size)))
-        counts = jnp.asarray(counts)
-        step = jax.jit(lambda state, c, i, n, prog=prog: _extend_packed(
-            graphdef, state, c, i, n, *prog), donate_argnums=1)
-        times = []
-        for rep in range(repeats + 1):
-            t0 = time.perf_counter()
-            logits, cache = step(target.state, cache, ids, counts)
-            jax.block_until_ready(logits)
-            if rep:   # the first call compiles
-                times.append(time.perf_counter() - t0)
-            cache = reset(cache)
-        seconds.append(float(np.median(times)))
-        if log:
-            log(f"  B={size:4d}: {seconds[-1] * 1e3:8.2f} ms/step ({1 / seconds[-1]:7.2f} steps/s)")
-    # one plain decode step ([rows, 1] through ``extend``, as ``Target.generate`` runs
-    # it) and the fixed policy's verify ([rows, width] through ``extend``)
-    plain = jax.jit(lambda state, c, i: _extend(graphdef, state, c, i), donate_argnums=1)
+def _resetter(context: int):
+    """Jitted: the cache's lengths back to ``context``, in place (a copy is not a step)."""
+    return jax.jit(lambda c: c._replace(lengths=jnp.full_like(c.lengths, context)),
+                   donate_argnums=0)
 
-    def extend_step(toks):
-        def run():
-            nonlocal cache
-            logits, cache = plain(target.state, cache, toks)
-            cache = reset(cache)
-            return logits
-        return run
 
-    ar = _median_seconds(extend_step(ids[:, :1]), repeats)
-    fixed = _median_seconds(extend_step(ids), repeats)
-    if log:
-        log(f"  plain decode step ({rows} requests): {ar * 1e3:.2f} ms; "
-            f"extend of {width} tokens each (fixed policy): {fixed * 1e3:.2f} ms")
-    prop = None
-    if draft is not None:
-        prop = measure_proposal(target, draft, rows, context, repeats)
-        if log:
-            log(f"  proposal ({draft.kind}, {rows} requests): {prop * 1e3:.2f} ms/round")
-    return SPSProfile(buckets, tuple(seconds), rows, width, context,
-                      profile_key(target, rows, width, context, draft), prop,
-                      None if draft is None else draft.source, ar, fixed)
+class CacheStep:
+    """Calling it runs one target step ``fn(graphdef, state, cache) -> (logits, cache)``
+    over the cache in ``box`` and resets the lengths to ``context``, in place (a copy of
+    the cache is not a step); returns the logits. Steps sharing a box share one cache."""
+
+    def __init__(self, target, box: dict, context: int, fn):
+        graphdef = target.graphdef
+        self._step = jax.jit(lambda state, c: fn(graphdef, state, c), donate_argnums=1)
+        self._reset = _resetter(context)
+        self._target, self._box = target, box
+
+    def __call__(self):
+        logits, cache = self._step(self._target.state, self._box["cache"])
+        self._box["cache"] = self._reset(cache)
+        return logits
+
+
+def plain_step(target, rows: int, width: int, context: int) -> CacheStep:
+    """The profile's plain decode step (``measure``'s ``ar_seconds`` program, same cache
+    capacity), to re-time it elsewhere: the serving benchmark times it between its runs,
+    so the calculator can scale a profile measured in a slower or faster spell."""
+    cache, ids = _filled_cache(target, rows, width, context)
+    return CacheStep(target, {"cache": cache}, context,
+                     lambda g, st, c: _extend(g, st, c, ids[:, :1]))
 
 
 def _extend(graphdef, state, cache, ids):
