@@ -102,6 +102,18 @@ def _loop_rounds(res) -> int:
     return int(max(r.num_rounds for r in res))
 
 
+def _verify_sizes(res, start: int) -> dict[int, int]:
+    """How many loop rounds from round ``start`` on verified B tokens, per B: every
+    request still running contributes its current token plus the drafts it verified
+    (the packed size of that round; its cost is a staircase in B, so the calculator
+    averages the cost over these rounds rather than taking the cost of the mean)."""
+    sizes = np.zeros(_loop_rounds(res), np.int64)
+    for r in res:
+        sizes[: r.num_rounds] += 1 + np.asarray(r.proposal_lengths[: r.num_rounds], np.int64)
+    vals, counts = np.unique(sizes[start:], return_counts=True)
+    return {int(v): int(c) for v, c in zip(vals, counts)}
+
+
 def main(argv=None) -> int:
     args = cli.parse(FLAGS, argv, __doc__)
     target = load_target(None)
@@ -172,10 +184,11 @@ def main(argv=None) -> int:
                 ver = np.concatenate([r.proposal_lengths for r in res])
                 row.update(tau=round(float(acc.mean()), 3), verified=round(float(ver.mean()), 3),
                            rounds=_loop_rounds(res))
-                spent = row["rounds"] - (_loop_rounds(outs[(name, lengths[1])][1])
-                                         if len(lengths) == 2 else 0)
+                start = _loop_rounds(outs[(name, lengths[1])][1]) if len(lengths) == 2 else 0
+                spent = row["rounds"] - start
                 if len(lengths) == 2 and spent > 0:
                     row["tokens_per_round"] = round((args.new_tokens - lengths[1]) / spent, 3)
+                row["verify_sizes"] = _verify_sizes(res, start)
             results.append(row)
             print(json.dumps(row), flush=True)
     ar = {r["rows"]: r["tokens_per_s"] for r in results if r["policy"] == "ar"}

@@ -14,7 +14,8 @@ verification policy, predicted from
 
 The model: a round of R requests verifies B = R (1 + v) tokens and costs
 verify(B) + propose(R) (the fixed policy: ``extend`` of R x (block + 1) tokens instead of
-the packed verify); it commits R x tau tokens. Plain decoding commits R tokens per
+the packed verify; with the serving benchmark's per-round sizes, verify is averaged over
+its rounds' B); it commits R x tau tokens. Plain decoding commits R tokens per
 step. With serving-benchmark input it also prints the measured tokens/s and the
 prediction's error; the profile is first scaled by the run's re-timed plain step over the
 profile's own (``scale``: on a shared machine the two may be measured in spells 20-30%
@@ -43,17 +44,23 @@ from deepspec_jax.target import load_target
 
 
 def predict(profile: sps_lib.SPSProfile, tau: float, verified: float,
-            fixed: bool = False) -> dict:
+            fixed: bool = False, sizes: dict[int, int] | None = None) -> dict:
     """Predicted tokens/s (all requests) of a policy with acceptance length ``tau`` and
     ``verified`` drafts per request per round, and of plain decoding, at
     ``profile.rows`` requests. ``fixed``: the fixed policy, whose verify is ``extend``
-    of every request's whole block (``profile.fixed_seconds``), not the packed path."""
+    of every request's whole block (``profile.fixed_seconds``), not the packed path.
+    ``sizes`` ({B: rounds}, when the rounds' verify sizes are known): the verify cost
+    is averaged over them (the cost is a staircase in B: a mix of rounds verifying
+    nothing and rounds verifying a few drafts costs less than the mean's step)."""
     if profile.propose_seconds is None or profile.ar_seconds is None:
         raise ConfigError("the SPS profile has no proposal / plain-step timing: measure it "
                           "with a draft (`python -m deepspec_jax.sps --draft=...`).")
     r = profile.rows
     b = max(r, math.ceil(r * (1.0 + verified) - 1e-9))
     verify_s = profile.seconds_at(b)
+    if sizes:
+        n = sum(sizes.values())
+        verify_s = sum(c * profile.seconds_at(int(s)) for s, c in sizes.items()) / n
     if fixed and profile.fixed_seconds is not None:   # the fixed policy runs ``extend``
         b, verify_s = r * profile.width, profile.fixed_seconds
     round_s = verify_s + profile.propose_seconds
@@ -87,6 +94,8 @@ def read_stats(path: str) -> list[dict]:
             else:
                 # a static batch commits tokens_per_round per request per round (it runs
                 # until its slowest request is done), not the mean acceptance length
+                if r.get("verify_sizes"):   # the verify size of each round of the span
+                    ctx["sizes"] = {int(k): int(v) for k, v in r["verify_sizes"].items()}
                 out.append(dict(label=r["policy"], policy=r["policy"], rows=r["rows"],
                                 tau=r.get("tokens_per_round", r["tau"]), verified=r["verified"],
                                 measured=meas, **ctx))
@@ -105,7 +114,8 @@ def read_stats(path: str) -> list[dict]:
 def _predict_row(prof: sps_lib.SPSProfile, st: dict) -> dict:
     if st["policy"] == "ar":
         return dict(rows=prof.rows, tokens_per_s=round(prof.rows / prof.ar_seconds, 2))
-    return predict(prof, st["tau"], st["verified"], fixed=st["policy"] == "fixed")
+    return predict(prof, st["tau"], st["verified"], fixed=st["policy"] == "fixed",
+                   sizes=st.get("sizes"))
 
 
 def simulate(stats: Sequence[dict], profiles: dict[int, sps_lib.SPSProfile],

@@ -210,3 +210,6 @@ def test_serving(results):
             _finite(r, ["tau"])
             _finite(r, ["verified"], positive=False)
     assert rows["none"]["verified"] == 0 and rows["fixed"]["verified"] > 0
+    # rounds per verify size B of the decode span (JSON keys): anchors only for `none`
+    assert set(rows["none"]["verify_sizes"]) <= {"1"}
+    assert all(1 <= int(b) <= 5 for b in rows["scheduler"]["verify_sizes"])

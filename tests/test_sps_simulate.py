@@ -89,6 +89,15 @@ def test_prediction_arithmetic_and_stats_formats(tmp_path):
     raw = simulate.simulate(simulate.read_stats(str(serving)), {4: prof}, rescale=False)
     assert "scale" not in raw[1] and raw[1]["tokens_per_s"] == p["tokens_per_s"]
     assert prof.scaled(2.0).fixed_seconds is None and prof.scaled(0.5).ar_seconds == 0.02
+    # with each round's verify size known, the verify cost is the mean over the rounds
+    # (three rounds of anchors only, one of 20 tokens: not the cost of the mean, 16's)
+    serving.write_text(json.dumps({"results": [
+        {"rows": 4, "policy": "threshold", "tokens_per_s": 40.0, "tau": 1.5, "verified": 1.0,
+         "verify_sizes": {"4": 3, "20": 1}}]}))
+    (st,) = simulate.read_stats(str(serving))
+    assert st["sizes"] == {4: 3, 20: 1}
+    (row,) = simulate.simulate([st], {4: prof})
+    assert row["round_ms"] == pytest.approx((3 * 50 + 80) / 4 + 20)
     # the serving benchmark's per-R context travels with its statistics
     serving.write_text(json.dumps({"results": [
         {"rows": 4, "policy": "ar", "tokens_per_s": 90.0, "context": 288}]}))
