@@ -57,12 +57,13 @@ def predict(profile: sps_lib.SPSProfile, tau: float, verified: float,
                           "with a draft (`python -m deepspec_jax.sps --draft=...`).")
     r = profile.rows
     b = max(r, math.ceil(r * (1.0 + verified) - 1e-9))
-    verify_s = profile.seconds_at(b)
-    if sizes:
-        n = sum(sizes.values())
-        verify_s = sum(c * profile.seconds_at(int(s)) for s, c in sizes.items()) / n
     if fixed and profile.fixed_seconds is not None:   # the fixed policy runs ``extend``
         b, verify_s = r * profile.width, profile.fixed_seconds
+    elif sizes:
+        verify_s = (sum(c * profile.seconds_at(int(s)) for s, c in sizes.items())
+                    / sum(sizes.values()))
+    else:
+        verify_s = profile.seconds_at(b)
     round_s = verify_s + profile.propose_seconds
     spec = r * tau / round_s
     ar = r / profile.ar_seconds

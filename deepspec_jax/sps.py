@@ -221,12 +221,13 @@ def measure(target, rows: int, width: int, context: int = 256, repeats: int = 7,
     buckets = verify_buckets(rows, width)
     fns = {}
     for size in buckets:
-        counts = jnp.asarray(_counts(size, rows, width))
+        counts = _counts(size, rows, width)
         # the program the engine runs for these counts (``spec_decode._packed_verify``):
         # at most one token per request -> the one-token grid at the size holding rows
-        prog = ((_holding(buckets, rows), 1) if int(counts.max()) <= 1
+        prog = ((_holding(buckets, rows), 1) if counts.max() <= 1
                 else (size, min(width, size)))
-        fns[size] = CacheStep(target, box, context, lambda g, st, c, n=counts, prog=prog:
+        fns[size] = CacheStep(target, box, context, lambda g, st, c, n=jnp.asarray(counts),
+                              prog=prog:
                               _extend_packed(g, st, c, ids, n, *prog))
     # one plain decode step ([rows, 1] through ``extend``, as ``Target.generate`` runs
     # it) and the fixed policy's verify ([rows, width] through ``extend``)
