@@ -27,8 +27,8 @@ The batch is static: it runs rounds until its slowest request has its tokens, so
 rate follows ``tokens_per_round`` (tokens per request per round of the batch over the
 same span: (new - base) / rounds) rather than the mean acceptance length ``tau`` (a
 server that refills finished slots runs at tau). Between the timed calls it also re-times
-the SPS profile's plain decode step (``plain_step_seconds``, median of 5, best over the
-repeats): the calculator scales the profile by it, so a profile measured in another
+the SPS profile's plain decode step (``plain_step_seconds``: 8 steps in one jitted loop,
+median of 5, best over the repeats): the calculator scales the profile by it, so a profile measured in another
 spell of a shared machine still predicts this run.
 
     python benchmarks/serving.py --rows=1,4,16,32 --new_tokens=48 --out=serving.json
@@ -157,7 +157,7 @@ def main(argv=None) -> int:
             for _ in range(5):
                 t0 = time.perf_counter()
                 jax.block_until_ready(plain())
-                steps.append(time.perf_counter() - t0)
+                steps.append((time.perf_counter() - t0) / plain.steps)
             plain_best = min(plain_best, float(np.median(steps)))
         del plain
         for n in lengths:

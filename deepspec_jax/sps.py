@@ -5,7 +5,7 @@ against what verifying costs on *this* machine: SPS(B) = target steps/s when a r
 verifies B tokens in total over R requests of up to ``width`` tokens each (current
 token + drafts). ``measure`` times exactly the engine's packed verify programs
 (``CausalLM.extend_packed`` at every compiled size of ``spec_decode.verify_buckets``)
-at a given context; between two compiled sizes the cost is the larger one's (a
+at a given context, several steps in one jitted loop as the engine runs them; between two compiled sizes the cost is the larger one's (a
 staircase: the engine pads up to the next size).
 
 Profiles are cached as JSON (with a PNG of the curve) under
@@ -45,7 +45,8 @@ from deepspec_jax.target import load_target
 # 2: sizes of one token per request timed on the one-token grid; the fixed policy's
 #    extend; the cache reset and the draft state updated in place (not copied) when timed
 # 3: every program timed round-robin (a slow spell no longer lands on one entry)
-VERSION = 3
+# 4: every program timed as 8 steps in one jitted fori_loop, as the engine's loop runs it
+VERSION = 4
 DEFAULT_DIR = os.environ.get("DEEPSPEC_JAX_SPS_DIR") or os.path.join(
     os.path.expanduser("~"), ".cache", "deepspec_jax", "sps")
 
@@ -155,10 +156,11 @@ def _counts(b: int, rows: int, width: int) -> np.ndarray:
 
 
 def _interleaved_medians(fns: dict, repeats: int) -> dict:
-    """Median wall time of each ``fns[name]()`` (which returns something to block on),
-    after one untimed call each (the compiles), timed round-robin: a slow spell of a
-    shared machine then hits every entry of the profile alike, so its parts stay
-    consistent with each other (one scale, which ``simulate`` can correct)."""
+    """Median seconds per step of each ``fns[name]`` (a callable running ``.steps`` steps
+    and returning something to block on), after one untimed call each (the compiles),
+    timed round-robin: a slow spell of a shared machine then hits every entry of the
+    profile alike, so its parts stay consistent with each other (one scale, which
+    ``simulate`` can correct)."""
     for fn in fns.values():
         jax.block_until_ready(fn())
     times = {name: [] for name in fns}
@@ -166,54 +168,66 @@ def _interleaved_medians(fns: dict, repeats: int) -> dict:
         for name, fn in fns.items():
             t0 = time.perf_counter()
             jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - t0)
+            times[name].append((time.perf_counter() - t0) / fn.steps)
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def proposal_round(target, draft, rows: int, context: int = 256, calls: int = 8):
-    """A callable running the draft's part of a round for ``rows`` requests: propose a
-    block, then commit it whole (its target features), at ``context`` tokens; its
-    state is carried (donated) across up to ``calls`` calls."""
-    layer_ids = check_compatible(target, draft)
-    w = _proposal_width(draft.kind, draft.config)
-    # every call commits w + 1 tokens into the carried draft state
-    cache_len = int(-(-(context + (calls + 1) * (w + 1)) // 256) * 256)
-    rng = np.random.default_rng(1)
-    vocab = target.config.vocab_size
-    prompt = jnp.asarray(rng.integers(0, vocab - 1, (rows, context)), jnp.int32)
-    lens = jnp.full((rows,), context, jnp.int32)
-    out = target.forward(np.asarray(prompt), layer_ids=layer_ids)
-    sp = SamplingParams(0.0).validate()
-    g = draft.graphdef
+class _ProposalRounds:
+    """Calling it runs ``steps`` rounds of the draft's part of a round for ``rows``
+    requests in one jitted ``fori_loop`` (as the engine's loop runs them): propose a
+    block, then commit its target features with one new position (a round that
+    accepted nothing, l_r = 0); the state is carried (donated) across calls."""
 
-    dstate = jax.jit(lambda s, p, pl, f: _draft_init(
-        draft.kind, nnx.merge(g, s), rows, cache_len, p, pl, jnp.zeros((rows,), jnp.int32),
-        f))(draft.state, prompt, lens, out.features)
-    feats = out.features[:, : w + 1]
+    def __init__(self, target, draft, rows: int, context: int, calls: int, steps: int):
+        layer_ids = check_compatible(target, draft)
+        w = _proposal_width(draft.kind, draft.config)
+        # every round commits one position into the carried draft state
+        cache_len = int(-(-(context + (calls + 1) * steps + w + 1) // 256) * 256)
+        rng = np.random.default_rng(1)
+        vocab = target.config.vocab_size
+        prompt = jnp.asarray(rng.integers(0, vocab - 1, (rows, context)), jnp.int32)
+        lens = jnp.full((rows,), context, jnp.int32)
+        out = target.forward(np.asarray(prompt), layer_ids=layer_ids)
+        sp = SamplingParams(0.0).validate()
+        g, kind = draft.graphdef, draft.kind
+        feats = out.features[:, : w + 1]
+        self._dstate = jax.jit(lambda s, p, pl, f: _draft_init(
+            kind, nnx.merge(g, s), rows, cache_len, p, pl, jnp.zeros((rows,), jnp.int32),
+            f))(draft.state, prompt, lens, out.features)
 
-    @functools.partial(jax.jit, donate_argnums=1)   # the state is updated in place, as in the loop
-    def round_(s, ds, key):
-        d = nnx.merge(g, s)
-        cur = jnp.zeros((rows,), jnp.int32)
-        toks, _, _, ds2 = _draft_propose(draft.kind, d, ds, cur, key, sp)
-        committed = jnp.concatenate([toks, cur[:, None]], axis=1)
-        ds2 = _draft_commit(draft.kind, d, ds2, feats, committed, jnp.full((rows,), w + 1))
-        return toks, ds2
+        @functools.partial(jax.jit, donate_argnums=1)   # updated in place, as in the loop
+        def rounds(s, ds):
+            d = nnx.merge(g, s)
 
-    def one_round():
-        nonlocal dstate
-        toks, dstate = round_(draft.state, dstate, jax.random.key(0))
+            def body(i, carry):
+                cur, ds = carry
+                toks, _, _, ds = _draft_propose(kind, d, ds, cur, jax.random.key(i), sp)
+                committed = jnp.concatenate([toks, cur[:, None]], axis=1)
+                ds = _draft_commit(kind, d, ds, feats, committed, jnp.ones((rows,), jnp.int32))
+                return toks[:, 0], ds
+
+            return jax.lax.fori_loop(0, steps, body, (jnp.zeros((rows,), jnp.int32), ds))
+
+        self._rounds, self._state, self.steps = rounds, draft.state, steps
+
+    def __call__(self):
+        toks, self._dstate = self._rounds(self._state, self._dstate)
         return toks
 
-    return one_round
+
+def proposal_round(target, draft, rows: int, context: int = 256, calls: int = 8,
+                   steps: int = 8) -> _ProposalRounds:
+    """The draft's round (propose + commit) for ``rows`` requests at ``context`` tokens,
+    timed ``steps`` rounds per call; at most ``calls`` calls (its cache's capacity)."""
+    return _ProposalRounds(target, draft, rows, context, calls, steps)
 
 
 def measure(target, rows: int, width: int, context: int = 256, repeats: int = 7,
             cache_len: int | None = None, draft=None, log=print) -> SPSProfile:
     """Time the engine's packed verify at every compiled size (``verify_buckets``) for
     ``rows`` requests at ``context`` cached tokens each, one plain decode step, the fixed
-    policy's ``extend`` and, with ``draft``, its proposal (``proposal_round``): median
-    of ``repeats`` calls each, round-robin over all of them."""
+    policy's ``extend`` and, with ``draft``, its proposal (``proposal_round``): each a
+    jitted loop of 8 steps, median of ``repeats`` calls each, round-robin over all."""
     if rows < 1 or width < 1 or context < 1:
         raise ValueError(f"rows, width and context must be >= 1, got {rows}, {width}, {context}.")
     cache, ids = _filled_cache(target, rows, width, context, cache_len)
@@ -262,27 +276,32 @@ def _filled_cache(target, rows: int, width: int, context: int, cache_len: int | 
     return cache, target._put(rng.integers(0, vocab - 1, (rows, width)).astype(np.int32))
 
 
-def _resetter(context: int):
-    """Jitted: the cache's lengths back to ``context``, in place (a copy is not a step)."""
-    return jax.jit(lambda c: c._replace(lengths=jnp.full_like(c.lengths, context)),
-                   donate_argnums=0)
-
-
 class CacheStep:
-    """Calling it runs one target step ``fn(graphdef, state, cache) -> (logits, cache)``
-    over the cache in ``box`` and resets the lengths to ``context``, in place (a copy of
-    the cache is not a step); returns the logits. Steps sharing a box share one cache."""
+    """Calling it runs ``steps`` target steps ``fn(graphdef, state, cache) -> (logits,
+    cache)`` over the cache in ``box`` in one jitted ``fori_loop`` (as the engine's loop
+    runs them, not as separately dispatched calls), each followed by its greedy pick
+    (``argmax``, which keeps the logits live) and the lengths' reset to ``context`` (a
+    copy of the cache is not a step); the cache is donated and updated in place. Steps
+    sharing a box share one cache."""
 
-    def __init__(self, target, box: dict, context: int, fn):
+    def __init__(self, target, box: dict, context: int, fn, steps: int = 8):
         graphdef = target.graphdef
-        self._step = jax.jit(lambda state, c: fn(graphdef, state, c), donate_argnums=1)
-        self._reset = _resetter(context)
-        self._target, self._box = target, box
+
+        @functools.partial(jax.jit, donate_argnums=1)
+        def run(state, cache):
+            def body(_, carry):
+                picked, c = carry
+                logits, c = fn(graphdef, state, c)
+                c = c._replace(lengths=jnp.full_like(c.lengths, context))
+                return picked + jnp.argmax(logits, axis=-1).sum().astype(jnp.int32), c
+
+            return jax.lax.fori_loop(0, steps, body, (jnp.zeros((), jnp.int32), cache))
+
+        self._run, self._target, self._box, self.steps = run, target, box, steps
 
     def __call__(self):
-        logits, cache = self._step(self._target.state, self._box["cache"])
-        self._box["cache"] = self._reset(cache)
-        return logits
+        picked, self._box["cache"] = self._run(self._target.state, self._box["cache"])
+        return picked
 
 
 def plain_step(target, rows: int, width: int, context: int) -> CacheStep:

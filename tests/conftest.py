@@ -19,13 +19,32 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# Longest test files first in the collection order, which pytest-xdist (--dist loadfile,
-# README's test command) is meant to follow when it hands files to workers. Seen
-# 2026-12-02: it does not fully (test_benchmarks_smoke and test_train_scale ran last).
-_LONGEST_FIRST = ("test_plan_reference.py", "test_decode_plan.py", "test_train.py",
-                  "test_benchmarks_smoke.py", "test_tree_decode.py",
-                  "test_spec_decode_sampled.py", "test_spec_decode_lossless.py",
-                  "test_eval_cli.py")
+# Longest test files first in the collection order, measured (seconds of one worker, a
+# fresh-clone run of the README's test command on a 2-core machine, 2026-12-03), so the two
+# pytest-xdist workers pick files longest first and finish together. The README's command
+# passes --no-loadscope-reorder: without it pytest-xdist (>= 3.7) hands out files by
+# their NUMBER of tests, which sent the few-test, many-minute files (plan_reference,
+# benchmarks_smoke, decode_plan) to the end of the run, one worker alone on them.
+_LONGEST_FIRST = ("test_spec_decode_sampled.py",   # 844 s
+                  "test_plan_reference.py",        # 677
+                  "test_benchmarks_smoke.py",      # 593 (two subprocesses at a time)
+                  "test_eval_cli.py",              # 528
+                  "test_train.py",                 # 519
+                  "test_spec_decode_lossless.py",  # 478
+                  "test_tree_decode.py",           # 395
+                  "test_dspark_parity.py",         # 290
+                  "test_target_cache.py",          # 256
+                  "test_decode_plan.py",           # 245
+                  "test_draft_vocab.py",           # 182
+                  "test_plan.py",                  # 170
+                  "test_accelerator_path.py",      # 163
+                  "test_spec_decode_fixtures.py",  # 161
+                  "test_sts_calibration.py",       # 130
+                  "test_smollm2.py",               # 120
+                  "test_draft_quality.py",         # 116
+                  "test_eagle3_parity.py",         # 111
+                  "test_verify_policies.py",       # 105
+                  "test_gemma3.py")                # 103
 
 
 def pytest_collection_modifyitems(config, items):
