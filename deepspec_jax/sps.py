@@ -5,8 +5,9 @@ against what verifying costs on *this* machine: SPS(B) = target steps/s when a r
 verifies B tokens in total over R requests of up to ``width`` tokens each (current
 token + drafts). ``measure`` times exactly the engine's packed verify programs
 (``CausalLM.extend_packed`` at every compiled size of ``spec_decode.verify_buckets``)
-at a given context, several steps in one jitted loop as the engine runs them; between two compiled sizes the cost is the larger one's (a
-staircase: the engine pads up to the next size).
+at a given context, ``LOOP_STEPS`` steps in one jitted loop as the engine runs them;
+between two compiled sizes the cost is the larger one's (a staircase: the engine pads
+up to the next size).
 
 Profiles are cached as JSON (with a PNG of the curve) under
 ``~/.cache/deepspec_jax/sps`` (or ``$DEEPSPEC_JAX_SPS_DIR``), keyed by the target's config, dtype, device kind, jax
@@ -47,6 +48,7 @@ from deepspec_jax.target import load_target
 # 3: every program timed round-robin (a slow spell no longer lands on one entry)
 # 4: every program timed as 8 steps in one jitted fori_loop, as the engine's loop runs it
 VERSION = 4
+LOOP_STEPS = 8   # steps per timed call (one jitted fori_loop)
 DEFAULT_DIR = os.environ.get("DEEPSPEC_JAX_SPS_DIR") or os.path.join(
     os.path.expanduser("~"), ".cache", "deepspec_jax", "sps")
 
@@ -172,13 +174,15 @@ def _interleaved_medians(fns: dict, repeats: int) -> dict:
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
-class _ProposalRounds:
-    """Calling it runs ``steps`` rounds of the draft's part of a round for ``rows``
+class ProposalRound:
+    """The draft's round for ``rows`` requests at ``context`` tokens, at most ``calls``
+    calls (its cache's capacity). Calling it runs ``steps`` rounds of the draft's part of a round for ``rows``
     requests in one jitted ``fori_loop`` (as the engine's loop runs them): propose a
     block, then commit its target features with one new position (a round that
     accepted nothing, l_r = 0); the state is carried (donated) across calls."""
 
-    def __init__(self, target, draft, rows: int, context: int, calls: int, steps: int):
+    def __init__(self, target, draft, rows: int, context: int = 256, calls: int = 8,
+                 steps: int = LOOP_STEPS):
         layer_ids = check_compatible(target, draft)
         w = _proposal_width(draft.kind, draft.config)
         # every round commits one position into the carried draft state
@@ -215,19 +219,12 @@ class _ProposalRounds:
         return toks
 
 
-def proposal_round(target, draft, rows: int, context: int = 256, calls: int = 8,
-                   steps: int = 8) -> _ProposalRounds:
-    """The draft's round (propose + commit) for ``rows`` requests at ``context`` tokens,
-    timed ``steps`` rounds per call; at most ``calls`` calls (its cache's capacity)."""
-    return _ProposalRounds(target, draft, rows, context, calls, steps)
-
-
 def measure(target, rows: int, width: int, context: int = 256, repeats: int = 7,
             cache_len: int | None = None, draft=None, log=print) -> SPSProfile:
     """Time the engine's packed verify at every compiled size (``verify_buckets``) for
     ``rows`` requests at ``context`` cached tokens each, one plain decode step, the fixed
-    policy's ``extend`` and, with ``draft``, its proposal (``proposal_round``): each a
-    jitted loop of 8 steps, median of ``repeats`` calls each, round-robin over all."""
+    policy's ``extend`` and, with ``draft``, its proposal (``ProposalRound``): each a
+    jitted loop of ``LOOP_STEPS`` steps, median of ``repeats`` calls each, round-robin over all."""
     if rows < 1 or width < 1 or context < 1:
         raise ValueError(f"rows, width and context must be >= 1, got {rows}, {width}, {context}.")
     cache, ids = _filled_cache(target, rows, width, context, cache_len)
@@ -248,7 +245,7 @@ def measure(target, rows: int, width: int, context: int = 256, repeats: int = 7,
     fns["plain"] = CacheStep(target, box, context, lambda g, st, c: _extend(g, st, c, ids[:, :1]))
     fns["fixed"] = CacheStep(target, box, context, lambda g, st, c: _extend(g, st, c, ids))
     if draft is not None:
-        fns["propose"] = proposal_round(target, draft, rows, context, repeats + 1)
+        fns["propose"] = ProposalRound(target, draft, rows, context, repeats + 1)
     med = _interleaved_medians(fns, repeats)
     seconds = [med[size] for size in buckets]
     ar, fixed, prop = med["plain"], med["fixed"], med.get("propose")
@@ -284,7 +281,7 @@ class CacheStep:
     copy of the cache is not a step); the cache is donated and updated in place. Steps
     sharing a box share one cache."""
 
-    def __init__(self, target, box: dict, context: int, fn, steps: int = 8):
+    def __init__(self, target, box: dict, context: int, fn, steps: int = LOOP_STEPS):
         graphdef = target.graphdef
 
         @functools.partial(jax.jit, donate_argnums=1)
