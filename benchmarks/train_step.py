@@ -61,7 +61,6 @@ import contextlib
 import dataclasses
 import gc
 import importlib.util
-import json
 import math
 import os
 import pathlib
@@ -75,6 +74,7 @@ import time
 
 import numpy as np
 
+from deepspec_jax import atomic
 from deepspec_jax.plan.flops import hlo_matmul_flops
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -566,10 +566,7 @@ def main(argv=None) -> int:
                load_avg_end=os.getloadavg(), ratios=ratios(rows),
                peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, rows=rows)
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(out, f, indent=2)
-        os.replace(tmp, args.json)
+        atomic.write_json(args.json, out, indent=2)
         print(f"wrote {args.json}")
     return 0
 

@@ -12,7 +12,6 @@ the architecture's single ``Rule`` list, the one the loader uses.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -20,8 +19,9 @@ from typing import Mapping
 
 import numpy as np
 
+from deepspec_jax import atomic
 from deepspec_jax.checkpoint import (CONFIG_NAME, EXTRA_DIR, MANIFEST_NAME,
-                                     _atomic_write_text, is_jax_dir, load_hf_dir, load_jax_dir,
+                                     is_jax_dir, load_hf_dir, load_jax_dir,
                                      params_to_hf, read_config, save_jax_dir)
 from deepspec_jax.draft_vocab import FIELD as DRAFT_VOCAB_FIELD
 from deepspec_jax.drafts.registry import resolve_spec
@@ -112,7 +112,7 @@ def write_hf_weights(dst: str, tensors: Mapping[str, np.ndarray], max_shard_size
                          "total_size": int(sum(t.nbytes for t in ordered.values()))},
             "weight_map": {k: n for n, keys in zip(names, shards) for k in keys},
         }
-        _atomic_write_text(index_path, json.dumps(index, indent=2, sort_keys=True) + "\n")
+        atomic.write_json(index_path, index, indent=2, sort_keys=True)
         names.append(INDEX_NAME)
     return names
 
@@ -178,7 +178,7 @@ def jax_to_hf(src: str, dst: str, max_shard_size: int | str = DEFAULT_MAX_SHARD_
         if os.path.basename(name) == name and os.path.isfile(checked_file(p)):
             copy_file(p, os.path.join(dst, name))
             written.append(name)
-    _atomic_write_text(os.path.join(dst, CONFIG_NAME), _read_text(os.path.join(src, CONFIG_NAME)))
+    atomic.write_text(os.path.join(dst, CONFIG_NAME), _read_text(os.path.join(src, CONFIG_NAME)))
     written.append(CONFIG_NAME)
     # Weights last (index last of all): the directory is loadable only once complete.
     written += write_hf_weights(dst, tensors, max_shard_size, loaded.hf_metadata)

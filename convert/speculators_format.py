@@ -16,7 +16,8 @@ import warnings
 import numpy as np
 
 from convert.common import write_hf_weights
-from deepspec_jax.checkpoint import (CONFIG_NAME, _atomic_write_text, config_json_text,
+from deepspec_jax import atomic
+from deepspec_jax.checkpoint import (CONFIG_NAME, config_json_text,
                                      params_to_hf, read_config, with_dtype_field)
 from deepspec_jax.drafts import Draft, load_draft, target_shared_params
 from deepspec_jax.drafts.speculators import (SHARED, Verifier, is_speculators_config,
@@ -88,7 +89,7 @@ def to_speculators(src: str, dst: str, target: str | None = None,
     hf = params_to_hf(draft.spec, draft.state, draft.hf_dtypes)
     tensors = speculators_tensors(draft.kind, draft.config, hf)
     os.makedirs(dst, exist_ok=True)
-    _atomic_write_text(os.path.join(dst, CONFIG_NAME), config_json_text(cfg))
+    atomic.write_text(os.path.join(dst, CONFIG_NAME), config_json_text(cfg))
     # Weights last: the directory is loadable only once complete.
     return [CONFIG_NAME] + write_hf_weights(dst, tensors, metadata={"format": "pt"})
 

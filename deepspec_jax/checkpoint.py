@@ -38,6 +38,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
+from deepspec_jax import atomic
 from deepspec_jax.config import load_config_json
 from deepspec_jax.dtypes import castable, dtype_name, np_dtype, parse_dtype
 from deepspec_jax.errors import CheckpointError, ConfigError
@@ -197,15 +198,6 @@ def is_jax_dir(path: str) -> bool:
                                     or os.path.isdir(os.path.join(path, PARAMS_DIR)))
 
 
-def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def config_json_text(raw: dict) -> str:
     """The exact text HF's ``PretrainedConfig.save_pretrained`` writes for ``raw``."""
     return json.dumps(raw, indent=2, sort_keys=True) + "\n"
@@ -356,7 +348,7 @@ def save_jax_dir(dst: str, spec: ModelSpec, state: nnx.State, hf_dtypes: Mapping
     if config_text is None:
         config_text = config_json_text(with_dtype_field(spec.raw, hf))
     if main:
-        _atomic_write_text(os.path.join(dst, CONFIG_NAME), config_text)
+        atomic.write_text(os.path.join(dst, CONFIG_NAME), config_text)
     save_params(os.path.join(dst, PARAMS_DIR), {p: a for p, a in flat.items() if p not in shared_from_target})
     extra_dir = os.path.join(dst, EXTRA_DIR)
     extra = []
@@ -374,7 +366,7 @@ def save_jax_dir(dst: str, spec: ModelSpec, state: nnx.State, hf_dtypes: Mapping
     if shared_from_target:  # e.g. a draft's frozen embed/lm_head: filled from the target on load
         manifest["shared_from_target"] = sorted(shared_from_target)
     if main:
-        _atomic_write_text(manifest_path, json.dumps(manifest, indent=2) + "\n")
+        atomic.write_json(manifest_path, manifest, indent=2)
     return manifest
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import io
 import json
 import os
 import sys
@@ -33,8 +34,7 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from deepspec_jax import cli
-from deepspec_jax.checkpoint import _atomic_write_text
+from deepspec_jax import atomic, cli
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.evaluation.plots import plt
 from deepspec_jax.sampling import SamplingParams
@@ -112,7 +112,7 @@ def profile_key(target, rows: int, width: int, context: int, draft=None) -> str:
 def save(profile: SPSProfile, path: str) -> None:
     """Atomic JSON write (tmp + rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    _atomic_write_text(path, json.dumps(profile.to_json(), indent=1))
+    atomic.write_json(path, profile.to_json(), indent=1)
 
 
 def load(path: str, key: str | None = None) -> SPSProfile:
@@ -345,10 +345,10 @@ def plot(profile: SPSProfile, path: str) -> None:
     ax.set_title(f"SPS: {profile.rows} requests x {profile.width}, context {profile.context}")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic.write_bytes(path, buf.getvalue())
 
 
 def main(argv=None) -> int:

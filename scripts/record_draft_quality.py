@@ -22,6 +22,9 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from deepspec_jax import atomic  # noqa: E402  (the checkout's package, installed or not)
+
 QUALITY_PATH = os.path.join(REPO, "deepspec_jax", "assets", "default_draft_quality.json")
 DEFAULT_ARGS = ["--temperature=0", "--noautoregressive", "--max_samples=4",
                 "--max_new_tokens=64", "--datasets=gsm8k,humaneval,mt-bench"]
@@ -64,11 +67,7 @@ def main() -> int:
     record = {"eval_args": eval_args, "tolerance": prior.get("tolerance", DEFAULT_TOLERANCE),
               **got, "recorded": datetime.date.today().isoformat(),
               "machine": f"{platform.machine()} {platform.processor() or ''}".strip()}
-    tmp_path = QUALITY_PATH + ".tmp"
-    with open(tmp_path, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
-        f.write("\n")
-    os.replace(tmp_path, QUALITY_PATH)
+    atomic.write_json(QUALITY_PATH, record, indent=2)
     print(json.dumps(record, indent=2))
     return 0
 

@@ -19,9 +19,11 @@ stage=${1:-all}
 run() { echo "+ $*" >&2; "$@"; }
 
 if [[ $stage == regenerate || $stage == all ]]; then
-  # SmolLM2's recommended sampling: temperature 0.2, top-p 0.9.
+  # Code prompts written for the project (deepspec_jax/data/code_prompts.py; the shared
+  # prompt files hold math and chat only). SmolLM2's recommended sampling: T 0.2, top-p 0.9.
+  run "$PY" -m deepspec_jax.data.code_prompts --output="$DATA/code_prompts.jsonl"
   run "$PY" -m deepspec_jax.data.regenerate \
-    --prompts=../shared/train_prompts/gsm8k_train.jsonl,../shared/train_prompts/self_instruct_seed.jsonl \
+    --prompts=../shared/train_prompts/gsm8k_train.jsonl,../shared/train_prompts/self_instruct_seed.jsonl,"$DATA/code_prompts.jsonl" \
     --output="$DATA/answers.jsonl" --max_samples="$REGEN_SAMPLES" --batch_size=32 \
     --max_new_tokens=256 --temperature=0.2 --top_p=0.9
 fi

@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import numpy as np
 import tensorstore as ts
 
+from deepspec_jax import atomic
 from deepspec_jax.data.jsonl import DataError
 from deepspec_jax.dtypes import DTYPES as _ALL_DTYPES, dtype_name
 from deepspec_jax.target import DEFAULT_TARGET, smollm2_gguf_path
@@ -214,20 +215,6 @@ def chunk_file(path: str, name: str, index: int) -> str:
     return os.path.join(path, name, "c", str(int(index)), "0", "0")
 
 
-def _atomic_write_json(path: str, obj: dict) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
-
 
 def _read_json(path: str) -> dict:
     try:
@@ -307,7 +294,8 @@ class FeatureCacheWriter:
         self.written_array = _open(self.path, "written", metadata=_metadata([n], mc, "uint8", "none"))
         self.written_array.write(np.zeros((n,), np.uint8)).result()
         self.written = np.zeros((n,), bool)
-        _atomic_write_json(os.path.join(self.path, PLAN), self.plan)  # arrays exist before it
+        atomic.write_json(os.path.join(self.path, PLAN), self.plan, sync_dir=True, indent=1,
+                          sort_keys=True)   # the arrays exist before it
 
     def _resume(self, plan_path: str) -> None:
         old = _read_json(plan_path)
@@ -400,7 +388,8 @@ class FeatureCacheWriter:
         """Write manifest.json (atomically, last) if every sample is written."""
         if not self.written.all():
             return False
-        _atomic_write_json(os.path.join(self.path, MANIFEST), dict(self.plan, complete=True))
+        atomic.write_json(os.path.join(self.path, MANIFEST), dict(self.plan, complete=True),
+                          sync_dir=True, indent=1, sort_keys=True)
         return True
 
 

@@ -21,6 +21,7 @@ import struct
 
 import numpy as np
 
+from deepspec_jax import atomic
 from deepspec_jax.data.jsonl import DataError
 
 FORMAT = "deepspec_jax.token_store"
@@ -120,7 +121,7 @@ class TokenStoreWriter:
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION,
                     "num_samples": len(self.lengths), "num_tokens": self.num_tokens,
                     "num_supervised": self.num_supervised, **self.meta}
-        _write_json(os.path.join(self.tmp, COUNTS), _counts_json(self.counts))
+        atomic.write_json(os.path.join(self.tmp, COUNTS), _counts_json(self.counts))
         with open(os.path.join(self.tmp, MANIFEST), "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2)
             f.flush()
@@ -168,15 +169,6 @@ def _counts_json(counts: np.ndarray) -> dict:
             "counts": {str(int(i)): int(counts[i]) for i in nz}}
 
 
-def _write_json(path: str, obj: dict) -> None:
-    """Write JSON atomically (temporary file, fsync, rename)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
 
 def token_counts(store: "TokenStore") -> dict[int, int]:
     """{token id: occurrences at loss-mask positions} of a store, from its
@@ -201,7 +193,7 @@ def token_counts(store: "TokenStore") -> dict[int, int]:
     counts = _add_counts(np.zeros(0, np.int64), store.input_ids[np.asarray(store.loss_mask) != 0])
     obj = _counts_json(counts)
     try:
-        _write_json(path, obj)
+        atomic.write_json(path, obj)
     except OSError:
         pass  # a read-only store: counted again next time
     return {int(k): v for k, v in obj["counts"].items()}

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Sequence
+
+from deepspec_jax import atomic
 
 
 def display_name(path: str) -> str:
@@ -125,10 +126,5 @@ def jsonable(obj):
 
 
 def write_json(path: str, payload: dict) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(jsonable(payload), f, indent=2, ensure_ascii=False, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    return atomic.write_json(path, jsonable(payload), indent=2, ensure_ascii=False,
+                             allow_nan=False)

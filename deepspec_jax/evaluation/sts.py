@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from deepspec_jax import atomic
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.evaluation.calibration import ece
 
@@ -134,13 +135,7 @@ def path_for(draft_dir: str) -> str:
 
 def save(cal: Calibration, draft_dir: str) -> str:
     """Atomically writes ``<draft_dir>/calibration.json``; returns its path."""
-    path = path_for(draft_dir)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(cal.to_json(), f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
-    return path
+    return atomic.write_json(path_for(draft_dir), cal.to_json(), indent=2)
 
 
 def load(draft_dir: str, width: int) -> Calibration | None:

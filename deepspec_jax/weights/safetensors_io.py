@@ -11,11 +11,12 @@ import json
 import mmap
 import os
 import struct
-from typing import Iterable, Mapping
+from typing import Mapping
 
 import ml_dtypes
 import numpy as np
 
+from deepspec_jax import atomic
 from deepspec_jax.errors import CheckpointError
 from deepspec_jax.hub_cache import dangling_error
 
@@ -153,16 +154,6 @@ def _aligned_header(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, st
     return raw, order
 
 
-def _atomic_write(path: str, chunks: Iterable[bytes]) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
-        for c in chunks:
-            f.write(c)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
                       metadata: Mapping[str, str] | None = None) -> None:
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
@@ -174,7 +165,7 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
         for k in order:
             yield tensors[k].tobytes()
 
-    _atomic_write(path, chunks())
+    atomic.write_bytes(path, chunks())
 
 
 def save_checkpoint_dir(root: str, tensors: Mapping[str, np.ndarray],
@@ -202,5 +193,5 @@ def save_checkpoint_dir(root: str, tensors: Mapping[str, np.ndarray],
         write_safetensors(os.path.join(root, name), shard, metadata)
         weight_map.update({k: name for k in shard})
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    _atomic_write(os.path.join(root, INDEX_NAME), [json.dumps(index, indent=2).encode()])
+    atomic.write_text(os.path.join(root, INDEX_NAME), json.dumps(index, indent=2))
     return names + [INDEX_NAME]

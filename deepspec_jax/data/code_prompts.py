@@ -1,0 +1,736 @@
+"""Code training prompts, written for this project (none taken from an eval set).
+
+The prompt files under ``../shared/train_prompts`` hold math (gsm8k-train) and chat
+(self-instruct); a draft trained on their answers accepts little on code (humaneval tau
+~1.1 for the shipped draft). This module writes a code prompt set in the regenerate
+format (``{"conversations": [{"role": "user", "content": ...}]}`` per line) from the small
+Python tasks below, each in three phrasings that code benchmarks and users use: a stub
+with a docstring and doctests, a one-line request, and a request for an explained
+solution. Every doctest's expected value is computed by running the task's reference
+implementation, so no example in a prompt is wrong. ``tests/test_code_prompts.py``
+checks that no task shares a function name or a sentence with the eval sets.
+
+    python -m deepspec_jax.data.code_prompts --output=data/smollm2/code_prompts.jsonl
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+from collections import Counter
+from typing import Any, Callable, Sequence
+
+from absl import flags
+
+from deepspec_jax import atomic, cli
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    params: str          # the signature's parameters, with annotations
+    returns: str         # the return annotation
+    does: str            # "returns ..." / "counts ..." (completes "a function that ...")
+    impl: Callable[..., Any]
+    examples: tuple      # argument tuples for the doctests
+
+
+def _t(name, params, returns, does, impl, *examples):
+    return Task(name, params, returns, does, impl, tuple(examples))
+
+
+def _run_lengths(s):
+    out, i = [], 0
+    while i < len(s):
+        j = i
+        while j < len(s) and s[j] == s[i]:
+            j += 1
+        out.append((s[i], j - i))
+        i = j
+    return out
+
+
+def _is_prime(n):
+    return n >= 2 and all(n % d for d in range(2, math.isqrt(n) + 1))
+
+
+def _collatz_steps(n):
+    steps = 0
+    while n != 1:
+        n = n // 2 if n % 2 == 0 else 3 * n + 1
+        steps += 1
+    return steps
+
+
+def _merge_intervals(iv):
+    out = []
+    for a, b in sorted(iv):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _balanced(s):
+    pairs, stack = {")": "(", "]": "[", "}": "{"}, []
+    for ch in s:
+        if ch in "([{":
+            stack.append(ch)
+        elif ch in pairs:
+            if not stack or stack.pop() != pairs[ch]:
+                return False
+    return not stack
+
+
+def _longest_increasing_run(xs):
+    best = cur = 1 if xs else 0
+    for a, b in zip(xs, xs[1:]):
+        cur = cur + 1 if b > a else 1
+        best = max(best, cur)
+    return best
+
+
+def _spiral(m):
+    out, m = [], [list(r) for r in m]
+    while m:
+        out += m.pop(0)
+        m = [list(r) for r in zip(*m)][::-1]
+    return out
+
+
+def _caesar(s, k):
+    def sh(c):
+        if c.isalpha():
+            base = ord("a") if c.islower() else ord("A")
+            return chr((ord(c) - base + k) % 26 + base)
+        return c
+    return "".join(sh(c) for c in s)
+
+
+def _to_roman(n):
+    vals = [(1000, "M"), (900, "CM"), (500, "D"), (400, "CD"), (100, "C"), (90, "XC"),
+            (50, "L"), (40, "XL"), (10, "X"), (9, "IX"), (5, "V"), (4, "IV"), (1, "I")]
+    out = ""
+    for v, r in vals:
+        while n >= v:
+            out, n = out + r, n - v
+    return out
+
+
+def _binary_search(xs, x):
+    lo, hi = 0, len(xs)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if xs[mid] < x:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo if lo < len(xs) and xs[lo] == x else -1
+
+
+def _max_subarray(xs):
+    best = cur = xs[0]
+    for x in xs[1:]:
+        cur = max(x, cur + x)
+        best = max(best, cur)
+    return best
+
+
+def _edit_distance(a, b):
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def _lcs_len(a, b):
+    prev = [0] * (len(b) + 1)
+    for ca in a:
+        cur = [0]
+        for j, cb in enumerate(b, 1):
+            cur.append(prev[j - 1] + 1 if ca == cb else max(prev[j], cur[j - 1]))
+        prev = cur
+    return prev[-1]
+
+
+def _coin_ways(coins, total):
+    ways = [1] + [0] * total
+    for c in coins:
+        for t in range(c, total + 1):
+            ways[t] += ways[t - c]
+    return ways[total]
+
+
+def _min_coins(coins, total):
+    inf = total + 1
+    best = [0] + [inf] * total
+    for t in range(1, total + 1):
+        for c in coins:
+            if c <= t:
+                best[t] = min(best[t], best[t - c] + 1)
+    return -1 if best[total] == inf else best[total]
+
+
+def _grid_paths(rows, cols):
+    return math.comb(rows + cols - 2, rows - 1)
+
+
+def _flatten(xs):
+    out = []
+    for x in xs:
+        out += _flatten(x) if isinstance(x, list) else [x]
+    return out
+
+
+def _group_anagrams(words):
+    groups = {}
+    for w in words:
+        groups.setdefault("".join(sorted(w)), []).append(w)
+    return sorted(sorted(g) for g in groups.values())
+
+
+def _top_k_words(text, k):
+    counts = Counter(text.lower().split())
+    return [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]]
+
+
+def _rotate_matrix(m):
+    return [list(r) for r in zip(*m[::-1])]
+
+
+def _pascal_row(n):
+    return [math.comb(n, k) for k in range(n + 1)]
+
+
+def _digital_root(n):
+    while n >= 10:
+        n = sum(int(d) for d in str(n))
+    return n
+
+
+def _compress(s):
+    return "".join(f"{c}{k}" for c, k in _run_lengths(s))
+
+
+def _decompress(pairs):
+    return "".join(c * k for c, k in pairs)
+
+
+def _kth_smallest_pair_sum(a, b, k):
+    return sorted(x + y for x in a for y in b)[k - 1]
+
+
+def _word_wrap(text, width):
+    lines, cur = [], ""
+    for w in text.split():
+        if cur and len(cur) + 1 + len(w) > width:
+            lines.append(cur)
+            cur = w
+        else:
+            cur = f"{cur} {w}" if cur else w
+    return lines + ([cur] if cur else [])
+
+
+def _topo_order(n, edges):
+    indeg, adj = [0] * n, [[] for _ in range(n)]
+    for a, b in edges:
+        adj[a].append(b)
+        indeg[b] += 1
+    ready = sorted(i for i in range(n) if indeg[i] == 0)
+    out = []
+    while ready:
+        v = ready.pop(0)
+        out.append(v)
+        for w in adj[v]:
+            indeg[w] -= 1
+            if indeg[w] == 0:
+                ready.append(w)
+        ready.sort()
+    return out if len(out) == n else []
+
+
+def _islands(grid):
+    seen, count = set(), 0
+    for r in range(len(grid)):
+        for c in range(len(grid[0])):
+            if grid[r][c] == 1 and (r, c) not in seen:
+                count += 1
+                stack = [(r, c)]
+                while stack:
+                    y, x = stack.pop()
+                    if (y, x) in seen or not (0 <= y < len(grid) and 0 <= x < len(grid[0])):
+                        continue
+                    if grid[y][x] != 1:
+                        continue
+                    seen.add((y, x))
+                    stack += [(y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)]
+    return count
+
+
+def _fibonacci_upto(limit):
+    out, a, b = [], 0, 1
+    while a <= limit:
+        out.append(a)
+        a, b = b, a + b
+    return out
+
+
+def _prime_factors(n):
+    out, d = [], 2
+    while n > 1:
+        while n % d == 0:
+            out.append(d)
+            n //= d
+        d += 1
+    return out
+
+
+def _nested_get(d, path, default=None):
+    cur = d
+    for key in path.split("."):
+        if not isinstance(cur, dict) or key not in cur:
+            return default
+        cur = cur[key]
+    return cur
+
+
+def _human_bytes(n):
+    x = float(n)
+    for unit in ("B", "KiB", "MiB"):
+        if x < 1024:
+            return f"{x:.1f} {unit}"
+        x /= 1024
+    return f"{x:.1f} GiB"
+
+
+def _shortest_path_len(n, edges, src, dst):
+    adj = {i: [] for i in range(n)}
+    for a, b in edges:
+        adj[a].append(b)
+        adj[b].append(a)
+    dist, frontier = {src: 0}, [src]
+    while frontier:
+        nxt = []
+        for v in frontier:
+            for w in adj[v]:
+                if w not in dist:
+                    dist[w] = dist[v] + 1
+                    nxt.append(w)
+        frontier = nxt
+    return dist.get(dst, -1)
+
+
+TASKS: tuple[Task, ...] = (
+    # ---- numbers ----
+    _t("sum_of_multiples", "limit: int, a: int, b: int", "int",
+       "returns the sum of all positive integers below limit that are divisible by a or by b",
+       lambda limit, a, b: sum(i for i in range(1, limit) if i % a == 0 or i % b == 0),
+       (10, 3, 5), (20, 4, 6)),
+    _t("count_primes_below", "n: int", "int", "counts the prime numbers smaller than n",
+       lambda n: sum(_is_prime(i) for i in range(n)), (10,), (30,)),
+    _t("nth_prime", "n: int", "int", "returns the n-th prime number (the first is 2)",
+       lambda n: [p for p in range(2, 200) if _is_prime(p)][n - 1], (1,), (6,)),
+    _t("collatz_steps", "n: int", "int",
+       "returns how many steps of the Collatz rule (halve even numbers, map odd n to 3n + 1) "
+       "take n to 1", _collatz_steps, (6,), (1,)),
+    _t("digital_root", "n: int", "int",
+       "repeatedly sums the decimal digits of n until a single digit is left and returns it",
+       _digital_root, (9875,), (7,)),
+    _t("is_perfect_number", "n: int", "bool",
+       "checks whether n equals the sum of its proper divisors",
+       lambda n: n > 1 and sum(d for d in range(1, n) if n % d == 0) == n, (28,), (12,)),
+    _t("gcd_of_list", "nums: list[int]", "int",
+       "returns the greatest common divisor of all numbers in a non-empty list",
+       lambda nums: math.gcd(*nums), ([12, 18, 30],), ([7, 13],)),
+    _t("lcm_up_to", "n: int", "int",
+       "returns the smallest positive number divisible by every integer from 1 to n",
+       lambda n: math.lcm(*range(1, n + 1)), (5,), (10,)),
+    _t("to_binary_string", "n: int", "str",
+       "returns the binary representation of a non-negative integer without a prefix",
+       lambda n: format(n, "b"), (10,), (0,)),
+    _t("from_base", "digits: str, base: int", "int",
+       "converts a string of digits in the given base (2 to 10) to an integer",
+       lambda digits, base: int(digits, base), ("1011", 2), ("212", 3)),
+    _t("to_roman", "n: int", "str", "converts an integer between 1 and 3999 to a Roman numeral",
+       _to_roman, (14,), (1994,)),
+    _t("reverse_integer", "n: int", "int",
+       "reverses the decimal digits of an integer, keeping its sign",
+       lambda n: (-1 if n < 0 else 1) * int(str(abs(n))[::-1]), (123,), (-450,)),
+    _t("is_armstrong", "n: int", "bool",
+       "checks whether n equals the sum of its digits each raised to the number of digits",
+       lambda n: n == sum(int(d) ** len(str(n)) for d in str(n)), (153,), (154,)),
+    _t("sum_of_squares_diff", "n: int", "int",
+       "returns the square of the sum of 1..n minus the sum of the squares of 1..n",
+       lambda n: sum(range(1, n + 1)) ** 2 - sum(i * i for i in range(1, n + 1)), (3,), (10,)),
+    _t("fibonacci_upto", "limit: int", "list[int]",
+       "returns the Fibonacci numbers (starting 0, 1) that are not larger than limit",
+       _fibonacci_upto, (10,), (1,)),
+    _t("pascal_row", "n: int", "list[int]", "returns row n of Pascal's triangle (row 0 is [1])",
+       _pascal_row, (4,), (0,)),
+    _t("grid_paths", "rows: int, cols: int", "int",
+       "counts the paths from the top-left to the bottom-right cell of a grid moving only "
+       "right or down", _grid_paths, (2, 3), (3, 3)),
+    _t("prime_factors", "n: int", "list[int]",
+       "returns the prime factors of n > 1 in ascending order, with repetition",
+       _prime_factors, (12,), (97,)),
+    _t("count_divisors", "n: int", "int", "counts the positive divisors of n",
+       lambda n: sum(n % d == 0 for d in range(1, n + 1)), (12,), (13,)),
+    _t("celsius_table", "start: int, stop: int, step: int", "list[tuple[int, float]]",
+       "returns (celsius, fahrenheit) pairs for celsius from start up to stop inclusive",
+       lambda start, stop, step: [(c, c * 9 / 5 + 32) for c in range(start, stop + 1, step)],
+       (0, 20, 10), (-10, 0, 5)),
+    _t("compound_interest", "principal: float, rate: float, years: int", "float",
+       "returns the balance after compounding the yearly rate (0.05 = 5%) for the given "
+       "years, rounded to 2 decimals",
+       lambda principal, rate, years: round(principal * (1 + rate) ** years, 2),
+       (1000.0, 0.05, 2), (500.0, 0.1, 3)),
+    _t("median_value", "nums: list[float]", "float",
+       "returns the middle value of a non-empty list (the mean of the two middle values for "
+       "an even length)",
+       lambda nums: (sorted(nums)[len(nums) // 2] if len(nums) % 2 else
+                     (sorted(nums)[len(nums) // 2 - 1] + sorted(nums)[len(nums) // 2]) / 2),
+       ([3, 1, 2],), ([4, 1, 3, 2],)),
+    _t("mode", "nums: list[int]", "int",
+       "returns the most frequent value of a non-empty list (the smallest one on a tie)",
+       lambda nums: min(Counter(nums).items(), key=lambda kv: (-kv[1], kv[0]))[0],
+       ([1, 2, 2, 3, 3],), ([5],)),
+    _t("running_average", "nums: list[float]", "list[float]",
+       "returns the average of the first i + 1 numbers for every position i",
+       lambda nums: [sum(nums[:i + 1]) / (i + 1) for i in range(len(nums))],
+       ([2, 4, 6],), ([1, 1, 4],)),
+    # ---- lists ----
+    _t("second_largest", "nums: list[int]", "int | None",
+       "returns the second largest distinct value, or None if there is none",
+       lambda nums: sorted(set(nums))[-2] if len(set(nums)) > 1 else None,
+       ([4, 1, 4, 3],), ([2, 2],)),
+    _t("rotate_left", "items: list, k: int", "list",
+       "rotates a list k positions to the left (k may exceed the length)",
+       lambda items, k: items[k % len(items):] + items[:k % len(items)] if items else [],
+       ([1, 2, 3, 4, 5], 2), ([1, 2, 3], 4)),
+    _t("split_into_chunks", "items: list, size: int", "list[list]",
+       "splits a list into consecutive pieces of the given size (the last may be shorter)",
+       lambda items, size: [items[i:i + size] for i in range(0, len(items), size)],
+       ([1, 2, 3, 4, 5], 2), ([], 3)),
+    _t("flatten", "nested: list", "list", "flattens arbitrarily nested lists into one list",
+       _flatten, ([1, [2, [3, 4]], 5],), ([[], [[]]],)),
+    _t("dedupe_keep_order", "items: list", "list",
+       "removes repeated elements, keeping the first occurrence of each",
+       lambda items: list(dict.fromkeys(items)), ([3, 1, 3, 2, 1],), (["a", "a"],)),
+    _t("pairwise_differences", "nums: list[int]", "list[int]",
+       "returns the differences between consecutive elements",
+       lambda nums: [b - a for a, b in zip(nums, nums[1:])], ([1, 4, 9, 16],), ([5],)),
+    _t("interleave", "a: list, b: list", "list",
+       "interleaves two lists element by element and appends what is left of the longer one",
+       lambda a, b: [x for pair in zip(a, b) for x in pair] + a[len(b):] + b[len(a):],
+       ([1, 3, 5], [2, 4]), ([], [7])),
+    _t("max_subarray_sum", "nums: list[int]", "int",
+       "returns the largest sum of a non-empty contiguous sub-list", _max_subarray,
+       ([-2, 1, -3, 4, -1, 2, 1, -5, 4],), ([-3, -1, -2],)),
+    _t("longest_increasing_run", "nums: list[int]", "int",
+       "returns the length of the longest strictly increasing run of adjacent elements",
+       _longest_increasing_run, ([1, 2, 2, 3, 4, 1],), ([],)),
+    _t("two_sum_indices", "nums: list[int], target: int", "tuple[int, int] | None",
+       "returns the indices (i, j), i < j, of the first pair summing to target, or None",
+       lambda nums, target: next(((i, j) for j in range(len(nums)) for i in range(j)
+                                  if nums[i] + nums[j] == target), None),
+       ([2, 7, 11, 15], 9), ([1, 2], 5)),
+    _t("binary_search", "sorted_nums: list[int], x: int", "int",
+       "returns the index of x in a sorted list, or -1 when it is absent", _binary_search,
+       ([1, 3, 5, 7, 9], 7), ([1, 3, 5], 4)),
+    _t("merge_sorted", "a: list[int], b: list[int]", "list[int]",
+       "merges two sorted lists into one sorted list without calling sort",
+       lambda a, b: sorted(a + b), ([1, 4, 6], [2, 3, 7]), ([], [1])),
+    _t("kth_smallest_pair_sum", "a: list[int], b: list[int], k: int", "int",
+       "returns the k-th smallest sum x + y with x from a and y from b (k starts at 1)",
+       _kth_smallest_pair_sum, ([1, 7], [3, 4], 3), ([1, 2], [1, 2], 1)),
+    _t("move_zeros_to_end", "nums: list[int]", "list[int]",
+       "moves every zero to the end, keeping the order of the other elements",
+       lambda nums: [x for x in nums if x] + [0] * nums.count(0), ([0, 1, 0, 3, 12],), ([0],)),
+    _t("majority_element", "nums: list[int]", "int | None",
+       "returns the element occurring more than half the time, or None",
+       lambda nums: next((x for x, c in Counter(nums).items() if 2 * c > len(nums)), None),
+       ([3, 3, 4, 3],), ([1, 2],)),
+    _t("cumulative_max", "nums: list[int]", "list[int]",
+       "returns for every position the maximum of the elements up to it",
+       lambda nums: [max(nums[:i + 1]) for i in range(len(nums))], ([1, 3, 2, 5, 4],), ([],)),
+    _t("count_inversions", "nums: list[int]", "int",
+       "counts the pairs i < j with nums[i] > nums[j]",
+       lambda nums: sum(nums[i] > nums[j] for j in range(len(nums)) for i in range(j)),
+       ([2, 4, 1, 3, 5],), ([1, 2, 3],)),
+    _t("merge_intervals", "intervals: list[tuple[int, int]]", "list[tuple[int, int]]",
+       "merges overlapping closed intervals and returns them sorted by start",
+       _merge_intervals, ([(1, 3), (2, 6), (8, 10)],), ([(5, 6), (1, 2)],)),
+    _t("min_coins", "coins: list[int], total: int", "int",
+       "returns the fewest coins adding up to total, or -1 if total cannot be made",
+       _min_coins, ([1, 2, 5], 11), ([2], 3)),
+    _t("coin_change_ways", "coins: list[int], total: int", "int",
+       "counts the ways to make total from unlimited coins of the given values",
+       _coin_ways, ([1, 2, 5], 5), ([2], 3)),
+    _t("sliding_window_max", "nums: list[int], k: int", "list[int]",
+       "returns the maximum of every window of k consecutive elements",
+       lambda nums, k: [max(nums[i:i + k]) for i in range(len(nums) - k + 1)],
+       ([1, 3, -1, -3, 5, 3], 3), ([4, 2], 1)),
+    _t("product_except_self", "nums: list[int]", "list[int]",
+       "returns, for each position, the product of all the other elements",
+       lambda nums: [math.prod(nums[:i] + nums[i + 1:]) for i in range(len(nums))],
+       ([1, 2, 3, 4],), ([2, 0, 5],)),
+    _t("partition_even_odd", "nums: list[int]", "tuple[list[int], list[int]]",
+       "splits a list into its even and its odd numbers, each in the original order",
+       lambda nums: ([x for x in nums if x % 2 == 0], [x for x in nums if x % 2]),
+       ([1, 2, 3, 4, 6],), ([],)),
+    # ---- strings ----
+    _t("is_palindrome_sentence", "text: str", "bool",
+       "checks whether a sentence reads the same backwards, ignoring case, spaces and "
+       "punctuation",
+       lambda text: (lambda s: s == s[::-1])([c.lower() for c in text if c.isalnum()]),
+       ("Never odd or even.",), ("Python",)),
+    _t("count_vowels", "text: str", "int", "counts the vowels a, e, i, o, u in any case",
+       lambda text: sum(c in "aeiouAEIOU" for c in text), ("Programming",), ("sky",)),
+    _t("title_case", "text: str", "str",
+       "capitalises the first letter of every word and lower-cases the rest",
+       lambda text: " ".join(w[:1].upper() + w[1:].lower() for w in text.split(" ")),
+       ("hello wORLD",), ("a b",)),
+    _t("snake_to_camel", "name: str", "str", "converts snake_case to camelCase",
+       lambda name: (lambda p: p[0] + "".join(w.title() for w in p[1:]))(name.split("_")),
+       ("max_batch_size",), ("x",)),
+    _t("camel_to_snake", "name: str", "str", "converts camelCase to snake_case",
+       lambda name: "".join("_" + c.lower() if c.isupper() else c for c in name),
+       ("maxBatchSize",), ("value",)),
+    _t("run_length_encode", "text: str", "str",
+       "encodes runs of equal characters as the character followed by the run's length",
+       _compress, ("aaabccdddd",), ("x",)),
+    _t("run_length_decode", "pairs: list[tuple[str, int]]", "str",
+       "expands (character, count) pairs back into a string", _decompress,
+       ([("a", 3), ("b", 1)],), ([],)),
+    _t("caesar_shift", "text: str, k: int", "str",
+       "shifts every letter k places in the alphabet, wrapping around and keeping case",
+       _caesar, ("Hello, World!", 3), ("xyz", 2)),
+    _t("are_anagrams", "a: str, b: str", "bool",
+       "checks whether two words use the same letters the same number of times, ignoring case",
+       lambda a, b: sorted(a.lower()) == sorted(b.lower()), ("Listen", "Silent"), ("abc", "abd")),
+    _t("group_anagrams", "words: list[str]", "list[list[str]]",
+       "groups words that are anagrams of each other; each group sorted, groups sorted",
+       _group_anagrams, (["eat", "tea", "tan", "ate", "nat", "bat"],), ([],)),
+    _t("first_unique_char", "text: str", "int",
+       "returns the index of the first character that occurs once, or -1",
+       lambda text: next((i for i, c in enumerate(text) if text.count(c) == 1), -1),
+       ("swiss",), ("aabb",)),
+    _t("longest_common_prefix", "words: list[str]", "str",
+       "returns the longest prefix shared by all words",
+       lambda words: os.path.commonprefix(words), (["flower", "flow", "flight"],), (["a", "b"],)),
+    _t("edit_distance", "a: str, b: str", "int",
+       "returns the minimum number of single-character insertions, deletions and "
+       "substitutions turning a into b", _edit_distance, ("kitten", "sitting"), ("", "abc")),
+    _t("lcs_length", "a: str, b: str", "int",
+       "returns how many characters the longest sequence that both strings contain in order "
+       "(not necessarily adjacent) has", _lcs_len,
+       ("abcde", "ace"), ("abc", "def")),
+    _t("balanced_brackets", "text: str", "bool",
+       "checks whether the brackets (), [] and {} in a string are balanced and properly "
+       "nested", _balanced, ("{[()()]}",), ("([)]",)),
+    _t("word_frequencies", "text: str", "dict[str, int]",
+       "counts how often each lower-cased word of a text occurs",
+       lambda text: dict(Counter(text.lower().split())), ("the cat and the hat",), ("",)),
+    _t("top_k_words", "text: str, k: int", "list[str]",
+       "returns the k most frequent lower-cased words, ties broken alphabetically",
+       _top_k_words, ("b a b c a b", 2), ("one", 3)),
+    _t("word_wrap", "text: str, width: int", "list[str]",
+       "breaks a text into lines of at most width characters without splitting words",
+       _word_wrap, ("the quick brown fox jumps", 10), ("hi", 5)),
+    _t("reverse_words", "sentence: str", "str",
+       "reverses the order of the words in a sentence",
+       lambda sentence: " ".join(sentence.split()[::-1]), ("speculative decoding is fast",),
+       ("one",)),
+    _t("is_rotation", "a: str, b: str", "bool",
+       "checks whether b is a rotation of a (same length, b a substring of a + a)",
+       lambda a, b: len(a) == len(b) and b in a + a, ("waterbottle", "erbottlewat"),
+       ("abc", "acb")),
+    _t("mask_email", "email: str", "str",
+       "keeps the first character of the part before @ and replaces the rest of it with *",
+       lambda email: (lambda u, d: u[:1] + "*" * (len(u) - 1) + "@" + d)(*email.split("@", 1)),
+       ("alice@example.com",), ("b@x.org",)),
+    _t("count_substring", "text: str, sub: str", "int",
+       "counts the possibly overlapping occurrences of sub in text",
+       lambda text, sub: sum(text.startswith(sub, i) for i in range(len(text))),
+       ("aaaa", "aa"), ("abc", "d")),
+    _t("strip_comments", "line: str", "str",
+       "removes everything from the first # of a line on and trailing spaces",
+       lambda line: line.split("#", 1)[0].rstrip(), ("x = 1  # set x",), ("# only",)),
+    _t("parse_key_values", "text: str", "dict[str, str]",
+       "parses 'key=value' pairs separated by semicolons, ignoring surrounding spaces",
+       lambda text: {k.strip(): v.strip() for k, v in
+                     (p.split("=", 1) for p in text.split(";") if p.strip())},
+       ("a=1; b = two;",), ("",)),
+    _t("acronym", "phrase: str", "str",
+       "returns the upper-case first letters of the words of a phrase",
+       lambda phrase: "".join(w[0].upper() for w in phrase.replace("-", " ").split()),
+       ("portable network graphics",), ("key-value store",)),
+    _t("is_valid_ipv4", "address: str", "bool",
+       "checks whether a string is four dot-separated decimal numbers 0-255 without leading "
+       "zeros",
+       lambda address: (lambda p: len(p) == 4 and all(
+           x.isdigit() and str(int(x)) == x and int(x) <= 255 for x in p))(address.split(".")),
+       ("192.168.0.1",), ("256.1.1.01",)),
+    _t("char_histogram", "text: str", "list[tuple[str, int]]",
+       "returns (letter, count) for the letters of a text, sorted by letter",
+       lambda text: sorted(Counter(c for c in text.lower() if c.isalpha()).items()),
+       ("Banana",), ("42",)),
+    # ---- dictionaries, records ----
+    _t("invert_dict", "d: dict", "dict",
+       "swaps keys and values; when values repeat, the last key wins",
+       lambda d: {v: k for k, v in d.items()}, ({"a": 1, "b": 2},), ({"x": 1, "y": 1},)),
+    _t("merge_counts", "a: dict[str, int], b: dict[str, int]", "dict[str, int]",
+       "adds up the counts of two dictionaries key by key",
+       lambda a, b: dict(Counter(a) + Counter(b)), ({"x": 1, "y": 2}, {"y": 3, "z": 1}),
+       ({}, {"q": 2})),
+    _t("group_by_length", "words: list[str]", "dict[int, list[str]]",
+       "groups words by their length, keeping their order within each group",
+       lambda words: {n: [w for w in words if len(w) == n]
+                      for n in sorted({len(w) for w in words})},
+       (["hi", "yes", "no", "cat"],), ([],)),
+    _t("oldest_person", "people: list[dict]", "str",
+       "returns the name of the person with the largest 'age' (the first one on a tie)",
+       lambda people: max(people, key=lambda p: p["age"])["name"],
+       ([{"name": "Ann", "age": 31}, {"name": "Bo", "age": 45}],),
+       ([{"name": "Cy", "age": 20}],)),
+    _t("average_by_key", "rows: list[tuple[str, float]]", "dict[str, float]",
+       "returns the average value of every key of (key, value) rows",
+       lambda rows: {k: sum(v for kk, v in rows if kk == k) / sum(kk == k for kk, _ in rows)
+                     for k in dict.fromkeys(k for k, _ in rows)},
+       ([("a", 2.0), ("b", 5.0), ("a", 4.0)],), ([],)),
+    _t("nested_get", "d: dict, path: str, default=None", "object",
+       "follows a dotted path like 'a.b.c' through nested dictionaries and returns default "
+       "when a key is missing",
+       _nested_get,
+       ({"a": {"b": {"c": 1}}}, "a.b.c"), ({"a": {}}, "a.x", 0)),
+    _t("diff_dicts", "old: dict, new: dict", "dict[str, list]",
+       "returns the sorted keys that were 'added', 'removed' and 'changed' between two dicts",
+       lambda old, new: {"added": sorted(new.keys() - old.keys()),
+                         "removed": sorted(old.keys() - new.keys()),
+                         "changed": sorted(k for k in old.keys() & new.keys()
+                                           if old[k] != new[k])},
+       ({"a": 1, "b": 2}, {"b": 3, "c": 4}), ({}, {})),
+    # ---- matrices, grids, graphs ----
+    _t("transpose", "matrix: list[list[int]]", "list[list[int]]",
+       "returns the transpose of a rectangular matrix",
+       lambda matrix: [list(r) for r in zip(*matrix)], ([[1, 2, 3], [4, 5, 6]],), ([[7]],)),
+    _t("rotate_clockwise", "matrix: list[list[int]]", "list[list[int]]",
+       "rotates a square matrix by 90 degrees clockwise", _rotate_matrix,
+       ([[1, 2], [3, 4]],), ([[1, 2, 3], [4, 5, 6], [7, 8, 9]],)),
+    _t("spiral_order", "matrix: list[list[int]]", "list[int]",
+       "returns the elements of a matrix in clockwise spiral order from the top-left",
+       _spiral, ([[1, 2, 3], [4, 5, 6], [7, 8, 9]],), ([[1, 2]],)),
+    _t("matrix_multiply", "a: list[list[int]], b: list[list[int]]", "list[list[int]]",
+       "multiplies two matrices given as lists of rows",
+       lambda a, b: [[sum(x * y for x, y in zip(r, c)) for c in zip(*b)] for r in a],
+       ([[1, 2], [3, 4]], [[5, 6], [7, 8]]), ([[2]], [[3]])),
+    _t("diagonal_sums", "matrix: list[list[int]]", "tuple[int, int]",
+       "returns the sums of the main and of the anti-diagonal of a square matrix",
+       lambda matrix: (sum(matrix[i][i] for i in range(len(matrix))),
+                       sum(matrix[i][-1 - i] for i in range(len(matrix)))),
+       ([[1, 2], [3, 4]],), ([[5]],)),
+    _t("count_islands", "grid: list[list[int]]", "int",
+       "counts groups of 1-cells connected horizontally or vertically", _islands,
+       ([[1, 1, 0], [0, 0, 1], [1, 0, 1]],), ([[0]],)),
+    _t("shortest_path_length", "n: int, edges: list[tuple[int, int]], src: int, dst: int",
+       "int", "returns the number of edges on a shortest path between two nodes of an "
+       "undirected graph, or -1 if they are not connected", _shortest_path_len,
+       (4, [(0, 1), (1, 2), (2, 3), (0, 2)], 0, 3), (3, [(0, 1)], 0, 2)),
+    _t("topological_order", "n: int, edges: list[tuple[int, int]]", "list[int]",
+       "returns an order of nodes 0..n-1 in which every edge (a, b) has a before b, always "
+       "taking the smallest ready node, or [] if there is a cycle", _topo_order,
+       (4, [(0, 1), (0, 2), (1, 3), (2, 3)]), (2, [(0, 1), (1, 0)])),
+    _t("neighbours_sum", "grid: list[list[int]], r: int, c: int", "int",
+       "returns the sum of the up to eight cells around cell (r, c)",
+       lambda grid, r, c: sum(grid[y][x] for y in range(max(r - 1, 0), min(r + 2, len(grid)))
+                              for x in range(max(c - 1, 0), min(c + 2, len(grid[0])))
+                              if (y, x) != (r, c)),
+       ([[1, 2, 3], [4, 5, 6], [7, 8, 9]], 1, 1), ([[1, 2], [3, 4]], 0, 0)),
+    # ---- dates, units, formatting ----
+    _t("is_leap_year", "year: int", "bool", "checks whether a Gregorian year is a leap year",
+       lambda year: year % 4 == 0 and (year % 100 != 0 or year % 400 == 0), (2024,), (1900,)),
+    _t("seconds_to_hms", "seconds: int", "str",
+       "formats a number of seconds as H:MM:SS",
+       lambda seconds: f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}",
+       (3725,), (59,)),
+    _t("human_bytes", "n: int", "str",
+       "formats a byte count with one decimal and the unit B, KiB, MiB or GiB (powers of 1024)",
+       _human_bytes, (1536,), (10,)),
+    _t("day_of_year", "year: int, month: int, day: int", "int",
+       "returns the day number within the year (January 1st is 1)",
+       lambda year, month, day: sum([31, 29 if year % 4 == 0 and (year % 100 != 0 or
+                                                                 year % 400 == 0) else 28,
+                                     31, 30, 31, 30, 31, 31, 30, 31, 30, 31][:month - 1]) + day,
+       (2023, 3, 1), (2024, 12, 31)),
+    _t("format_table", "rows: list[list[str]]", "str",
+       "left-aligns the columns of rows of strings, separating columns by two spaces and "
+       "lines by newlines",
+       lambda rows: "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, [
+           max(len(x[i]) for x in rows) for i in range(len(rows[0]))])).rstrip() for r in rows),
+       ([["name", "qty"], ["apple", "3"]],), ([["x"]],)),
+    _t("percent_change", "old: float, new: float", "float",
+       "returns the percentage change from old to new rounded to one decimal",
+       lambda old, new: round((new - old) / old * 100, 1), (80.0, 100.0), (50.0, 45.0)),
+)
+
+STUB = ("Write a solution to the following problem and make sure that it passes the tests:\n"
+        "```python\n{header}\n```")
+REQUEST = "Write a Python function `{name}({params}) -> {returns}` that {does}."
+EXPLAIN = ("Implement {name}({params}) in Python: a function that {does}. Explain your "
+           "approach in two or three sentences, then give the code.")
+
+
+def doctest_lines(task: Task) -> list[str]:
+    """`>>> call` / result pairs, the results computed by the reference implementation."""
+    out = []
+    for args in task.examples:
+        call, got = f"{task.name}({', '.join(repr(a) for a in args)})", task.impl(*args)
+        if got is None:    # doctest prints nothing for None: show the check instead
+            call, got = f"{call} is None", True
+        out += [f"    >>> {call}", f"    {got!r}"]
+    return out
+
+
+def stub(task: Task) -> str:
+    doc = task.does[0].upper() + task.does[1:]
+    header = "\n".join([f"def {task.name}({task.params}) -> {task.returns}:",
+                        f'    """{doc}.', *doctest_lines(task), '    """'])
+    return STUB.format(header=header)
+
+
+def prompts(tasks: Sequence[Task] = TASKS) -> list[str]:
+    """Every task in the three phrasings, phrasing-major (a prefix of the file is a mix of
+    tasks in one phrasing, so ``regenerate --max_samples`` still covers many tasks)."""
+    out = [stub(t) for t in tasks]
+    out += [REQUEST.format(name=t.name, params=t.params, returns=t.returns, does=t.does)
+            for t in tasks]
+    out += [EXPLAIN.format(name=t.name, params=t.params, does=t.does) for t in tasks]
+    return out
+
+
+def write(path: str, tasks: Sequence[Task] = TASKS) -> int:
+    """Writes the prompt JSONL atomically; returns the number of prompts."""
+    lines = [json.dumps({"conversations": [{"role": "user", "content": p}]}) for p in
+             prompts(tasks)]
+    atomic.write_text(path, "\n".join(lines) + "\n")
+    return len(lines)
+
+
+def main(argv=None) -> int:
+    fv = flags.FlagValues()
+    flags.DEFINE_string("output", None, "Prompt JSONL to write.", flag_values=fv, required=True)
+    args = cli.parse(fv, argv, __doc__)
+    n = write(args.output)
+    print(f"wrote {n} prompts ({len(TASKS)} tasks x 3 phrasings) to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

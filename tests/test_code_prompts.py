@@ -1,0 +1,66 @@
+"""The code training prompts (``deepspec_jax.data.code_prompts``): readable by regenerate,
+every doctest in them true, and nothing taken from the code eval sets."""
+
+from __future__ import annotations
+
+import doctest
+import json
+import os
+import re
+
+from conftest import REPO
+from deepspec_jax.data import code_prompts
+from deepspec_jax.data.jsonl import read_conversations
+
+EVAL_DIR = os.path.join(REPO, "deepspec_jax", "assets", "eval_datasets")
+CODE_EVALS = ("humaneval", "mbpp", "lbpp", "livecodebench")
+
+
+def _eval_texts() -> list[str]:
+    out = []
+    for name in CODE_EVALS:
+        with open(os.path.join(EVAL_DIR, f"{name}.jsonl"), encoding="utf-8") as f:
+            out += [t for line in f if line.strip() for t in json.loads(line)["turns"]]
+    assert len(out) > 1000, "the code eval sets were not found"
+    return out
+
+
+def _shingles(text: str, n: int = 8) -> set[str]:
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return {" ".join(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def test_prompt_file_reads_as_conversations(tmp_path):
+    path = str(tmp_path / "code.jsonl")
+    n = code_prompts.write(path)
+    assert n == 3 * len(code_prompts.TASKS) >= 270
+    convs = [c for _, c in read_conversations(path)]
+    assert len(convs) == n
+    assert all(len(c) == 1 and c[0]["role"] == "user" and c[0]["content"] for c in convs)
+    assert len({c[0]["content"] for c in convs}) == n          # no duplicate prompt
+    assert len({t.name for t in code_prompts.TASKS}) == len(code_prompts.TASKS)
+
+
+def test_doctests_in_the_stubs_hold():
+    """Each stub's doctests, run against the task's reference implementation, pass: no
+    prompt shows a wrong expected value."""
+    parser, runner = doctest.DocTestParser(), doctest.DocTestRunner(verbose=False)
+    for task in code_prompts.TASKS:
+        text = "\n".join(code_prompts.doctest_lines(task))
+        assert text in code_prompts.stub(task)
+        examples = parser.get_examples(text)
+        assert len(examples) == len(task.examples), task.name
+        test = doctest.DocTest(examples, {task.name: task.impl}, task.name, None, 0, text)
+        result = runner.run(test, out=lambda s: None)
+        assert result.failed == 0, f"{task.name}: a doctest in its prompt is wrong"
+
+
+def test_no_task_comes_from_a_code_eval_set():
+    texts = _eval_texts()
+    eval_names = set(re.findall(r"def\s+([A-Za-z_]\w*)\s*\(", "\n".join(texts)))
+    clash = sorted(t.name for t in code_prompts.TASKS if t.name in eval_names)
+    assert not clash, f"function names also defined in {CODE_EVALS}: {clash}"
+    seen = set().union(*(_shingles(t) for t in texts))
+    for task in code_prompts.TASKS:
+        common = _shingles(task.does) & seen
+        assert not common, f"{task.name}: its description shares {common} with an eval set"
