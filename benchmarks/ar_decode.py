@@ -17,7 +17,7 @@ import time
 
 from absl import flags
 
-from deepspec_jax import cli
+from deepspec_jax import atomic, cli
 from deepspec_jax.target import load_target, smollm2_gguf_path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -93,8 +93,7 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"| {r['batch']} | {r['jax_tokens_per_s']} | {r.get('torch_tokens_per_s', '-')} | {r.get('speedup', '-')} |")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(info, f, indent=2)
+        atomic.write_json(args.out, info, indent=2)
     return 0
 
 

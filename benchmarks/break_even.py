@@ -14,6 +14,11 @@ which is a property of the hardware and the compiler as much as of the draft. Wi
 
     python benchmarks/break_even.py                       # SmolLM2 + the default draft
     python benchmarks/break_even.py --draft=runs/dspark_smollm2_135m/final --sweep=1,2,5,8,17
+    python benchmarks/break_even.py --draft_vocab_sizes=8192,2048   # + reduced-vocab proposals
+
+``--draft_vocab_sizes`` also times the proposal of the same draft restricted to K output
+tokens (``drafts.restrict_vocab``; the K lowest target ids: which K ids does not change the
+cost), the lever on the draft's side of the round (its lm_head over the vocabulary).
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from deepspec_jax import cli, load_target
-from deepspec_jax.drafts import DEFAULT_DRAFT_DIR, load_draft
+from deepspec_jax import atomic, cli, load_target
+from deepspec_jax.draft_vocab import select_draft_vocab
+from deepspec_jax.drafts import DEFAULT_DRAFT_DIR, load_draft, restrict_vocab
 from deepspec_jax.sampling import SamplingParams
 from deepspec_jax.spec_decode import _draft_init, _draft_propose, _proposal_width, check_compatible
 
@@ -43,6 +49,8 @@ flags.DEFINE_integer("context", 256, "Tokens already in the cache.", flag_values
 flags.DEFINE_integer("cache_len", 1024, "KV cache capacity.", flag_values=FLAGS)
 flags.DEFINE_integer("repeats", 15, "Timed calls (median reported).", flag_values=FLAGS)
 flags.DEFINE_string("sweep", "", "Comma-separated n for extend(n)/extend(1).", flag_values=FLAGS)
+flags.DEFINE_list("draft_vocab_sizes", [], "Also time the proposal with the draft restricted to "
+                  "each of these output vocabulary sizes K.", flag_values=FLAGS)
 flags.DEFINE_string("json", None, "Also write the results here.", flag_values=FLAGS)
 
 
@@ -88,14 +96,18 @@ def main(argv=None) -> int:
 
     sp = SamplingParams(0.0, 0, 1.0).validate()
     feats = out.features
-    dstate = jax.jit(lambda s, p, pl, f: _draft_init(
-        draft.kind, nnx.merge(draft.graphdef, s), 1, args.cache_len, p, pl, jnp.zeros((1,), jnp.int32), f))(
-        draft.state, jnp.asarray(prompt), jnp.asarray(lens), feats)
-    propose = jax.jit(lambda s, ds, cur, key: _draft_propose(
-        draft.kind, nnx.merge(draft.graphdef, s), ds, cur, key, sp)[:3])
     cur = jnp.zeros((1,), jnp.int32)
     key = jax.random.key(0)
-    propose_ms = _median_ms(lambda: propose(draft.state, dstate, cur, key), args.repeats)
+
+    def propose_cost(d) -> float:
+        dstate = jax.jit(lambda s, p, pl, f: _draft_init(
+            d.kind, nnx.merge(d.graphdef, s), 1, args.cache_len, p, pl,
+            jnp.zeros((1,), jnp.int32), f))(d.state, jnp.asarray(prompt), jnp.asarray(lens), feats)
+        propose = jax.jit(lambda s, ds, cur, key: _draft_propose(
+            d.kind, nnx.merge(d.graphdef, s), ds, cur, key, sp)[:3])
+        return _median_ms(lambda: propose(d.state, dstate, cur, key), args.repeats)
+
+    propose_ms = propose_cost(draft)
 
     round_ms = verify_ms + propose_ms
     res = dict(machine=platform.processor() or platform.machine(), date=time.strftime("%Y-%m-%d"),
@@ -105,6 +117,14 @@ def main(argv=None) -> int:
                round_ms=round(round_ms, 2), verify_over_ar=round(verify_ms / ar_ms, 2),
                break_even_tau=round(round_ms / ar_ms, 2),
                load=round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None)
+    if args.draft_vocab_sizes:
+        by_k = {}
+        for k in (int(v) for v in args.draft_vocab_sizes):
+            d2t, t2d = select_draft_vocab({i: 1 for i in range(k)}, k, vocab)
+            by_k[k] = propose_cost(restrict_vocab(draft, d2t, t2d))
+        res["propose_ms_by_vocab"] = {k: round(ms, 2) for k, ms in by_k.items()}
+        res["propose_over_ar_by_vocab"] = {k: round(ms / ar_ms, 3) for k, ms in by_k.items()}
+        res["propose_over_ar"] = round(propose_ms / ar_ms, 3)
     if args.sweep:
         res["extend_over_ar"] = {n: round(extend_cost(n) / ar_ms, 2)
                                  for n in (int(v) for v in args.sweep.split(","))}
@@ -114,8 +134,7 @@ def main(argv=None) -> int:
           f"more than {res['break_even_tau'] - 1:.2f} drafted tokens per round (tau > "
           f"{res['break_even_tau']:.2f}) to be faster.")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
+        atomic.write_json(args.json, res, indent=1)
     return 0
 
 

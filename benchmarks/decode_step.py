@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from deepspec_jax import cli, load_target
+from deepspec_jax import atomic, cli, load_target
 from deepspec_jax import target as target_mod
 
 _SHAPE = re.compile(r"^\s*(?:ROOT )?%\S+ = (\w+)\[([\d,]*)\]\{[^}]*\} (\w[\w-]*)\(")
@@ -120,8 +120,7 @@ def main(argv=None) -> int:
     text = json.dumps(res, indent=1)
     print(text)
     if args.json:
-        with open(args.json, "w") as f:
-            f.write(text + "\n")
+        atomic.write_text(args.json, text + "\n")
     return 0
 
 

@@ -46,7 +46,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from deepspec_jax import cli, load_target, sps as sps_lib
+from deepspec_jax import atomic, cli, load_target, sps as sps_lib
 from deepspec_jax.drafts import DEFAULT_DRAFT_DIR, load_draft
 from deepspec_jax.evaluation.datasets import load_prompts
 from deepspec_jax.evaluation.runner import encode_prompts
@@ -206,11 +206,10 @@ def main(argv=None) -> int:
               f"{r['latency_ms_per_token']:>7.1f} {dec or nan:>7.1f} {rel_dec:>6.2f} "
               f"{r.get('tau', nan):>6.2f} {r.get('verified', nan):>8.2f}")
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(dict(machine=platform.processor() or platform.machine(),
-                           date=time.strftime("%Y-%m-%d"), new_tokens=args.new_tokens,
-                           base_tokens=args.base_tokens,
-                           load=os.getloadavg()[0], results=results), f, indent=1)
+        atomic.write_json(args.out, dict(
+            machine=platform.processor() or platform.machine(), date=time.strftime("%Y-%m-%d"),
+            new_tokens=args.new_tokens, base_tokens=args.base_tokens,
+            load=os.getloadavg()[0], results=results), indent=1)
     return 0
 
 

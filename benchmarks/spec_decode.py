@@ -12,7 +12,6 @@ number of output tokens.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import sys
@@ -22,7 +21,7 @@ import jax
 from absl import flags
 from flax import nnx
 
-from deepspec_jax import cli, load_target
+from deepspec_jax import atomic, cli, load_target
 from deepspec_jax.drafts import Draft
 from deepspec_jax.drafts.registry import family_for
 from deepspec_jax.spec_decode import speculative_generate
@@ -107,8 +106,8 @@ def main(argv=None) -> int:
         print(f"{r['batch']:>5} {r['ar_tok_s']:>10.1f} {r['ar_steps_s']:>10.1f} {r['spec_tok_s']:>11.1f} "
               f"{r['spec_rounds_s']:>9.1f} {r['rounds']:>7} {r['tau']:>6.3f} {r['speedup']:>8.3f}")
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(dict(rows=rows, draft="random-untrained-dspark", device=str(dev)), f, indent=1)
+        atomic.write_json(args.out, dict(rows=rows, draft="random-untrained-dspark",
+                                         device=str(dev)), indent=1)
     return 0
 
 

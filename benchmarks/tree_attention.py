@@ -18,7 +18,6 @@ then runs tiny shapes, says so, and its times say nothing about the kernel.
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import sys
@@ -29,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from deepspec_jax import cli
+from deepspec_jax import atomic, cli
 
 from deepspec_jax.kernels.attention import segment_attention
 from deepspec_jax.kernels.tree_attention import (ancestor_bits, kernel_backend,
@@ -169,10 +168,10 @@ def main(argv=None) -> int:
               f"{r['speedup']:>8.2f} {r['kernel_gbps']:>10.1f} {r['dense_gbps']:>10.1f} "
               f"{r['kernel_max_err']:>9.2e}{pct}")
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(dict(device=kind, backend=jax.default_backend(), interpreted=interpret,
-                           host=platform.node(), jax=jax.__version__, peak_bw=peak,
-                           config=FLAGS.flag_values_dict(), results=rows), f, indent=1)
+        atomic.write_json(args.out, dict(device=kind, backend=jax.default_backend(),
+                                         interpreted=interpret, host=platform.node(),
+                                         jax=jax.__version__, peak_bw=peak,
+                                         config=FLAGS.flag_values_dict(), results=rows), indent=1)
     return 0
 
 

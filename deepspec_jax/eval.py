@@ -28,7 +28,7 @@ from typing import Sequence
 
 from absl import flags, logging
 
-from deepspec_jax import cli, compile_cache
+from deepspec_jax import atomic, cli, compile_cache
 from deepspec_jax.drafts import DEFAULT_DRAFT_DIR, load_draft
 from deepspec_jax.errors import ConfigError, DeepSpecError
 from deepspec_jax.evaluation import datasets, report, runner
@@ -261,9 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         text += "\nConfidence head reliability (threshold 0; '(STS)' rows: after calibration):\n"
         text += report.confidence_table(rows, draft.source)
     print("\n" + text, flush=True)
-    os.makedirs(FLAGS.output_dir, exist_ok=True)
-    with open(os.path.join(FLAGS.output_dir, "results_table.txt"), "w", encoding="utf-8") as f:
-        f.write(text + "\n")
+    atomic.write_text(os.path.join(FLAGS.output_dir, "results_table.txt"), text + "\n")
     report.write_json(os.path.join(FLAGS.output_dir, "summary.json"),
                       {"config": config, "datasets": [
                           {k: v for k, v in r.items() if k not in ("samples", "config")}

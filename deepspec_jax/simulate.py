@@ -36,7 +36,7 @@ from typing import Sequence
 
 from absl import flags
 
-from deepspec_jax import cli, sps as sps_lib
+from deepspec_jax import atomic, cli, sps as sps_lib
 from deepspec_jax.drafts import DEFAULT_DRAFT_DIR, load_draft
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.spec_decode import _proposal_width
@@ -207,8 +207,7 @@ def main(argv=None) -> int:
               f"{100 * r['error'] if 'error' in r else nan:>6.1f}% {r.get('scale', nan):>6.3f} "
               f"{100 * r['error_unscaled'] if 'error_unscaled' in r else nan:>7.1f}%")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        atomic.write_json(args.json, rows, indent=1)
     return 0
 
 

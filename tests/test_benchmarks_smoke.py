@@ -52,7 +52,7 @@ BENCHMARKS = {
     # --sweep 1,5: extend(1) and extend(5) are the AR step and the default draft's
     # verify (width 4 + 1), already compiled: the sweep path costs no compile
     "break_even.py": ["--context=8", "--cache_len=16", "--repeats=1", "--sweep=1,5",
-                      "--json={out}"],
+                      "--draft_vocab_sizes=4096", "--json={out}"],
     "decode_step.py": ["--context=8", "--cache_len=16", "--rounds=1", "--calls=1", "--json={out}"],
     # R=1, two tokens: the SPS profile (measured at context 16 into the work dir), plain
     # decoding and the scheduler's packed path (as "none": every request verifies only its
@@ -188,6 +188,8 @@ def test_break_even(results):
     _finite(res, ["ar_step_ms", "verify_ms", "propose_ms", "round_ms", "break_even_tau"])
     assert set(res["extend_over_ar"]) == {"1", "5"}, res
     _finite(res["extend_over_ar"], ["1", "5"])
+    assert set(res["propose_ms_by_vocab"]) == {"4096"}, res   # the reduced-vocab proposal
+    _finite(res["propose_ms_by_vocab"], ["4096"])
 
 
 def test_decode_step(results):

@@ -33,7 +33,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from deepspec_jax import cli
+from deepspec_jax import atomic, cli
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.plan.decode import DECODE_PROGRAMS, DecodeSettings
 from deepspec_jax.plan.programs import PROGRAMS, TRAIN_MODES, PlanContext, train_step_thunk
@@ -280,9 +280,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for n in notes:
         print(f"note: {n}")
     if a.json:
-        with open(a.json, "w", encoding="utf-8") as f:
-            json.dump({"config": c.name, "topology": a.topology, "rows": [r.to_json() for r in rows],
-                       "notes": notes}, f, indent=2)
+        atomic.write_json(a.json, {"config": c.name, "topology": a.topology,
+                                   "rows": [r.to_json() for r in rows], "notes": notes}, indent=2)
         print(f"wrote {a.json}")
     failing = [r for r in rows if not r.measurement.fits]
     for r in failing:
