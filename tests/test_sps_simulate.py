@@ -74,19 +74,19 @@ def test_prediction_arithmetic_and_stats_formats(tmp_path):
                            ar_seconds=0.04, fixed_seconds=0.07)
     rows = simulate.simulate(simulate.read_stats(str(res)), {4: timed}, [4])
     assert rows[0]["verify_tokens"] == 20 and rows[0]["round_ms"] == pytest.approx(90.0)
-    # the profile's plain step re-timed in the serving run scales the whole profile:
-    # a run twice as slow (plain step 80 ms vs the profile's 40) predicts half the rate
+    # with rescale, the profile's plain step re-timed in the serving run scales the whole
+    # profile: a run twice as slow (plain step 80 ms vs the profile's 40) predicts half the rate
     serving.write_text(json.dumps({"results": [
         {"rows": 4, "policy": "ar", "tokens_per_s": 50.0, "plain_step_seconds": 0.08},
         {"rows": 4, "policy": "scheduler", "tokens_per_s": 40.0, "tau": 2.0, "verified": 1.5,
          "plain_step_seconds": 0.08}]}))
-    ar, sch = simulate.simulate(simulate.read_stats(str(serving)), {4: prof})
+    ar, sch = simulate.simulate(simulate.read_stats(str(serving)), {4: prof}, rescale=True)
     assert ar["scale"] == 2.0 and ar["tokens_per_s"] == pytest.approx(50.0)
     assert ar["error"] == pytest.approx(0.0) and ar["error_unscaled"] == pytest.approx(1.0)
     assert sch["round_ms"] == pytest.approx(190.0)
     assert sch["tokens_per_s"] == pytest.approx(p["tokens_per_s"] / 2, rel=1e-3)
     assert sch["error_unscaled"] == pytest.approx(p["tokens_per_s"] / 40.0 - 1, abs=1e-4)
-    raw = simulate.simulate(simulate.read_stats(str(serving)), {4: prof}, rescale=False)
+    raw = simulate.simulate(simulate.read_stats(str(serving)), {4: prof})   # the default
     assert "scale" not in raw[1] and raw[1]["tokens_per_s"] == p["tokens_per_s"]
     assert prof.scaled(2.0).fixed_seconds is None and prof.scaled(0.5).ar_seconds == 0.02
     # with each round's verify size known, the verify cost is the mean over the rounds
