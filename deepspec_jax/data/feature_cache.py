@@ -215,7 +215,6 @@ def chunk_file(path: str, name: str, index: int) -> str:
     return os.path.join(path, name, "c", str(int(index)), "0", "0")
 
 
-
 def _read_json(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:

@@ -169,7 +169,6 @@ def _counts_json(counts: np.ndarray) -> dict:
             "counts": {str(int(i)): int(counts[i]) for i in nz}}
 
 
-
 def token_counts(store: "TokenStore") -> dict[int, int]:
     """{token id: occurrences at loss-mask positions} of a store, from its
     ``token_counts.json``; a store written before that file existed is counted once
