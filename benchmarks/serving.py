@@ -28,8 +28,8 @@ rate follows ``tokens_per_round`` (tokens per request per round of the batch ove
 same span: (new - base) / rounds) rather than the mean acceptance length ``tau`` (a
 server that refills finished slots runs at tau). Between the timed calls it also re-times
 the SPS profile's plain decode step (``plain_step_seconds``: 8 steps in one jitted loop,
-median of 5, best over the repeats): the calculator scales the profile by it, so a profile measured in another
-spell of a shared machine still predicts this run.
+median of 5, best over the repeats): ``simulate --rescale`` scales the profile by it, for
+a profile measured in another spell of a shared machine than this run.
 
     python benchmarks/serving.py --rows=1,4,16,32 --new_tokens=48 --out=serving.json
 """

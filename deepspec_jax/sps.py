@@ -110,8 +110,7 @@ def profile_key(target, rows: int, width: int, context: int, draft=None) -> str:
 
 
 def save(profile: SPSProfile, path: str) -> None:
-    """Atomic JSON write (tmp + rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    """Atomic JSON write (``deepspec_jax.atomic``; creates the directory)."""
     atomic.write_json(path, profile.to_json(), indent=1)
 
 
@@ -162,7 +161,7 @@ def _interleaved_medians(fns: dict, repeats: int) -> dict:
     and returning something to block on), after one untimed call each (the compiles),
     timed round-robin: a slow spell of a shared machine then hits every entry of the
     profile alike, so its parts stay consistent with each other (one scale, which
-    ``simulate`` can correct)."""
+    ``simulate --rescale`` can correct)."""
     for fn in fns.values():
         jax.block_until_ready(fn())
     times = {name: [] for name in fns}
@@ -176,8 +175,8 @@ def _interleaved_medians(fns: dict, repeats: int) -> dict:
 
 class ProposalRound:
     """The draft's round for ``rows`` requests at ``context`` tokens, at most ``calls``
-    calls (its cache's capacity). Calling it runs ``steps`` rounds of the draft's part of a round for ``rows``
-    requests in one jitted ``fori_loop`` (as the engine's loop runs them): propose a
+    calls (its cache's capacity). Calling it runs ``steps`` rounds of the draft's part of
+    a round in one jitted ``fori_loop`` (as the engine's loop runs them): propose a
     block, then commit its target features with one new position (a round that
     accepted nothing, l_r = 0); the state is carried (donated) across calls."""
 
