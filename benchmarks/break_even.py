@@ -14,11 +14,13 @@ which is a property of the hardware and the compiler as much as of the draft. Wi
 
     python benchmarks/break_even.py                       # SmolLM2 + the default draft
     python benchmarks/break_even.py --draft=runs/dspark_smollm2_135m/final --sweep=1,2,5,8,17
-    python benchmarks/break_even.py --draft_vocab_sizes=8192,2048   # + reduced-vocab proposals
+    python benchmarks/break_even.py --draft=FULL_VOCAB_DRAFT --draft_vocab_sizes=8192,2048
 
 ``--draft_vocab_sizes`` also times the proposal of the same draft restricted to K output
 tokens (``drafts.restrict_vocab``; the K lowest target ids: which K ids does not change the
-cost), the lever on the draft's side of the round (its lm_head over the vocabulary).
+cost), the lever on the draft's side of the round (its lm_head over the vocabulary). It
+needs a full-vocabulary draft: the default draft already predicts over 8,192 tokens, so
+its ``propose`` is that cost.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from flax import nnx
 from deepspec_jax import atomic, cli, load_target
 from deepspec_jax.draft_vocab import select_draft_vocab
 from deepspec_jax.drafts import DEFAULT_DRAFT_DIR, load_draft, restrict_vocab
+from deepspec_jax.errors import ConfigError
 from deepspec_jax.sampling import SamplingParams
 from deepspec_jax.spec_decode import _draft_init, _draft_propose, _proposal_width, check_compatible
 
@@ -69,6 +72,11 @@ def main(argv=None) -> int:
     target = load_target(args.target)
     draft = load_draft(args.draft or DEFAULT_DRAFT_DIR, dtype=target.dtype, target=target)
     layer_ids = check_compatible(target, draft)
+    if args.draft_vocab_sizes and draft.config.draft_vocab_size is not None:
+        raise ConfigError(f"--draft_vocab_sizes restricts a full-vocabulary draft, but "
+                          f"{args.draft or DEFAULT_DRAFT_DIR} already has draft_vocab_size = "
+                          f"{draft.config.draft_vocab_size} (its propose time is that cost); "
+                          "pass --draft=<a full-vocabulary draft> or drop the flag.")
     width = _proposal_width(draft.kind, draft.config)
     rng = np.random.default_rng(0)
     vocab = target.config.vocab_size
@@ -112,6 +120,7 @@ def main(argv=None) -> int:
     round_ms = verify_ms + propose_ms
     res = dict(machine=platform.processor() or platform.machine(), date=time.strftime("%Y-%m-%d"),
                backend=jax.default_backend(), draft=draft.kind, width=width,
+               draft_vocab_size=draft.config.draft_vocab_size or vocab,
                context=args.context, cache_len=args.cache_len, ar_step_ms=round(ar_ms, 2),
                verify_ms=round(verify_ms, 2), propose_ms=round(propose_ms, 2),
                round_ms=round(round_ms, 2), verify_over_ar=round(verify_ms / ar_ms, 2),

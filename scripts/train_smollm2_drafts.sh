@@ -7,7 +7,9 @@
 #   bash scripts/train_smollm2_drafts.sh [regenerate|tokenize|features|train|eval|ship|all]
 #
 # Sizes are chosen for a 2-core CPU (see the configs' docstrings); on a real machine
-# raise REGEN_SAMPLES and the configs' steps.
+# raise REGEN_SAMPLES and the configs' steps. The shipped DSpark (v3) continued the previous
+# one: the train stage's DSpark command with --config.draft.init_from=<previous draft>
+# --config.train.num_epochs=3 (docs/BENCHMARKS.md, "SmolLM2 proof run").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -51,9 +53,16 @@ if [[ $stage == eval || $stage == all ]]; then
   done
 fi
 if [[ $stage == ship ]]; then
-  # bf16, embed/lm_head left out (they are the target's): the eval's embedded default.
-  # SHIP_FROM picks the checkpoint (default: the DSpark run's final export).
-  run "$PY" -c "from deepspec_jax import load_draft; \
-d = load_draft('${SHIP_FROM:-runs/dspark_smollm2_135m/final}', dtype='bfloat16'); \
-d.save('deepspec_jax/assets/default_draft', share_with_target=True)"
+  # The eval's embedded default: bf16, ONE model.safetensors in vLLM's speculators format
+  # (+ config.json; embed and a full-vocabulary lm_head are the target's and left out), so a
+  # re-ship replaces one file and the draft loads in vLLM as shipped. SHIP_FROM picks the
+  # checkpoint (default: the DSpark run's final export); afterwards re-record the quality
+  # guard: python scripts/record_draft_quality.py
+  src=${SHIP_FROM:-runs/dspark_smollm2_135m/final}
+  dst=deepspec_jax/assets/default_draft
+  work=$(mktemp -d)
+  run "$PY" -c "from deepspec_jax import load_draft, load_target; \
+load_draft('$src', dtype='bfloat16', target=load_target('smollm2-135m')).save('$work/bf16', share_with_target=True)"
+  run "$PY" -m convert.to_speculators --src "$work/bf16" --dst "$work/speculators" --target smollm2-135m
+  rm -rf "$dst" && mv "$work/speculators" "$dst" && rm -rf "$work"
 fi

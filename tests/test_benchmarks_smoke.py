@@ -27,7 +27,7 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import FIXTURES_ROOT, REPO
 
 HELPER_MODULES = {"bench_prompts.py": "the prompt list shared by the decode benchmarks"}
 
@@ -51,8 +51,12 @@ BENCHMARKS = {
                        "--markov_rank=4", "--out={out}"],
     # --sweep 1,5: extend(1) and extend(5) are the AR step and the default draft's
     # verify (width 4 + 1), already compiled: the sweep path costs no compile
-    "break_even.py": ["--context=8", "--cache_len=16", "--repeats=1", "--sweep=1,5",
-                      "--draft_vocab_sizes=4096", "--json={out}"],
+    # the fixture target and its full-vocabulary DSpark draft: --draft_vocab_sizes restricts
+    # a full-vocabulary draft, and the shipped one already predicts over 8,192 tokens
+    "break_even.py": [f"--target={FIXTURES_ROOT}/deepspec_v1/target_qwen3_tiny",
+                      f"--draft={FIXTURES_ROOT}/deepspec_v1/dspark_gated", "--context=8",
+                      "--cache_len=16", "--repeats=1", "--sweep=1,5",
+                      "--draft_vocab_sizes=64", "--json={out}"],
     "decode_step.py": ["--context=8", "--cache_len=16", "--rounds=1", "--calls=1", "--json={out}"],
     # R=1, two tokens: the SPS profile (measured at context 16 into the work dir), plain
     # decoding and the scheduler's packed path (as "none": every request verifies only its
@@ -188,8 +192,9 @@ def test_break_even(results):
     _finite(res, ["ar_step_ms", "verify_ms", "propose_ms", "round_ms", "break_even_tau"])
     assert set(res["extend_over_ar"]) == {"1", "5"}, res
     _finite(res["extend_over_ar"], ["1", "5"])
-    assert set(res["propose_ms_by_vocab"]) == {"4096"}, res   # the reduced-vocab proposal
-    _finite(res["propose_ms_by_vocab"], ["4096"])
+    assert res["draft_vocab_size"] == 512, res                # the fixture's full vocabulary
+    assert set(res["propose_ms_by_vocab"]) == {"64"}, res     # the reduced-vocab proposal
+    _finite(res["propose_ms_by_vocab"], ["64"])
 
 
 def test_decode_step(results):

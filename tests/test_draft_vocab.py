@@ -308,7 +308,7 @@ def test_train_with_reduced_vocabulary(tmp_path, arch):
     the store) select the vocabulary, the step trains over K columns, and the exported
     JAX dir reloads as a reduced draft."""
     from deepspec_jax.data.token_store import COUNTS, TokenStore, token_counts
-    from deepspec_jax.train.trainer import export, setup, train
+    from deepspec_jax.train.trainer import export, exports_hf, setup, train
     from train_helpers import TINY_TARGET, make_store, tiny_config
 
     store = make_store(str(tmp_path / "tok"))
@@ -330,6 +330,7 @@ def test_train_with_reduced_vocabulary(tmp_path, arch):
     target_head = np.asarray(run.target.model.lm_head_weight())
     np.testing.assert_array_equal(got["lm_head"], target_head[:, selected_ids(want_d2t)])
     assert not os.path.exists(tmp_path / "run" / "hf")   # DeepSpec's format cannot hold it
+    assert not exports_hf(run)                          # and the CLI does not claim it
     # the trained reduced draft -> vLLM's speculators format -> back: bit-exact
     from convert.speculators_format import to_speculators
 
@@ -339,3 +340,29 @@ def test_train_with_reduced_vocabulary(tmp_path, arch):
     assert back.keys() == got.keys()
     for name, value in got.items():
         assert back[name].dtype == value.dtype and np.array_equal(back[name], value), name
+
+
+def test_warm_start_from_a_draft_saved_without_the_targets_weights(tmp_path):
+    """draft.init_from a JAX dir saved with share_with_target (how the default draft ships:
+    no embed/lm_head) into a reduced-vocabulary run: the run's target supplies what the dir
+    leaves out, and every trainable parameter is the source's restricted to the K ids."""
+    from deepspec_jax.data.token_store import TokenStore, token_counts
+    from deepspec_jax.train.trainer import export, setup, train
+    from train_helpers import make_store, tiny_config
+
+    store = make_store(str(tmp_path / "tok"))
+    first = setup(tiny_config("dspark", store, str(tmp_path / "run0"), max_steps=1))
+    train(first)
+    shipped = str(tmp_path / "shipped")
+    load_draft(export(first)).save(shipped, share_with_target=True)
+    c = tiny_config("dspark", store, str(tmp_path / "run1"), max_steps=1)
+    c.draft.draft_vocab_size = 96
+    c.draft.init_from = shipped
+    run = setup(c)
+    vocab = select_draft_vocab(token_counts(TokenStore(store)), 96, 512)
+    want = restrict_vocab(load_draft(shipped, dtype="float32", target=run.target), *vocab)
+    want = nnx.split(want.model, nnx.Param, ...)[1].to_pure_dict()
+    got, want = (dict(jax.tree_util.tree_flatten_with_path(t)[0]) for t in (run.state.params, want))
+    assert got.keys() == want.keys() and len(got) > 5
+    for path, value in want.items():
+        assert np.array_equal(np.asarray(got[path]), np.asarray(value)), path

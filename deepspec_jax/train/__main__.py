@@ -15,7 +15,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from deepspec_jax.errors import ConfigError
-from deepspec_jax.train.trainer import NonFiniteLoss, export, setup, train
+from deepspec_jax.train.trainer import NonFiniteLoss, export, exports_hf, setup, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/<arch>/<name>.py).",
                                           lock_config=True)
@@ -73,7 +73,7 @@ def main(argv) -> int:
     if step >= run.total_steps and FLAGS.export:
         dst = export(run)
         if jax.process_index() == 0:
-            print(f"train: exported the draft to {dst}" + (f" and {run.out_dir}/hf" if c.train.export_hf else ""))
+            print(f"train: exported the draft to {dst}" + (f" and {run.out_dir}/hf" if exports_hf(run) else ""))
     run.checkpoints.close()
     return 0
 

@@ -215,7 +215,7 @@ def setup_draft(c, ts: TargetSetup, schedule_steps: int, mesh, *, shapes_only: b
         return _abstract_draft(init.eval_shape(ts.target.state), graphdef, r_sh, tx, schedule, mesh)
     params, rest = init(ts.target.state)
     if c.draft.init_from:
-        params = _warm_start(c.draft.init_from, spec, params, mesh, vocab)
+        params = _warm_start(c.draft.init_from, spec, params, mesh, vocab, ts.target)
     opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
     rng = jax.random.key_data(jax.random.key(int(c.train.seed) + 1))
     rep = replicated(mesh)
@@ -245,10 +245,12 @@ def _abstract_draft(params_rest, graphdef, r_sh, tx, schedule, mesh) -> DraftSet
     return DraftSetup(graphdef, state, rest, r_sh, tx, schedule)
 
 
-def _warm_start(path, spec, params, mesh, vocab=None):
+def _warm_start(path, spec, params, mesh, vocab=None, target=None):
     """Trainable parameters of the draft at ``path`` (a full-vocabulary one is restricted
-    to the run's reduced vocabulary ``vocab`` first; a reduced one must have the same)."""
-    d = load_draft(path, dtype="float32", mesh=mesh)
+    to the run's reduced vocabulary ``vocab`` first; a reduced one must have the same).
+    ``target`` supplies what a draft saved with ``share_with_target`` (the shipped default
+    draft) leaves out."""
+    d = load_draft(path, dtype="float32", mesh=mesh, target=target)
     if d.raw_config.get("architectures") != spec.raw.get("architectures"):
         raise ConfigError(f"draft.init_from={path}: architecture {d.raw_config.get('architectures')} "
                           f"differs from the run's {spec.raw.get('architectures')}.")
@@ -399,6 +401,12 @@ def run_info(run: Run) -> dict:
             "config": json.loads(run.config.to_json_best_effort())}
 
 
+def exports_hf(run: Run) -> bool:
+    """Whether :func:`export` also writes DeepSpec's HF format: configured, and the draft
+    has the full vocabulary (DeepSpec's format has no reduced one)."""
+    return bool(run.config.train.export_hf) and not run.spec.raw.get(DRAFT_VOCAB_FIELD)
+
+
 def export(run: Run, dst: str | None = None) -> str:
     """Write the trained draft as a JAX dir (``<out>/final``) and, if configured, the
     DeepSpec HF format (``<out>/hf``)."""
@@ -410,7 +418,7 @@ def export(run: Run, dst: str | None = None) -> str:
     model = nnx.merge(run.step_config.graphdef, nnx.State(run.state.params), nnx.State(rest))
     save_jax_dir(dst, run.spec, nnx.state(model), source=f"trained by deepspec_jax ({run.config.name})")
     if run.config.train.export_hf and jax.process_index() == 0:
-        if run.spec.raw.get(DRAFT_VOCAB_FIELD):  # DeepSpec's format has no reduced vocabulary
+        if not exports_hf(run):
             print(f"train: not exporting {run.out_dir}/hf: a reduced draft vocabulary "
                   f"({DRAFT_VOCAB_FIELD}) has no DeepSpec HF form; use python -m "
                   f"convert.to_speculators --src={dst} --dst=...")
