@@ -55,6 +55,7 @@ def worker(arch: str, sets: list[str]) -> None:
     import jax.numpy as jnp
     import numpy as np
 
+    from deepspec_jax.draft_vocab import D2T, T2D, select_draft_vocab
     from deepspec_jax.plan.__main__ import resolve_target_arch
     from deepspec_jax.plan.flops import hlo_matmul_flops
     from deepspec_jax.plan.programs import (PlanContext, _SCHEDULE_STEPS, _with_mask_token,
@@ -98,6 +99,11 @@ def worker(arch: str, sets: list[str]) -> None:
 
     state = jax.tree.map(lambda x: concrete(x, 0.02), dr.state)
     rest = jax.tree.map(lambda x: concrete(x, 0.05), dr.rest)
+    if D2T in rest:   # a reduced draft vocabulary: a valid map (the K lowest ids), not zeros
+        d2t, t2d = select_draft_vocab({i: 1 for i in range(rest[D2T].shape[0])},
+                                      rest[D2T].shape[0], rest[T2D].shape[0])
+        for k, v in ((D2T, d2t), (T2D, t2d)):
+            rest[k] = jax.device_put(v.astype(rest[k].dtype), rest[k].sharding)
     B, S = bs["input_ids"].shape
     batch = {"input_ids": jnp.asarray(rng.integers(0, tarch.config.vocab_size, (B, S)), jnp.int32),
              "loss_mask": jnp.asarray(np.arange(S)[None] >= S // 4, jnp.int32).repeat(B, 0),
