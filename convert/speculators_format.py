@@ -64,11 +64,12 @@ def _check_against_target(draft: Draft, tgt: Target, src: str, target: str) -> N
 
 
 def to_speculators(src: str, dst: str, target: str | None = None,
-                   verifier_name_or_path: str | None = None) -> list[str]:
+                   verifier_name_or_path: str | None = None, dtype: str | None = None) -> list[str]:
     """Export our draft (DeepSpec HF dir or JAX dir) to a speculators directory; returns
     the files written. ``target``: the target checkpoint (checks the draft against it,
     supplies embed/lm_head to JAX dirs saved with ``share_with_target``, names the
-    verifier); ``verifier_name_or_path`` overrides the verifier name written (a hub id)."""
+    verifier); ``verifier_name_or_path`` overrides the verifier name written (a hub id);
+    ``dtype`` (None/"keep": the stored dtypes) casts every floating tensor."""
     src, dst = resolve_checkpoint_path(src), os.fspath(dst)
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ValueError(f"--dst must differ from --src ({src}).")
@@ -76,7 +77,7 @@ def to_speculators(src: str, dst: str, target: str | None = None,
         raise ConfigError(f"{src}: already a speculators directory (config.json has "
                           "'speculators_model_type').")
     tgt = load_target(target) if target else None
-    draft = load_draft(src, target=tgt)
+    draft = load_draft(src, dtype=dtype, target=tgt)
     raw = with_dtype_field(draft.raw_config, draft.hf_dtypes)
     cfg = speculators_config(draft.kind, draft.config, raw,
                              _verifier(draft, target, verifier_name_or_path),

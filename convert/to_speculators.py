@@ -1,7 +1,7 @@
 """Our draft (DeepSpec HF dir or JAX dir) -> a vLLM ``speculators`` directory.
 
     python -m convert.to_speculators --src DRAFT --dst OUT [--target TARGET_DIR]
-        [--verifier_name_or_path Qwen/Qwen3-4B]
+        [--verifier_name_or_path Qwen/Qwen3-4B] [--dtype keep|float32|bfloat16]
 
 Eagle3, DFlash and DSpark drafts with Qwen3 layers. The output loads with
 speculators' own classes (``SpeculatorModel.from_pretrained``) and in vLLM.
@@ -18,6 +18,7 @@ from typing import Sequence
 
 from absl import flags
 
+from convert.common import dtype_choices
 from convert.speculators_format import to_speculators
 from deepspec_jax import cli
 from deepspec_jax.errors import DeepSpecError
@@ -33,13 +34,17 @@ flags.DEFINE_string("verifier_name_or_path", None,
                     "Verifier name written into the config (default: --target, else the "
                     "draft's target_model_name_or_path), e.g. a Hugging Face id.",
                     flag_values=FLAGS)
+flags.DEFINE_enum("dtype", "keep", dtype_choices(),
+                  "keep: every tensor in its stored dtype (default); else cast the floating ones.",
+                  flag_values=FLAGS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     cli.parse(FLAGS, argv, __doc__)
     t0 = time.time()
     try:
-        files = to_speculators(FLAGS.src, FLAGS.dst, FLAGS.target, FLAGS.verifier_name_or_path)
+        files = to_speculators(FLAGS.src, FLAGS.dst, FLAGS.target, FLAGS.verifier_name_or_path,
+                               FLAGS.dtype)
     except (DeepSpecError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

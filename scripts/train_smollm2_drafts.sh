@@ -58,11 +58,9 @@ if [[ $stage == ship ]]; then
   # re-ship replaces one file and the draft loads in vLLM as shipped. SHIP_FROM picks the
   # checkpoint (default: the DSpark run's final export); afterwards re-record the quality
   # guard: python scripts/record_draft_quality.py
-  src=${SHIP_FROM:-runs/dspark_smollm2_135m/final}
   dst=deepspec_jax/assets/default_draft
   work=$(mktemp -d)
-  run "$PY" -c "from deepspec_jax import load_draft, load_target; \
-load_draft('$src', dtype='bfloat16', target=load_target('smollm2-135m')).save('$work/bf16', share_with_target=True)"
-  run "$PY" -m convert.to_speculators --src "$work/bf16" --dst "$work/speculators" --target smollm2-135m
+  run "$PY" -m convert.to_speculators --src "${SHIP_FROM:-runs/dspark_smollm2_135m/final}" \
+    --dst "$work/speculators" --target smollm2-135m --dtype bfloat16
   rm -rf "$dst" && mv "$work/speculators" "$dst" && rm -rf "$work"
 fi

@@ -261,6 +261,14 @@ def test_cli(tmp_path):
                         f"--target={TARGET_DIR}"]) == 0
     _assert_same_params(load_draft(str(tmp_path / "j"), target=_target()), load_draft(src))
     assert ts_cli.main([f"--src={tmp_path / 's'}", f"--dst={tmp_path / 'x'}"]) == 1
+    # --dtype casts the floating tensors (how the default draft ships: bf16)
+    assert ts_cli.main([f"--src={src}", f"--dst={tmp_path / 'b'}", f"--target={TARGET_DIR}",
+                        "--dtype=bfloat16"]) == 0
+    got, want = _params(load_draft(str(tmp_path / "b"), target=_target())), _params(
+        load_draft(src, dtype="bfloat16"))
+    assert got.keys() == want.keys()
+    for p in set(got) - {"embed", "lm_head"}:     # stored; embed/lm_head are the target's
+        assert got[p].dtype == want[p].dtype and np.array_equal(got[p], want[p]), p
 
 
 # ---------------------------------------------------------------------------
