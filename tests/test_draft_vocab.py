@@ -366,3 +366,39 @@ def test_warm_start_from_a_draft_saved_without_the_targets_weights(tmp_path):
     assert got.keys() == want.keys() and len(got) > 5
     for path, value in want.items():
         assert np.array_equal(np.asarray(got[path]), np.asarray(value)), path
+
+
+def test_warm_start_from_a_reduced_draft_keeps_its_vocabulary(tmp_path):
+    """Fine-tuning a reduced-vocabulary draft on more (differently counted) data keeps the
+    draft's own vocabulary and weights instead of re-selecting K ids from the new data
+    (which would change the output space under the trained lm_head); a different K is
+    refused with the fix named."""
+    from deepspec_jax.data.token_store import TokenStore, token_counts
+    from deepspec_jax.errors import ConfigError
+    from deepspec_jax.train.trainer import export, setup, train
+    from train_helpers import make_store, tiny_config
+
+    first_store = make_store(str(tmp_path / "tok0"), seed=0)
+    c0 = tiny_config("dspark", first_store, str(tmp_path / "run0"), max_steps=1)
+    c0.draft.draft_vocab_size = 96
+    first = setup(c0)
+    train(first)
+    shipped = str(tmp_path / "shipped")
+    load_draft(export(first)).save(shipped, share_with_target=True)
+    more = make_store(str(tmp_path / "tok1"), seed=1)
+    reselected = select_draft_vocab(token_counts(TokenStore(more)), 96, 512)[0]
+    source = _flat(load_draft(shipped, dtype="float32", target=first.target))
+    assert not np.array_equal(reselected, source["d2t"])   # the new data would pick others
+    c1 = tiny_config("dspark", more, str(tmp_path / "run1"), max_steps=1)
+    c1.draft.draft_vocab_size = 96
+    c1.draft.init_from = shipped
+    run = setup(c1)
+    got = _flat(load_draft(export(run), dtype="float32"))      # step 0: the warm start
+    assert got.keys() == source.keys() and len(got) > 5
+    for name, value in source.items():
+        assert np.array_equal(got[name], value), name
+    c2 = tiny_config("dspark", more, str(tmp_path / "run2"), max_steps=1)
+    c2.draft.draft_vocab_size = 64
+    c2.draft.init_from = shipped
+    with pytest.raises(ConfigError, match="reduced vocabulary of 96 tokens.*is 64"):
+        setup(c2)

@@ -32,7 +32,7 @@ from deepspec_jax.checkpoint import ModelSpec, save_jax_dir
 from deepspec_jax.data.feature_cache import FeatureCache, target_name
 from deepspec_jax.data.pipeline import BatchIterator, make_batches
 from deepspec_jax.data.token_store import TokenStore
-from deepspec_jax.draft_vocab import D2T, FIELD as DRAFT_VOCAB_FIELD
+from deepspec_jax.draft_vocab import D2T, FIELD as DRAFT_VOCAB_FIELD, T2D
 from deepspec_jax.drafts import load_draft, restrict_vocab
 from deepspec_jax.drafts.dspark import DSparkLossConfig
 from deepspec_jax.drafts.registry import family_for_kind
@@ -193,7 +193,13 @@ def setup_draft(c, ts: TargetSetup, schedule_steps: int, mesh, *, shapes_only: b
     spec = ts.spec
     compute = _dtype(c.train.compute_dtype, "train.compute_dtype")
     tx, schedule = make_optimizer(c.train, schedule_steps)
-    vocab = None if shapes_only else draft_vocab_for_run(c, spec)  # reduced draft vocabulary
+    init = None if shapes_only or not c.draft.init_from else \
+        load_draft(c.draft.init_from, dtype="float32", mesh=mesh, target=ts.target)
+    # the reduced draft vocabulary: a reduced init_from draft's own (fine-tuning keeps the
+    # output space it was trained on), else selected from data.train
+    vocab = None if shapes_only else (_vocab_of(init, c.draft.init_from, spec)
+                                      if init is not None and init.config.draft_vocab_size
+                                      else draft_vocab_for_run(c, spec))
 
     def init_fn(embed, lm_head_src):
         model = build_draft(spec, compute_dtype=compute, seed=int(c.train.seed),
@@ -210,12 +216,13 @@ def setup_draft(c, ts: TargetSetup, schedule_steps: int, mesh, *, shapes_only: b
         tmodel = nnx.merge(ts.target.graphdef, tstate)
         return init_fn(tmodel.embed.get_value(), tmodel.lm_head_weight())
 
-    init = jax.jit(init_from_target, out_shardings=(p_sh, r_sh))
+    init_fresh = jax.jit(init_from_target, out_shardings=(p_sh, r_sh))
     if shapes_only:   # warm starting keeps shapes, dtypes and shardings: nothing to add
-        return _abstract_draft(init.eval_shape(ts.target.state), graphdef, r_sh, tx, schedule, mesh)
-    params, rest = init(ts.target.state)
-    if c.draft.init_from:
-        params = _warm_start(c.draft.init_from, spec, params, mesh, vocab, ts.target)
+        return _abstract_draft(init_fresh.eval_shape(ts.target.state), graphdef, r_sh, tx,
+                               schedule, mesh)
+    params, rest = init_fresh(ts.target.state)
+    if init is not None:
+        params = _warm_start(init, c.draft.init_from, spec, params, vocab)
     opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
     rng = jax.random.key_data(jax.random.key(int(c.train.seed) + 1))
     rep = replicated(mesh)
@@ -245,24 +252,30 @@ def _abstract_draft(params_rest, graphdef, r_sh, tx, schedule, mesh) -> DraftSet
     return DraftSetup(graphdef, state, rest, r_sh, tx, schedule)
 
 
-def _warm_start(path, spec, params, mesh, vocab=None, target=None):
-    """Trainable parameters of the draft at ``path`` (a full-vocabulary one is restricted
-    to the run's reduced vocabulary ``vocab`` first; a reduced one must have the same).
-    ``target`` supplies what a draft saved with ``share_with_target`` (the shipped default
-    draft) leaves out."""
-    d = load_draft(path, dtype="float32", mesh=mesh, target=target)
+def _vocab_of(d, path, spec) -> tuple[np.ndarray, np.ndarray]:
+    """(d2t, t2d) of the reduced-vocabulary draft ``d`` loaded from ``path``, which the run
+    keeps; its size must be the run's ``draft.draft_vocab_size``."""
+    k = getattr(spec.config, "draft_vocab_size", None)
+    if k != d.config.draft_vocab_size:
+        raise ConfigError(f"draft.init_from={path}: has a reduced vocabulary of "
+                          f"{d.config.draft_vocab_size} tokens but the run's "
+                          f"draft.draft_vocab_size is {k or 0}; set it to "
+                          f"{d.config.draft_vocab_size} (the run keeps the draft's vocabulary) "
+                          "or warm-start from a full-vocabulary draft.")
+    return tuple(np.asarray(jax.device_get(getattr(d.model, name).get_value()))
+                 for name in (D2T, T2D))
+
+
+def _warm_start(d, path, spec, params, vocab=None):
+    """Trainable parameters of the draft ``d`` loaded from ``path`` (a full-vocabulary one
+    is restricted to the run's reduced vocabulary ``vocab`` first; a reduced one brought
+    ``vocab`` itself). Loaded with the run's target, which supplies what a draft saved with
+    ``share_with_target`` (the shipped default draft) leaves out."""
     if d.raw_config.get("architectures") != spec.raw.get("architectures"):
         raise ConfigError(f"draft.init_from={path}: architecture {d.raw_config.get('architectures')} "
                           f"differs from the run's {spec.raw.get('architectures')}.")
     if vocab is not None and d.config.draft_vocab_size is None:
         d = restrict_vocab(d, *vocab)
-    elif vocab is not None and not np.array_equal(
-            np.asarray(jax.device_get(getattr(d.model, D2T).get_value())), vocab[0]):
-        raise ConfigError(f"draft.init_from={path}: its reduced vocabulary (d2t) differs from the "
-                          "one selected from data.train; warm-start from a full-vocabulary draft.")
-    elif vocab is None and d.config.draft_vocab_size is not None:
-        raise ConfigError(f"draft.init_from={path}: has a reduced vocabulary (draft_vocab_size = "
-                          f"{d.config.draft_vocab_size}) but the run's draft.draft_vocab_size is 0.")
     _, p, _ = nnx.split(d.model, nnx.Param, ...)
     loaded = p.to_pure_dict()
     if jax.tree.structure(loaded) != jax.tree.structure(params):
