@@ -65,6 +65,8 @@ BENCHMARKS = {
     # scheduler / production are covered by test_verify_policies and test_eval_cli
     "serving.py": ["--rows=1", "--new_tokens=2", "--base_tokens=1", "--context=16",
                    "--repeats=1", "--policies=ar,none", "--out={out}"],
+    "lm_head.py": ["--vocab=512", "--rows=1,5", "--hidden=32", "--repeats=1", "--rounds=1",
+                   "--json={out}"],
     "tree_attention.py": ["--batch=1", "--nodes=4", "--kv_heads=1", "--group=1", "--head_dim=16",
                           "--cache_lens=128", "--repeats=1", "--out={out}"],
 }
@@ -75,7 +77,7 @@ BENCHMARKS = {
 # generate that ar_decode compiled in the shared compilation cache
 WORKERS = [["serving.py", "train_step_ab.py"],
            ["train_step.py", "ar_decode.py", "spec_decode.py", "decode_step.py", "break_even.py",
-            "tree_attention.py"]]
+            "tree_attention.py", "lm_head.py"]]
 
 
 def _run(name: str, work: str) -> dict:
@@ -195,6 +197,15 @@ def test_break_even(results):
     assert res["draft_vocab_size"] == 512, res                # the fixture's full vocabulary
     assert set(res["propose_ms_by_vocab"]) == {"64"}, res     # the reduced-vocab proposal
     _finite(res["propose_ms_by_vocab"], ["64"])
+
+
+def test_lm_head(results):
+    res = _ran(results, "lm_head.py")
+    forms = ("[d,V] btd,dv->btv", "[V,d] btd,vd->btv", "[V,d] vd,btd->vbt (T)")
+    assert set(res["ms"]) == {"512"}, res
+    assert set(res["ms"]["512"]) == {f"{f} M={m}" for f in forms for m in (1, 5)}, res
+    _finite(res["ms"]["512"], list(res["ms"]["512"]))
+    assert res["max_abs_diff"] < 1e-4, res   # every form computed the same product
 
 
 def test_decode_step(results):
