@@ -11,8 +11,9 @@ right below the chain's and under ``tree`` in results.json.
 With neither ``--target`` nor ``--draft`` it runs a quick demo: the embedded
 SmolLM2-135M-Instruct target with the project's default draft
 (``deepspec_jax/assets/default_draft/``) on a few samples of a math, a code and a chat
-set with a short generation budget. Naming a target or draft switches to the reference
-protocol: its dataset list, per-dataset sample counts and max_new_tokens 2048. Flags
+set with a short generation budget, greedy (T=0: the output is then exactly the target's
+own, so the demo shows speed alone). Naming a target or draft switches to the reference
+protocol: its dataset list, per-dataset sample counts, max_new_tokens 2048 and T=1. Flags
 given explicitly always win.
 
 Exit codes: 0 success, 2 bad flag values, 1 a model/file/dataset problem.
@@ -38,6 +39,7 @@ from deepspec_jax.target import NAMED_TARGETS, load_target, resolve_target_path
 
 QUICK_MAX_SAMPLES = 2
 QUICK_MAX_NEW_TOKENS = 64
+QUICK_TEMPERATURE = 0.0
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("target", None, "Target model: HF directory, .gguf file, 'smollm2-135m' or "
@@ -55,8 +57,8 @@ flags.DEFINE_integer("max_samples", None, "Samples per dataset, drawn with --see
                      flag_values=FLAGS)
 flags.DEFINE_integer("max_new_tokens", 2048, "New tokens per sample (quick demo: "
                      f"{QUICK_MAX_NEW_TOKENS} unless given).", flag_values=FLAGS)
-flags.DEFINE_float("temperature", 1.0, "Sampling temperature (< 1e-5 means greedy).",
-                   flag_values=FLAGS)
+flags.DEFINE_float("temperature", 1.0, "Sampling temperature (< 1e-5 means greedy; quick "
+                   f"demo: {QUICK_TEMPERATURE:g} unless given).", flag_values=FLAGS)
 flags.DEFINE_float("confidence_threshold", 0.0, "DSpark early stop: propose only the prefix "
                    "before the first position whose confidence is below this (0 = off; "
                    "calibration metrics are collected only at 0).", flag_values=FLAGS)
@@ -186,6 +188,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             max_samples = QUICK_MAX_SAMPLES
         if not FLAGS["max_new_tokens"].present:
             max_new = QUICK_MAX_NEW_TOKENS
+    temperature = FLAGS.temperature
+    if quick and not FLAGS["temperature"].present:
+        temperature = QUICK_TEMPERATURE
     try:
         target_path, draft_path = resolve_paths(FLAGS.target, FLAGS.draft)
     except SetupError as e:
@@ -194,8 +199,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(note, flush=True)
     if quick:
         print(f"quick demo: SmolLM2-135M-Instruct + default draft, {max_samples} samples of "
-              f"{', '.join(names)}, max_new_tokens={max_new} (pass --target/--draft for the "
-              "reference protocol)", flush=True)
+              f"{', '.join(names)}, max_new_tokens={max_new}, temperature={temperature:g} "
+              "(pass --target/--draft for the reference protocol)", flush=True)
 
     compile_cache.enable(compile_cache.DEFAULT_DIR if FLAGS.compilation_cache_dir is None
                          else FLAGS.compilation_cache_dir)
@@ -218,14 +223,14 @@ def main(argv: Sequence[str] | None = None) -> int:
               flush=True)
 
     settings = runner.Settings(
-        max_new_tokens=max_new, temperature=FLAGS.temperature,
+        max_new_tokens=max_new, temperature=temperature,
         confidence_threshold=FLAGS.confidence_threshold, seed=FLAGS.seed,
         batch_size=FLAGS.batch_size, output_dir=FLAGS.output_dir, max_samples=max_samples,
         run_autoregressive=FLAGS.autoregressive, tree=_tree_setting(),
         use_calibration=FLAGS.calibration, policy=FLAGS.policy)
     config = {"target": target.source, "draft": draft.source, "datasets": names,
               "max_samples": max_samples, "max_new_tokens": max_new,
-              "temperature": FLAGS.temperature,
+              "temperature": temperature,
               "confidence_threshold": FLAGS.confidence_threshold, "seed": FLAGS.seed,
               "batch_size": FLAGS.batch_size, "quick_demo": quick,
               "tree": list(_tree_setting()) if FLAGS.tree else None,

@@ -249,7 +249,7 @@ def test_cli_smollm2_random_dspark(tmp_path):
 
 @pytest.mark.slow
 def test_cli_no_flags_quick_demo(tmp_path):
-    """The bare command runs the quick demo with the shipped default draft."""
+    """The bare command runs the quick demo with the shipped default draft, greedy."""
     proc = subprocess.run([sys.executable, "-m", "deepspec_jax.eval"], cwd=tmp_path,
                           env=dict(os.environ, PYTHONPATH=REPO), capture_output=True,
                           text=True, timeout=1800)
@@ -258,6 +258,7 @@ def test_cli_no_flags_quick_demo(tmp_path):
     for name in ("gsm8k", "humaneval", "mt-bench"):
         res = json.loads((tmp_path / "eval_results" / name / "results.json").read_text())
         assert res["num_samples"] == 2 and res["acceptance_length"] >= 1.0
+        assert res["config"]["quick_demo"] and res["config"]["temperature"] == 0.0  # greedy
         assert res["autoregressive"]["output_tokens_per_second"] > 0
         assert res["samples"][0]["prompt_tokens"] > 20        # chat template applied
         assert len(res["confidence"]["per_position"]) == 4    # the shipped draft: block 4
