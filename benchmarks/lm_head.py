@@ -13,9 +13,11 @@ same vocabulary, so a run on a busy machine still compares the forms.
     python benchmarks/lm_head.py
     python benchmarks/lm_head.py --vocab=8192,49152,151936 --rows=1,4,5,8 --json=out.json
 
-What the models use: the target's tied projection (``TargetModel.logits``) takes the
-``[V, d]`` embedding as the first operand for calls of up to
-``layers.vocab.ROWS_FIRST_MAX_TOKENS`` tokens (``project_rows_first``).
+What the models use, and why: the target keeps ``btd,vd->btv`` (tied) / ``btd,dv->btv``.
+The vocabulary-first form wins here in isolation (4-8 rows at ~1.5-2x one row instead
+of 3-5x), but inside the target's ``extend`` it did not: an in-process A/B on SmolLM2
+(docs/BENCHMARKS.md, "Output projection of a few rows") measured the same 5-token
+verify and a slower 8-token one, so the isolated ratio is not a decode-step gain.
 """
 
 from __future__ import annotations

@@ -32,10 +32,6 @@ def test_hf_parity(tmp_path, model_type, heads, kv, tie):
     for j, lid in enumerate(layer_ids):
         np.testing.assert_allclose(feats[..., j * d:(j + 1) * d], ref_hidden[lid + 1], atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(out.last_hidden), ref_hidden[-1], atol=1e-5, rtol=0)
-    # a decode/verify-sized call (<= layers.vocab.ROWS_FIRST_MAX_TOKENS tokens) takes the tied
-    # projection's vocabulary-first form: the same logits (causal: a prefix's are HF's)
-    short = target.forward(ids[:1, :5], layer_ids=layer_ids)
-    np.testing.assert_allclose(np.asarray(short.logits), ref_logits[:1, :5], atol=1e-4, rtol=0)
 
 
 def test_llama3_rope_scaling_parity(tmp_path):

@@ -3,7 +3,5 @@
 from deepspec_jax.layers.mlp import embed_lookup, gated_mlp, softcap, softcap_and_slope, swiglu
 from deepspec_jax.layers.norms import rms_norm
 from deepspec_jax.layers.rope import apply_rope, rope_inv_freq
-from deepspec_jax.layers.vocab import project_rows_first, rows_first_ok
 
-__all__ = ["embed_lookup", "gated_mlp", "softcap", "softcap_and_slope", "swiglu", "rms_norm", "apply_rope", "rope_inv_freq",
-           "project_rows_first", "rows_first_ok"]
+__all__ = ["embed_lookup", "gated_mlp", "softcap", "softcap_and_slope", "swiglu", "rms_norm", "apply_rope", "rope_inv_freq"]

@@ -25,8 +25,7 @@ from deepspec_jax.config import TargetConfig
 from deepspec_jax.kernels.attention import (causal_span, filled_cache_attention, segment_attention,
                                             span_attention)
 from deepspec_jax.kernels.tree_attention import tree_attention
-from deepspec_jax.layers import (apply_rope, embed_lookup, gated_mlp, project_rows_first, rms_norm,
-                                 rows_first_ok, softcap)
+from deepspec_jax.layers import apply_rope, embed_lookup, gated_mlp, rms_norm, softcap
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Param:
@@ -362,9 +361,7 @@ class CausalLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits, softcapped where the config says so (Gemma)."""
-        if self.cfg.tie_word_embeddings and rows_first_ok(hidden):   # decode / verify
-            z = project_rows_first(hidden, self.embed.get_value().astype(self.dtype))
-        elif self.cfg.tie_word_embeddings:  # contract with [V, d] directly: no transpose copy
+        if self.cfg.tie_word_embeddings:  # contract with [V, d] directly: no transpose copy
             z = jnp.einsum("btd,vd->btv", hidden, self.embed.get_value().astype(self.dtype),
                            preferred_element_type=jnp.float32)
         else:
