@@ -33,7 +33,8 @@ def base_config(kind: str) -> ml_collections.ConfigDict:
     # vocab, rope) exactly as the reference builds its draft configs.
     c.draft = ml_collections.ConfigDict(dict(
         kind=kind,                # "dspark" | "dflash" | "eagle3" (drafts.registry.KINDS)
-        init_from="",             # optional draft dir (HF or JAX) to start from
+        init_from="",             # optional draft dir (HF/JAX/speculators) to start from; a
+                                  # reduced-vocabulary one keeps its vocabulary (d2t)
         num_hidden_layers=1,
         intermediate_size=-1,
         target_layer_ids=(-1,),   # must be set by the config file
