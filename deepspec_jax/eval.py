@@ -183,14 +183,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(e), 2)
     max_samples = FLAGS.max_samples
     max_new = FLAGS.max_new_tokens
+    temperature = FLAGS.temperature
     if quick:
         if max_samples is None:
             max_samples = QUICK_MAX_SAMPLES
         if not FLAGS["max_new_tokens"].present:
             max_new = QUICK_MAX_NEW_TOKENS
-    temperature = FLAGS.temperature
-    if quick and not FLAGS["temperature"].present:
-        temperature = QUICK_TEMPERATURE
+        if not FLAGS["temperature"].present:
+            temperature = QUICK_TEMPERATURE
     try:
         target_path, draft_path = resolve_paths(FLAGS.target, FLAGS.draft)
     except SetupError as e:

@@ -195,11 +195,7 @@ def setup_draft(c, ts: TargetSetup, schedule_steps: int, mesh, *, shapes_only: b
     tx, schedule = make_optimizer(c.train, schedule_steps)
     init = None if shapes_only or not c.draft.init_from else \
         load_draft(c.draft.init_from, dtype="float32", mesh=mesh, target=ts.target)
-    # the reduced draft vocabulary: a reduced init_from draft's own (fine-tuning keeps the
-    # output space it was trained on), else selected from data.train
-    vocab = None if shapes_only else (_vocab_of(init, c.draft.init_from, spec)
-                                      if init is not None and init.config.draft_vocab_size
-                                      else draft_vocab_for_run(c, spec))
+    vocab = None if shapes_only else _run_vocab(c, spec, init)
 
     def init_fn(embed, lm_head_src):
         model = build_draft(spec, compute_dtype=compute, seed=int(c.train.seed),
@@ -252,17 +248,19 @@ def _abstract_draft(params_rest, graphdef, r_sh, tx, schedule, mesh) -> DraftSet
     return DraftSetup(graphdef, state, rest, r_sh, tx, schedule)
 
 
-def _vocab_of(d, path, spec) -> tuple[np.ndarray, np.ndarray]:
-    """(d2t, t2d) of the reduced-vocabulary draft ``d`` loaded from ``path``, which the run
-    keeps; its size must be the run's ``draft.draft_vocab_size``."""
-    k = getattr(spec.config, "draft_vocab_size", None)
-    if k != d.config.draft_vocab_size:
-        raise ConfigError(f"draft.init_from={path}: has a reduced vocabulary of "
-                          f"{d.config.draft_vocab_size} tokens but the run's "
-                          f"draft.draft_vocab_size is {k or 0}; set it to "
-                          f"{d.config.draft_vocab_size} (the run keeps the draft's vocabulary) "
-                          "or warm-start from a full-vocabulary draft.")
-    return tuple(np.asarray(jax.device_get(getattr(d.model, name).get_value()))
+def _run_vocab(c, spec, init) -> tuple[np.ndarray, np.ndarray] | None:
+    """(d2t, t2d) of the run's reduced draft vocabulary (None without one): a reduced
+    ``init`` draft's own (fine-tuning keeps the output space it was trained on; its size
+    must be the run's ``draft.draft_vocab_size``), else selected from data.train."""
+    if init is None or not init.config.draft_vocab_size:
+        return draft_vocab_for_run(c, spec)
+    k, have = getattr(spec.config, "draft_vocab_size", None), init.config.draft_vocab_size
+    if k != have:
+        raise ConfigError(f"draft.init_from={c.draft.init_from}: has a reduced vocabulary of "
+                          f"{have} tokens but the run's draft.draft_vocab_size is {k or 0}; set "
+                          f"it to {have} (the run keeps the draft's vocabulary) or warm-start "
+                          "from a full-vocabulary draft.")
+    return tuple(np.asarray(jax.device_get(getattr(init.model, name).get_value()))
                  for name in (D2T, T2D))
 
 
