@@ -13,11 +13,12 @@ same vocabulary, so a run on a busy machine still compares the forms.
     python benchmarks/lm_head.py
     python benchmarks/lm_head.py --vocab=8192,49152,151936 --rows=1,4,5,8 --json=out.json
 
-What the models use, and why: the target keeps ``btd,vd->btv`` (tied) / ``btd,dv->btv``.
-The vocabulary-first form wins here in isolation (4-8 rows at ~1.5-2x one row instead
-of 3-5x), but inside the target's ``extend`` it did not: an in-process A/B on SmolLM2
-(docs/BENCHMARKS.md, "Output projection of a few rows") measured the same 5-token
-verify and a slower 8-token one, so the isolated ratio is not a decode-step gain.
+What the models use: the target's tied projection is ``layers.linear`` (vocabulary-first
+for up to 32 float32 rows, with an optimization barrier that keeps XLA from folding the
+transpose back into the product); the untied one and the drafts' heads keep ``btd,dv->btv``. The plain
+vocabulary-first form (third row) won in isolation but not inside the target's ``extend``
+(docs/BENCHMARKS.md, "Output projection of a few rows"): there XLA could fold its
+transpose into the product.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import numpy as np
 from absl import flags
 
 from deepspec_jax import atomic, cli
+from deepspec_jax.layers import linear
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_list("vocab", ["8192", "49152"], "Vocabulary sizes V.", flag_values=FLAGS)
@@ -49,6 +51,7 @@ FORMS = {
     "[V,d] btd,vd->btv": ("Vd", jax.jit(lambda h, w: jnp.einsum("btd,vd->btv", h, w))),
     "[V,d] vd,btd->vbt (T)": ("Vd", jax.jit(
         lambda h, w: jnp.einsum("vd,btd->vbt", w, h).transpose(1, 2, 0))),
+    "[V,d] layers.linear": ("Vd", jax.jit(lambda h, w: linear(h, w))),
 }
 
 

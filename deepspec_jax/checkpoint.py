@@ -54,7 +54,8 @@ PARAMS_DIR = "params"
 EXTRA_DIR = "extra"
 CONFIG_NAME = "config.json"
 FORMAT = "deepspec_jax.checkpoint"
-FORMAT_VERSION = 1
+# 2: decoder-layer linear weights stored [out, in] (as HF); version 1 stored them [in, out]
+FORMAT_VERSION = 2
 
 # Files of an HF directory that are weights (re-written from params) or pickles (never read).
 _WEIGHT_FILE = re.compile(r".*\.(safetensors|bin|pt|pth|pkl|pickle|ckpt|h5|msgpack|gguf)$")
@@ -255,6 +256,12 @@ def read_manifest(root: str) -> dict:
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a deepspec_jax manifest (field 'format' must be "
                               f"{FORMAT!r}); {fix}.")
+    if m.get("format_version") == 1:
+        raise CheckpointError(
+            f"{path}: field 'format_version' = 1: written by a deepspec_jax release that stored "
+            "decoder-layer linear weights [in, out] (version 2 stores them [out, in], as HF "
+            "checkpoints do); export it to HF with that release (python -m convert.jax_to_torch) "
+            "and convert the result with this one (python -m convert.torch_to_jax).")
     if m.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path}: field 'format_version' = {m.get('format_version')!r}, this deepspec_jax "

@@ -67,6 +67,8 @@ BENCHMARKS = {
                    "--repeats=1", "--policies=ar,none", "--out={out}"],
     "lm_head.py": ["--vocab=512", "--rows=1,5", "--hidden=32", "--repeats=1", "--rounds=1",
                    "--json={out}"],
+    "decoder_chain.py": ["--layers=2", "--hidden=32", "--kv=16", "--intermediate=64",
+                         "--rows=1,5,80", "--repeats=1", "--rounds=1", "--json={out}"],
     "tree_attention.py": ["--batch=1", "--nodes=4", "--kv_heads=1", "--group=1", "--head_dim=16",
                           "--cache_lens=128", "--repeats=1", "--out={out}"],
 }
@@ -77,7 +79,7 @@ BENCHMARKS = {
 # generate that ar_decode compiled in the shared compilation cache
 WORKERS = [["serving.py", "train_step_ab.py"],
            ["train_step.py", "ar_decode.py", "spec_decode.py", "decode_step.py", "break_even.py",
-            "tree_attention.py", "lm_head.py"]]
+            "tree_attention.py", "lm_head.py", "decoder_chain.py"]]
 
 
 def _run(name: str, work: str) -> dict:
@@ -201,11 +203,20 @@ def test_break_even(results):
 
 def test_lm_head(results):
     res = _ran(results, "lm_head.py")
-    forms = ("[d,V] btd,dv->btv", "[V,d] btd,vd->btv", "[V,d] vd,btd->vbt (T)")
+    forms = ("[d,V] btd,dv->btv", "[V,d] btd,vd->btv", "[V,d] vd,btd->vbt (T)",
+             "[V,d] layers.linear")
     assert set(res["ms"]) == {"512"}, res
     assert set(res["ms"]["512"]) == {f"{f} M={m}" for f in forms for m in (1, 5)}, res
     _finite(res["ms"]["512"], list(res["ms"]["512"]))
     assert res["max_abs_diff"] < 1e-4, res   # every form computed the same product
+
+
+def test_decoder_chain(results):
+    res = _ran(results, "decoder_chain.py")
+    forms = ("rows-first [in,out]", "rows-first [out,in]", "layers.linear")
+    assert set(res["ms"]) == {f"{f} M={m}" for f in forms for m in (1, 5, 80)}, res
+    _finite(res["ms"], list(res["ms"]))
+    assert res["max_abs_diff"] < 1e-4, res   # every form computed the same chain
 
 
 def test_decode_step(results):

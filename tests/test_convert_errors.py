@@ -122,8 +122,9 @@ def test_missing_manifest(jax_src, tmp_path):
     ('{"format": "deepspec_jax.checkpoint", "format_ver', "corrupt manifest"),
     ('[1, 2]', "not a deepspec_jax manifest"),
     ('{"format": "deepspec_jax.checkpoint", "format_version": 99}', "format_version"),
-    ('{"format": "deepspec_jax.checkpoint", "format_version": 1, "kind": "draft"}', "'architecture'"),
-], ids=["truncated", "not-object", "version", "field"])
+    ('{"format": "deepspec_jax.checkpoint", "format_version": 1}', r"\[in, out\].*jax_to_torch"),
+    ('{"format": "deepspec_jax.checkpoint", "format_version": 2, "kind": "draft"}', "'architecture'"),
+], ids=["truncated", "not-object", "version", "layout-v1", "field"])
 def test_corrupt_manifest(jax_src, tmp_path, text, match):
     d = _jax_copy(jax_src, tmp_path)
     with open(os.path.join(d, MANIFEST_NAME), "w") as f:

@@ -196,3 +196,21 @@ def test_nan_in_one_row_does_not_reach_other_rows(tiny):
     np.testing.assert_array_equal(bad2[1], clean2[1])
     for c, b in zip(clean_cache.k + clean_cache.v, bad_cache.k + bad_cache.v):
         np.testing.assert_array_equal(np.asarray(b)[1], np.asarray(c)[1])
+
+
+def test_verify_projections_are_weight_first(fixture_set):
+    """A 5-token verify multiplies every MLP weight weight-first ([I, 5] products,
+    ``layers.linear``): the form whose cost on XLA:CPU stays near one token's."""
+    target = _fixture_target(fixture_set)
+    cfg = target.config
+    cache = target.init_cache(1, 64)
+    compiled = target_mod._extend.lower(target.graphdef, target.state, cache,
+                                        jnp.zeros((1, 5), jnp.int32),
+                                        jnp.full((1,), 5, jnp.int32), (0,)).compile()
+    shapes = [line.split("=")[1].split()[0] for line in compiled.as_text().splitlines()
+              if " dot(" in line]
+    for i in sorted({cfg.layer_intermediate(l) for l in range(cfg.num_hidden_layers)}):
+        want = 2 * sum(cfg.layer_intermediate(l) == i for l in range(cfg.num_hidden_layers))
+        first = sum(s.startswith(f"f32[{i},5]") for s in shapes)
+        assert first >= want, (i, first, want, sorted(set(shapes)))
+        assert not any(s.startswith((f"f32[5,{i}]", f"f32[1,5,{i}]")) for s in shapes), shapes

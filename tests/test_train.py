@@ -317,4 +317,7 @@ def test_two_process_run_equals_the_one_process_run(tmp_path):
     got, want = p.to_pure_dict(), one.state.params
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        # the two runs sum the weight gradients over different row groupings (2 hosts x 2
+        # rows vs 4 rows), so they agree to float32 rounding, which Adam's normalised
+        # update scales to ~1e-6 absolute where a gradient is near zero
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)

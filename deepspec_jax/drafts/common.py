@@ -90,7 +90,7 @@ class DraftLayers(nnx.Module):
         L = cfg.num_hidden_layers
         for name, shape, axes, init in tuple(extra) + tuple(_layer_params(cfg, 0)):
             if in_width and name in ("q_proj", "k_proj", "v_proj"):
-                shape = (in_width,) + tuple(shape[1:])
+                shape = tuple(shape[:-1]) + (in_width,)
             p = _param(rngs, (L,) + tuple(shape), ("layers",) + tuple(axes), param_dtype, init)
             if name in LAYER_BUFFERS:
                 p = Frozen(p.get_value(), logical_axes=("layers",) + tuple(axes))

@@ -32,7 +32,7 @@ from deepspec_jax.draft_vocab import parse_draft_vocab_size, scatter_to_target, 
 from deepspec_jax.dtypes import compute_dtype
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.kernels.attention import dense_attention, merge_attention, span_attention
-from deepspec_jax.layers import apply_rope, embed_lookup, softcap
+from deepspec_jax.layers import apply_rope, embed_lookup, linear, softcap
 from deepspec_jax.models.transformer import _param, layer_finish, layer_qkv, norm
 from deepspec_jax.sampling import SamplingParams, sample_with_probs
 from deepspec_jax.sharding import make_mesh
@@ -199,8 +199,8 @@ def context_kv(lc: TargetConfig, p: dict, ctx: jax.Array, positions: jax.Array, 
     """
     b, s, _ = ctx.shape
     K, D = lc.layer_kv_heads(0), lc.layer_head_dim(0)
-    k = ctx @ p["k_proj"]
-    v = ctx @ p["v_proj"] if "v_proj" in p else k
+    k = linear(ctx, p["k_proj"])
+    v = linear(ctx, p["v_proj"]) if "v_proj" in p else k
     if lc.attention_bias:
         k = k + p["k_bias"]
         v = v + p["v_bias"] if "v_bias" in p else k

@@ -4,14 +4,16 @@
 import jax
 import jax.numpy as jnp
 
+from deepspec_jax.layers.linear import linear
+
 ACTIVATIONS = {"silu": jax.nn.silu,
                "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True)}
 
 
 def gated_mlp(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array,
               activation: str = "silu") -> jax.Array:
-    """``gate``/``up`` are [d, I] and ``down`` is [I, d] (input-major, x @ W)."""
-    return (ACTIVATIONS[activation](x @ gate) * (x @ up)) @ down
+    """``gate``/``up`` are [I, d] and ``down`` is [d, I] ([out, in], ``layers.linear``)."""
+    return linear(ACTIVATIONS[activation](linear(x, gate)) * linear(x, up), down)
 
 
 def swiglu(x: jax.Array, gate: jax.Array, up: jax.Array, down: jax.Array) -> jax.Array:

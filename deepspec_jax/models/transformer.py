@@ -25,7 +25,7 @@ from deepspec_jax.config import TargetConfig
 from deepspec_jax.kernels.attention import (causal_span, filled_cache_attention, segment_attention,
                                             span_attention)
 from deepspec_jax.kernels.tree_attention import tree_attention
-from deepspec_jax.layers import apply_rope, embed_lookup, gated_mlp, rms_norm, softcap
+from deepspec_jax.layers import apply_rope, embed_lookup, gated_mlp, linear, rms_norm, softcap
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Param:
@@ -40,7 +40,7 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, init: str = "normal") -> nnx.Para
 
 def _layer_params(cfg: TargetConfig, i: int = 0) -> list[tuple[str, tuple, tuple, str]]:
     """(name, shape, logical axes, init) of decoder layer ``i``'s parameters. Linear
-    weights are stored input-major (``x @ W``); the HF name map transposes. Gemma
+    weights are [out, in] as in HF/PyTorch checkpoints (``layers.linear``). Gemma
     layers differ by type (head size, KV heads, MLP width) and KV-shared layers have
     no key/value weights, so the list depends on ``i``."""
     d, H, K, D, I = (cfg.hidden_size, cfg.num_attention_heads, cfg.layer_kv_heads(i),
@@ -49,12 +49,12 @@ def _layer_params(cfg: TargetConfig, i: int = 0) -> list[tuple[str, tuple, tuple
     own_kv = i < cfg.first_kv_shared
     out = [("input_norm", (d,), ("norm",), norm_init),
            ("post_attn_norm", (d,), ("norm",), norm_init),
-           ("q_proj", (d, H * D), ("embed", "heads"), "normal")]
+           ("q_proj", (H * D, d), ("heads", "embed"), "normal")]
     if own_kv:
-        out.append(("k_proj", (d, K * D), ("embed", "kv_heads"), "normal"))
+        out.append(("k_proj", (K * D, d), ("kv_heads", "embed"), "normal"))
         if not cfg.layer_k_eq_v(i):
-            out.append(("v_proj", (d, K * D), ("embed", "kv_heads"), "normal"))
-    out.append(("o_proj", (H * D, d), ("heads", "embed"), "normal"))
+            out.append(("v_proj", (K * D, d), ("kv_heads", "embed"), "normal"))
+    out.append(("o_proj", (d, H * D), ("embed", "heads"), "normal"))
     if cfg.attention_bias:
         out.append(("q_bias", (H * D,), ("heads",), "zeros"))
         if own_kv:
@@ -70,9 +70,9 @@ def _layer_params(cfg: TargetConfig, i: int = 0) -> list[tuple[str, tuple, tuple
                 ("post_ff_norm", (d,), ("norm",), norm_init)]
     if cfg.layer_scalar:
         out.append(("layer_scalar", (1,), (None,), "ones"))
-    return out + [("gate_proj", (d, I), ("embed", "mlp"), "normal"),
-                  ("up_proj", (d, I), ("embed", "mlp"), "normal"),
-                  ("down_proj", (I, d), ("mlp", "embed"), "normal")]
+    return out + [("gate_proj", (I, d), ("mlp", "embed"), "normal"),
+                  ("up_proj", (I, d), ("mlp", "embed"), "normal"),
+                  ("down_proj", (d, I), ("embed", "mlp"), "normal")]
 
 
 def layer_param_layers(cfg: TargetConfig) -> dict[str, tuple[int, ...]]:
@@ -279,8 +279,8 @@ def layer_qkv(cfg: TargetConfig, p: dict, x: jax.Array, positions: jax.Array, in
     differ by type)."""
     b, t, _ = x.shape
     H = cfg.num_attention_heads
-    D = p["q_proj"].shape[-1] // H
-    q = x @ p["q_proj"]
+    D = p["q_proj"].shape[0] // H
+    q = linear(x, p["q_proj"])
     if cfg.attention_bias:
         q = q + p["q_bias"]
     q = q.reshape(b, t, H, D)
@@ -289,8 +289,8 @@ def layer_qkv(cfg: TargetConfig, p: dict, x: jax.Array, positions: jax.Array, in
     q = apply_rope(q, positions, inv_freq)
     if "k_proj" not in p:
         return q, None, None
-    k = x @ p["k_proj"]
-    v = x @ p["v_proj"] if "v_proj" in p else k   # Gemma-4 k_eq_v: values = raw keys
+    k = linear(x, p["k_proj"])
+    v = linear(x, p["v_proj"]) if "v_proj" in p else k   # Gemma-4 k_eq_v: values = raw keys
     if cfg.attention_bias:
         k = k + p["k_bias"]
         v = v + p["v_bias"] if "v_bias" in p else k
@@ -308,7 +308,7 @@ def layer_finish(cfg: TargetConfig, p: dict, h: jax.Array, attn: jax.Array) -> j
     the MLP's input norm) or Gemma's sandwich (post_attn_norm on the attention output,
     pre/post feed-forward norms), then Gemma-4's per-layer scalar."""
     b, t = attn.shape[:2]
-    a = attn.reshape(b, t, -1) @ p["o_proj"]
+    a = linear(attn.reshape(b, t, -1), p["o_proj"])
     if cfg.sandwich_norm:
         h = h + norm(cfg, a, p["post_attn_norm"])
         m = gated_mlp(norm(cfg, h, p["pre_ff_norm"]), p["gate_proj"], p["up_proj"],
@@ -361,9 +361,9 @@ class CausalLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits, softcapped where the config says so (Gemma)."""
-        if self.cfg.tie_word_embeddings:  # contract with [V, d] directly: no transpose copy
-            z = jnp.einsum("btd,vd->btv", hidden, self.embed.get_value().astype(self.dtype),
-                           preferred_element_type=jnp.float32)
+        if self.cfg.tie_word_embeddings:  # the [V, d] embedding is an [out, in] weight
+            z = linear(hidden, self.embed.get_value().astype(self.dtype),
+                       preferred_element_type=jnp.float32)
         else:
             z = jnp.einsum("btd,dv->btv", hidden, self.lm_head.get_value().astype(self.dtype),
                            preferred_element_type=jnp.float32)

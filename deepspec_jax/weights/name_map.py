@@ -51,13 +51,13 @@ def layer_rules(prefix: str, ours_prefix: str, *, qk_norm: bool, attention_bias:
     rules = [
         Rule(o + "input_norm", p + "input_layernorm.weight"),
         Rule(o + "post_attn_norm", p + "post_attention_layernorm.weight"),
-        Rule(o + "q_proj", p + "self_attn.q_proj.weight", True),
-        Rule(o + "k_proj", p + "self_attn.k_proj.weight", True),
-        Rule(o + "v_proj", p + "self_attn.v_proj.weight", True),
-        Rule(o + "o_proj", p + "self_attn.o_proj.weight", True),
-        Rule(o + "gate_proj", p + "mlp.gate_proj.weight", True),
-        Rule(o + "up_proj", p + "mlp.up_proj.weight", True),
-        Rule(o + "down_proj", p + "mlp.down_proj.weight", True),
+        Rule(o + "q_proj", p + "self_attn.q_proj.weight"),
+        Rule(o + "k_proj", p + "self_attn.k_proj.weight"),
+        Rule(o + "v_proj", p + "self_attn.v_proj.weight"),
+        Rule(o + "o_proj", p + "self_attn.o_proj.weight"),
+        Rule(o + "gate_proj", p + "mlp.gate_proj.weight"),
+        Rule(o + "up_proj", p + "mlp.up_proj.weight"),
+        Rule(o + "down_proj", p + "mlp.down_proj.weight"),
     ]
     if attention_bias:
         rules += [Rule(o + f"{n}_bias", p + f"self_attn.{n}_proj.bias") for n in "qkv"]

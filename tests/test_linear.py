@@ -1,0 +1,56 @@
+"""``layers.linear``: [out, in] weights; a few rows are multiplied weight-first."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from deepspec_jax.layers import linear
+from deepspec_jax.layers.linear import FEATURE_MAJOR_MAX_ROWS
+
+
+def _dot_shapes(hlo: str) -> list[str]:
+    """Result shapes of the dot instructions of an optimized HLO module."""
+    return [line.split("=")[1].split()[0] for line in hlo.splitlines()
+            if " dot(" in line and "=" in line]
+
+
+@pytest.mark.parametrize("lead", [(1,), (2, 3), (FEATURE_MAJOR_MAX_ROWS,),
+                                  (1, FEATURE_MAJOR_MAX_ROWS + 1), (0, 4)])
+def test_linear_is_x_times_w_transposed(lead):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((7, 12)).astype(np.float32)
+    x = rng.standard_normal(lead + (12,)).astype(np.float32)
+    got = jax.jit(linear)(jnp.asarray(x), jnp.asarray(w))
+    assert got.shape == lead + (7,)
+    np.testing.assert_allclose(np.asarray(got), x @ w.T, rtol=1e-5, atol=1e-5)
+    g = jax.grad(lambda x, w: jnp.sum(jnp.sin(linear(x, w))), (0, 1))(jnp.asarray(x), jnp.asarray(w))
+    dy = np.cos(x @ w.T)
+    np.testing.assert_allclose(np.asarray(g[0]), dy @ w, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(g[1]), dy.reshape(-1, 7).T @ x.reshape(-1, 12),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_linear_accumulates_in_the_preferred_type():
+    w = jnp.full((3, 256), 1 / 256, jnp.bfloat16)
+    x = jnp.ones((2, 256), jnp.bfloat16)
+    for rows in (2, FEATURE_MAJOR_MAX_ROWS + 2):
+        y = linear(jnp.ones((rows, 256), jnp.bfloat16), w, preferred_element_type=jnp.float32)
+        assert y.dtype == jnp.float32 and y.shape == (rows, 3)
+    assert linear(x, w).dtype == jnp.bfloat16
+
+
+def test_few_rows_stay_weight_first_after_optimization():
+    """XLA folds a transpose of a dot's result back into the dot; the barrier must keep
+    the [out, rows] product (the fast form on XLA:CPU) in the optimized program; many
+    rows, and bf16, stay an ordinary [rows, out] product."""
+    w = jnp.ones((96, 40), jnp.float32)
+    f = jax.jit(lambda x, w: linear(jnp.tanh(linear(x, w)), w.T * 2.0))
+    few = _dot_shapes(f.lower(jnp.ones((1, 5, 96)), w.T).compile().as_text())
+    assert few and all(s.startswith(("f32[40,5]", "f32[96,5]")) for s in few), few
+    many = _dot_shapes(f.lower(jnp.ones((1, 100, 96)), w.T).compile().as_text())
+    assert many and all(s.startswith(("f32[100,40]", "f32[100,96]")) for s in many), many
+    bf16 = _dot_shapes(f.lower(jnp.ones((1, 5, 96), jnp.bfloat16),
+                               w.T.astype(jnp.bfloat16)).compile().as_text())
+    assert bf16 and not any(s.startswith(("bf16[40,5]", "bf16[96,5]", "f32[40,5]", "f32[96,5]"))
+                            for s in bf16), bf16
