@@ -13,12 +13,13 @@ same vocabulary, so a run on a busy machine still compares the forms.
     python benchmarks/lm_head.py
     python benchmarks/lm_head.py --vocab=8192,49152,151936 --rows=1,4,5,8 --json=out.json
 
-What the models use: the target's tied projection is ``layers.linear`` (vocabulary-first
-for up to 32 float32 rows, with an optimization barrier that keeps XLA from folding the
-transpose back into the product); the untied one and the drafts' heads keep ``btd,dv->btv``. The plain
-vocabulary-first form (third row) won in isolation but not inside the target's ``extend``
-(docs/BENCHMARKS.md, "Output projection of a few rows"): there XLA could fold its
-transpose into the product.
+What the models use: the target keeps ``btd,vd->btv`` (tied) / ``btd,dv->btv``, and the
+drafts' heads ``btd,dv->btv``. ``layers.linear`` (the decoder layers' product: weight-
+first for up to 32 float32 rows, behind an optimization barrier that keeps XLA from
+folding the transpose back into the product) is faster here at 4-8 rows but slower at one
+row, the plain decode step; inside the target's ``extend`` neither vocabulary-first form
+gave a gain beyond this machine's noise (docs/BENCHMARKS.md, "Output projection of a few
+rows" and "Weight-first products for a few rows").
 """
 
 from __future__ import annotations

@@ -31,15 +31,6 @@ def test_linear_is_x_times_w_transposed(lead):
                                rtol=1e-4, atol=1e-4)
 
 
-def test_linear_accumulates_in_the_preferred_type():
-    w = jnp.full((3, 256), 1 / 256, jnp.bfloat16)
-    x = jnp.ones((2, 256), jnp.bfloat16)
-    for rows in (2, FEATURE_MAJOR_MAX_ROWS + 2):
-        y = linear(jnp.ones((rows, 256), jnp.bfloat16), w, preferred_element_type=jnp.float32)
-        assert y.dtype == jnp.float32 and y.shape == (rows, 3)
-    assert linear(x, w).dtype == jnp.bfloat16
-
-
 def test_few_rows_stay_weight_first_after_optimization():
     """XLA folds a transpose of a dot's result back into the dot; the barrier must keep
     the [out, rows] product (the fast form on XLA:CPU) in the optimized program; many

@@ -24,12 +24,11 @@ import jax.numpy as jnp
 FEATURE_MAJOR_MAX_ROWS = 32
 
 
-def linear(x: jax.Array, w: jax.Array, preferred_element_type=None) -> jax.Array:
+def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x`` [..., in] times ``w`` [out, in] transposed -> [..., out]."""
     lead = x.shape[:-1]
     rows = math.prod(lead)
     if rows > FEATURE_MAJOR_MAX_ROWS or x.dtype != jnp.float32 or w.dtype != jnp.float32:
-        return jnp.einsum("...i,oi->...o", x, w, preferred_element_type=preferred_element_type)
-    y = jnp.einsum("oi,ri->or", w, x.reshape(rows, x.shape[-1]),
-                   preferred_element_type=preferred_element_type)
+        return jnp.einsum("...i,oi->...o", x, w)
+    y = jnp.einsum("oi,ri->or", w, x.reshape(rows, x.shape[-1]))
     return jax.lax.optimization_barrier(y).T.reshape(*lead, w.shape[0])

@@ -361,9 +361,9 @@ class CausalLM(nnx.Module):
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits, softcapped where the config says so (Gemma)."""
-        if self.cfg.tie_word_embeddings:  # the [V, d] embedding is an [out, in] weight
-            z = linear(hidden, self.embed.get_value().astype(self.dtype),
-                       preferred_element_type=jnp.float32)
+        if self.cfg.tie_word_embeddings:  # contract with [V, d] directly: no transpose copy
+            z = jnp.einsum("btd,vd->btv", hidden, self.embed.get_value().astype(self.dtype),
+                           preferred_element_type=jnp.float32)
         else:
             z = jnp.einsum("btd,dv->btv", hidden, self.lm_head.get_value().astype(self.dtype),
                            preferred_element_type=jnp.float32)
