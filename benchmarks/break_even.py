@@ -44,6 +44,9 @@ from deepspec_jax.errors import ConfigError
 from deepspec_jax.sampling import SamplingParams
 from deepspec_jax.spec_decode import _draft_init, _draft_propose, _proposal_width, check_compatible
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import median_ms  # noqa: E402
+
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("target", None, "Target (default: embedded SmolLM2-135M).", flag_values=FLAGS)
 flags.DEFINE_string("draft", None, "Draft dir (default: the embedded default draft).",
@@ -55,16 +58,6 @@ flags.DEFINE_string("sweep", "", "Comma-separated n for extend(n)/extend(1).", f
 flags.DEFINE_list("draft_vocab_sizes", [], "Also time the proposal with the draft restricted to "
                   "each of these output vocabulary sizes K.", flag_values=FLAGS)
 flags.DEFINE_string("json", None, "Also write the results here.", flag_values=FLAGS)
-
-
-def _median_ms(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())                        # compile + warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
 
 
 def main(argv=None) -> int:
@@ -97,7 +90,7 @@ def main(argv=None) -> int:
             o, c = target.extend(state["cache"], ids, jnp.full((1,), n, jnp.int32), layer_ids)
             state["cache"] = c._replace(lengths=jax.device_put(lens, c.lengths.sharding))
             return o.logits
-        return _median_ms(call, args.repeats)
+        return median_ms(call, args.repeats)
 
     ar_ms = extend_cost(1)
     verify_ms = extend_cost(width + 1)
@@ -113,7 +106,7 @@ def main(argv=None) -> int:
             jnp.zeros((1,), jnp.int32), f))(d.state, jnp.asarray(prompt), jnp.asarray(lens), feats)
         propose = jax.jit(lambda s, ds, cur, key: _draft_propose(
             d.kind, nnx.merge(d.graphdef, s), ds, cur, key, sp)[:3])
-        return _median_ms(lambda: propose(d.state, dstate, cur, key), args.repeats)
+        return median_ms(lambda: propose(d.state, dstate, cur, key), args.repeats)
 
     propose_ms = propose_cost(draft)
 

@@ -34,6 +34,9 @@ from absl import flags
 from deepspec_jax import atomic, cli
 from deepspec_jax.layers import linear
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import median_ms  # noqa: E402
+
 FLAGS = flags.FlagValues()
 flags.DEFINE_list("rows", ["1", "5", "8"], "Rows M (tokens per call).", flag_values=FLAGS)
 flags.DEFINE_integer("layers", 30, "Layers in the chain (SmolLM2-135M: 30).", flag_values=FLAGS)
@@ -73,16 +76,6 @@ def _chain(product):
     return jax.jit(run)
 
 
-def _median_ms(fn, x, w, repeats: int) -> float:
-    jax.block_until_ready(fn(x, w))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(x, w))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
-
-
 def main(argv=None) -> int:
     args = cli.parse(FLAGS, argv, __doc__)
     rng = np.random.default_rng(0)
@@ -103,7 +96,7 @@ def main(argv=None) -> int:
         for m in rows:
             x = jnp.asarray(rng.standard_normal((m, d), dtype=np.float32))
             for name, (layout, fn) in chains.items():
-                times.setdefault((name, m), []).append(_median_ms(fn, x, weights[layout], args.repeats))
+                times.setdefault((name, m), []).append(median_ms(lambda: fn(x, weights[layout]), args.repeats))
             outs = [np.asarray(fn(x, weights[layout])) for layout, fn in chains.values()]
             worst = max(worst, max(float(np.abs(o - outs[0]).max()) for o in outs))
     base = float(np.median(times[(next(iter(FORMS)), rows[0])]))

@@ -37,6 +37,9 @@ from absl import flags
 from deepspec_jax import atomic, cli
 from deepspec_jax.layers import linear
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import median_ms  # noqa: E402
+
 FLAGS = flags.FlagValues()
 flags.DEFINE_list("vocab", ["8192", "49152"], "Vocabulary sizes V.", flag_values=FLAGS)
 flags.DEFINE_list("rows", ["1", "4", "5", "8"], "Rows M (tokens per call).", flag_values=FLAGS)
@@ -56,16 +59,6 @@ FORMS = {
 }
 
 
-def _median_ms(fn, h, w, repeats: int) -> float:
-    jax.block_until_ready(fn(h, w))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(h, w))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
-
-
 def main(argv=None) -> int:
     args = cli.parse(FLAGS, argv, __doc__)
     rng = np.random.default_rng(0)
@@ -80,7 +73,7 @@ def main(argv=None) -> int:
                 h = jnp.asarray(rng.standard_normal((1, m, args.hidden), dtype=np.float32))
                 for name, (layout, fn) in FORMS.items():
                     times.setdefault((name, m), []).append(
-                        _median_ms(fn, h, weights[layout], args.repeats))
+                        median_ms(lambda: fn(h, weights[layout]), args.repeats))
                 # the forms are one product: a form that computed something else is no rival
                 outs = [np.asarray(fn(h, weights[layout])) for layout, fn in FORMS.values()]
                 worst = max(worst, max(float(np.abs(o - outs[0]).max()) for o in outs))

@@ -29,7 +29,8 @@ import pytest
 
 from conftest import FIXTURES_ROOT, REPO
 
-HELPER_MODULES = {"bench_prompts.py": "the prompt list shared by the decode benchmarks"}
+HELPER_MODULES = {"bench_prompts.py": "the prompt list shared by the decode benchmarks",
+                  "timing.py": "the timing loop shared by the micro-benchmarks"}
 
 # program -> its tiniest flags; "{out}" becomes the path of its JSON output
 BENCHMARKS = {
