@@ -47,7 +47,9 @@ from deepspec_jax.target import load_target
 #    extend; the cache reset and the draft state updated in place (not copied) when timed
 # 3: every program timed round-robin (a slow spell no longer lands on one entry)
 # 4: every program timed as 8 steps in one jitted fori_loop, as the engine's loop runs it
-VERSION = 4
+# 5: the decoder's products of a few rows are weight-first (layers.linear): older
+#    profiles timed slower verify passes
+VERSION = 5
 LOOP_STEPS = 8   # steps per timed call (one jitted fori_loop)
 DEFAULT_DIR = os.environ.get("DEEPSPEC_JAX_SPS_DIR") or os.path.join(
     os.path.expanduser("~"), ".cache", "deepspec_jax", "sps")
