@@ -5,7 +5,7 @@ up to ``FEATURE_MAJOR_MAX_ROWS`` rows (decoding and verification on CPU: a few t
 a batch of single tokens) runs weight-first, ``w @ x.T`` -> [out, rows], and transposes
 the small result back: on XLA:CPU that is the fast form for a few rows (a 30-layer
 SmolLM2-shaped chain costs 1.5-1.7x / 1.3-1.5x its one-row time at 5 / 8 rows, against
-2.0-2.3x / 2.1-2.5x as ``x @ w.T``: docs/BENCHMARKS.md, "Weight-first products for a few
+1.9-2.3x / 2.1-2.5x as ``x @ w.T``: docs/BENCHMARKS.md, "Weight-first products for a few
 rows"). The
 optimization barrier keeps XLA from folding the transpose back into the dot, which
 restores the slow form. Everything else is an ordinary ``x @ w.T``: past that many rows
