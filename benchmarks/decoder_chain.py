@@ -9,7 +9,7 @@ attention), each with its own weights so that every step reads them all, in thre
   2026-12-04);
 - ``rows-first [out,in]``: ``x @ W.T`` with W stored [out, in] (as HF stores it);
 - ``layers.linear``: what the models run, W [out, in] multiplied weight-first
-  (``W @ x.T``, then the small transpose) up to ``FEATURE_MAJOR_MAX_ROWS`` rows.
+  (``W @ x.T``, then the small transpose) up to ``WEIGHT_FIRST_MAX_ROWS`` rows.
 
 Each is printed as a ratio to the one-row ``rows-first [in,out]`` chain (jitted, median of
 ``--repeats``, the forms alternated ``--rounds`` times), so a run on a busy machine still

@@ -191,3 +191,10 @@ def fp32_tol(ref, tol: float) -> float:
     import numpy as np
 
     return tol * max(1.0, float(np.abs(np.asarray(ref)).max()))
+
+
+def dot_shapes(hlo: str) -> list[str]:
+    """Result shapes (``f32[40,5]{1,0}``) of the dot instructions of an optimized HLO
+    module: which operand order XLA kept for a product."""
+    return [line.split("=")[1].split()[0] for line in hlo.splitlines()
+            if " dot(" in line and "=" in line]

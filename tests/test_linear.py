@@ -5,18 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import dot_shapes
 from deepspec_jax.layers import linear
-from deepspec_jax.layers.linear import FEATURE_MAJOR_MAX_ROWS
+from deepspec_jax.layers.linear import WEIGHT_FIRST_MAX_ROWS
 
 
-def _dot_shapes(hlo: str) -> list[str]:
-    """Result shapes of the dot instructions of an optimized HLO module."""
-    return [line.split("=")[1].split()[0] for line in hlo.splitlines()
-            if " dot(" in line and "=" in line]
-
-
-@pytest.mark.parametrize("lead", [(1,), (2, 3), (FEATURE_MAJOR_MAX_ROWS,),
-                                  (1, FEATURE_MAJOR_MAX_ROWS + 1), (0, 4)])
+@pytest.mark.parametrize("lead", [(1,), (2, 3), (WEIGHT_FIRST_MAX_ROWS,),
+                                  (1, WEIGHT_FIRST_MAX_ROWS + 1), (0, 4)])
 def test_linear_is_x_times_w_transposed(lead):
     rng = np.random.default_rng(0)
     w = rng.standard_normal((7, 12)).astype(np.float32)
@@ -37,11 +32,11 @@ def test_few_rows_stay_weight_first_after_optimization():
     rows, and bf16, stay an ordinary [rows, out] product."""
     w = jnp.ones((96, 40), jnp.float32)
     f = jax.jit(lambda x, w: linear(jnp.tanh(linear(x, w)), w.T * 2.0))
-    few = _dot_shapes(f.lower(jnp.ones((1, 5, 96)), w.T).compile().as_text())
+    few = dot_shapes(f.lower(jnp.ones((1, 5, 96)), w.T).compile().as_text())
     assert few and all(s.startswith(("f32[40,5]", "f32[96,5]")) for s in few), few
-    many = _dot_shapes(f.lower(jnp.ones((1, 100, 96)), w.T).compile().as_text())
+    many = dot_shapes(f.lower(jnp.ones((1, 100, 96)), w.T).compile().as_text())
     assert many and all(s.startswith(("f32[100,40]", "f32[100,96]")) for s in many), many
-    bf16 = _dot_shapes(f.lower(jnp.ones((1, 5, 96), jnp.bfloat16),
+    bf16 = dot_shapes(f.lower(jnp.ones((1, 5, 96), jnp.bfloat16),
                                w.T.astype(jnp.bfloat16)).compile().as_text())
     assert bf16 and not any(s.startswith(("bf16[40,5]", "bf16[96,5]", "f32[40,5]", "f32[96,5]"))
                             for s in bf16), bf16

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import fp32_tol, load_manifest, target_fixture_sets
+from conftest import dot_shapes, fp32_tol, load_manifest, target_fixture_sets
 from deepspec_jax import load_target
 from deepspec_jax import target as target_mod
 
@@ -207,8 +207,7 @@ def test_verify_projections_are_weight_first(fixture_set):
     compiled = target_mod._extend.lower(target.graphdef, target.state, cache,
                                         jnp.zeros((1, 5), jnp.int32),
                                         jnp.full((1,), 5, jnp.int32), (0,)).compile()
-    shapes = [line.split("=")[1].split()[0] for line in compiled.as_text().splitlines()
-              if " dot(" in line]
+    shapes = dot_shapes(compiled.as_text())
     for i in sorted({cfg.layer_intermediate(l) for l in range(cfg.num_hidden_layers)}):
         want = 2 * sum(cfg.layer_intermediate(l) == i for l in range(cfg.num_hidden_layers))
         first = sum(s.startswith(f"f32[{i},5]") for s in shapes)

@@ -1,7 +1,7 @@
 """Linear layers with PyTorch's weight layout: ``w`` is [out, in], ``y = x @ w.T``.
 
 How the product is formed depends on its (static) shape and dtype. A float32 product of
-up to ``FEATURE_MAJOR_MAX_ROWS`` rows (decoding and verification on CPU: a few tokens, or
+up to ``WEIGHT_FIRST_MAX_ROWS`` rows (decoding and verification on CPU: a few tokens, or
 a batch of single tokens) runs weight-first, ``w @ x.T`` -> [out, rows], and transposes
 the small result back: on XLA:CPU that is the fast form for a few rows (a 30-layer
 SmolLM2-shaped chain costs 1.5-1.7x / 1.3-1.5x its one-row time at 5 / 8 rows, against
@@ -22,14 +22,14 @@ import math
 import jax
 import jax.numpy as jnp
 
-FEATURE_MAJOR_MAX_ROWS = 32
+WEIGHT_FIRST_MAX_ROWS = 32
 
 
 def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x`` [..., in] times ``w`` [out, in] transposed -> [..., out]."""
     lead = x.shape[:-1]
     rows = math.prod(lead)
-    if rows > FEATURE_MAJOR_MAX_ROWS or x.dtype != jnp.float32 or w.dtype != jnp.float32:
+    if rows > WEIGHT_FIRST_MAX_ROWS or x.dtype != jnp.float32 or w.dtype != jnp.float32:
         return jnp.einsum("...i,oi->...o", x, w)
     y = jnp.einsum("oi,ri->or", w, x.reshape(rows, x.shape[-1]))
     return jax.lax.optimization_barrier(y).T.reshape(*lead, w.shape[0])
