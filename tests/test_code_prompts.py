@@ -33,12 +33,13 @@ def _shingles(text: str, n: int = 8) -> set[str]:
 def test_prompt_file_reads_as_conversations(tmp_path):
     path = str(tmp_path / "code.jsonl")
     n = code_prompts.write(path)
-    assert n == 3 * len(code_prompts.TASKS) >= 270
+    assert n == 3 * (len(code_prompts.TASKS) + len(code_prompts.DESCRIBED)) >= 500
     convs = [c for _, c in read_conversations(path)]
     assert len(convs) == n
     assert all(len(c) == 1 and c[0]["role"] == "user" and c[0]["content"] for c in convs)
     assert len({c[0]["content"] for c in convs}) == n          # no duplicate prompt
-    assert len({t.name for t in code_prompts.TASKS}) == len(code_prompts.TASKS)
+    names = [t.name for t in code_prompts.TASKS + code_prompts.DESCRIBED]
+    assert len(set(names)) == len(names)
 
 
 def test_doctests_in_the_stubs_hold():
@@ -57,10 +58,28 @@ def test_doctests_in_the_stubs_hold():
 
 def test_no_task_comes_from_a_code_eval_set():
     texts = _eval_texts()
-    eval_names = set(re.findall(r"def\s+([A-Za-z_]\w*)\s*\(", "\n".join(texts)))
-    clash = sorted(t.name for t in code_prompts.TASKS if t.name in eval_names)
+    eval_names = set(re.findall(r"(?:def|class)\s+([A-Za-z_]\w*)\s*[(:]", "\n".join(texts)))
+    tasks = code_prompts.TASKS + code_prompts.DESCRIBED
+    clash = sorted(t.name for t in tasks if t.name in eval_names)
     assert not clash, f"function names also defined in {CODE_EVALS}: {clash}"
     seen = set().union(*(_shingles(t) for t in texts))
-    for task in code_prompts.TASKS:
+    for task in tasks:
         common = _shingles(task.does) & seen
         assert not common, f"{task.name}: its description shares {common} with an eval set"
+
+
+def test_described_tasks_read_as_stubs_requests_and_explanations():
+    """A task given in words only becomes a stub without doctests (a class stub for a
+    class), a one-line request and a request with an explanation."""
+    fn = next(t for t in code_prompts.DESCRIBED if t.name == "slugify")
+    cls = next(t for t in code_prompts.DESCRIBED if t.name == "LRUCache")
+    assert "def slugify(title: str) -> str:" in code_prompts.described_stub(fn)
+    assert ">>>" not in code_prompts.described_stub(fn)
+    assert "class LRUCache:" in code_prompts.described_stub(cls)
+    assert "def __init__(self, capacity: int):" in code_prompts.described_stub(cls)
+    assert code_prompts.described_request(cls).startswith("Write a Python class `LRUCache`")
+    assert "slugify(title: str)" in code_prompts.described_explain(fn)
+    prompts = code_prompts.prompts()
+    for text in (code_prompts.described_stub(cls), code_prompts.described_request(fn),
+                 code_prompts.described_explain(cls)):
+        assert text in prompts

@@ -680,11 +680,222 @@ TASKS: tuple[Task, ...] = (
        lambda old, new: round((new - old) / old * 100, 1), (80.0, 100.0), (50.0, 45.0)),
 )
 
+@dataclasses.dataclass(frozen=True)
+class Described:
+    """A task given in words only (no reference implementation, so its stub shows no
+    doctests): more kinds of code for the same three phrasings, cheap to write."""
+    name: str
+    params: str
+    returns: str
+    does: str
+
+
+def _d(name, params, returns, does):
+    return Described(name, params, returns, does)
+
+
+DESCRIBED: tuple[Described, ...] = (
+    # ---- text and parsing ----
+    _d("parse_csv_line", "line: str", "list[str]",
+       "splits one CSV line into fields, honouring double-quoted fields that contain commas"),
+    _d("slugify", "title: str", "str",
+       "turns a title into a lower-case URL slug with words joined by hyphens and "
+       "punctuation removed"),
+    _d("count_sentences", "text: str", "int",
+       "counts the sentences of a text, treating '.', '!' and '?' as sentence ends"),
+    _d("longest_word", "text: str", "str",
+       "returns the longest word of a text, the first one when several tie"),
+    _d("censor_words", "text: str, banned: list[str]", "str",
+       "replaces every banned word in a text by asterisks of the same length, ignoring case"),
+    _d("wrap_in_box", "lines: list[str]", "str",
+       "draws a box of '+', '-' and '|' characters around the given lines of text"),
+    _d("extract_hashtags", "post: str", "list[str]",
+       "returns the distinct hashtags of a social media post in order of first appearance"),
+    _d("is_pangram", "sentence: str", "bool",
+       "tells whether a sentence uses every letter of the English alphabet"),
+    _d("parse_duration", "text: str", "int",
+       "converts a duration such as '1h 30m 15s' into a number of seconds"),
+    _d("template_fill", "template: str, values: dict[str, str]", "str",
+       "replaces each {key} placeholder of a template by its value, leaving unknown keys as they are"),
+    _d("justify_line", "words: list[str], width: int", "str",
+       "spreads words over exactly width characters by widening the gaps from the left"),
+    _d("count_words_by_letter", "text: str", "dict[str, int]",
+       "counts the words of a text by their lower-cased first letter"),
+    _d("remove_duplicate_spaces", "text: str", "str",
+       "collapses runs of whitespace into single spaces and trims both ends"),
+    _d("vowel_ratio", "word: str", "float",
+       "returns the fraction of the letters of a word that are vowels"),
+    _d("morse_encode", "text: str", "str",
+       "encodes letters and digits in Morse code, letters separated by spaces and words by ' / '"),
+    _d("parse_query_string", "query: str", "dict[str, list[str]]",
+       "parses a URL query string such as 'a=1&b=2&a=3' into a dict of value lists"),
+    _d("initials", "full_name: str", "str",
+       "returns the initials of a full name with a dot after each, such as 'A. B. C.'"),
+    _d("pig_latin", "sentence: str", "str", "translates each word of a sentence into Pig Latin"),
+    # ---- numbers ----
+    _d("is_happy_number", "n: int", "bool",
+       "tells whether repeatedly summing the squares of the digits of n reaches 1"),
+    _d("int_to_words", "n: int", "str",
+       "spells a number from 0 to 999 in English words"),
+    _d("luhn_valid", "card_number: str", "bool",
+       "checks a card number with the Luhn checksum, ignoring spaces"),
+    _d("nearest_square", "n: int", "int",
+       "returns the perfect square closest to n, the smaller one on a tie"),
+    _d("integer_sqrt", "n: int", "int",
+       "computes the floor of the square root of a non-negative integer by binary search"),
+    _d("triangle_kind", "a: float, b: float, c: float", "str",
+       "classifies three side lengths as 'equilateral', 'isosceles', 'scalene' or 'invalid'"),
+    _d("mean_and_stdev", "values: list[float]", "tuple[float, float]",
+       "returns the mean and the population standard deviation of a list of numbers"),
+    _d("loan_payment", "principal: float, annual_rate: float, years: int", "float",
+       "returns the monthly payment of a fixed-rate loan, rounded to cents"),
+    _d("gcd_steps", "a: int, b: int", "int",
+       "counts the division steps Euclid's algorithm takes to find the gcd of a and b"),
+    _d("digits_product", "n: int", "int", "multiplies the decimal digits of a positive integer"),
+    _d("next_palindrome", "n: int", "int", "returns the smallest palindromic number greater than n"),
+    _d("sieve_of_primes", "limit: int", "list[int]",
+       "lists the primes up to limit with the sieve of Eratosthenes"),
+    _d("fraction_to_decimal", "numerator: int, denominator: int", "str",
+       "writes a fraction as a decimal string, putting a repeating part in parentheses"),
+    _d("weighted_average", "values: list[float], weights: list[float]", "float",
+       "returns the weighted average of values, raising ValueError when the weights sum to zero"),
+    _d("percentile", "values: list[float], p: float", "float",
+       "returns the p-th percentile of values using linear interpolation between ranks"),
+    _d("clamp_all", "values: list[float], low: float, high: float", "list[float]",
+       "limits every value of a list to the range from low to high"),
+    # ---- lists and algorithms ----
+    _d("chunked_sum", "xs: list[int], size: int", "list[int]",
+       "sums consecutive chunks of the given size, the last chunk possibly shorter"),
+    _d("find_peaks", "xs: list[int]", "list[int]",
+       "returns the indices of the elements larger than both of their neighbours"),
+    _d("longest_consecutive_run", "xs: list[int]", "int",
+       "returns the length of the longest run of consecutive integers in an unsorted list"),
+    _d("three_sum_zero", "xs: list[int]", "list[tuple[int, int, int]]",
+       "lists the distinct sorted triples of elements that add up to zero"),
+    _d("rotate_right_in_place", "xs: list[int], k: int", "None",
+       "rotates a list k steps to the right in place using three reversals"),
+    _d("stable_unique_sorted", "xs: list[int]", "list[int]",
+       "returns the distinct elements of a list in ascending order"),
+    _d("merge_k_sorted", "lists: list[list[int]]", "list[int]",
+       "merges several sorted lists into one sorted list using a heap"),
+    _d("bubble_sort", "xs: list[int]", "list[int]",
+       "sorts a copy of a list with bubble sort, stopping early when a pass swaps nothing"),
+    _d("insertion_sort", "xs: list[int]", "list[int]", "sorts a copy of a list with insertion sort"),
+    _d("quickselect", "xs: list[int], k: int", "int",
+       "returns the k-th smallest element of a list (k from 1) with quickselect"),
+    _d("longest_palindromic_substring", "s: str", "str",
+       "returns the longest palindromic substring of s by expanding around centres"),
+    _d("min_meeting_rooms", "meetings: list[tuple[int, int]]", "int",
+       "returns how many rooms are needed so that no two overlapping meetings share a room"),
+    _d("knapsack_value", "weights: list[int], values: list[int], capacity: int", "int",
+       "returns the best total value of items fitting in the capacity, each item used at most once"),
+    _d("count_paths_with_obstacles", "grid: list[list[int]]", "int",
+       "counts right/down paths from the top-left to the bottom-right cell avoiding cells marked 1"),
+    _d("jump_game", "steps: list[int]", "bool",
+       "tells whether the last index can be reached when each element is the longest jump from it"),
+    _d("trap_rain_water", "heights: list[int]", "int",
+       "computes how much water is trapped between bars of the given heights"),
+    _d("subsets_with_sum", "xs: list[int], target: int", "list[list[int]]",
+       "lists the subsets of distinct positive integers that add up to target"),
+    _d("permutations_of", "items: list[str]", "list[list[str]]",
+       "returns all orderings of the items without using itertools"),
+    _d("matrix_determinant", "m: list[list[float]]", "float",
+       "computes the determinant of a square matrix by Gaussian elimination"),
+    _d("flood_fill", "image: list[list[int]], row: int, col: int, colour: int", "list[list[int]]",
+       "repaints the region connected to a cell with a new colour and returns the image"),
+    _d("word_ladder_length", "start: str, end: str, words: list[str]", "int",
+       "returns the number of words in the shortest chain from start to end changing one letter "
+       "at a time, or 0"),
+    _d("dijkstra_distances", "graph: dict[str, dict[str, int]], source: str", "dict[str, int]",
+       "returns the shortest distance from source to every reachable node of a weighted graph"),
+    _d("has_cycle", "edges: list[tuple[int, int]], n: int", "bool",
+       "tells whether a directed graph with nodes 0..n-1 contains a cycle"),
+    _d("connected_components", "n: int, edges: list[tuple[int, int]]", "int",
+       "counts the connected components of an undirected graph with union-find"),
+    # ---- records, dates and files ----
+    _d("group_by_key", "records: list[dict], key: str", "dict",
+       "groups a list of dicts by the value of one key, keeping the records' order"),
+    _d("sort_by_two_keys", "people: list[dict]", "list[dict]",
+       "sorts people by age descending, then by name ascending"),
+    _d("merge_dicts_deep", "a: dict, b: dict", "dict",
+       "merges two nested dicts, b's values winning, without changing either input"),
+    _d("flatten_dict", "d: dict, sep: str = '.'", "dict",
+       "flattens a nested dict into one level with keys joined by sep"),
+    _d("count_by_weekday", "dates: list[str]", "dict[str, int]",
+       "counts ISO dates ('2024-05-01') by the name of their weekday"),
+    _d("days_between", "start: str, end: str", "int",
+       "returns the number of days between two ISO dates"),
+    _d("add_business_days", "start: str, days: int", "str",
+       "adds a number of working days (Monday to Friday) to an ISO date"),
+    _d("parse_log_levels", "lines: list[str]", "dict[str, int]",
+       "counts log lines such as '2024-01-01 12:00 ERROR disk full' by their level"),
+    _d("read_key_value_file", "path: str", "dict[str, str]",
+       "reads 'key = value' lines from a text file, skipping blank lines and '#' comments"),
+    _d("word_count_file", "path: str", "int", "counts the words of a text file"),
+    _d("csv_column_sum", "path: str, column: str", "float",
+       "sums one numeric column of a CSV file with a header row"),
+    _d("invoice_total", "items: list[tuple[str, int, float]], tax_rate: float", "float",
+       "returns the total of (name, quantity, unit price) lines plus tax, rounded to cents"),
+    _d("grade_letter", "score: float", "str",
+       "maps a score out of 100 to a letter grade A, B, C, D or F"),
+    _d("validate_password", "password: str", "list[str]",
+       "returns the rules a password breaks: length under 8, no digit, no upper-case letter, "
+       "no symbol"),
+    _d("inventory_update", "stock: dict[str, int], orders: list[tuple[str, int]]", "dict[str, int]",
+       "applies orders to a stock count, raising ValueError when an item would go negative"),
+    # ---- classes ----
+    _d("Stack", "", "None",
+       "has push, pop, peek and is_empty methods backed by a list"),
+    _d("BankAccount", "owner: str, balance: float = 0.0", "None",
+       "has deposit, withdraw (refusing overdrafts) and a transaction history"),
+    _d("LRUCache", "capacity: int", "None",
+       "has get and put and evicts the least recently used key when full"),
+    _d("Vector2D", "x: float, y: float", "None",
+       "supports +, -, multiplication by a number, length and dot product"),
+    _d("TodoList", "", "None",
+       "adds, completes and lists tasks, listing open tasks first"),
+    _d("Temperature", "celsius: float", "None",
+       "has fahrenheit and kelvin properties, each with a setter"),
+)
+
+
+def is_class(task: Described) -> bool:
+    return task.name[0].isupper()
+
+
+def described_stub(task: Described) -> str:
+    if is_class(task):
+        init = ", ".join(["self"] + ([task.params] if task.params else []))
+        header = "\n".join([f"class {task.name}:", f'    """A class that {task.does}."""', "",
+                            f"    def __init__({init}):"])
+    else:
+        doc = task.does[0].upper() + task.does[1:]
+        header = "\n".join([f"def {task.name}({task.params}) -> {task.returns}:",
+                            f'    """{doc}."""'])
+    return STUB_PLAIN.format(header=header)
+
+
+def described_request(task: Described) -> str:
+    if is_class(task):
+        return CLASS_REQUEST.format(name=task.name, does=task.does)
+    return REQUEST.format(name=task.name, params=task.params, returns=task.returns, does=task.does)
+
+
+def described_explain(task: Described) -> str:
+    if is_class(task):
+        return CLASS_EXPLAIN.format(name=task.name, does=task.does)
+    return EXPLAIN.format(name=task.name, params=task.params, does=task.does)
+
+
 STUB = ("Write a solution to the following problem and make sure that it passes the tests:\n"
         "```python\n{header}\n```")
+STUB_PLAIN = "Complete the following Python code:\n```python\n{header}\n```"
 REQUEST = "Write a Python function `{name}({params}) -> {returns}` that {does}."
 EXPLAIN = ("Implement {name}({params}) in Python: a function that {does}. Explain your "
            "approach in two or three sentences, then give the code.")
+CLASS_REQUEST = "Write a Python class `{name}` that {does}."
+CLASS_EXPLAIN = ("Implement a Python class {name} that {does}. Explain the design in two or "
+                 "three sentences, then give the code.")
 
 
 def doctest_lines(task: Task) -> list[str]:
@@ -705,20 +916,21 @@ def stub(task: Task) -> str:
     return STUB.format(header=header)
 
 
-def prompts(tasks: Sequence[Task] = TASKS) -> list[str]:
+def prompts(tasks: Sequence[Task] = TASKS, described: Sequence[Described] = DESCRIBED) -> list[str]:
     """Every task in the three phrasings, phrasing-major (a prefix of the file is a mix of
     tasks in one phrasing, so ``regenerate --max_samples`` still covers many tasks)."""
-    out = [stub(t) for t in tasks]
+    out = [stub(t) for t in tasks] + [described_stub(t) for t in described]
     out += [REQUEST.format(name=t.name, params=t.params, returns=t.returns, does=t.does)
-            for t in tasks]
-    out += [EXPLAIN.format(name=t.name, params=t.params, does=t.does) for t in tasks]
+            for t in tasks] + [described_request(t) for t in described]
+    out += [EXPLAIN.format(name=t.name, params=t.params, does=t.does)
+            for t in tasks] + [described_explain(t) for t in described]
     return out
 
 
-def write(path: str, tasks: Sequence[Task] = TASKS) -> int:
+def write(path: str) -> int:
     """Writes the prompt JSONL atomically; returns the number of prompts."""
     lines = [json.dumps({"conversations": [{"role": "user", "content": p}]}) for p in
-             prompts(tasks)]
+             prompts()]
     atomic.write_text(path, "\n".join(lines) + "\n")
     return len(lines)
 
@@ -728,7 +940,7 @@ def main(argv=None) -> int:
     flags.DEFINE_string("output", None, "Prompt JSONL to write.", flag_values=fv, required=True)
     args = cli.parse(fv, argv, __doc__)
     n = write(args.output)
-    print(f"wrote {n} prompts ({len(TASKS)} tasks x 3 phrasings) to {args.output}")
+    print(f"wrote {n} prompts ({len(TASKS) + len(DESCRIBED)} tasks x 3 phrasings) to {args.output}")
     return 0
 
 
