@@ -49,7 +49,8 @@ from deepspec_jax.target import load_target
 # 4: every program timed as 8 steps in one jitted fori_loop, as the engine's loop runs it
 # 5: the decoder's products of a few rows are weight-first (layers.linear): older
 #    profiles timed slower verify passes
-VERSION = 5
+# 6: the tied output projection of 2-32 rows is weight-first too
+VERSION = 6
 LOOP_STEPS = 8   # steps per timed call (one jitted fori_loop)
 DEFAULT_DIR = os.environ.get("DEEPSPEC_JAX_SPS_DIR") or os.path.join(
     os.path.expanduser("~"), ".cache", "deepspec_jax", "sps")

@@ -7,10 +7,15 @@ import pytest
 
 from conftest import dot_shapes
 from deepspec_jax.layers import linear
-from deepspec_jax.layers.linear import WEIGHT_FIRST_MAX_ROWS
+from deepspec_jax.layers.linear import WEIGHT_FIRST_MAX_ROWS, padded_rows
 
 
-@pytest.mark.parametrize("lead", [(1,), (2, 3), (WEIGHT_FIRST_MAX_ROWS,),
+def test_padded_rows_are_whole_panels():
+    assert [padded_rows(r) for r in range(1, 10)] == [1, 2, 3, 4, 8, 8, 8, 8, 16]
+    assert padded_rows(WEIGHT_FIRST_MAX_ROWS) == WEIGHT_FIRST_MAX_ROWS
+
+
+@pytest.mark.parametrize("lead", [(1,), (2, 3), (5,), (WEIGHT_FIRST_MAX_ROWS,),
                                   (1, WEIGHT_FIRST_MAX_ROWS + 1), (0, 4)])
 def test_linear_is_x_times_w_transposed(lead):
     rng = np.random.default_rng(0)
@@ -33,10 +38,23 @@ def test_few_rows_stay_weight_first_after_optimization():
     w = jnp.ones((96, 40), jnp.float32)
     f = jax.jit(lambda x, w: linear(jnp.tanh(linear(x, w)), w.T * 2.0))
     few = dot_shapes(f.lower(jnp.ones((1, 5, 96)), w.T).compile().as_text())
-    assert few and all(s.startswith(("f32[40,5]", "f32[96,5]")) for s in few), few
+    assert few and all(s.startswith(("f32[40,8]", "f32[96,8]")) for s in few), few  # 5 -> 8
     many = dot_shapes(f.lower(jnp.ones((1, 100, 96)), w.T).compile().as_text())
     assert many and all(s.startswith(("f32[100,40]", "f32[100,96]")) for s in many), many
     bf16 = dot_shapes(f.lower(jnp.ones((1, 5, 96), jnp.bfloat16),
                                w.T.astype(jnp.bfloat16)).compile().as_text())
     assert bf16 and not any(s.startswith(("bf16[40,5]", "bf16[96,5]", "f32[40,5]", "f32[96,5]"))
                             for s in bf16), bf16
+
+
+def test_min_rows_keeps_fewer_rows_rows_first():
+    """``min_rows`` (the tied output projection's 2): one row stays [1, out], two go
+    weight-first; both give x @ w.T."""
+    w = jnp.asarray(np.random.default_rng(1).standard_normal((64, 16)), jnp.float32)
+    f = jax.jit(lambda x, w: linear(x, w, min_rows=2))
+    for rows, form in ((1, "f32[1,64]"), (2, "f32[64,2]")):
+        x = jnp.ones((rows, 16), jnp.float32)
+        shapes = dot_shapes(f.lower(x, w).compile().as_text())
+        assert shapes and all(s.startswith(form) for s in shapes), (rows, shapes)
+        np.testing.assert_allclose(np.asarray(f(x, w)), np.asarray(x) @ np.asarray(w).T,
+                                   rtol=1e-5, atol=1e-5)

@@ -11,6 +11,7 @@ from safetensors.numpy import load_file
 from conftest import dot_shapes, fp32_tol, load_manifest, target_fixture_sets
 from deepspec_jax import load_target
 from deepspec_jax import target as target_mod
+from deepspec_jax.layers.linear import padded_rows
 
 
 def _fixture_target(fs):
@@ -199,8 +200,10 @@ def test_nan_in_one_row_does_not_reach_other_rows(tiny):
 
 
 def test_verify_projections_are_weight_first(fixture_set):
-    """A 5-token verify multiplies every MLP weight weight-first ([I, 5] products,
-    ``layers.linear``): the form whose cost on XLA:CPU stays near one token's."""
+    """A 5-token verify multiplies every MLP weight weight-first ([I, 8] products: the
+    rows padded to a whole panel, ``layers.linear``), the form whose cost on XLA:CPU stays
+    near one token's; with tied embeddings the output projection too ([V, 8]), while one
+    token keeps it rows-first."""
     target = _fixture_target(fixture_set)
     cfg = target.config
     cache = target.init_cache(1, 64)
@@ -210,6 +213,14 @@ def test_verify_projections_are_weight_first(fixture_set):
     shapes = dot_shapes(compiled.as_text())
     for i in sorted({cfg.layer_intermediate(l) for l in range(cfg.num_hidden_layers)}):
         want = 2 * sum(cfg.layer_intermediate(l) == i for l in range(cfg.num_hidden_layers))
-        first = sum(s.startswith(f"f32[{i},5]") for s in shapes)
+        first = sum(s.startswith(f"f32[{i},{padded_rows(5)}]") for s in shapes)
         assert first >= want, (i, first, want, sorted(set(shapes)))
         assert not any(s.startswith((f"f32[5,{i}]", f"f32[1,5,{i}]")) for s in shapes), shapes
+    if cfg.tie_word_embeddings:   # the output projection too, from 2 rows; one row stays [1, V]
+        V = cfg.vocab_size
+        assert any(s.startswith(f"f32[{V},{padded_rows(5)}]") for s in shapes), sorted(set(shapes))
+        assert not any(s.startswith((f"f32[5,{V}]", f"f32[1,5,{V}]")) for s in shapes), shapes
+        one = dot_shapes(target_mod._extend.lower(
+            target.graphdef, target.state, cache, jnp.zeros((1, 1), jnp.int32),
+            jnp.full((1,), 1, jnp.int32), (0,)).compile().as_text())
+        assert not any(s.startswith(f"f32[{V},1]") for s in one), sorted(set(one))
