@@ -178,7 +178,7 @@ def test_share_with_target_stores_no_embeddings_and_reloads_from_target(tmp_path
     target = load_target(TINY_TARGET, dtype="float32")
     draft = load_draft(src, dtype="float32")
     draft.save(str(tmp_path / "shared"), share_with_target=True)
-    full = draft.save(str(tmp_path / "full"))
+    draft.save(str(tmp_path / "full"))
     import json, os
     m = json.load(open(os.path.join(tmp_path / "shared", "deepspec_jax.json")))
     assert m["shared_from_target"] == ["embed", "lm_head"]

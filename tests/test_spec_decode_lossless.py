@@ -31,7 +31,7 @@ from deepspec_jax.errors import ConfigError
 from deepspec_jax.models.transformer import CausalLM
 from deepspec_jax.sharding import make_mesh
 from deepspec_jax.spec_decode import _spec_generate, speculative_generate, verify, verify_greedy
-from deepspec_jax.target import Target, _generate
+from deepspec_jax.target import Target
 
 
 def _draft_cases():

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from deepspec_jax.config import TargetConfig, load_config_json, target_config_from_dict
+from deepspec_jax.config import TargetConfig, load_config_json
 from deepspec_jax.drafts.common import (DraftFamily, DraftLayers, Frozen, Proposal,
                                         add_vocab_map, draft_layer_config, vocab_map_of,
                                         vocab_rules)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from deepspec_jax.config import TargetConfig, load_config_json, target_config_from_dict
+from deepspec_jax.config import TargetConfig, load_config_json
 from deepspec_jax.draft_vocab import parse_draft_vocab_size, scatter_to_target, to_target_ids
 from deepspec_jax.drafts.common import (DraftFamily, DraftLayers, Frozen, Proposal,
                                         add_vocab_map, draft_layer_config, vocab_map_of,

@@ -47,7 +47,6 @@ def ece(probs, labels, num_bins: int = NUM_BINS) -> float:
     if p.size == 0:
         return math.nan
     idx = _bin_index(p, num_bins)
-    count = np.bincount(idx, minlength=num_bins)
     sum_p = np.bincount(idx, weights=p, minlength=num_bins)
     sum_y = np.bincount(idx, weights=y, minlength=num_bins)
     # sum over bins of n_b * |mean_p - mean_y| / N  ==  sum_b |sum_p - sum_y| / N

@@ -24,7 +24,6 @@ the knobs to turn); 2 bad flags or config.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 from typing import Sequence
