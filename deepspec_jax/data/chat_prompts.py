@@ -13,12 +13,12 @@ eight-word run with the chat eval sets.
 
 from __future__ import annotations
 
-import json
 import sys
 
 from absl import flags
 
-from deepspec_jax import atomic, cli
+from deepspec_jax import cli
+from deepspec_jax.data.jsonl import write_user_prompts
 
 # (template, subjects): each template has one ``{}`` slot.
 KINDS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -167,9 +167,7 @@ def prompts() -> list[str]:
 
 def write(path: str) -> int:
     """Writes the prompt JSONL atomically; returns the number of prompts."""
-    lines = [json.dumps({"conversations": [{"role": "user", "content": p}]}) for p in prompts()]
-    atomic.write_text(path, "\n".join(lines) + "\n")
-    return len(lines)
+    return write_user_prompts(path, prompts())
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,6 @@ checks that no task shares a function name or a sentence with the eval sets.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -25,7 +24,8 @@ from typing import Any, Callable, Sequence
 
 from absl import flags
 
-from deepspec_jax import atomic, cli
+from deepspec_jax import cli
+from deepspec_jax.data.jsonl import write_user_prompts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -929,10 +929,7 @@ def prompts(tasks: Sequence[Task] = TASKS, described: Sequence[Described] = DESC
 
 def write(path: str) -> int:
     """Writes the prompt JSONL atomically; returns the number of prompts."""
-    lines = [json.dumps({"conversations": [{"role": "user", "content": p}]}) for p in
-             prompts()]
-    atomic.write_text(path, "\n".join(lines) + "\n")
-    return len(lines)
+    return write_user_prompts(path, prompts())
 
 
 def main(argv=None) -> int:

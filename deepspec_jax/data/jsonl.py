@@ -12,6 +12,7 @@ import os
 import sys
 from typing import Iterator
 
+from deepspec_jax import atomic
 from deepspec_jax.errors import ConfigError
 
 ROLES = ("system", "user", "assistant")
@@ -67,3 +68,11 @@ def append_jsonl(f, record: dict) -> None:
     f.write(json.dumps(record, ensure_ascii=False) + "\n")
     f.flush()
     os.fsync(f.fileno())
+
+
+def write_user_prompts(path: str, prompts: list[str]) -> int:
+    """A prompt file for ``regenerate``: one single-user-turn conversation per line,
+    written atomically. Returns the number of prompts."""
+    lines = [json.dumps({"conversations": [{"role": "user", "content": p}]}) for p in prompts]
+    atomic.write_text(path, "\n".join(lines) + "\n")
+    return len(lines)
