@@ -167,7 +167,10 @@ def smollm2_config(arch: str, *, batch_size: int, num_epochs: int,
     which the cosine schedule spans. One draft layer keeps the draft's cost far below
     the 30-layer target's, which is what a wall-clock speedup on CPU needs; block drafts
     use blocks of 4 with 48 anchors (48 x 4 = 192 draft queries per 512-token
-    sequence), since a CPU verifies 5 tokens at ~1.7x the cost of 1 (8 tokens: ~2.4x).
+    sequence), since a CPU verified 5 tokens at ~1.7x the cost of 1 and 8 at ~2.4x when
+    these drafts were first trained (since the weight-first products, 5 and 8 tokens
+    both cost ~1.2-1.5x: docs/BENCHMARKS.md, so a block of 7 would verify at a block of 4's
+    cost).
     The draft heads, loss and optimiser are the reference's (lr 6e-4, 4% warmup, cosine,
     AdamW(0.9, 0.999), clip 1.0); checkpoints every 25 steps let a run continue across
     sessions.

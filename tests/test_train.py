@@ -173,6 +173,22 @@ def mesh_runs(request, tmp_path_factory):
     return json.loads((tmp / "mesh.json").read_text())
 
 
+def _assert_adam_params_agree(got, want) -> None:
+    """Parameters of two runs that differ only in how sums are grouped (device count,
+    processes, the CPU's kernels), after a few Adam steps. Adam divides by sqrt(v), so
+    where an element's gradient is ~0, fp32 rounding of the sum moves it by a visible
+    fraction of lr (6e-4): on one machine (not on another) 8 of 4,096 elements of one
+    leaf differed by up to 4.6e-5 after 5 steps, every other leaf by < 1.5e-6. Every
+    element must agree within 1e-4 (a sixth of one step) and all but 1% within 1e-5; a
+    real sharding or reduction error moves far more (and shows in the losses and gradient
+    norms, compared tightly by ``_assert_same_steps``)."""
+    for a, b in zip(got, want, strict=True):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+        far = np.abs(a - b) > 1e-5 + 1e-5 * np.abs(b)
+        assert far.mean() <= 1e-2, f"{far.sum()} of {far.size} elements differ by > 1e-5"
+
+
 def _assert_same_steps(got: list[dict], want: list[dict], rtol: float) -> None:
     """Per-step loss, gradient norm (before clipping; Adam and clipping would hide a uniform
     gradient-scale error in the losses and parameters) and learning rate."""
@@ -189,8 +205,7 @@ def test_eight_device_mesh_matches_one_device(mesh_runs):
     assert sum("tensor" in s for s in eight["specs"]) > 0 and sum("fsdp" in s for s in eight["specs"]) > 0
     assert [r["lr"] for r in one["rows"]][0] == 0.0 < one["rows"][-1]["lr"]  # warmup > 0
     _assert_same_steps(eight["rows"], one["rows"], rtol=1e-5)
-    for a, b in zip(eight["params"], one["params"], strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    _assert_adam_params_agree(eight["params"], one["params"])
 
 
 @pytest.mark.slow
@@ -202,8 +217,7 @@ def test_restart_on_four_devices_reshards_and_continues(mesh_runs):
     for a, b in zip(re["restored"], mesh_runs["eight_at_3"], strict=True):
         np.testing.assert_array_equal(a, b)                   # resharding moves, never changes
     _assert_same_steps(re["rows"], eight["rows"][3:], rtol=1e-5)
-    for a, b in zip(re["params"], eight["params"], strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    _assert_adam_params_agree(re["params"], eight["params"])
 
 
 def _train_cli(cfg: str, devices: int = 1, extra=()) -> subprocess.Popen:
@@ -316,8 +330,6 @@ def test_two_process_run_equals_the_one_process_run(tmp_path):
     _, p, _ = nnx.split(d.model, nnx.Param, ...)
     got, want = p.to_pure_dict(), one.state.params
     assert jax.tree.structure(got) == jax.tree.structure(want)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-        # the two runs sum the weight gradients over different row groupings (2 hosts x 2
-        # rows vs 4 rows), so they agree to float32 rounding, which Adam's normalised
-        # update scales to ~1e-6 absolute where a gradient is near zero
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+    # the two runs sum the weight gradients over different row groupings (2 hosts x 2
+    # rows vs 4 rows)
+    _assert_adam_params_agree(jax.tree.leaves(got), jax.tree.leaves(want))

@@ -29,8 +29,9 @@ from deepspec_jax.layers import apply_rope, embed_lookup, gated_mlp, linear, rms
 from deepspec_jax.layers.linear import weight_first
 
 # The tied output projection ([V, d] embedding) goes weight-first (``layers.linear``) from
-# this many rows: a verify's 2-32 rows gain (49,152 rows at 5 tokens: 11.6 -> 10.5 ms, at 8:
-# 14.1 -> 8.1 ms), one row (the plain step) does not (4.3 vs 5.0 ms; benchmarks/lm_head.py).
+# this many rows: a verify's 2-32 rows gain (49,152 rows at 8 tokens: 14.1 -> 8.1 ms; 5
+# tokens are padded to 8), one row (the plain step) does not (4.3 vs 5.0 ms;
+# benchmarks/lm_head.py, docs/BENCHMARKS.md).
 LOGITS_WEIGHT_FIRST_MIN_ROWS = 2
 
 
