@@ -21,6 +21,7 @@ from deepspec_jax.data.build_features import build_feature_cache
 from deepspec_jax.data.jsonl import DataError
 from deepspec_jax.data.token_store import TokenStore
 from deepspec_jax.drafts import load_draft
+from deepspec_jax.errors import ConfigError
 from deepspec_jax.sharding import make_mesh
 from deepspec_jax.target import load_target
 from deepspec_jax.train.trainer import NonFiniteLoss, export, setup, train
@@ -107,6 +108,39 @@ def test_online_and_cached_features_give_identical_losses(tmp_path, arch):
     # losses and gradient norms above are the tight check.
     for a, b in zip(params["online"], params["cached"], strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-5)
+
+
+def test_one_feature_cache_per_token_store(tmp_path):
+    """Data gathered in pieces: data.train lists two stores, data.feature_cache their two
+    caches (comma-separated); the run reads each sample's own cache, so its steps are the
+    online run's over the same two stores. A cache count that does not match is refused."""
+    stores = [make_store(str(tmp_path / f"tok{i}"), n=n, seed=i) for i, n in ((0, 24), (1, 16))]
+    target = load_target(tiny_config("dspark", stores[0], "x").target.path, dtype="float32")
+    layers = tuple(tiny_config("dspark", stores[0], "x").draft.target_layer_ids)
+    caches = []
+    for i, store in enumerate(stores):
+        caches.append(str(tmp_path / f"cache{i}"))
+        build_feature_cache(TokenStore(store), target, layers, caches[-1], dtype="float32",
+                            compression="none", smallest_bucket=64, progress=False,
+                            log=lambda *_: None)
+    rows = {}
+    for mode in ("online", "cached"):
+        c = tiny_config("dspark", stores[0], str(tmp_path / mode), max_steps=3)
+        c.data.train = tuple(stores)
+        if mode == "cached":
+            c.data.feature_cache = ",".join(caches)
+        run = setup(c)
+        assert len(run.lengths) == 40 and run.step_config.online == (mode == "online")
+        train(run)
+        rows[mode] = [json.loads(line) for line in open(tmp_path / mode / "metrics.jsonl")]
+    assert [r["step"] for r in rows["cached"]] == [1, 2, 3]
+    _assert_same_steps(rows["cached"], rows["online"], rtol=1e-6)
+    for bad in (caches[0], ",".join(caches + caches[:1]), caches[0] + ","):
+        c = tiny_config("dspark", stores[0], str(tmp_path / "bad"), max_steps=1)
+        c.data.train = tuple(stores)
+        c.data.feature_cache = bad
+        with pytest.raises(ConfigError, match="data.feature_cache"):
+            setup(c)
 
 
 def test_cache_for_other_layers_is_refused(tmp_path):

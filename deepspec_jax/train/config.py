@@ -35,6 +35,9 @@ def base_config(kind: str) -> ml_collections.ConfigDict:
         kind=kind,                # "dspark" | "dflash" | "eagle3" (drafts.registry.KINDS)
         init_from="",             # optional draft dir (HF/JAX/speculators) to start from; a
                                   # reduced-vocabulary one keeps its vocabulary (d2t)
+        init_grow_layers=False,   # DSpark/DFlash: init_from has fewer layers than
+                                  # num_hidden_layers; its layers come first and each added
+                                  # one starts as the identity (trainer.grow_layers)
         num_hidden_layers=1,
         intermediate_size=-1,
         target_layer_ids=(-1,),   # must be set by the config file
@@ -61,7 +64,8 @@ def base_config(kind: str) -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(dict(
         train=(),                 # token-store dirs (python -m deepspec_jax.data.tokenize)
-        feature_cache="",         # "" = online: the target runs inside the train step
+        feature_cache="",         # "" = online: the target runs inside the train step;
+                                  # else a cache dir per data.train store, comma-separated
         max_length=2048,          # sequence length (longer samples are truncated)
         bucket_boundaries=(),     # padded lengths to choose from; () = max_length only
         shuffle_seed=0,

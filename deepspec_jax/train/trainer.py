@@ -137,18 +137,20 @@ def setup_data(c, ts: TargetSetup | None = None, *, process_index: int | None = 
     pc = jax.process_count() if process_count is None else process_count
     online = not c.data.feature_cache
     stores = [TokenStore(p) for p in c.data.train]
-    source = stores[0] if len(stores) == 1 else ConcatSource(stores)
     if not online:
-        if len(stores) != 1:
-            raise ConfigError("data.feature_cache is built from ONE token store but data.train lists "
-                              f"{len(stores)}; merge them with the tokenize CLI or train online.")
+        caches = feature_cache_paths(c.data.feature_cache)
+        if len(caches) != len(stores):
+            raise ConfigError(f"data.feature_cache lists {len(caches)} cache(s) "
+                              f"({c.data.feature_cache!r}) but data.train {len(stores)} token "
+                              "store(s): each cache is built from one store, so list one cache per "
+                              "store, comma-separated in data.train's order.")
         if ts is None:
             raise ValueError("setup_data: a run with data.feature_cache needs the TargetSetup to "
                              "check the cache against.")
-        cache = FeatureCache.open(c.data.feature_cache, expect={
+        stores = [WithFeatures(store, FeatureCache.open(path, expect={
             "layer_ids": list(ts.layer_ids), "hidden_size": ts.target.config.hidden_size,
-            "target": ts.name, "token_store": stores[0]})
-        source = WithFeatures(source, cache)
+            "target": ts.name, "token_store": store})) for store, path in zip(stores, caches)]
+    source = stores[0] if len(stores) == 1 else ConcatSource(stores)
 
     gbs = int(c.train.global_batch_size)
     local, num_micro = batch_split(c, pc)
@@ -159,6 +161,17 @@ def setup_data(c, ts: TargetSetup | None = None, *, process_index: int | None = 
     total = len(data) if c.train.max_steps <= 0 else min(len(data), int(c.train.max_steps))
     return DataSetup(source, data, np.asarray(source.lengths), online, local, num_micro, total,
                      len(data))
+
+
+def feature_cache_paths(value: str) -> list[str]:
+    """``data.feature_cache``: one cache directory, or several comma-separated, one per
+    ``data.train`` store (data gathered in pieces keeps each piece's cache; nothing is
+    rebuilt when a piece is added)."""
+    paths = [p.strip() for p in str(value).split(",")]
+    if not all(paths):
+        raise ConfigError(f"data.feature_cache={value!r}: an empty entry; give cache "
+                          "directories separated by single commas.")
+    return paths
 
 
 def batch_split(c, process_count: int) -> tuple[int, int]:
@@ -193,6 +206,11 @@ def setup_draft(c, ts: TargetSetup, schedule_steps: int, mesh, *, shapes_only: b
     spec = ts.spec
     compute = _dtype(c.train.compute_dtype, "train.compute_dtype")
     tx, schedule = make_optimizer(c.train, schedule_steps)
+    if c.draft.init_grow_layers and (not c.draft.init_from or c.draft.kind == "eagle3"):
+        raise ConfigError("draft.init_grow_layers=True needs draft.init_from (the shallower "
+                          "draft to grow) and a block draft (kind dspark or dflash; Eagle3 "
+                          f"runs one layer), got kind={c.draft.kind!r} and "
+                          f"init_from={c.draft.init_from!r}; fix those or unset the flag.")
     init = None if shapes_only or not c.draft.init_from else \
         load_draft(c.draft.init_from, dtype="float32", mesh=mesh, target=ts.target)
     vocab = None if shapes_only else _run_vocab(c, spec, init)
@@ -218,7 +236,8 @@ def setup_draft(c, ts: TargetSetup, schedule_steps: int, mesh, *, shapes_only: b
                                schedule, mesh)
     params, rest = init_fresh(ts.target.state)
     if init is not None:
-        params = _warm_start(init, c.draft.init_from, spec, params, vocab)
+        params = _warm_start(init, c.draft.init_from, spec, params, vocab,
+                             grow=bool(c.draft.init_grow_layers))
     opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, mesh))(params)
     rng = jax.random.key_data(jax.random.key(int(c.train.seed) + 1))
     rep = replicated(mesh)
@@ -264,11 +283,12 @@ def _run_vocab(c, spec, init) -> tuple[np.ndarray, np.ndarray] | None:
                  for name in (D2T, T2D))
 
 
-def _warm_start(d, path, spec, params, vocab=None):
+def _warm_start(d, path, spec, params, vocab=None, grow=False):
     """Trainable parameters of the draft ``d`` loaded from ``path`` (a full-vocabulary one
     is restricted to the run's reduced vocabulary ``vocab`` first; a reduced one brought
     ``vocab`` itself). Loaded with the run's target, which supplies what a draft saved with
-    ``share_with_target`` (the shipped default draft) leaves out."""
+    ``share_with_target`` (the shipped default draft) leaves out. ``grow``: ``d`` has fewer
+    layers than the run (:func:`grow_layers`)."""
     if d.raw_config.get("architectures") != spec.raw.get("architectures"):
         raise ConfigError(f"draft.init_from={path}: architecture {d.raw_config.get('architectures')} "
                           f"differs from the run's {spec.raw.get('architectures')}.")
@@ -276,15 +296,69 @@ def _warm_start(d, path, spec, params, vocab=None):
         d = restrict_vocab(d, *vocab)
     _, p, _ = nnx.split(d.model, nnx.Param, ...)
     loaded = p.to_pure_dict()
+    if grow:
+        loaded = grow_layers(loaded, params, path)
     if jax.tree.structure(loaded) != jax.tree.structure(params):
         raise ConfigError(f"draft.init_from={path}: its parameters do not match the run's draft "
                           "config (layers, heads or head types differ).")
     shapes = jax.tree.map(lambda x: x.shape, loaded), jax.tree.map(lambda x: x.shape, params)
     if shapes[0] != shapes[1]:
+        depth = _depths(loaded, params)
+        hint = (f" It has {depth[0]} layers and the run {depth[1]}: set "
+                "draft.num_hidden_layers to match, or draft.init_grow_layers=True to start the "
+                "deeper run from it." if depth and depth[0] != depth[1] else "")
         raise ConfigError(f"draft.init_from={path}: its parameter shapes do not match the run's "
-                          "draft config (hidden, intermediate or vocabulary sizes differ).")
+                          f"draft config (layers, hidden, intermediate or vocabulary sizes "
+                          f"differ).{hint}")
     return jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding),
                         loaded, params)
+
+
+# The outputs of a decoder layer's two residual branches: zero, the layer is the identity.
+RESIDUAL_OUTPUTS = ("o_proj", "down_proj")
+
+
+def _depths(loaded: dict, params: dict) -> tuple[int, int] | None:
+    """(layers of ``loaded``, layers of ``params``): their stacked ``layers`` axes."""
+    if not isinstance(loaded.get("layers"), dict) or not isinstance(params.get("layers"), dict):
+        return None
+    first = lambda t: next(iter(t["layers"].values())).shape[0]  # noqa: E731
+    return first(loaded), first(params)
+
+
+def grow_layers(loaded: dict, fresh: dict, path: str) -> dict:
+    """``loaded`` (a draft's trainable parameters, layers stacked [L0, ...]) deepened to
+    ``fresh``'s L > L0 layers: its layers come first; each added layer keeps its fresh
+    initialisation except the residual-branch outputs (:data:`RESIDUAL_OUTPUTS`), zero,
+    so the added layers are the identity and the deeper draft starts predicting exactly
+    as ``loaded`` does (a warm start that cannot lose what the shallower draft learned;
+    the zero outputs get gradients at once and open the layer up). Every non-layer
+    parameter is ``loaded``'s; ``_warm_start`` checks the shapes."""
+    depth = _depths(loaded, fresh)
+    if depth is None:
+        raise ConfigError(f"draft.init_from={path}: draft.init_grow_layers needs a block draft "
+                          "(dspark, dflash) with stacked layers; unset it.")
+    have, want = depth
+    if have >= want:
+        raise ConfigError(f"draft.init_from={path}: draft.init_grow_layers=True but it has "
+                          f"{have} layers and the run's draft.num_hidden_layers is {want}; "
+                          "growing needs more layers than the source has (or unset the flag).")
+    if loaded["layers"].keys() != fresh["layers"].keys():
+        raise ConfigError(f"draft.init_from={path}: its layers' parameters "
+                          f"{sorted(loaded['layers'])} differ from the run's "
+                          f"{sorted(fresh['layers'])}.")
+
+    def deepen(name, old, new):
+        if old.shape[1:] != new.shape[1:]:
+            raise ConfigError(f"draft.init_from={path}: layer parameter {name} has shape "
+                              f"{old.shape[1:]} per layer, the run's {new.shape[1:]}.")
+        added = new[have:]
+        if name in RESIDUAL_OUTPUTS:
+            added = jnp.zeros_like(added)
+        return jnp.concatenate([jnp.asarray(old, new.dtype), added], axis=0)
+
+    layers = {k: deepen(k, v, fresh["layers"][k]) for k, v in loaded["layers"].items()}
+    return {**loaded, "layers": layers}
 
 
 # ---- stage 4: checkpoints ---------------------------------------------------------------
