@@ -7,9 +7,9 @@
 #   bash scripts/train_smollm2_drafts.sh [regenerate|tokenize|features|train|eval|ship|all]
 #
 # Sizes are chosen for a 2-core CPU (see the configs' docstrings); on a real machine
-# raise REGEN_SAMPLES and the configs' steps. The shipped DSpark (v3) continued the previous
-# one: the train stage's DSpark command with --config.draft.init_from=<previous draft>
-# --config.train.num_epochs=3 (docs/BENCHMARKS.md, "SmolLM2 proof run").
+# raise REGEN_SAMPLES and the configs' steps. The shipped DSpark (v6) continued the previous
+# ones: the train stage's DSpark command with --config.draft.init_from=<previous draft>
+# on more data each time (docs/BENCHMARKS.md, "SmolLM2 proof run", v3-v6 commands).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
