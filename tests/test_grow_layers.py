@@ -51,7 +51,7 @@ def test_grown_draft_starts_as_the_shallow_one_and_trains(shallow):
     assert start.config.num_layers == 3 and one.config.num_layers == 1
     # every parameter is the source's; the added layers' residual outputs are zero
     got = dict(jax.tree_util.tree_flatten_with_path(run.state.params)[0])
-    src_p = load_draft(src, dtype="float32").model
+    src_p = one.model
     for path, value in got.items():
         keys = [k.key for k in path]
         value = np.asarray(value)
