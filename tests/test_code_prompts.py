@@ -3,6 +3,7 @@ every doctest in them true, and nothing taken from the code eval sets."""
 
 from __future__ import annotations
 
+import ast
 import doctest
 import json
 import os
@@ -83,3 +84,26 @@ def test_described_tasks_read_as_stubs_requests_and_explanations():
     for text in (code_prompts.described_stub(cls), code_prompts.described_request(fn),
                  code_prompts.described_explain(cls)):
         assert text in prompts
+
+
+def test_word_problems_become_code_prompts(tmp_path):
+    """A math prompt file turns into one code prompt per problem, stub and request
+    alternately, without the math answer's instruction; each stub is valid Python."""
+    src = tmp_path / "problems.jsonl"
+    problems = ["Tom has 3 apples and buys 4 more bags of 6 apples each, then gives away "
+                "half of all his apples to his sister. How many apples does Tom keep?",
+                "A bus carries 40 people. How many buses carry 200 people?",
+                "Mia reads 12 pages a day. How many days does a 96-page book take?"]
+    suffix = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+    src.write_text("".join(json.dumps({"conversations": [{"role": "user", "content": p + suffix}]})
+                           + "\n" for p in problems))
+    out = str(tmp_path / "code.jsonl")
+    assert code_prompts.write(out, word_problems=str(src)) == 3
+    texts = [c[0]["content"] for _, c in read_conversations(out)]
+    assert not [t for t in texts if "Please reason" in t or "boxed" in t]
+    assert texts[1] == code_prompts.WORD_PROBLEM_REQUEST.format(question=problems[1])
+    for i in (0, 2):
+        code = texts[i].split("```python\n", 1)[1].rsplit("```", 1)[0]
+        fn = ast.parse(code).body[0]
+        assert fn.name == "solution"
+        assert " ".join(ast.get_docstring(fn).split()).startswith(" ".join(problems[i].split()))

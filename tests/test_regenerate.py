@@ -99,3 +99,20 @@ def test_malformed_line_stops_with_on_error_raise(tmp_path, server):
     r = _run([f"--prompts={prompts}", f"--output={tmp_path / 'o.jsonl'}", f"--endpoint={server}",
               "--on_error=raise"])
     assert r.returncode != 0 and f"{prompts}:2" in r.stderr
+
+
+def test_interleave_takes_one_prompt_from_each_file_in_turn(tmp_path, server):
+    """--interleave: a run stopped early (here by --max_samples) holds a mix of every file;
+    ids stay <file>:<line>, so a resumed run skips what is done in either order."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    _prompts(a, ["a1", "a2", "a3"])
+    _prompts(b, ["b1"])
+    out = tmp_path / "answers.jsonl"
+    args = [f"--prompts={a},{b}", f"--output={out}", f"--endpoint={server}", "--model_name=m",
+            "--batch_size=1"]
+    r = _run(args + ["--interleave"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert [x["id"] for x in _rows(out)] == ["a.jsonl:1", "b.jsonl:1", "a.jsonl:2", "a.jsonl:3"]
+    out2 = tmp_path / "answers2.jsonl"
+    r = _run([f"--prompts={a},{b}", f"--output={out2}", f"--endpoint={server}", "--model_name=m"])
+    assert [x["id"] for x in _rows(out2)] == ["a.jsonl:1", "a.jsonl:2", "a.jsonl:3", "b.jsonl:1"]

@@ -5,8 +5,11 @@ sees little open-ended chat (mt-bench tau ~1.2 for the shipped draft). This modu
 a chat prompt set in the regenerate format (``{"conversations": [{"role": "user",
 "content": ...}]}`` per line): each kind of request a chat assistant meets (writing,
 role-play, explanation, advice, reasoning, extraction, comparison, planning) phrased over
-its own list of subjects. ``tests/test_chat_prompts.py`` checks that no prompt shares an
-eight-word run with the chat eval sets.
+its own list of subjects. Those 166 are few, so a second set crosses general FRAMES
+(explain, argue, quiz, summarise, tell a story ...) with a broad list of TOPICS; it comes
+after the first in the file, so the first set's line numbers never change.
+``tests/test_chat_prompts.py`` checks that no prompt shares an eight-word run with the chat
+eval sets.
 
     python -m deepspec_jax.data.chat_prompts --output=data/smollm2/chat_prompts.jsonl
 """
@@ -155,14 +158,65 @@ EXTRACT_TEXT = ("On 12 March 2021, Maria Lopez and David Chen opened a bakery ca
                 "designed the logo, and 350 customers came on the first day.")
 
 
+# Frames that read well with any topic below: each has one ``{}`` slot.
+FRAMES: tuple[str, ...] = (
+    "Write a short blog post about {}.",
+    "Explain {} to a ten-year-old.",
+    "What are the most common misconceptions about {}?",
+    "Write a short poem about {}.",
+    "Give me a three-paragraph introduction to {}.",
+    "Tell me three surprising facts about {}, with a sentence of explanation for each.",
+    "Write a persuasive paragraph arguing that every school should teach {}.",
+    "Create a five-question multiple-choice quiz about {}, then give the answers.",
+    "Summarize the most important ideas about {} as a bulleted list.",
+    "You are a teacher giving a first lesson on {}. Write what you say to the class.",
+    "Write a short story for children that teaches something about {}.",
+    "What five questions would you ask an expert on {}? Say why for each.",
+    "How has our understanding of {} changed over the last hundred years?",
+    "Write a short, friendly conversation in which a grandparent tells a grandchild about {}.",
+)
+
+TOPICS: tuple[str, ...] = (
+    "volcanoes", "the water cycle", "photosynthesis", "honeybees", "black holes",
+    "recycling", "composting", "the human heart", "sleep", "the stock market",
+    "compound interest", "the internet", "electric cars", "solar energy", "wind turbines",
+    "the printing press", "ancient Egypt", "the Renaissance", "jazz music", "chess",
+    "football", "healthy eating", "earthquakes", "the immune system", "dinosaurs",
+    "the solar system", "coral reefs", "rainforests", "deserts", "glaciers",
+    "the history of flight", "bridges", "skyscrapers", "trains", "the postal system",
+    "money", "taxes", "voting", "the United Nations", "human rights",
+    "the Roman Empire", "the Silk Road", "the Vikings", "the Moon landing", "the ocean floor",
+    "whales", "octopuses", "migrating birds", "ants", "wolves",
+    "tea", "bread making", "cheese", "spices", "coffee farming",
+    "the piano", "painting with watercolours", "photography", "film making", "poetry",
+    "learning a second language", "handwriting", "libraries", "museums", "maps",
+    "time zones", "calendars", "clocks", "the metric system", "prime numbers",
+    "probability", "statistics", "geometry", "algebra", "infinity",
+    "robots", "artificial intelligence", "computer programming", "passwords and online safety",
+    "video games", "smartphones", "batteries", "magnets", "electricity",
+    "light", "sound", "gravity", "atoms", "chemical reactions",
+    "DNA", "evolution", "the brain", "memory", "emotions",
+    "friendship", "teamwork", "kindness", "leadership", "patience",
+    "budgeting", "saving for the future", "starting a small business", "advertising",
+    "supply and demand", "climate change", "air pollution", "clean water", "farming",
+    "forests", "rivers", "mountains", "islands", "the Arctic",
+    "weather forecasting", "hurricanes", "rainbows", "the seasons", "tides",
+)
+
+
+def crossed() -> list[str]:
+    """Every frame over every topic, topic-major (a prefix mixes all frames)."""
+    return [frame.format(topic) for topic in TOPICS for frame in FRAMES]
+
+
 def prompts() -> list[str]:
     """Every kind over its subjects, subject-major (a prefix of the file mixes kinds, so
-    ``regenerate --max_samples`` still covers many of them)."""
+    ``regenerate --max_samples`` still covers many of them), then the crossed set."""
     rows = []
     for template, subjects in KINDS:
         for i, s in enumerate(subjects):
             rows.append((i, template.format(s).replace("{text}", EXTRACT_TEXT)))
-    return [p for _, p in sorted(rows, key=lambda r: r[0])]
+    return [p for _, p in sorted(rows, key=lambda r: r[0])] + crossed()
 
 
 def write(path: str) -> int:
@@ -175,7 +229,8 @@ def main(argv=None) -> int:
     flags.DEFINE_string("output", None, "Prompt JSONL to write.", flag_values=fv, required=True)
     args = cli.parse(fv, argv, __doc__)
     n = write(args.output)
-    print(f"wrote {n} prompts ({len(KINDS)} kinds of request) to {args.output}")
+    print(f"wrote {n} prompts ({len(KINDS)} kinds of request, then {len(FRAMES)} frames x "
+          f"{len(TOPICS)} topics) to {args.output}")
     return 0
 
 

@@ -10,7 +10,13 @@ solution. Every doctest's expected value is computed by running the task's refer
 implementation, so no example in a prompt is wrong. ``tests/test_code_prompts.py``
 checks that no task shares a function name or a sentence with the eval sets.
 
+The tasks are a few hundred; ``--word_problems`` turns a prompt file of math word problems
+(gsm8k-train) into as many code prompts as it has lines: "write ``solution()`` that
+computes the answer", as a stub to complete or as a request, alternately.
+
     python -m deepspec_jax.data.code_prompts --output=data/smollm2/code_prompts.jsonl
+    python -m deepspec_jax.data.code_prompts --output=data/smollm2/word_problem_code.jsonl \
+        --word_problems=../shared/train_prompts/gsm8k_train.jsonl
 """
 
 from __future__ import annotations
@@ -18,14 +24,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import sys
+import textwrap
 from collections import Counter
 from typing import Any, Callable, Sequence
 
 from absl import flags
 
 from deepspec_jax import cli
-from deepspec_jax.data.jsonl import write_user_prompts
+from deepspec_jax.data.jsonl import read_conversations, write_user_prompts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -927,17 +935,49 @@ def prompts(tasks: Sequence[Task] = TASKS, described: Sequence[Described] = DESC
     return out
 
 
-def write(path: str) -> int:
-    """Writes the prompt JSONL atomically; returns the number of prompts."""
-    return write_user_prompts(path, prompts())
+WORD_PROBLEM_STUB = ('Complete the following Python code:\n```python\n'
+                     'def solution() -> float:\n    """{doc}\n\n'
+                     '    Returns the answer to the problem above.\n    """\n```')
+WORD_PROBLEM_REQUEST = ("Write a Python function `solution()` that computes and returns the "
+                        "answer to this word problem. Use one well-named variable per quantity "
+                        "and a short comment for each step.\n\n{question}")
+# gsm8k-train's instruction to the math answer, which a code prompt must not carry.
+_MATH_SUFFIX = re.compile(r"\s*Please reason step by step.*$", re.S)
+
+
+def word_problem_prompts(questions: Sequence[str]) -> list[str]:
+    """One code prompt per word problem, stub and request alternately."""
+    out = []
+    for i, q in enumerate(questions):
+        q = _MATH_SUFFIX.sub("", q).strip()
+        if i % 2 == 0:
+            doc = textwrap.fill(q, width=84, subsequent_indent="    ")
+            out.append(WORD_PROBLEM_STUB.format(doc=doc))
+        else:
+            out.append(WORD_PROBLEM_REQUEST.format(question=q))
+    return out
+
+
+def write(path: str, word_problems: str | None = None) -> int:
+    """Writes the prompt JSONL atomically (the tasks, or one code prompt per problem in
+    the ``word_problems`` prompt file); returns the number of prompts."""
+    if word_problems is None:
+        return write_user_prompts(path, prompts())
+    questions = [conv[0]["content"] for _, conv in read_conversations(word_problems)]
+    return write_user_prompts(path, word_problem_prompts(questions))
 
 
 def main(argv=None) -> int:
     fv = flags.FlagValues()
     flags.DEFINE_string("output", None, "Prompt JSONL to write.", flag_values=fv, required=True)
+    flags.DEFINE_string("word_problems", None, "A prompt JSONL of math word problems (e.g. "
+                        "gsm8k_train.jsonl): write one code prompt per problem instead of the "
+                        "task set.", flag_values=fv)
     args = cli.parse(fv, argv, __doc__)
-    n = write(args.output)
-    print(f"wrote {n} prompts ({len(TASKS) + len(DESCRIBED)} tasks x 3 phrasings) to {args.output}")
+    n = write(args.output, args.word_problems)
+    what = (f"from the word problems in {args.word_problems}" if args.word_problems
+            else f"{len(TASKS) + len(DESCRIBED)} tasks x 3 phrasings")
+    print(f"wrote {n} prompts ({what}) to {args.output}")
     return 0
 
 

@@ -50,6 +50,9 @@ flags.DEFINE_boolean("thinking", False, "Pass enable_thinking to the chat templa
                      flag_values=FLAGS)
 flags.DEFINE_integer("max_samples", 0, "Stop after this many prompts per file (0 = all).",
                      flag_values=FLAGS)
+flags.DEFINE_boolean("interleave", False, "Take prompts from the --prompts files in turn (one "
+                     "from each) instead of file after file, so a run stopped early holds a "
+                     "mix of all of them.", flag_values=FLAGS)
 flags.DEFINE_integer("seed", 0, "Sampling seed (each batch derives its own).", flag_values=FLAGS)
 flags.DEFINE_enum("on_error", "skip", ["skip", "raise"], "Malformed prompt lines: report and skip, or stop.",
                   flag_values=FLAGS)
@@ -87,21 +90,37 @@ def done_ids(*paths: str) -> set[str]:
     return ids
 
 
-def pending_items(paths, skip: set[str], max_samples: int, on_error: str, report):
-    for path in paths:
-        taken = 0
-        for i, conv in read_conversations(path, on_error, report):
-            if max_samples and taken >= max_samples:
-                break
-            taken += 1
-            rid = f"{os.path.basename(path)}:{i + 1}"
-            msgs = prompt_messages(conv)
-            if rid in skip:
-                continue
-            if not msgs or msgs[-1]["role"] != "user":
-                report(f"skipped {path}:{i + 1}: the conversation has no user turn to answer.")
-                continue
-            yield rid, msgs
+def file_items(path, skip: set[str], max_samples: int, on_error: str, report):
+    taken = 0
+    for i, conv in read_conversations(path, on_error, report):
+        if max_samples and taken >= max_samples:
+            break
+        taken += 1
+        rid = f"{os.path.basename(path)}:{i + 1}"
+        msgs = prompt_messages(conv)
+        if rid in skip:
+            continue
+        if not msgs or msgs[-1]["role"] != "user":
+            report(f"skipped {path}:{i + 1}: the conversation has no user turn to answer.")
+            continue
+        yield rid, msgs
+
+
+def pending_items(paths, skip: set[str], max_samples: int, on_error: str, report,
+                  interleave: bool = False):
+    """(id, messages) still to answer: file after file, or one from each file in turn."""
+    streams = [file_items(p, skip, max_samples, on_error, report) for p in paths]
+    if not interleave:
+        for stream in streams:
+            yield from stream
+        return
+    while streams:
+        for stream in list(streams):
+            item = next(stream, None)
+            if item is None:
+                streams.remove(stream)
+            else:
+                yield item
 
 
 class JaxGenerator:
@@ -172,7 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output)), exist_ok=True)
     skip = done_ids(FLAGS.output, errors)
     report = lambda msg: tqdm.write(msg, file=sys.stderr)
-    items = list(pending_items(FLAGS.prompts, skip, FLAGS.max_samples, FLAGS.on_error, report))
+    items = list(pending_items(FLAGS.prompts, skip, FLAGS.max_samples, FLAGS.on_error, report,
+                               FLAGS.interleave))
     print(f"regenerate: {len(skip)} already done, {len(items)} to go -> {FLAGS.output}", flush=True)
     if not items:
         return 0
