@@ -45,7 +45,8 @@ from deepspec_jax.models.transformer import init_cache as target_init_cache, wri
 from deepspec_jax.sampling import SamplingParams, probs as sampling_probs, sample as sampling_sample
 from deepspec_jax.target import (NonFiniteLogitsError, Target, nonfinite_rows, pad_prompts,
                                  raise_if_nonfinite, round_up)
-from deepspec_jax.tree import compact_kv_cache, gather_path, path_slots, verify_tree
+from deepspec_jax.tree import (compact_kv_cache, gather_path, path_slots, verify_tree,
+                               verify_tree_greedy)
 from deepspec_jax.tree.build import tree_size
 from deepspec_jax.tree.verify import TREE_RULES as _TREE_RULES
 
@@ -567,9 +568,12 @@ def _spec_generate_tree(tgraphdef, tstate, dgraphdef, dstate, kind, prompt, prom
         parents = jnp.concatenate([jnp.full((b, 1), -1, jnp.int32), tree.parents + 1], axis=1)
         vout, tcache = target.extend_tree(c["tcache"], ids, depths, ancestor_bits(parents),
                                           layer_ids)
-        p_t = sampling_probs(vout.logits, sp)
-        verdict = verify_tree(p_t, tree, stop_ids, k_verify, greedy=sp.greedy, topk=topk,
-                              max_depth=depth_max, rule=rule)
+        if sp.greedy and rule == "exact":
+            verdict = verify_tree_greedy(jnp.argmax(vout.logits, axis=-1).astype(jnp.int32),
+                                         tree, stop_ids, topk=topk, max_depth=depth_max)
+        else:
+            verdict = verify_tree(sampling_probs(vout.logits, sp), tree, stop_ids, k_verify,
+                                  greedy=sp.greedy, topk=topk, max_depth=depth_max, rule=rule)
         acc, nxt, stopped = verdict.accepted, verdict.next_token, verdict.stopped
 
         # Commit: keep [current, accepted path] contiguously in the target cache.

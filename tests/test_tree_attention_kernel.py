@@ -11,7 +11,8 @@ import jax
 import jax.numpy as jnp
 
 from deepspec_jax.kernels.tree_attention import (ancestor_bits, tree_attention,
-                                                 tree_attention_reference, tree_kv_from_cache)
+                                                 tree_attention_filled, tree_attention_reference,
+                                                 tree_kv_from_cache)
 
 
 def random_parents(rng, batch: int, n: int, max_depth: int) -> np.ndarray:
@@ -188,11 +189,37 @@ def test_kernel_matches_reference(case, backend):
     assert f._cache_size() == 1
 
 
-def test_auto_on_cpu_uses_reference():
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: f"seed{c[0]}")
+def test_filled_path_matches_reference(case):
+    """The jnp path that reads the cache only up to the longest prefix = the reference,
+    for both prefix-length sets through one jitted function (lengths are traced data),
+    and never lets a slot at or past the prefix (NaN here) reach the result."""
+    seed, b, n, kh, g, d, s, plens, depth, dtype, _, explicit = case
+    if explicit:
+        f = jax.jit(lambda *a, kt, vt: tree_attention(*a, k_tree=kt, v_tree=vt, impl="filled"))
+    else:
+        f = jax.jit(lambda *a: tree_attention(*a, impl="filled"))
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for plen in plens:
+        args, _ = make_case(seed, b, n, kh, g, d, s, plen, depth, dtype)
+        want = tree_attention_reference(*args)
+        if explicit:
+            poisoned, kt, vt = split_tree(args)
+            got = f(*poisoned, kt=kt, vt=vt)
+        else:
+            got = f(*args)
+        assert got.dtype == dtype and got.shape == args[0].shape
+        assert np.all(np.isfinite(np.asarray(got, np.float32)))
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                                   atol=tol, rtol=tol)
+    assert f._cache_size() == 1
+
+
+def test_auto_on_cpu_uses_filled_path():
     args, _ = make_case(21, 1, 3, 1, 1, 8, 10, (4,), 2)
     if jax.default_backend() == "cpu":
         got = tree_attention(*args, block_kv=48)  # unsupported block: auto never raises
-        np.testing.assert_array_equal(np.asarray(got), np.asarray(tree_attention_reference(*args)))
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(tree_attention_filled(*args)))
 
 
 # --------------------------------------------------------------------------- errors

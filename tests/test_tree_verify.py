@@ -20,7 +20,8 @@ import pytest
 from scipy import stats
 
 from deepspec_jax.sampling import SamplingParams
-from deepspec_jax.tree import build_tree, candidate_count, child_table, tree_size, verify_tree
+from deepspec_jax.tree import (build_tree, candidate_count, child_table, tree_size, verify_tree,
+                               verify_tree_greedy)
 
 V = 6
 DEPTH = 3
@@ -174,3 +175,39 @@ def test_tree_structure_invariants():
                 np.testing.assert_allclose(score[r, roots[r]], lq_root[r, got], atol=1e-5)
         table = np.asarray(child_table(tree, topk))
         assert table.shape == (b, n + 1, topk)
+
+
+@pytest.mark.parametrize("topk,num_nodes,greedy_build", [(2, 5, True), (3, 12, False), (4, 100, True)])
+def test_greedy_path_follower_equals_one_hot_verify(topk, num_nodes, greedy_build):
+    """verify_tree_greedy (argmax tokens only) gives verify_tree(one-hot, greedy=True)'s
+    verdict field for field: on built trees, with target argmaxes that follow a child
+    70% of the time (deep accepted paths) and a stop token among them."""
+    _, d_table = _tables(2)
+    b = 4096
+    rng = np.random.default_rng(topk)
+    root_tok = jnp.asarray(rng.integers(0, V, b), jnp.int32)
+
+    def expand(level, tokens, states, anc, carry):
+        return d_table[level, tokens], None, states, carry
+
+    sp = SamplingParams(0.0 if greedy_build else 1.0)
+    tree = jax.jit(lambda k: build_tree(d_table[0, root_tok], None, jnp.zeros((b,)), expand, None,
+                                        topk=topk, num_nodes=num_nodes, max_depth=DEPTH, sp=sp,
+                                        key=k))(jax.random.key(5))
+    n = tree.tokens.shape[1]
+    table = np.asarray(child_table(tree, topk))                       # [b, n+1, topk]
+    toks = np.asarray(tree.tokens)
+    pick = rng.integers(0, topk, (b, n + 1))
+    kid = np.take_along_axis(table, pick[:, :, None], axis=2)[:, :, 0]
+    follow = (rng.random((b, n + 1)) < 0.7) & (kid >= 0)
+    target = np.where(follow, np.take_along_axis(toks, np.maximum(kid, 0), axis=1),
+                      rng.integers(0, V, (b, n + 1))).astype(np.int32)
+    stop = jnp.asarray([3], jnp.int32)
+    want = verify_tree(jax.nn.one_hot(target, V, dtype=jnp.float32), tree, stop,
+                       jax.random.key(0), greedy=True, topk=topk, max_depth=DEPTH)
+    got = jax.jit(functools.partial(verify_tree_greedy, topk=topk, max_depth=DEPTH))(
+        jnp.asarray(target), tree, stop)
+    for name, w, g in zip(want._fields, want, got):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=name)
+    acc, stopped = np.asarray(want.accepted), np.asarray(want.stopped)
+    assert acc.max() == DEPTH and (acc == 0).any() and stopped.any()   # the cases occur

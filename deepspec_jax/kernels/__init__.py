@@ -1,6 +1,7 @@
 """Pallas kernels, each with a pure-``jnp`` reference beside it and a dispatcher that
 uses the kernel where it is supported (GPU: Triton lowering, TPU: Mosaic lowering) and
-the reference elsewhere; tests run the kernels with ``interpret=True`` on CPU.
+a ``jnp`` path elsewhere (tree attention: one that reads the cache only up to its filled
+length); tests run the kernels with ``interpret=True`` on CPU.
 
 * ``tree_attention``: verify-pass attention of a flattened draft tree over the KV-cache
   prefix plus each node's ancestors (packed ancestor bitmask); on a device mesh it runs

@@ -22,9 +22,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deepspec_jax.config import TargetConfig
-from deepspec_jax.kernels.attention import (causal_span, filled_cache_attention, segment_attention,
+from deepspec_jax.kernels.attention import (causal_span, filled_cache_attention,
                                             span_attention)
-from deepspec_jax.kernels.tree_attention import tree_attention
+from deepspec_jax.kernels.tree_attention import tree_attention, tree_visibility
 from deepspec_jax.layers import apply_rope, embed_lookup, gated_mlp, linear, rms_norm, softcap
 from deepspec_jax.layers.linear import weight_first
 
@@ -550,22 +550,22 @@ class CausalLM(nnx.Module):
 
         # The tree's own keys/values go to the kernel as ``k_tree``/``v_tree``, so it
         # reads only the committed prefix from the cache (written after, by _run).
-        # Sliding-window layers (Gemma) go through dense segments with the window and
-        # the ancestor mask spelled out: the tree kernel has no window, and a tree is
-        # short, so these layers cost what a chain verify step costs.
+        # Sliding-window layers (Gemma) go through the chain verify's filled-length
+        # segments with the window and the ancestor mask spelled out: the tree kernel
+        # has no window, and a tree is short, so these layers cost what a chain verify
+        # step costs.
         def attend(q, kt, vt, ck, cv, window, scale):
             if window is None:
                 return tree_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), start,
                                       tree_bits, k_tree=kt, v_tree=vt, scale=scale,
                                       impl=attn_impl)
-            n = input_ids.shape[1]
             first = window_start(positions, window)[:, :, None]          # [B, N, 1]
-            slot = jnp.arange(ck.shape[-1], dtype=jnp.int32)[None, None, :]
-            om = (slot < start[:, None, None]) & (slot >= first)
-            j = jnp.arange(n, dtype=jnp.uint32)
-            anc = ((tree_bits[:, :, j // 32] >> (j % 32)) & 1).astype(bool)  # [B, N, N]
-            nm = anc & (positions[:, None, :] >= first)
-            segments = [(ck.astype(q.dtype), cv.astype(q.dtype), om), (kt, vt, nm)]
-            return segment_attention(q, segments, scale=scale)[0].astype(q.dtype)
+
+            def cache_mask(slots):                                        # [B, N, n]
+                return (slots[None, None, :] < start[:, None, None]) & (slots[None, None, :] >= first)
+
+            nm = tree_visibility(tree_bits) & (positions[:, None, :] >= first)
+            return filled_cache_attention(q, ck, cv, cache_mask, jnp.max(start), (kt, vt, nm),
+                                          scale=scale, zero_hidden=True).astype(q.dtype)
 
         return self._run(input_ids, positions, layer_ids, attend, cache)

@@ -31,13 +31,17 @@ def path_slots(path: jax.Array) -> jax.Array:
 def _move(buf: jax.Array, slot_axis: int, src: jax.Array, dst: jax.Array) -> jax.Array:
     """Per row b copy ``buf[b, ..., src[b, j], ...]`` to slot ``dst[b, j]`` (dst out of
     range = skipped). ``buf``'s axis 0 is the batch; gathers before writing, so
-    overlapping source/destination ranges are safe."""
-    moved = jnp.moveaxis(buf, slot_axis, 1)                       # [B,S,...]
-    idx = src.reshape(src.shape + (1,) * (moved.ndim - 2))
-    vals = jnp.take_along_axis(moved, idx, axis=1)                 # [B,P,...]
+    overlapping source/destination ranges are safe. The buffer keeps its layout (only
+    the P moved slots are transposed): a moveaxis of the whole cache would copy it, at
+    every layer, every round."""
+    idx = src.reshape(src.shape[:1] + (1,) * (slot_axis - 1) + src.shape[1:]
+                      + (1,) * (buf.ndim - slot_axis - 1))
+    vals = jnp.take_along_axis(buf, idx, axis=slot_axis)           # slot axis now P long
+    vals = jnp.moveaxis(vals, slot_axis, 1)                        # [B,P,...], small
     rows = jnp.arange(buf.shape[0])[:, None]
-    out = moved.at[rows, dst].set(vals, mode="drop")
-    return jnp.moveaxis(out, 1, slot_axis)
+    index = (rows,) + (slice(None),) * (slot_axis - 1) + (dst,)
+    # advanced indices at axes 0 and slot_axis: the updated block is [B,P,...rest]
+    return buf.at[index].set(vals, mode="drop")
 
 
 def compact_kv_cache(cache: KVCache, start: jax.Array, slots: jax.Array,

@@ -2,7 +2,9 @@
 
 Greedy (T=0): walk from the root, at each node move to the child whose token is the
 target's argmax there; the first node without such a child emits the argmax. The
-output is the target's greedy continuation token for token.
+output is the target's greedy continuation token for token. ``verify_tree_greedy`` does
+this on the argmax tokens alone (integer work on [B, N+1]); ``verify_tree(greedy=True)``
+reaches the same verdict through one-hot distributions over the vocabulary.
 
 Sampling (T>0): multi-candidate recursive rejection sampling. At node v with target
 distribution p and children c_1..c_m (drawn from the draft distribution q_v without
@@ -128,4 +130,40 @@ def verify_tree(p_t: jax.Array, tree: DraftTree, stop_ids: jax.Array, key: jax.A
     return TreeVerdict(acc, path, toks, nxt, stopped)
 
 
-__all__ = ["TreeVerdict", "TREE_RULES", "verify_tree", "child_table"]
+def verify_tree_greedy(target_tokens: jax.Array, tree: DraftTree, stop_ids: jax.Array, *,
+                       topk: int, max_depth: int) -> TreeVerdict:
+    """The T=0 verdict from the target's argmax token at each flattened node
+    (``target_tokens`` [B,N+1], index 0 the root): follow the child that matches, emit
+    the argmax where none does. Equal to ``verify_tree(one_hot(target_tokens),
+    greedy=True)`` without touching [B,N+1,V] (the chain's ``verify_greedy`` for trees)."""
+    b = target_tokens.shape[0]
+    rows = jnp.arange(b)
+    table = child_table(tree, topk)                                       # [B,N+1,k]
+    kid_tokens = jnp.take_along_axis(tree.tokens[:, None, :],
+                                     jnp.maximum(table, 0), axis=2)       # [B,N+1,k]
+    hit = (table >= 0) & (kid_tokens == target_tokens[:, :, None])
+    # at most one child matches (siblings carry distinct tokens); the first if several
+    match = jnp.where(jnp.any(hit, axis=2), jnp.take_along_axis(
+        table, jnp.argmax(hit, axis=2)[:, :, None], axis=2)[:, :, 0], -1)  # [B,N+1]
+
+    def level(t, c):
+        cur, alive, acc, path, toks, nxt, stopped = c
+        found = match[rows, cur]
+        moved = alive & (found >= 0)
+        tok = tree.tokens[rows, jnp.maximum(found, 0)]
+        is_stop = moved & jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+        path = path.at[:, t].set(jnp.where(moved, found, -1))
+        toks = toks.at[:, t].set(jnp.where(moved, tok, 0))
+        nxt = jnp.where(alive & ~moved, target_tokens[rows, cur], nxt)
+        return (jnp.where(moved, found + 1, cur), moved & ~is_stop, acc + moved.astype(jnp.int32),
+                path, toks, nxt, stopped | is_stop)
+
+    init = (jnp.zeros((b,), jnp.int32), jnp.ones((b,), bool), jnp.zeros((b,), jnp.int32),
+            jnp.full((b, max_depth), -1, jnp.int32), jnp.zeros((b, max_depth), jnp.int32),
+            jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool))
+    cur, alive, acc, path, toks, nxt, stopped = jax.lax.fori_loop(0, max_depth, level, init)
+    nxt = jnp.where(alive, target_tokens[rows, cur], nxt)
+    return TreeVerdict(acc, path, toks, nxt, stopped)
+
+
+__all__ = ["TreeVerdict", "TREE_RULES", "verify_tree", "verify_tree_greedy", "child_table"]

@@ -67,7 +67,8 @@ def cache_block(capacity: int, block: int = 128) -> int:
 
 def filled_cache_attention(q: jax.Array, ck: jax.Array, cv: jax.Array, cache_mask,
                            filled: jax.Array, new: tuple[jax.Array, jax.Array, jax.Array],
-                           scale: float | None = None, block: int = 128) -> jax.Array:
+                           scale: float | None = None, block: int = 128,
+                           zero_hidden: bool = False) -> jax.Array:
     """``segment_attention(q, [(ck, cv, cache_mask(all slots)), new])[0]`` that reads the
     cache only up to ``filled`` (a traced int, the longest row's length) rounded up to a
     block: its cost follows the filled length, not the cache capacity.
@@ -76,7 +77,9 @@ def filled_cache_attention(q: jax.Array, ck: jax.Array, cv: jax.Array, cache_mas
     [B,T,n] visibility of cache slots ``slots`` [n] (int32), ``new`` = (kt, v, mask) the
     segment of the new tokens. Each cache block is one ``segment_attention`` in a
     ``fori_loop`` (traced trip count: one program for every length), folded into the
-    running result with ``merge_attention``. Returns out [B,T,H,D] float32."""
+    running result with ``merge_attention``. ``zero_hidden`` (static) zeroes the values
+    of slots no query sees, for callers whose hidden slots may hold non-finite data
+    (0 * NaN would reach the sum). Returns out [B,T,H,D] float32."""
     s_cap = ck.shape[3]
     blk = cache_block(s_cap, block)
 
@@ -85,8 +88,10 @@ def filled_cache_attention(q: jax.Array, ck: jax.Array, cv: jax.Array, cache_mas
         slots = start + jnp.arange(blk, dtype=jnp.int32)
         k = jax.lax.dynamic_slice_in_dim(ck, start, blk, axis=3).astype(q.dtype)
         v = jax.lax.dynamic_slice_in_dim(cv, start, blk, axis=2).astype(q.dtype)
-        return merge_attention([carry, segment_attention(q, [(k, v, cache_mask(slots))],
-                                                         scale=scale)])
+        mask = cache_mask(slots)
+        if zero_hidden:
+            v = jnp.where(jnp.any(mask, axis=1)[:, None, :, None], v, jnp.zeros((), v.dtype))
+        return merge_attention([carry, segment_attention(q, [(k, v, mask)], scale=scale)])
 
     n_blocks = (jnp.minimum(filled.astype(jnp.int32), s_cap) + blk - 1) // blk
     out, _ = jax.lax.fori_loop(0, n_blocks, body, segment_attention(q, [new], scale=scale))

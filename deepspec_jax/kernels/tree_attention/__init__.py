@@ -5,7 +5,9 @@ Public API (inference only: no custom_vjp, nothing here is differentiated):
 
 * ``tree_attention(q, k_cache, v_cache, prefix_len, tree_bits, *, k_tree=None,
   v_tree=None, scale=None, impl="auto", block_kv=None, interpret=False, backend=None)``
-* ``tree_attention_reference(...)``: pure ``jnp``, the oracle and the CPU path.
+* ``tree_attention_reference(...)``: pure ``jnp``, the oracle (logits over all S slots).
+* ``tree_attention_filled(...)``: ``jnp`` reading the cache only up to the longest
+  row's prefix, block by block: the path where no kernel runs (CPU).
 * ``ancestor_bits(parents)``: parent-index arrays -> the packed ancestor bitmask.
 
 Layouts are the project's KV-cache layouts (deepspec_jax/kernels/attention/segments.py):
@@ -30,10 +32,12 @@ so "auto" runs it, with a ``KernelFallbackWarning``, when the mesh's tensor axis
 cannot be laid over the heads or the kernel cannot take the shapes.
 
 ``impl``: "auto" runs the Pallas kernel on GPU (Triton lowering) and TPU (Mosaic
-lowering) when the shapes are supported and the reference elsewhere; "pallas" forces
-the kernel and raises ValueError on unsupported shapes (with ``interpret=True`` it
-runs on CPU; ``backend`` "tpu"/"gpu" picks which kernel body, default: the current
-backend, or "tpu" on CPU); "reference" forces the jnp reference.
+lowering) when the shapes are supported, ``tree_attention_filled`` on a backend without
+a kernel (CPU) and the reference where a kernel exists but cannot take the shapes or the
+mesh; "pallas" forces the kernel and raises ValueError on unsupported shapes (with
+``interpret=True`` it runs on CPU; ``backend`` "tpu"/"gpu" picks which kernel body,
+default: the current backend, or "tpu" on CPU); "filled" and "reference" force those
+jnp paths.
 """
 
 from __future__ import annotations
@@ -45,16 +49,17 @@ import jax
 from deepspec_jax.kernels import sharded
 from deepspec_jax.kernels.fallback import warn_fallback
 from deepspec_jax.kernels.tree_attention import kernel
+from deepspec_jax.kernels.tree_attention.filled import tree_attention_filled
 from deepspec_jax.kernels.tree_attention.reference import (ancestor_bits, check_inputs, num_words,
                                                           tree_attention_reference,
                                                           tree_kv_from_cache, tree_mask,
                                                           tree_visibility)
 
-__all__ = ["tree_attention", "tree_attention_reference", "ancestor_bits", "tree_mask",
-           "tree_visibility", "tree_kv_from_cache", "num_words", "kernel_backend",
+__all__ = ["tree_attention", "tree_attention_reference", "tree_attention_filled",
+           "ancestor_bits", "tree_mask", "tree_visibility", "tree_kv_from_cache", "num_words", "kernel_backend",
            "kernel_unsupported_reason"]
 
-_IMPLS = ("auto", "pallas", "reference")
+_IMPLS = ("auto", "pallas", "filled", "reference")
 # block_kv=None: per kernel body (TPU: fewer, larger grid steps; Triton: register budget)
 DEFAULT_BLOCK_KV = {"tpu": 512, "gpu": 128}
 
@@ -107,8 +112,9 @@ def tree_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, prefix_
 
     if impl == "reference":
         return reference()
-    if impl == "auto" and not interpret and kernel_backend(backend) is None:
-        return reference()
+    if impl == "filled" or (impl == "auto" and not interpret and kernel_backend(backend) is None):
+        return tree_attention_filled(q, k_cache, v_cache, prefix_len, tree_bits, k_tree=k_tree,
+                                     v_tree=v_tree, scale=scale)
     if block_kv is None:
         block_kv = DEFAULT_BLOCK_KV.get(kernel_backend(backend, interpret), 128)
     tree_dtypes = () if k_tree is None else (k_tree.dtype, v_tree.dtype)

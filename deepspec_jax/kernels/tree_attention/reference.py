@@ -12,8 +12,8 @@ than a dense [B,N,S] mask so kernels read N*W words instead of N*S booleans.
 Both the reference and the kernel see the problem as two segments: the committed
 prefix (cache, mask slot < prefix_len) and the tree (N slots, mask = ancestor bits).
 The reference materialises [B,H,N,S] logits (``kernels.attention.segment_attention``
-over the two segments, in fp32): it is the CPU path and the test oracle, not the fast
-path.
+over the two segments, in fp32): it is the test oracle, not the fast path (on CPU,
+``filled.py`` reads the cache only up to the longest prefix).
 """
 
 from __future__ import annotations
