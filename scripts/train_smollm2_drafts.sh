@@ -4,12 +4,20 @@
 # DSpark draft as the eval's embedded default. Every stage is resumable: rerun the
 # script (or one stage) after an interruption and it continues where it stopped.
 #
-#   bash scripts/train_smollm2_drafts.sh [regenerate|tokenize|features|train|eval|ship|all]
+#   bash scripts/train_smollm2_drafts.sh [regenerate|tokenize|features|train|eval|ship|all|piece|finetune]
 #
 # Sizes are chosen for a 2-core CPU (see the configs' docstrings); on a real machine
-# raise REGEN_SAMPLES and the configs' steps. The shipped DSpark (v6) continued the previous
-# ones: the train stage's DSpark command with --config.draft.init_from=<previous draft>
-# on more data each time (docs/BENCHMARKS.md, "SmolLM2 proof run", v3-v6 commands).
+# raise REGEN_SAMPLES and the configs' steps. The shipped DSpark continues the previous
+# ones: fine-tuned from the shipped draft on more data each time (docs/BENCHMARKS.md,
+# "SmolLM2 proof run", v3-v7 commands). Since v6 the data is kept in pieces, one per
+# session of regeneration, each with its own answers, tokens and feature cache, so a new
+# piece rebuilds nothing:
+#
+#   PIECE=s23 PIECE_PROMPTS=a.jsonl,b.jsonl bash scripts/train_smollm2_drafts.sh piece
+#   PIECES=". s22 s23" RUN=runs/dspark_v7 bash scripts/train_smollm2_drafts.sh finetune
+#
+# (a piece is a directory under $DATA, "." being $DATA itself; its prompt files are taken
+# in turn, so a regeneration stopped early still holds a mix; rerun to resume.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -51,6 +59,30 @@ if [[ $stage == eval || $stage == all ]]; then
         --temperature=$t --output_dir="runs/eval/${arch}_T$t" ${EVAL_ARGS:-}
     done
   done
+fi
+if [[ $stage == piece ]]; then
+  P="$DATA/${PIECE:?set PIECE=<directory under $DATA>}"
+  mkdir -p "$P"
+  run "$PY" -m deepspec_jax.data.regenerate --prompts="${PIECE_PROMPTS:?set PIECE_PROMPTS=a.jsonl,b.jsonl}" \
+    --interleave --output="$P/answers.jsonl" --max_samples="${PIECE_SAMPLES:-0}" --batch_size=32 \
+    --max_new_tokens=256 --temperature=0.2 --top_p=0.9
+  run "$PY" -m deepspec_jax.data.tokenize --input="$P/answers.jsonl" --output="$P/tokens" \
+    --target=smollm2-135m --max_length=512 --overwrite
+  run "$PY" -m deepspec_jax.data.build_features --tokens="$P/tokens" --target=smollm2-135m \
+    --layer_ids=$LAYERS --output="$P/features" --batch_size=8 --dtype=bfloat16
+fi
+if [[ $stage == finetune ]]; then
+  # The shipped DSpark (INIT_FROM) trained further on every piece in PIECES.
+  stores=() caches=()
+  for p in ${PIECES:?set PIECES=". s22 s23"}; do
+    stores+=("'$DATA/$p/tokens'") caches+=("$DATA/$p/features")
+  done
+  run "$PY" -m deepspec_jax.train --config=configs/dspark/dspark_smollm2_135m.py \
+    --config.output_dir="${RUN:?set RUN=runs/<name>}" \
+    --config.data.train="($(IFS=,; echo "${stores[*]}"),)" \
+    --config.data.feature_cache="$(IFS=,; echo "${caches[*]}")" \
+    --config.draft.init_from="${INIT_FROM:-deepspec_jax/assets/default_draft}" \
+    --config.train.num_epochs="${EPOCHS:-2}" --config.train.lr="${LR:-3e-4}" ${TRAIN_ARGS:-}
 fi
 if [[ $stage == ship ]]; then
   # The eval's embedded default: bf16, ONE model.safetensors in vLLM's speculators format
