@@ -53,6 +53,32 @@ def child_table(tree: DraftTree, topk: int) -> jax.Array:
         jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)), mode="drop")
 
 
+def _walk(tree: DraftTree, stop_ids: jax.Array, max_depth: int, step, bonus) -> TreeVerdict:
+    """The walk both verifiers share: at depth t, ``step(t, cur, alive)`` gives the
+    accepted child of flat node ``cur`` (-1: none) and the token emitted if none is;
+    a stop token ends the row; rows alive after ``max_depth`` levels emit ``bonus(cur)``."""
+    b = tree.tokens.shape[0]
+    rows = jnp.arange(b)
+
+    def level(t, c):
+        cur, alive, acc, path, toks, nxt, stopped = c
+        found, end_token = step(t, cur, alive)
+        moved = alive & (found >= 0)
+        tok = tree.tokens[rows, jnp.maximum(found, 0)]
+        is_stop = moved & jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
+        path = path.at[:, t].set(jnp.where(moved, found, -1))
+        toks = toks.at[:, t].set(jnp.where(moved, tok, 0))
+        nxt = jnp.where(alive & ~moved, end_token, nxt)     # rejected all / no children
+        return (jnp.where(moved, found + 1, cur), moved & ~is_stop, acc + moved.astype(jnp.int32),
+                path, toks, nxt, stopped | is_stop)
+
+    init = (jnp.zeros((b,), jnp.int32), jnp.ones((b,), bool), jnp.zeros((b,), jnp.int32),
+            jnp.full((b, max_depth), -1, jnp.int32), jnp.zeros((b, max_depth), jnp.int32),
+            jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool))
+    cur, alive, acc, path, toks, nxt, stopped = jax.lax.fori_loop(0, max_depth, level, init)
+    return TreeVerdict(acc, path, toks, jnp.where(alive, bonus(cur), nxt), stopped)
+
+
 def verify_tree(p_t: jax.Array, tree: DraftTree, stop_ids: jax.Array, key: jax.Array, *,
                 greedy: bool, topk: int, max_depth: int, rule: str = "exact") -> TreeVerdict:
     """``p_t`` [B,N+1,V]: target distributions at the flattened tree (index 0 = the
@@ -73,8 +99,7 @@ def verify_tree(p_t: jax.Array, tree: DraftTree, stop_ids: jax.Array, key: jax.A
             return jnp.argmax(p, axis=-1).astype(jnp.int32)
         return jax.random.categorical(k, jnp.log(p), axis=-1).astype(jnp.int32)
 
-    def level(t, c):
-        cur, alive, acc, path, toks, nxt, stopped = c
+    def step(t, cur, alive):
         p_cur = p_t[rows, cur]                                           # [B,V]
         logq = tree.logq[rows, jnp.maximum(dist_flat[rows, cur], 0)]     # [B,V]
         target_tok = jnp.argmax(p_cur, axis=-1)
@@ -111,23 +136,11 @@ def verify_tree(p_t: jax.Array, tree: DraftTree, stop_ids: jax.Array, key: jax.A
 
         init = (jnp.full((b,), -1, jnp.int32), p_cur, jnp.zeros((b, v), bool))
         found, p, _ = jax.lax.fori_loop(0, topk, sibling, init)
-        moved = alive & (found >= 0)
-        tok = tree.tokens[rows, jnp.maximum(found, 0)]
-        is_stop = moved & jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-        path = path.at[:, t].set(jnp.where(moved, found, -1))
-        toks = toks.at[:, t].set(jnp.where(moved, tok, 0))
-        ends = alive & ~moved                       # rejected everything / no children
-        nxt = jnp.where(ends, draw(p, draw_keys[t]), nxt)
-        return (jnp.where(moved, found + 1, cur), moved & ~is_stop, acc + moved.astype(jnp.int32),
-                path, toks, nxt, stopped | is_stop)
+        return found, draw(p, draw_keys[t])     # the token where no child is accepted
 
-    init = (jnp.zeros((b,), jnp.int32), jnp.ones((b,), bool), jnp.zeros((b,), jnp.int32),
-            jnp.full((b, max_depth), -1, jnp.int32), jnp.zeros((b, max_depth), jnp.int32),
-            jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool))
-    cur, alive, acc, path, toks, nxt, stopped = jax.lax.fori_loop(0, max_depth, level, init)
     # rows that accepted a node at every depth: bonus token from the target at the leaf
-    nxt = jnp.where(alive, draw(p_t[rows, cur], draw_keys[max_depth]), nxt)
-    return TreeVerdict(acc, path, toks, nxt, stopped)
+    return _walk(tree, stop_ids, max_depth, step,
+                 lambda cur: draw(p_t[rows, cur], draw_keys[max_depth]))
 
 
 def verify_tree_greedy(target_tokens: jax.Array, tree: DraftTree, stop_ids: jax.Array, *,
@@ -146,24 +159,9 @@ def verify_tree_greedy(target_tokens: jax.Array, tree: DraftTree, stop_ids: jax.
     match = jnp.where(jnp.any(hit, axis=2), jnp.take_along_axis(
         table, jnp.argmax(hit, axis=2)[:, :, None], axis=2)[:, :, 0], -1)  # [B,N+1]
 
-    def level(t, c):
-        cur, alive, acc, path, toks, nxt, stopped = c
-        found = match[rows, cur]
-        moved = alive & (found >= 0)
-        tok = tree.tokens[rows, jnp.maximum(found, 0)]
-        is_stop = moved & jnp.any(tok[:, None] == stop_ids[None, :], axis=-1)
-        path = path.at[:, t].set(jnp.where(moved, found, -1))
-        toks = toks.at[:, t].set(jnp.where(moved, tok, 0))
-        nxt = jnp.where(alive & ~moved, target_tokens[rows, cur], nxt)
-        return (jnp.where(moved, found + 1, cur), moved & ~is_stop, acc + moved.astype(jnp.int32),
-                path, toks, nxt, stopped | is_stop)
-
-    init = (jnp.zeros((b,), jnp.int32), jnp.ones((b,), bool), jnp.zeros((b,), jnp.int32),
-            jnp.full((b, max_depth), -1, jnp.int32), jnp.zeros((b, max_depth), jnp.int32),
-            jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool))
-    cur, alive, acc, path, toks, nxt, stopped = jax.lax.fori_loop(0, max_depth, level, init)
-    nxt = jnp.where(alive, target_tokens[rows, cur], nxt)
-    return TreeVerdict(acc, path, toks, nxt, stopped)
+    return _walk(tree, stop_ids, max_depth,
+                 lambda t, cur, alive: (match[rows, cur], target_tokens[rows, cur]),
+                 lambda cur: target_tokens[rows, cur])
 
 
 __all__ = ["TreeVerdict", "TREE_RULES", "verify_tree", "verify_tree_greedy", "child_table"]
