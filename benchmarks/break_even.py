@@ -16,6 +16,12 @@ which is a property of the hardware and the compiler as much as of the draft. Wi
     python benchmarks/break_even.py --draft=runs/dspark_smollm2_135m/final --sweep=1,2,5,8,17
     python benchmarks/break_even.py --draft=FULL_VOCAB_DRAFT --draft_vocab_sizes=8192,2048
 
+``--tree=topk,nodes`` also times a tree round's parts (the draft's tree, the target over
+the flattened tree with tree attention, the KV compaction to an accepted path) and prints
+the tree's break-even tau; a tree pays where its tau exceeds that.
+
+    python benchmarks/break_even.py --tree=2,8
+
 ``--draft_vocab_sizes`` also times the proposal of the same draft restricted to K output
 tokens (``drafts.restrict_vocab``; the K lowest target ids: which K ids does not change the
 cost), the lever on the draft's side of the round (its lm_head over the vocabulary). It
@@ -42,7 +48,10 @@ from deepspec_jax.draft_vocab import select_draft_vocab
 from deepspec_jax.drafts import DEFAULT_DRAFT_DIR, load_draft, restrict_vocab
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.sampling import SamplingParams
-from deepspec_jax.spec_decode import _draft_init, _draft_propose, _proposal_width, check_compatible
+from deepspec_jax.kernels.tree_attention import ancestor_bits
+from deepspec_jax.spec_decode import (_draft_init, _draft_propose, _draft_tree, _proposal_width,
+                                      check_compatible, parse_tree)
+from deepspec_jax.tree import compact_kv_cache
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import median_ms  # noqa: E402
@@ -57,6 +66,8 @@ flags.DEFINE_integer("repeats", 15, "Timed calls (median reported).", flag_value
 flags.DEFINE_string("sweep", "", "Comma-separated n for extend(n)/extend(1).", flag_values=FLAGS)
 flags.DEFINE_list("draft_vocab_sizes", [], "Also time the proposal with the draft restricted to "
                   "each of these output vocabulary sizes K.", flag_values=FLAGS)
+flags.DEFINE_string("tree", None, "topk,nodes: also time a tree round of this shape.",
+                    flag_values=FLAGS)
 flags.DEFINE_string("json", None, "Also write the results here.", flag_values=FLAGS)
 
 
@@ -100,13 +111,54 @@ def main(argv=None) -> int:
     cur = jnp.zeros((1,), jnp.int32)
     key = jax.random.key(0)
 
-    def propose_cost(d) -> float:
-        dstate = jax.jit(lambda s, p, pl, f: _draft_init(
+    def draft_state(d):
+        return jax.jit(lambda s, p, pl, f: _draft_init(
             d.kind, nnx.merge(d.graphdef, s), 1, args.cache_len, p, pl,
             jnp.zeros((1,), jnp.int32), f))(d.state, jnp.asarray(prompt), jnp.asarray(lens), feats)
+
+    def propose_cost(d) -> float:
+        dstate = draft_state(d)
         propose = jax.jit(lambda s, ds, cur, key: _draft_propose(
             d.kind, nnx.merge(d.graphdef, s), ds, cur, key, sp)[:3])
         return median_ms(lambda: propose(d.state, dstate, cur, key), args.repeats)
+
+    def tree_costs(topk: int, nodes: int) -> dict:
+        """ms of the tree proposal (T=0: what verification reads), the target over
+        [current, nodes] with tree attention, and compacting the cache to a 3-node path."""
+        gate = (jnp.float32(0.0), jnp.ones((width,), jnp.float32))
+        build = jax.jit(lambda s, ds, cur, key: _draft_tree(
+            draft.kind, nnx.merge(draft.graphdef, s), ds, cur, key, sp, topk, nodes, gate))
+        dstate = draft_state(draft)
+        tree = build(draft.state, dstate, cur, key)
+        t_propose = median_ms(lambda: build(draft.state, dstate, cur, key)[:4], args.repeats)
+        n = tree.tokens.shape[1]
+        ids = jnp.concatenate([cur[:, None], tree.tokens], axis=1)
+        depths = jnp.concatenate([jnp.zeros((1, 1), jnp.int32), tree.depth], axis=1)
+        bits = ancestor_bits(jnp.concatenate([jnp.full((1, 1), -1, jnp.int32),
+                                              tree.parents + 1], axis=1))
+        tgd = target.graphdef
+        run_tree = jax.jit(lambda ts, c: nnx.merge(tgd, ts).extend_tree(c, ids, depths, bits,
+                                                                        layer_ids),
+                           donate_argnums=1)
+
+        def verify():          # extend_tree does not advance lengths: same work every call
+            o, state["cache"] = run_tree(target.state, state["cache"])
+            return o.logits
+        t_verify = median_ms(verify, args.repeats)
+        slots = jnp.asarray([[0, 1, 2] + [0] * (width - 2)], jnp.int32)
+        compact = jax.jit(lambda c: compact_kv_cache(c, c.lengths, slots,
+                                                     jnp.full((1,), 3, jnp.int32)),
+                          donate_argnums=0)
+
+        def compaction():      # lengths reset after each call, as extend_cost does
+            c = compact(state["cache"])
+            state["cache"] = c._replace(lengths=jax.device_put(lens, c.lengths.sharding))
+            return c.lengths
+        t_compact = median_ms(compaction, args.repeats)
+        return dict(nodes=n, propose_ms=round(t_propose, 2), verify_ms=round(t_verify, 2),
+                    compact_ms=round(t_compact, 2),
+                    round_ms=round(t_propose + t_verify + t_compact, 2),
+                    break_even_tau=round((t_propose + t_verify + t_compact) / ar_ms, 2))
 
     propose_ms = propose_cost(draft)
 
@@ -127,6 +179,9 @@ def main(argv=None) -> int:
         res["propose_ms_by_vocab"] = {k: round(ms, 2) for k, ms in by_k.items()}
         res["propose_over_ar_by_vocab"] = {k: round(ms / ar_ms, 3) for k, ms in by_k.items()}
         res["propose_over_ar"] = round(propose_ms / ar_ms, 3)
+    if args.tree:
+        res["tree"] = dict(shape=args.tree, **tree_costs(*parse_tree(
+            args.tree, draft.config.out_vocab_size)))
     if args.sweep:
         res["extend_over_ar"] = {n: round(extend_cost(n) / ar_ms, 2)
                                  for n in (int(v) for v in args.sweep.split(","))}
@@ -135,6 +190,12 @@ def main(argv=None) -> int:
           f"{res['break_even_tau']:.2f} autoregressive steps here: the draft must accept "
           f"more than {res['break_even_tau'] - 1:.2f} drafted tokens per round (tau > "
           f"{res['break_even_tau']:.2f}) to be faster.")
+    if args.tree:
+        t = res["tree"]
+        print(f"a ({args.tree}) tree round (verify {t['nodes'] + 1} tokens + tree proposal + "
+              f"compaction) costs {t['break_even_tau']:.2f} autoregressive steps: the tree "
+              f"pays against the chain when tree tau / chain tau > "
+              f"{t['break_even_tau'] / res['break_even_tau']:.2f}.")
     if args.json:
         atomic.write_json(args.json, res, indent=1)
     return 0
