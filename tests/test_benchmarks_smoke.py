@@ -57,7 +57,7 @@ BENCHMARKS = {
     "break_even.py": [f"--target={FIXTURES_ROOT}/deepspec_v1/target_qwen3_tiny",
                       f"--draft={FIXTURES_ROOT}/deepspec_v1/dspark_gated", "--context=8",
                       "--cache_len=16", "--repeats=1", "--sweep=1,5",
-                      "--draft_vocab_sizes=64", "--json={out}"],
+                      "--draft_vocab_sizes=64", "--tree=2,4", "--json={out}"],
     "decode_step.py": ["--context=8", "--cache_len=16", "--rounds=1", "--calls=1", "--json={out}"],
     # R=1, two tokens: the SPS profile (measured at context 16 into the work dir), plain
     # decoding and the scheduler's packed path (as "none": every request verifies only its
@@ -198,6 +198,9 @@ def test_break_even(results):
     assert set(res["extend_over_ar"]) == {"1", "5"}, res
     _finite(res["extend_over_ar"], ["1", "5"])
     assert res["draft_vocab_size"] == 512, res                # the fixture's full vocabulary
+    tree = res["tree"]
+    assert tree["shape"] == "2,4" and tree["nodes"] == 4, tree
+    _finite(tree, ["propose_ms", "verify_ms", "compact_ms", "round_ms", "break_even_tau"])
     assert set(res["propose_ms_by_vocab"]) == {"64"}, res     # the reduced-vocab proposal
     _finite(res["propose_ms_by_vocab"], ["64"])
 
