@@ -75,7 +75,8 @@ if [[ $stage == finetune ]]; then
   # The shipped DSpark (INIT_FROM) trained further on every piece in PIECES.
   stores=() caches=()
   for p in ${PIECES:?set PIECES=". s22 s23"}; do
-    stores+=("'$DATA/$p/tokens'") caches+=("$DATA/$p/features")
+    d="$DATA/$p" && d="${d%/.}"          # "." is $DATA itself (tensorstore refuses "/./")
+    stores+=("'$d/tokens'") caches+=("$d/features")
   done
   run "$PY" -m deepspec_jax.train --config=configs/dspark/dspark_smollm2_135m.py \
     --config.output_dir="${RUN:?set RUN=runs/<name>}" \

@@ -24,7 +24,7 @@ from deepspec_jax.drafts import load_draft
 from deepspec_jax.errors import ConfigError
 from deepspec_jax.sharding import make_mesh
 from deepspec_jax.target import load_target
-from deepspec_jax.train.trainer import NonFiniteLoss, export, setup, train
+from deepspec_jax.train.trainer import NonFiniteLoss, export, feature_cache_paths, setup, train
 from train_helpers import make_store, tiny_config, write_config_file
 
 PY = sys.executable
@@ -141,6 +141,8 @@ def test_one_feature_cache_per_token_store(tmp_path):
         c.data.feature_cache = bad
         with pytest.raises(ConfigError, match="data.feature_cache"):
             setup(c)
+    assert feature_cache_paths(" data/./a/features, b/features/") == ["data/a/features",
+                                                                      "b/features"]
 
 
 def test_cache_for_other_layers_is_refused(tmp_path):

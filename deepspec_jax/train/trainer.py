@@ -171,7 +171,7 @@ def feature_cache_paths(value: str) -> list[str]:
     if not all(paths):
         raise ConfigError(f"data.feature_cache={value!r}: an empty entry; give cache "
                           "directories separated by single commas.")
-    return paths
+    return [os.path.normpath(p) for p in paths]    # tensorstore refuses "a/./b"
 
 
 def batch_split(c, process_count: int) -> tuple[int, int]:
