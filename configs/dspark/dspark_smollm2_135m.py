@@ -19,10 +19,11 @@ of rank 32 (input 49,152 x 32, output 8,192 x 32, against the reference's rank 2
 comes from, and the gate lets it depend on the draft hidden state. The confidence head is
 on (with the Markov feature, as in the reference) so the eval can report calibration.
 
-The shipped default draft (v6) is this config fine-tuned from the previous ones (v2 -> v3
--> v4 -> v6, each ``--config.draft.init_from=<previous draft>`` on more regenerated data;
-v6 reads two data pieces, each with its own feature cache: docs/BENCHMARKS.md, "SmolLM2
-proof run").
+The shipped default draft (v7) is this config fine-tuned from the previous ones (v2 -> v3
+-> v4 -> v6 -> v7, each ``--config.draft.init_from=<previous draft>`` on more regenerated
+data; v7 reads three data pieces, each with its own feature cache:
+``scripts/train_smollm2_drafts.sh piece|finetune``, docs/BENCHMARKS.md, "SmolLM2 proof
+run").
 """
 
 import importlib.util
