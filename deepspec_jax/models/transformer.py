@@ -221,33 +221,41 @@ def _causal_attend(b: int, t: int):
     return attend
 
 
+def _filled_attend(q, kt, vt, ck, cv, *, start, positions, new_mask, window, scale,
+                   zero_hidden=False):
+    """Attention of new tokens (``positions`` [B, T]) over each row's first ``start``
+    cached slots, read only up to the longest row's (block by block), plus the new keys
+    where ``new_mask`` [B or 1, T, T] allows; a sliding layer also hides keys before
+    each query's window. The chain verify's path, and the tree verify's for windowed
+    layers."""
+    b, t = positions.shape
+    first = None
+    if window is not None:
+        first = window_start(positions, window)[:, :, None]          # [B, T, 1]
+        new_mask = new_mask & (positions[:, None, :] >= first)        # new key j at positions[b, j]
+
+    def cache_mask(slots):                                            # [B, T, n]
+        m = jnp.broadcast_to(slots[None, None, :] < start[:, None, None], (b, t, slots.shape[0]))
+        return m if first is None else m & (slots[None, None, :] >= first)
+
+    return filled_cache_attention(q, ck, cv, cache_mask, jnp.max(start), (kt, vt, new_mask),
+                                  scale=scale, zero_hidden=zero_hidden).astype(q.dtype)
+
+
 def _cache_attend(start: jax.Array, positions: jax.Array):
     """``attend`` of ``extend``: T new tokens per row (``positions`` [B, T]) after each
     row's ``start`` cached ones.
 
     Attention reads the old cache and the new keys/values as separate segments, so the
     cache is read before the new entries are written (in place, by ``_run``), and reads
-    it only up to the longest row's length (block by block): a step costs what the
-    context holds, not what the cache could. Sliding layers also hide keys before each
-    query's window."""
-    b, t = positions.shape
+    it only up to the longest row's length: a step costs what the context holds, not
+    what the cache could (``_filled_attend``)."""
+    t = positions.shape[1]
     new_mask = jnp.tril(jnp.ones((t, t), bool))[None]
-    filled = jnp.max(start)
 
     def attend(q, kt, vt, ck, cv, window, scale):
-        nm = new_mask
-        first = None
-        if window is not None:
-            first = window_start(positions, window)[:, :, None]      # [B, T, 1]
-            nm = nm & (positions[:, None, :] >= first)                # new key j at positions[b, j]
-
-        def cache_mask(slots):                                        # [B, T, n]
-            m = jnp.broadcast_to(slots[None, None, :] < start[:, None, None],
-                                 (b, t, slots.shape[0]))
-            return m if first is None else m & (slots[None, None, :] >= first)
-
-        return filled_cache_attention(q, ck, cv, cache_mask, filled, (kt, vt, nm),
-                                      scale=scale).astype(q.dtype)
+        return _filled_attend(q, kt, vt, ck, cv, start=start, positions=positions,
+                              new_mask=new_mask, window=window, scale=scale)
 
     return attend
 
@@ -559,13 +567,8 @@ class CausalLM(nnx.Module):
                 return tree_attention(q, ck.astype(q.dtype), cv.astype(q.dtype), start,
                                       tree_bits, k_tree=kt, v_tree=vt, scale=scale,
                                       impl=attn_impl)
-            first = window_start(positions, window)[:, :, None]          # [B, N, 1]
-
-            def cache_mask(slots):                                        # [B, N, n]
-                return (slots[None, None, :] < start[:, None, None]) & (slots[None, None, :] >= first)
-
-            nm = tree_visibility(tree_bits) & (positions[:, None, :] >= first)
-            return filled_cache_attention(q, ck, cv, cache_mask, jnp.max(start), (kt, vt, nm),
-                                          scale=scale, zero_hidden=True).astype(q.dtype)
+            return _filled_attend(q, kt, vt, ck, cv, start=start, positions=positions,
+                                  new_mask=tree_visibility(tree_bits), window=window,
+                                  scale=scale, zero_hidden=True)
 
         return self._run(input_ids, positions, layer_ids, attend, cache)

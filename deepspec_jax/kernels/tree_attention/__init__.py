@@ -56,8 +56,8 @@ from deepspec_jax.kernels.tree_attention.reference import (ancestor_bits, check_
                                                           tree_visibility)
 
 __all__ = ["tree_attention", "tree_attention_reference", "tree_attention_filled",
-           "ancestor_bits", "tree_mask", "tree_visibility", "tree_kv_from_cache", "num_words", "kernel_backend",
-           "kernel_unsupported_reason"]
+           "ancestor_bits", "tree_mask", "tree_visibility", "tree_kv_from_cache", "num_words",
+           "kernel_backend", "kernel_unsupported_reason"]
 
 _IMPLS = ("auto", "pallas", "filled", "reference")
 # block_kv=None: per kernel body (TPU: fewer, larger grid steps; Triton: register budget)
