@@ -82,6 +82,17 @@ def selected_ids(d2t) -> np.ndarray:
     return np.arange(d2t.shape[0], dtype=np.int64) + d2t
 
 
+def carry_columns(x, old_ids, new_ids) -> np.ndarray:
+    """``x`` [..., K_old], one column per target id of ``old_ids`` (ascending), re-indexed
+    to the target ids ``new_ids`` [K_new] (ascending): an id in both keeps its column, a
+    new one gets zeros. Re-selecting a trained draft's vocabulary this way keeps what it
+    learned for every token it already had."""
+    x, old_ids, new_ids = np.asarray(x), np.asarray(old_ids), np.asarray(new_ids)
+    pos = np.minimum(np.searchsorted(old_ids, new_ids), old_ids.shape[0] - 1)
+    kept = old_ids[pos] == new_ids
+    return np.where(kept, np.take(x, pos, axis=-1), 0).astype(x.dtype)
+
+
 def check_vocab_map(d2t, t2d, draft_vocab_size: int, target_vocab_size: int, source: str) -> None:
     """ConfigError unless (d2t, t2d) is a valid pair for K / V: the d2t ids strictly
     increasing inside [0, V) and exactly the ids t2d marks."""

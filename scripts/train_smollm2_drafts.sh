@@ -17,7 +17,8 @@
 #   PIECES=". s22 s23" RUN=runs/dspark_v7 bash scripts/train_smollm2_drafts.sh finetune
 #
 # (a piece is a directory under $DATA, "." being $DATA itself; its prompt files are taken
-# in turn, so a regeneration stopped early still holds a mix; rerun to resume.)
+# in turn, so a regeneration stopped early still holds a mix; rerun to resume.
+# PIECE_TEMPERATURE=0 regenerates greedily, the answers a T=0 eval sees: piece s24.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -65,14 +66,16 @@ if [[ $stage == piece ]]; then
   mkdir -p "$P"
   run "$PY" -m deepspec_jax.data.regenerate --prompts="${PIECE_PROMPTS:?set PIECE_PROMPTS=a.jsonl,b.jsonl}" \
     --interleave --output="$P/answers.jsonl" --max_samples="${PIECE_SAMPLES:-0}" --batch_size=32 \
-    --max_new_tokens=256 --temperature=0.2 --top_p=0.9
+    --max_new_tokens=256 --temperature="${PIECE_TEMPERATURE:-0.2}" --top_p=0.9
   run "$PY" -m deepspec_jax.data.tokenize --input="$P/answers.jsonl" --output="$P/tokens" \
     --target=smollm2-135m --max_length=512 --overwrite
   run "$PY" -m deepspec_jax.data.build_features --tokens="$P/tokens" --target=smollm2-135m \
     --layer_ids=$LAYERS --output="$P/features" --batch_size=8 --dtype=bfloat16
 fi
 if [[ $stage == finetune ]]; then
-  # The shipped DSpark (INIT_FROM) trained further on every piece in PIECES.
+  # The shipped DSpark (INIT_FROM) trained further on every piece in PIECES; with
+  # RESELECT_VOCAB=True the run selects its draft vocabulary (the config's
+  # draft_vocab_size) from all the pieces instead of keeping the shipped draft's (v8).
   stores=() caches=()
   for p in ${PIECES:?set PIECES=". s22 s23"}; do
     d="$DATA/$p" && d="${d%/.}"          # "." is $DATA itself (tensorstore refuses "/./")
@@ -83,7 +86,8 @@ if [[ $stage == finetune ]]; then
     --config.data.train="($(IFS=,; echo "${stores[*]}"),)" \
     --config.data.feature_cache="$(IFS=,; echo "${caches[*]}")" \
     --config.draft.init_from="${INIT_FROM:-deepspec_jax/assets/default_draft}" \
-    --config.train.num_epochs="${EPOCHS:-2}" --config.train.lr="${LR:-3e-4}" ${TRAIN_ARGS:-}
+    --config.train.num_epochs="${EPOCHS:-2}" --config.train.lr="${LR:-3e-4}" \
+    --config.draft.init_reselect_vocab="${RESELECT_VOCAB:-False}" ${TRAIN_ARGS:-}
 fi
 if [[ $stage == ship ]]; then
   # The eval's embedded default: bf16, ONE model.safetensors in vLLM's speculators format

@@ -372,7 +372,9 @@ def test_warm_start_from_a_reduced_draft_keeps_its_vocabulary(tmp_path):
     """Fine-tuning a reduced-vocabulary draft on more (differently counted) data keeps the
     draft's own vocabulary and weights instead of re-selecting K ids from the new data
     (which would change the output space under the trained lm_head); a different K is
-    refused with the fix named."""
+    refused with the fix named. With draft.init_reselect_vocab the run selects its own ids
+    (any K) from the new data: a token both vocabularies hold keeps its trained markov_w2
+    column, a new one starts at zero, every other parameter is the source's."""
     from deepspec_jax.data.token_store import TokenStore, token_counts
     from deepspec_jax.errors import ConfigError
     from deepspec_jax.train.trainer import export, setup, train
@@ -400,5 +402,24 @@ def test_warm_start_from_a_reduced_draft_keeps_its_vocabulary(tmp_path):
     c2 = tiny_config("dspark", more, str(tmp_path / "run2"), max_steps=1)
     c2.draft.draft_vocab_size = 64
     c2.draft.init_from = shipped
-    with pytest.raises(ConfigError, match="reduced vocabulary of 96 tokens.*is 64"):
+    with pytest.raises(ConfigError, match="reduced vocabulary of 96 tokens.*is 64.*init_reselect"):
         setup(c2)
+    c3 = tiny_config("dspark", more, str(tmp_path / "run3"), max_steps=1)
+    c3.draft.draft_vocab_size = 128
+    c3.draft.init_from = shipped
+    c3.draft.init_reselect_vocab = True
+    got = _flat(load_draft(export(setup(c3)), dtype="float32"))
+    want_d2t, want_t2d = select_draft_vocab(token_counts(TokenStore(more)), 128, 512)
+    assert np.array_equal(got["d2t"], want_d2t) and np.array_equal(got["t2d"], want_t2d)
+    old_ids, new_ids = (np.arange(len(d)) + d for d in (source["d2t"], want_d2t))
+    shared = np.isin(new_ids, old_ids)
+    assert 0 < shared.sum() < 128
+    w2, w2_src = got["markov_w2"], source["markov_w2"]
+    assert w2.shape == (w2_src.shape[0], 128)
+    assert np.array_equal(w2[:, shared], w2_src[:, np.searchsorted(old_ids, new_ids[shared])])
+    assert not np.any(w2[:, ~shared]) and np.any(w2_src)
+    assert np.array_equal(got["lm_head"][:, shared],     # the target's columns, frozen
+                          source["lm_head"][:, np.searchsorted(old_ids, new_ids[shared])])
+    assert got.keys() == source.keys()
+    for name in source.keys() - {"d2t", "t2d", "markov_w2", "lm_head"}:
+        assert np.array_equal(got[name], source[name]), name

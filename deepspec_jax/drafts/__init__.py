@@ -184,4 +184,5 @@ def _draft_from(loaded: Loaded, mesh: Mesh, path: str, from_target: tuple = ()) 
                  from_target)
 
 
-__all__ = ["Draft", "load_draft", "shared_with_target", "restrict_vocab", "DEFAULT_DRAFT_DIR"]
+__all__ = ["Draft", "load_draft", "shared_with_target", "restrict_vocab", "DEFAULT_DRAFT_DIR",
+           "OUTPUT_VOCAB_PARAMS"]

@@ -34,7 +34,10 @@ def base_config(kind: str) -> ml_collections.ConfigDict:
     c.draft = ml_collections.ConfigDict(dict(
         kind=kind,                # "dspark" | "dflash" | "eagle3" (drafts.registry.KINDS)
         init_from="",             # optional draft dir (HF/JAX/speculators) to start from; a
-                                  # reduced-vocabulary one keeps its vocabulary (d2t)
+                                  # reduced-vocabulary one keeps its vocabulary (d2t) unless
+        init_reselect_vocab=False,  # True: the run selects draft_vocab_size ids (any K, or 0 =
+                                  # full) from data.train afresh; ids the init_from draft had
+                                  # keep their trained columns (markov_w2), new ones start at 0
         init_grow_layers=False,   # DSpark/DFlash: init_from has fewer layers than
                                   # num_hidden_layers; its layers come first and each added
                                   # one starts as the identity (trainer.grow_layers)

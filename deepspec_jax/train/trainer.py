@@ -32,8 +32,9 @@ from deepspec_jax.checkpoint import ModelSpec, save_jax_dir
 from deepspec_jax.data.feature_cache import FeatureCache, target_name
 from deepspec_jax.data.pipeline import BatchIterator, make_batches
 from deepspec_jax.data.token_store import TokenStore
-from deepspec_jax.draft_vocab import D2T, FIELD as DRAFT_VOCAB_FIELD, T2D
-from deepspec_jax.drafts import load_draft, restrict_vocab
+from deepspec_jax.draft_vocab import (D2T, FIELD as DRAFT_VOCAB_FIELD, T2D, carry_columns,
+                                     selected_ids)
+from deepspec_jax.drafts import OUTPUT_VOCAB_PARAMS, load_draft, restrict_vocab
 from deepspec_jax.drafts.dspark import DSparkLossConfig
 from deepspec_jax.drafts.registry import family_for_kind
 from deepspec_jax.dtypes import compute_dtype
@@ -270,15 +271,16 @@ def _abstract_draft(params_rest, graphdef, r_sh, tx, schedule, mesh) -> DraftSet
 def _run_vocab(c, spec, init) -> tuple[np.ndarray, np.ndarray] | None:
     """(d2t, t2d) of the run's reduced draft vocabulary (None without one): a reduced
     ``init`` draft's own (fine-tuning keeps the output space it was trained on; its size
-    must be the run's ``draft.draft_vocab_size``), else selected from data.train."""
-    if init is None or not init.config.draft_vocab_size:
+    must be the run's ``draft.draft_vocab_size``), else, or with
+    ``draft.init_reselect_vocab``, selected from data.train."""
+    if init is None or not init.config.draft_vocab_size or c.draft.init_reselect_vocab:
         return draft_vocab_for_run(c, spec)
     k, have = getattr(spec.config, "draft_vocab_size", None), init.config.draft_vocab_size
     if k != have:
         raise ConfigError(f"draft.init_from={c.draft.init_from}: has a reduced vocabulary of "
                           f"{have} tokens but the run's draft.draft_vocab_size is {k or 0}; set "
-                          f"it to {have} (the run keeps the draft's vocabulary) or warm-start "
-                          "from a full-vocabulary draft.")
+                          f"it to {have} (the run keeps the draft's vocabulary), or set "
+                          "draft.init_reselect_vocab=True to select the run's from data.train.")
     return tuple(np.asarray(jax.device_get(getattr(init.model, name).get_value()))
                  for name in (D2T, T2D))
 
@@ -287,8 +289,10 @@ def _warm_start(d, path, spec, params, vocab=None, grow=False):
     """Trainable parameters of the draft ``d`` loaded from ``path`` (a full-vocabulary one
     is restricted to the run's reduced vocabulary ``vocab`` first; a reduced one brought
     ``vocab`` itself). Loaded with the run's target, which supplies what a draft saved with
-    ``share_with_target`` (the shipped default draft) leaves out. ``grow``: ``d`` has fewer
-    layers than the run (:func:`grow_layers`)."""
+    ``share_with_target`` (the shipped default draft) leaves out; a reduced one re-selected
+    (``draft.init_reselect_vocab``) carries its output-vocabulary columns over to the run's
+    ids (``carry_columns``). ``grow``: ``d`` has fewer layers than the run
+    (:func:`grow_layers`)."""
     if d.raw_config.get("architectures") != spec.raw.get("architectures"):
         raise ConfigError(f"draft.init_from={path}: architecture {d.raw_config.get('architectures')} "
                           f"differs from the run's {spec.raw.get('architectures')}.")
@@ -296,6 +300,10 @@ def _warm_start(d, path, spec, params, vocab=None, grow=False):
         d = restrict_vocab(d, *vocab)
     _, p, _ = nnx.split(d.model, nnx.Param, ...)
     loaded = p.to_pure_dict()
+    if d.config.draft_vocab_size is not None:
+        loaded = _carry_vocab(loaded, selected_ids(getattr(d.model, D2T).get_value()),
+                              np.arange(spec.config.vocab_size) if vocab is None
+                              else selected_ids(vocab[0]))
     if grow:
         loaded = grow_layers(loaded, params, path)
     if jax.tree.structure(loaded) != jax.tree.structure(params):
@@ -312,6 +320,16 @@ def _warm_start(d, path, spec, params, vocab=None, grow=False):
                           f"differ).{hint}")
     return jax.tree.map(lambda new, old: jax.device_put(new.astype(old.dtype), old.sharding),
                         loaded, params)
+
+
+def _carry_vocab(loaded: dict, old_ids, new_ids) -> dict:
+    """``loaded``'s output-vocabulary parameters (one column per draft token) moved from
+    the target ids ``old_ids`` to ``new_ids``; unchanged when the two are the same."""
+    old_ids, new_ids = np.asarray(jax.device_get(old_ids)), np.asarray(new_ids)
+    if np.array_equal(old_ids, new_ids):
+        return loaded
+    return {k: jnp.asarray(carry_columns(jax.device_get(v), old_ids, new_ids))
+            if k in OUTPUT_VOCAB_PARAMS else v for k, v in loaded.items()}
 
 
 # The outputs of a decoder layer's two residual branches: zero, the layer is the identity.
