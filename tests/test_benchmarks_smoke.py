@@ -53,7 +53,7 @@ BENCHMARKS = {
     # --sweep 1,5: extend(1) and extend(5) are the AR step and the default draft's
     # verify (width 4 + 1), already compiled: the sweep path costs no compile
     # the fixture target and its full-vocabulary DSpark draft: --draft_vocab_sizes restricts
-    # a full-vocabulary draft, and the shipped one already predicts over 8,192 tokens
+    # a full-vocabulary draft, and the shipped one already predicts over 12,288 tokens
     "break_even.py": [f"--target={FIXTURES_ROOT}/deepspec_v1/target_qwen3_tiny",
                       f"--draft={FIXTURES_ROOT}/deepspec_v1/dspark_gated", "--context=8",
                       "--cache_len=16", "--repeats=1", "--sweep=1,5",
