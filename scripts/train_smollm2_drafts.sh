@@ -19,6 +19,10 @@
 # (a piece is a directory under $DATA, "." being $DATA itself; its prompt files are taken
 # in turn, so a regeneration stopped early still holds a mix; rerun to resume.
 # PIECE_TEMPERATURE=0 regenerates greedily, the answers a T=0 eval sees: piece s24.)
+# Prompt sets written for the project: deepspec_jax.data.code_prompts (stubs with doctests,
+# plus --word_problems), deepspec_jax.data.code_families (crossed stubs, piece s25) and
+# deepspec_jax.data.chat_prompts (kinds, then two crossed sets; s25 took the second's
+# 1,652 prompts, the file's last lines).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

@@ -20,7 +20,8 @@ def test_prompt_file_reads_as_conversations(tmp_path):
     n = chat_prompts.write(path)
     n_kinds = sum(len(subjects) for _, subjects in chat_prompts.KINDS)
     assert n_kinds >= 150
-    assert n == n_kinds + len(chat_prompts.FRAMES) * len(chat_prompts.TOPICS) >= 1500
+    n_crossed = len(chat_prompts.FRAMES) * len(chat_prompts.TOPICS)
+    assert n == n_kinds + n_crossed + len(chat_prompts.FRAMES_2) * len(chat_prompts.TOPICS)
     convs = [c for _, c in read_conversations(path)]
     assert len(convs) == n
     assert all(len(c) == 1 and c[0]["role"] == "user" and c[0]["content"] for c in convs)
@@ -29,8 +30,10 @@ def test_prompt_file_reads_as_conversations(tmp_path):
     assert not [t for t in texts if "{" in t or "}" in t]       # every slot filled
     # subject-major: the first len(KINDS) prompts are one of each kind
     assert len({t.split()[0] for t in texts[:len(chat_prompts.KINDS)]}) > 10
-    # the crossed set comes after the kinds, so earlier line numbers (regenerate's ids) hold
-    assert texts[n_kinds:] == chat_prompts.crossed()
+    # each crossed set comes after the ones before, so earlier line numbers (regenerate's
+    # ids) hold
+    assert texts[n_kinds:n_kinds + n_crossed] == chat_prompts.crossed()
+    assert texts[n_kinds + n_crossed:] == chat_prompts.crossed(chat_prompts.FRAMES_2)
 
 
 def test_no_prompt_comes_from_a_chat_eval_set():

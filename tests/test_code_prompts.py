@@ -1,5 +1,6 @@
-"""The code training prompts (``deepspec_jax.data.code_prompts``): readable by regenerate,
-every doctest in them true, and nothing taken from the code eval sets."""
+"""The code training prompts (``deepspec_jax.data.code_prompts`` and the crossed
+``code_families``): readable by regenerate, every doctest in them true, and nothing taken
+from the code eval sets."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import json
 import os
 import re
 
+import pytest
+
 from conftest import REPO
-from deepspec_jax.data import code_prompts
+from deepspec_jax.data import code_families, code_prompts
 from deepspec_jax.data.jsonl import read_conversations
 
 EVAL_DIR = os.path.join(REPO, "deepspec_jax", "assets", "eval_datasets")
@@ -43,11 +46,15 @@ def test_prompt_file_reads_as_conversations(tmp_path):
     assert len(set(names)) == len(names)
 
 
-def test_doctests_in_the_stubs_hold():
+TASK_SETS = {"written": code_prompts.TASKS, "families": code_families.family_tasks()}
+
+
+@pytest.mark.parametrize("which", sorted(TASK_SETS))
+def test_doctests_in_the_stubs_hold(which):
     """Each stub's doctests, run against the task's reference implementation, pass: no
     prompt shows a wrong expected value."""
     parser, runner = doctest.DocTestParser(), doctest.DocTestRunner(verbose=False)
-    for task in code_prompts.TASKS:
+    for task in TASK_SETS[which]:
         text = "\n".join(code_prompts.doctest_lines(task))
         assert text in code_prompts.stub(task)
         examples = parser.get_examples(text)
@@ -57,16 +64,33 @@ def test_doctests_in_the_stubs_hold():
         assert result.failed == 0, f"{task.name}: a doctest in its prompt is wrong"
 
 
-def test_no_task_comes_from_a_code_eval_set():
+@pytest.mark.parametrize("which", ["written", "families"])
+def test_no_task_comes_from_a_code_eval_set(which):
     texts = _eval_texts()
     eval_names = set(re.findall(r"(?:def|class)\s+([A-Za-z_]\w*)\s*[(:]", "\n".join(texts)))
-    tasks = code_prompts.TASKS + code_prompts.DESCRIBED
+    tasks = (code_prompts.TASKS + code_prompts.DESCRIBED if which == "written"
+             else TASK_SETS["families"])
     clash = sorted(t.name for t in tasks if t.name in eval_names)
     assert not clash, f"function names also defined in {CODE_EVALS}: {clash}"
     seen = set().union(*(_shingles(t) for t in texts))
     for task in tasks:
         common = _shingles(task.does) & seen
         assert not common, f"{task.name}: its description shares {common} with an eval set"
+
+
+def test_family_prompt_file_is_new_tasks_in_three_phrasings(tmp_path):
+    """The crossed set: every task once per phrasing, no prompt repeated, and no function
+    name shared with the written set (a prompt file of both never asks twice)."""
+    path = str(tmp_path / "families.jsonl")
+    tasks = TASK_SETS["families"]
+    assert code_families.write(path) == 3 * len(tasks) >= 450
+    texts = [c[0]["content"] for _, c in read_conversations(path)]
+    assert len(set(texts)) == len(texts)
+    names = [t.name for t in tasks]
+    assert len(set(names)) == len(names)
+    assert not set(names) & {t.name for t in code_prompts.TASKS + code_prompts.DESCRIBED}
+    assert texts[0] == code_prompts.stub(tasks[0])
+    assert texts[len(tasks)].startswith(f"Write a Python function `{tasks[0].name}(")
 
 
 def test_described_tasks_read_as_stubs_requests_and_explanations():

@@ -7,7 +7,9 @@ a chat prompt set in the regenerate format (``{"conversations": [{"role": "user"
 role-play, explanation, advice, reasoning, extraction, comparison, planning) phrased over
 its own list of subjects. Those 166 are few, so a second set crosses general FRAMES
 (explain, argue, quiz, summarise, tell a story ...) with a broad list of TOPICS; it comes
-after the first in the file, so the first set's line numbers never change.
+after the first in the file, so the first set's line numbers never change; a third set
+(FRAMES_2 over the same topics: role-play, professional writing, debate, formats) comes
+last for the same reason.
 ``tests/test_chat_prompts.py`` checks that no prompt shares an eight-word run with the chat
 eval sets.
 
@@ -176,6 +178,30 @@ FRAMES: tuple[str, ...] = (
     "Write a short, friendly conversation in which a grandparent tells a grandchild about {}.",
 )
 
+# The third set's frames (added with piece s25): the kinds of first turn mt-bench-style chat
+# asks for that FRAMES lacks.
+FRAMES_2: tuple[str, ...] = (
+    "Pretend you are a museum guide opening an exhibition on {}. Welcome the visitors and "
+    "walk them through the first three rooms.",
+    "Write a short professional email inviting your colleagues to a lunchtime talk on {}.",
+    "Describe {} in the voice of a nature documentary narrator.",
+    "Write the headline and the first two paragraphs of a news article about a new "
+    "discovery connected with {}.",
+    "Draft an outline for a blog post about {}: a title, four subheadings and one sentence "
+    "under each.",
+    "Write the opening statement for a school debate on whether {} deserves more attention.",
+    "Write a diary entry by someone who has spent forty years working with {}.",
+    "Plan a one-week self-study course on {}, one short paragraph per day.",
+    "Write a limerick about {} and then explain what makes it funny.",
+    "Make a table of four facts about {}, with one column for the fact and one for why it "
+    "matters.",
+    "Write a dialogue between two friends who see {} very differently.",
+    "Write a letter to a local newspaper about why people in town should care about {}.",
+    "As a university professor, describe the open questions about {} that researchers are "
+    "working on today.",
+    "Explain {} using an extended comparison with cooking a family dinner.",
+)
+
 TOPICS: tuple[str, ...] = (
     "volcanoes", "the water cycle", "photosynthesis", "honeybees", "black holes",
     "recycling", "composting", "the human heart", "sleep", "the stock market",
@@ -204,19 +230,19 @@ TOPICS: tuple[str, ...] = (
 )
 
 
-def crossed() -> list[str]:
+def crossed(frames: tuple[str, ...] = FRAMES) -> list[str]:
     """Every frame over every topic, topic-major (a prefix mixes all frames)."""
-    return [frame.format(topic) for topic in TOPICS for frame in FRAMES]
+    return [frame.format(topic) for topic in TOPICS for frame in frames]
 
 
 def prompts() -> list[str]:
     """Every kind over its subjects, subject-major (a prefix of the file mixes kinds, so
-    ``regenerate --max_samples`` still covers many of them), then the crossed set."""
+    ``regenerate --max_samples`` still covers many of them), then the two crossed sets."""
     rows = []
     for template, subjects in KINDS:
         for i, s in enumerate(subjects):
             rows.append((i, template.format(s).replace("{text}", EXTRACT_TEXT)))
-    return [p for _, p in sorted(rows, key=lambda r: r[0])] + crossed()
+    return [p for _, p in sorted(rows, key=lambda r: r[0])] + crossed() + crossed(FRAMES_2)
 
 
 def write(path: str) -> int:
@@ -229,8 +255,8 @@ def main(argv=None) -> int:
     flags.DEFINE_string("output", None, "Prompt JSONL to write.", flag_values=fv, required=True)
     args = cli.parse(fv, argv, __doc__)
     n = write(args.output)
-    print(f"wrote {n} prompts ({len(KINDS)} kinds of request, then {len(FRAMES)} frames x "
-          f"{len(TOPICS)} topics) to {args.output}")
+    print(f"wrote {n} prompts ({len(KINDS)} kinds of request, then {len(FRAMES)} and "
+          f"{len(FRAMES_2)} frames x {len(TOPICS)} topics) to {args.output}")
     return 0
 
 
