@@ -22,7 +22,7 @@ from typing import Any, Callable
 from absl import flags
 
 from deepspec_jax import cli
-from deepspec_jax.data.code_prompts import Task, prompts
+from deepspec_jax.data.code_prompts import Task, prompts, task
 from deepspec_jax.data.jsonl import write_user_prompts
 
 # ---- integer lists: predicate x operation --------------------------------------------
@@ -128,10 +128,6 @@ def _char_task(cls, op) -> Task:
 
 # ---- words, pairs of lists, windows and mappings: written one by one -----------------
 
-def _t(name, params, returns, does, impl, *examples) -> Task:
-    return Task(name, params, returns, does, impl, tuple(examples))
-
-
 _S1, _S2 = "the quick brown fox jumps over the lazy dog", "Python is fun and Python is fast"
 
 
@@ -161,94 +157,94 @@ def _second_biggest(xs):
 
 
 _WRITTEN: tuple[Task, ...] = (
-    _t("longest_word_in", "sentence: str", "str", "returns the longest word of sentence, the "
+    task("longest_word_in", "sentence: str", "str", "returns the longest word of sentence, the "
        "first one on a tie, or '' for an empty sentence",
        lambda s: max(s.split(), key=len, default=""), (_S1,), ("a bb cc d",), ("",)),
-    _t("shortest_word_in", "sentence: str", "str", "returns the shortest word of sentence, the "
+    task("shortest_word_in", "sentence: str", "str", "returns the shortest word of sentence, the "
        "first one on a tie, or '' for an empty sentence",
        lambda s: min(s.split(), key=len, default=""), (_S1,), ("aa b cc d",), ("",)),
-    _t("capitalise_each_word", "sentence: str", "str", "returns sentence with the first letter "
+    task("capitalise_each_word", "sentence: str", "str", "returns sentence with the first letter "
        "of every word in upper case and single spaces between words",
        lambda s: " ".join(w[:1].upper() + w[1:] for w in s.split()), (_S1,), ("  hi   there ",)),
-    _t("mirror_each_word", "sentence: str", "str", "reverses the letters of every word but "
+    task("mirror_each_word", "sentence: str", "str", "reverses the letters of every word but "
        "keeps the words in their order", lambda s: " ".join(w[::-1] for w in s.split()),
        (_S1,), ("ab cd",), ("",)),
-    _t("words_backwards", "sentence: str", "str", "returns the words of sentence in reverse "
+    task("words_backwards", "sentence: str", "str", "returns the words of sentence in reverse "
        "order, joined by single spaces", lambda s: " ".join(s.split()[::-1]), (_S2,), ("one",)),
-    _t("count_long_words", "sentence: str, n: int", "int", "counts the words of sentence that "
+    task("count_long_words", "sentence: str, n: int", "int", "counts the words of sentence that "
        "have more than n letters", lambda s, n: sum(len(w) > n for w in s.split()),
        (_S1, 4), (_S2, 3), ("", 1)),
-    _t("words_beginning_with", "sentence: str, letter: str", "list[str]", "returns the words "
+    task("words_beginning_with", "sentence: str, letter: str", "list[str]", "returns the words "
        "of sentence that begin with letter, ignoring case",
        lambda s, c: [w for w in s.split() if w[:1].lower() == c.lower()],
        (_S2, "p"), (_S1, "t"), (_S1, "z")),
-    _t("initials_of", "phrase: str", "str", "returns the upper-case first letters of the words "
+    task("initials_of", "phrase: str", "str", "returns the upper-case first letters of the words "
        "of phrase", lambda s: "".join(w[0].upper() for w in s.split()),
        ("portable network graphics",), ("as soon as possible",), ("",)),
-    _t("words_by_length", "sentence: str", "list[str]", "returns the words of sentence sorted "
+    task("words_by_length", "sentence: str", "list[str]", "returns the words of sentence sorted "
        "from shortest to longest, keeping the original order among equal lengths",
        lambda s: sorted(s.split(), key=len), (_S1,), ("ccc a bb",)),
-    _t("distinct_words_in_order", "sentence: str", "list[str]", "returns each word of sentence "
+    task("distinct_words_in_order", "sentence: str", "list[str]", "returns each word of sentence "
        "once, ignoring case, in the order it first appears (lower-cased)",
        lambda s: list(dict.fromkeys(w.lower() for w in s.split())), (_S2,), ("A a B b a",)),
-    _t("most_frequent_word", "sentence: str", "str", "returns the word that occurs most often "
+    task("most_frequent_word", "sentence: str", "str", "returns the word that occurs most often "
        "in sentence, ignoring case (the earliest on a tie), or '' for an empty sentence",
        _most_frequent_word, (_S2,), (_S1,), ("",)),
-    _t("add_pairwise", "a: list[int], b: list[int]", "list[int]", "returns the sums of the "
+    task("add_pairwise", "a: list[int], b: list[int]", "list[int]", "returns the sums of the "
        "numbers at the same positions of a and b, as far as the shorter list goes",
        lambda a, b: [x + y for x, y in zip(a, b)], ([1, 2, 3], [10, 20, 30]), ([5, 1], [2])),
-    _t("dot_of", "a: list[int], b: list[int]", "int", "returns the sum of the products of the "
+    task("dot_of", "a: list[int], b: list[int]", "int", "returns the sum of the products of the "
        "numbers at the same positions of a and b", lambda a, b: sum(x * y for x, y in zip(a, b)),
        ([1, 2, 3], [4, 5, 6]), ([], [])),
-    _t("alternate_items", "a: list, b: list", "list", "takes items from a and b in turn, then "
+    task("alternate_items", "a: list, b: list", "list", "takes items from a and b in turn, then "
        "appends what is left of the longer list",
        lambda a, b: [x for p in zip(a, b) for x in p] + a[len(b):] + b[len(a):],
        ([1, 2, 3], ["x", "y"]), ([], [7])),
-    _t("pair_up_as_dict", "keys: list[str], values: list[int]", "dict[str, int]", "maps each "
+    task("pair_up_as_dict", "keys: list[str], values: list[int]", "dict[str, int]", "maps each "
        "key to the value at the same position, ignoring extra values",
        lambda k, v: dict(zip(k, v)), (["a", "b"], [1, 2, 3]), ([], [])),
-    _t("in_both", "a: list[int], b: list[int]", "list[int]", "returns the numbers found in both "
+    task("in_both", "a: list[int], b: list[int]", "list[int]", "returns the numbers found in both "
        "lists, each once, sorted ascending", lambda a, b: sorted(set(a) & set(b)),
        ([4, 1, 3, 1], [3, 4, 5]), ([1], [2])),
-    _t("only_in_first", "a: list[int], b: list[int]", "list[int]", "returns the numbers of a "
+    task("only_in_first", "a: list[int], b: list[int]", "list[int]", "returns the numbers of a "
        "that b does not contain, in a's order", lambda a, b: [x for x in a if x not in set(b)],
        ([4, 1, 3, 1], [3, 4, 5]), ([], [1])),
-    _t("steps_between", "xs: list[int]", "list[int]", "returns the difference between each "
+    task("steps_between", "xs: list[int]", "list[int]", "returns the difference between each "
        "number and the one before it", lambda xs: [b - a for a, b in zip(xs, xs[1:])],
        ([1, 4, 9, 16],), ([5],)),
-    _t("running_totals", "xs: list[int]", "list[int]", "returns the cumulative sums of xs",
+    task("running_totals", "xs: list[int]", "list[int]", "returns the cumulative sums of xs",
        lambda xs: [sum(xs[:i + 1]) for i in range(len(xs))], ([3, 1, 4, 1, 5],), ([],)),
-    _t("running_maximum", "xs: list[int]", "list[int]", "returns, for each position, the "
+    task("running_maximum", "xs: list[int]", "list[int]", "returns, for each position, the "
        "largest number seen so far", lambda xs: [max(xs[:i + 1]) for i in range(len(xs))],
        ([3, 1, 4, 1, 5, 2],), ([],)),
-    _t("window_means", "xs: list[float], k: int", "list[float]", "returns the mean of every run "
+    task("window_means", "xs: list[float], k: int", "list[float]", "returns the mean of every run "
        "of k consecutive numbers, rounded to two decimals", _moving_average,
        ([1, 2, 3, 4, 5], 2), ([10, 0, 5], 3), ([1], 2)),
-    _t("cut_into_pieces", "xs: list, k: int", "list[list]", "splits xs into consecutive "
+    task("cut_into_pieces", "xs: list, k: int", "list[list]", "splits xs into consecutive "
        "pieces of k items, the last piece possibly shorter", _chunk,
        ([1, 2, 3, 4, 5], 2), ([], 3)),
-    _t("shift_left", "xs: list, k: int", "list", "rotates xs k places to the left",
+    task("shift_left", "xs: list, k: int", "list", "rotates xs k places to the left",
        _rotate, ([1, 2, 3, 4, 5], 2), ([1, 2], 5), ([], 1)),
-    _t("drop_repeats", "xs: list", "list", "removes repeated items, keeping the first "
+    task("drop_repeats", "xs: list", "list", "removes repeated items, keeping the first "
        "occurrence of each in order", lambda xs: list(dict.fromkeys(xs)),
        ([3, 1, 3, 2, 1],), (["a", "b", "a"],)),
-    _t("runner_up", "xs: list[int]", "int | None", "returns the second largest distinct number "
+    task("runner_up", "xs: list[int]", "int | None", "returns the second largest distinct number "
        "of xs, or None if there is no such number", _second_biggest,
        ([4, 9, 2, 9],), ([7, 7],), ([],)),
-    _t("tally_items", "xs: list[str]", "dict[str, int]", "counts how often each item occurs",
+    task("tally_items", "xs: list[str]", "dict[str, int]", "counts how often each item occurs",
        lambda xs: dict(Counter(xs)), (["a", "b", "a"],), ([],)),
-    _t("swap_keys_and_values", "d: dict[str, int]", "dict[int, str]", "returns a dict that maps "
+    task("swap_keys_and_values", "d: dict[str, int]", "dict[int, str]", "returns a dict that maps "
        "each value of d back to its key (a later key wins on a repeated value)",
        lambda d: {v: k for k, v in d.items()}, ({"a": 1, "b": 2},), ({"x": 1, "y": 1},)),
-    _t("keys_of_largest", "d: dict[str, int]", "list[str]", "returns the keys holding the "
+    task("keys_of_largest", "d: dict[str, int]", "list[str]", "returns the keys holding the "
        "largest value, sorted, or [] for an empty dict",
        lambda d: sorted(k for k, v in d.items() if v == max(d.values())) if d else [],
        ({"a": 3, "b": 7, "c": 7},), ({},)),
-    _t("keep_entries_above", "d: dict[str, int], limit: int", "dict[str, int]", "keeps the "
+    task("keep_entries_above", "d: dict[str, int], limit: int", "dict[str, int]", "keeps the "
        "entries of d whose value is above limit", lambda d, t: {k: v for k, v in d.items()
                                                                    if v > t},
        ({"a": 3, "b": 7, "c": 5}, 4), ({}, 0)),
-    _t("keys_sorted_by_value", "d: dict[str, int]", "list[str]", "returns the keys of d "
+    task("keys_sorted_by_value", "d: dict[str, int]", "list[str]", "returns the keys of d "
        "ordered by their values, smallest first, ties by key",
        lambda d: sorted(d, key=lambda k: (d[k], k)), ({"b": 2, "a": 2, "c": 1},), ({},)),
 )
