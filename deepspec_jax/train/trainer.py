@@ -325,7 +325,8 @@ def _warm_start(d, path, spec, params, vocab=None, grow=False):
 def _carry_vocab(loaded: dict, old_ids, new_ids) -> dict:
     """``loaded``'s output-vocabulary parameters (one column per draft token) moved from
     the target ids ``old_ids`` to ``new_ids``; unchanged when the two are the same."""
-    if np.array_equal(np.asarray(old_ids), np.asarray(new_ids)):
+    old_ids, new_ids = np.asarray(old_ids), np.asarray(new_ids)
+    if np.array_equal(old_ids, new_ids):
         return loaded
     return {k: jnp.asarray(carry_columns(v, old_ids, new_ids))
             if k in OUTPUT_VOCAB_PARAMS else v for k, v in loaded.items()}
